@@ -1,0 +1,559 @@
+//! Device and adapter choice, capabilities, tensors, pipelines, command batching and readback.
+//!
+//! [`Gpu`] owns the wgpu device. Kernels record their dispatches into a [`Batch`] (one compute
+//! pass, one submission), so a whole pipeline such as mask estimation runs without readback.
+
+mod caps;
+mod tensor;
+
+pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
+pub use tensor::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// The GPU context: device, queue, capabilities and caches of pipelines and per-shape data.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    caps: Capabilities,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    shape_cache: Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+fn backends_from_env() -> Result<wgpu::Backends> {
+    match std::env::var("NABLA_BACKEND") {
+        Err(_) => Ok(wgpu::Backends::all()),
+        Ok(v) => match v.to_ascii_lowercase().as_str() {
+            "" => Ok(wgpu::Backends::all()),
+            "vulkan" => Ok(wgpu::Backends::VULKAN),
+            "metal" => Ok(wgpu::Backends::METAL),
+            "dx12" => Ok(wgpu::Backends::DX12),
+            "gl" => Ok(wgpu::Backends::GL),
+            _ => Err(Error::BadEnv {
+                var: "NABLA_BACKEND",
+                value: v,
+                expected: "one of vulkan, metal, dx12, gl",
+            }),
+        },
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+fn rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+/// All adapters visible with the `NABLA_BACKEND` filter, best first (discrete GPUs before
+/// integrated, virtual and software ones).
+pub fn enumerate_adapters() -> Result<Vec<wgpu::Adapter>> {
+    let inst = instance(backends_from_env()?);
+    let mut adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+    adapters.sort_by_key(|a| rank(a.get_info().device_type));
+    Ok(adapters)
+}
+
+impl Gpu {
+    /// Opens the best adapter, honouring `NABLA_BACKEND` (vulkan|metal|dx12|gl) and
+    /// `NABLA_ADAPTER` (a case-insensitive substring of the adapter name).
+    pub fn new() -> Result<Gpu> {
+        let filter = std::env::var("NABLA_ADAPTER").unwrap_or_default();
+        let adapters = enumerate_adapters()?;
+        let wanted = filter.to_lowercase();
+        let adapter = adapters
+            .into_iter()
+            .find(|a| wanted.is_empty() || a.get_info().name.to_lowercase().contains(&wanted));
+        match adapter {
+            Some(a) => Gpu::from_adapter(a),
+            None => {
+                let mut f = String::new();
+                if let Ok(b) = std::env::var("NABLA_BACKEND") {
+                    f += &format!(" with NABLA_BACKEND={b}");
+                }
+                if !filter.is_empty() {
+                    f += &format!(
+                        " matching NABLA_ADAPTER={filter:?} (`nabla info` lists the names)"
+                    );
+                }
+                Err(Error::NoAdapter { filter: f })
+            }
+        }
+    }
+
+    /// Opens a device on the given adapter with the adapter's own limits and every feature the
+    /// kernels can use (f16, subgroups, timestamps, cooperative matrices).
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("nabla"),
+            required_features: features,
+            required_limits: limits,
+            // SAFETY: experimental features are only used by kernels that the capability record
+            // selects, and those are checked against the CPU reference by `nabla selftest`.
+            experimental_features: if features
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(|e| Error::Device {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let caps = Capabilities::read(&adapter, device.features());
+        Ok(Gpu {
+            device,
+            queue,
+            caps,
+            pipelines: Mutex::default(),
+            shape_cache: Mutex::default(),
+            errors,
+        })
+    }
+
+    /// What this adapter offers; kernels consult it to pick a variant.
+    pub fn caps(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The wgpu device (for embedding applications that record their own work).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Returns the first GPU error raised since the last check (validation, out of memory).
+    pub fn check(&self) -> Result<()> {
+        let mut errs = self
+            .errors
+            .lock()
+            .map_err(|_| Error::Gpu("error sink poisoned".into()))?;
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            let msg = errs.join("; ");
+            errs.clear();
+            Err(Error::Gpu(msg))
+        }
+    }
+
+    /// Fails with a clear error when `bytes` exceed the device's storage-binding limit.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self.caps.max_storage_binding;
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit,
+                adapter: self.caps.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A compute pipeline from WGSL source, created once per `key` and cached.
+    /// `checked = false` turns runtime bounds checks off: only for kernels whose every index
+    /// the dispatcher validated.
+    pub(crate) fn pipeline(
+        &self,
+        key: &str,
+        source: &str,
+        checked: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.pipelines.lock().ok().and_then(|m| m.get(key).cloned()) {
+            return Ok(p);
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(key),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if checked {
+            self.device.create_shader_module(desc)
+        } else {
+            // SAFETY: the dispatcher of every unchecked kernel validates all indices before dispatch.
+            unsafe {
+                self.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        };
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("pipeline {key}: {e}")));
+        }
+        let p = Arc::new(pipeline);
+        if let Ok(mut m) = self.pipelines.lock() {
+            m.insert(key.to_string(), p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Per-shape data (STA masks, full lists) computed once and kept.
+    pub(crate) fn cached<T: Any + Send + Sync>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        if let Some(v) = self
+            .shape_cache
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).cloned())
+            && let Ok(t) = v.downcast::<T>()
+        {
+            return Ok(t);
+        }
+        let t = Arc::new(make()?);
+        if let Ok(mut m) = self.shape_cache.lock() {
+            m.insert(key.to_string(), t.clone());
+        }
+        Ok(t)
+    }
+
+    /// Allocates an uninitialised tensor.
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = Tensor::byte_len(shape, dtype);
+        if bytes > self.caps.max_buffer {
+            return Err(Error::TooLarge {
+                what: format!("{shape:?} {dtype:?}"),
+                bytes,
+                limit: self.caps.max_buffer,
+                adapter: self.caps.name.clone(),
+            });
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!(
+                "out of GPU memory allocating {bytes} bytes for a {shape:?} tensor: {e}"
+            )));
+        }
+        Ok(Tensor::new(Arc::new(buffer), shape.to_vec(), dtype))
+    }
+
+    /// Uploads raw bytes (already in `dtype`'s layout) into a new tensor.
+    pub fn upload_bytes(&self, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let need = Tensor::byte_len(shape, dtype);
+        let mut padded;
+        let data = if (bytes.len() as u64) == need {
+            bytes
+        } else if (bytes.len() as u64) < need && need - (bytes.len() as u64) < 4 {
+            padded = bytes.to_vec();
+            padded.resize(need as usize, 0);
+            &padded[..]
+        } else {
+            return Err(Error::shape(format!(
+                "{} bytes given for a {shape:?} {dtype:?} tensor of {need} bytes",
+                bytes.len()
+            )));
+        };
+        let t = self.empty(shape, dtype)?;
+        if !data.is_empty() {
+            self.queue.write_buffer(&t.buffer, 0, data);
+        }
+        Ok(t)
+    }
+
+    /// Uploads f32 data.
+    pub fn upload_f32(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), shape, DType::F32)
+    }
+
+    /// Uploads f32 data converted to f16 storage.
+    pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::F16)
+    }
+
+    /// Uploads u32 data.
+    pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), shape, DType::U32)
+    }
+
+    /// Fills a tensor with a 32-bit pattern (NaN poisoning in tests: `0x7fc0_0000`).
+    pub fn fill_u32(&self, t: &Tensor, pattern: u32) {
+        let words = (t.buffer.size() / 4) as usize;
+        let data = vec![pattern; words];
+        self.queue
+            .write_buffer(&t.buffer, 0, bytemuck::cast_slice(&data));
+    }
+
+    /// Reads a tensor back as raw bytes (waits for all submitted work).
+    pub fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let size = t.buffer.size();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
+        self.check()?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let mut out = view.to_vec();
+        drop(view);
+        staging.unmap();
+        out.truncate(t.logical_bytes() as usize);
+        Ok(out)
+    }
+
+    /// Reads an f32 tensor (f16 tensors are widened).
+    pub fn read_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let b = self.read_bytes(t)?;
+        Ok(match t.dtype() {
+            DType::F32 => bytemuck::pod_collect_to_vec(&b),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&b)
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+            DType::U32 => {
+                return Err(Error::shape("read_f32 called on a u32 tensor"));
+            }
+        })
+    }
+
+    /// Reads a u32 tensor.
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        if t.dtype() != DType::U32 {
+            return Err(Error::shape("read_u32 called on a float tensor"));
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+
+    /// Starts recording a batch of dispatches.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch::new(self, None)
+    }
+
+    /// Runs `record` `reps` times inside timestamped batches and returns the GPU time of each
+    /// run in milliseconds. Needs TIMESTAMP_QUERY.
+    pub fn time_ms(
+        &self,
+        reps: usize,
+        mut record: impl FnMut(&mut Batch<'_>) -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        if !self.caps.timestamps {
+            return Err(Error::Unsupported {
+                adapter: self.caps.name.clone(),
+                feature: "TIMESTAMP_QUERY",
+                what: "GPU timing".into(),
+            });
+        }
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let ts = Tensor::new(
+            Arc::new(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps-copy"),
+                size: 16,
+                usage: wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })),
+            vec![4],
+            DType::U32,
+        );
+        let period = self.queue.get_timestamp_period() as f64;
+        let mut out = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let mut b = Batch::new(self, Some(&qs));
+            record(&mut b)?;
+            let mut enc = b.finish();
+            enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &ts.buffer, 0, 16);
+            self.queue.submit([enc.finish()]);
+            let v = self.read_u32(&ts)?;
+            let t0 = v[0] as u64 | ((v[1] as u64) << 32);
+            let t1 = v[2] as u64 | ((v[3] as u64) << 32);
+            out.push(t1.saturating_sub(t0) as f64 * period / 1e6);
+        }
+        Ok(out)
+    }
+}
+
+/// A batch of dispatches recorded into one compute pass and submitted together.
+pub struct Batch<'g> {
+    gpu: &'g Gpu,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+}
+
+impl<'g> Batch<'g> {
+    fn new(gpu: &'g Gpu, timing: Option<&wgpu::QuerySet>) -> Self {
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("nabla"),
+                timestamp_writes: timing.map(|qs| wgpu::ComputePassTimestampWrites {
+                    query_set: qs,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            })
+            .forget_lifetime();
+        Batch {
+            gpu,
+            encoder: Some(encoder),
+            pass: Some(pass),
+        }
+    }
+
+    /// The GPU this batch records for.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    /// Records one dispatch: `params` goes to binding 0 as a uniform (skipped when empty),
+    /// `buffers` to the following bindings in order.
+    pub(crate) fn dispatch(
+        &mut self,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        buffers: &[&Tensor],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.gpu.caps.max_workgroups_per_dim;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::shape(format!(
+                "dispatch of {groups:?} workgroups exceeds this device's limit of {max} per dimension"
+            )));
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let uniform;
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        let mut binding = 0;
+        if !params.is_empty() {
+            let mut p = params.to_vec();
+            p.resize(p.len().div_ceil(16) * 16, 0);
+            uniform = self
+                .gpu
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("params"),
+                    contents: &p,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: uniform.as_entire_binding(),
+            });
+            binding += 1;
+        }
+        for b in buffers {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: b.buffer.as_entire_binding(),
+            });
+            binding += 1;
+        }
+        let bg = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &layout,
+                entries: &entries,
+            });
+        let pass = self
+            .pass
+            .as_mut()
+            .ok_or_else(|| Error::Gpu("batch already finished".into()))?;
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        Ok(())
+    }
+
+    fn finish(mut self) -> wgpu::CommandEncoder {
+        drop(self.pass.take());
+        self.encoder.take().expect("encoder present until finish")
+    }
+
+    /// Submits the recorded work (does not wait) and reports any GPU error raised so far.
+    pub fn submit(self) -> Result<()> {
+        let gpu = self.gpu;
+        let enc = self.finish();
+        gpu.queue.submit([enc.finish()]);
+        gpu.check()
+    }
+}

@@ -1,0 +1,82 @@
+//! GPU tensors: a storage buffer with a shape and an element type.
+
+use std::sync::Arc;
+
+/// Element type of a tensor's storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float (needs SHADER_F16 in kernels that read it).
+    F16,
+    /// 32-bit unsigned integer.
+    U32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// A buffer on the GPU with a row-major shape. Cloning shares the buffer.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub(crate) buffer: Arc<wgpu::Buffer>,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Tensor {
+    pub(crate) fn new(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Tensor {
+        Tensor {
+            buffer,
+            shape,
+            dtype,
+        }
+    }
+
+    /// Buffer bytes for a shape, rounded up to 4 bytes as wgpu requires.
+    pub(crate) fn byte_len(shape: &[usize], dtype: DType) -> u64 {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        (n * dtype.size()).div_ceil(4) * 4
+    }
+
+    /// Bytes the elements occupy (without padding).
+    pub fn logical_bytes(&self) -> u64 {
+        self.numel() as u64 * self.dtype.size()
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The underlying wgpu buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// The same buffer seen with another shape of equal element count.
+    pub fn reshape(&self, shape: &[usize]) -> Option<Tensor> {
+        (shape.iter().product::<usize>() == self.numel()).then(|| Tensor {
+            buffer: self.buffer.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
+    }
+}

@@ -1,0 +1,474 @@
+//! Block-mask estimation on the GPU (pool → scores → softmax + CDF threshold ∪ STA → lists)
+//! and the [`BlockMask`] it produces.
+
+use super::{BLOCK, BlockGrid, SparseAlgo, sta_lists};
+use crate::error::{Error, Result};
+use crate::gpu::{Batch, DType, Gpu, Tensor};
+use crate::shaders;
+use std::sync::Arc;
+
+/// A block mask as compact per-row lists, the layout FlexAttention's `BlockMask` uses:
+/// for mask head `h` and query block `i`, key blocks `indices[h, i, 0..counts[h, i])`,
+/// in ascending order. `heads` is 1 when one mask serves every head (STA, dense).
+#[derive(Clone, Debug)]
+pub struct BlockMask {
+    counts: Tensor,
+    indices: Tensor,
+    heads: usize,
+    nb: usize,
+}
+
+/// Intermediate tensors of a mask estimation, kept for inspection and tests.
+#[derive(Clone, Debug)]
+pub struct MaskStages {
+    /// Pooled queries `[BH, Nb, D]`.
+    pub qa: Tensor,
+    /// Pooled keys `[BH, Nb, D]`.
+    pub ka: Tensor,
+    /// Block attention map `softmax(qa·kaᵀ/√D)` `[BH, Nb, Nb]`.
+    pub probs: Tensor,
+}
+
+impl BlockMask {
+    /// Allocates lists for `heads` mask heads of `nb` blocks.
+    pub fn alloc(gpu: &Gpu, heads: usize, nb: usize) -> Result<BlockMask> {
+        let bytes = (heads * nb * nb * 4) as u64;
+        gpu.check_binding(&format!("block-mask lists [{heads}, {nb}, {nb}]"), bytes)?;
+        Ok(BlockMask {
+            counts: gpu.empty(&[heads, nb], DType::U32)?,
+            indices: gpu.empty(&[heads, nb, nb], DType::U32)?,
+            heads,
+            nb,
+        })
+    }
+
+    /// Uploads lists built on the CPU.
+    pub fn from_lists(
+        gpu: &Gpu,
+        counts: &[u32],
+        indices: &[u32],
+        heads: usize,
+        nb: usize,
+    ) -> Result<BlockMask> {
+        if counts.len() != heads * nb || indices.len() != heads * nb * nb {
+            return Err(Error::shape(format!(
+                "block-mask lists for {heads} heads of {nb} blocks need {} counts and {} indices, got {} and {}",
+                heads * nb,
+                heads * nb * nb,
+                counts.len(),
+                indices.len()
+            )));
+        }
+        for (r, &c) in counts.iter().enumerate() {
+            let row = &indices[r * nb..r * nb + c.min(nb as u32) as usize];
+            if c as usize > nb || row.iter().any(|&j| j as usize >= nb) {
+                return Err(Error::shape(format!(
+                    "block-mask row {r} lists {c} blocks or an index ≥ {nb}; counts must be ≤ Nb and indices < Nb"
+                )));
+            }
+        }
+        gpu.check_binding("block-mask lists", (indices.len() * 4) as u64)?;
+        Ok(BlockMask {
+            counts: gpu.upload_u32(counts, &[heads, nb])?,
+            indices: gpu.upload_u32(indices, &[heads, nb, nb])?,
+            heads,
+            nb,
+        })
+    }
+
+    /// Builds lists from a dense `[heads, Nb, Nb]` 0/1 mask.
+    pub fn from_dense(gpu: &Gpu, dense: &[u8], heads: usize, nb: usize) -> Result<BlockMask> {
+        if dense.len() != heads * nb * nb {
+            return Err(Error::shape(format!(
+                "dense block mask has {} entries, expected heads·Nb·Nb = {}",
+                dense.len(),
+                heads * nb * nb
+            )));
+        }
+        let mut counts = vec![0u32; heads * nb];
+        let mut idx = vec![0u32; heads * nb * nb];
+        for r in 0..heads * nb {
+            let mut c = 0;
+            for j in 0..nb {
+                if dense[r * nb + j] != 0 {
+                    idx[r * nb + c] = j as u32;
+                    c += 1;
+                }
+            }
+            counts[r] = c as u32;
+        }
+        BlockMask::from_lists(gpu, &counts, &idx, heads, nb)
+    }
+
+    /// The mask that lists every block (dense attention), cached per `nb`.
+    pub fn full(gpu: &Gpu, nb: usize) -> Result<Arc<BlockMask>> {
+        gpu.cached(&format!("full-mask/{nb}"), || {
+            let counts = vec![nb as u32; nb];
+            let idx: Vec<u32> = (0..nb * nb).map(|e| (e % nb) as u32).collect();
+            BlockMask::from_lists(gpu, &counts, &idx, 1, nb)
+        })
+    }
+
+    /// The STA mask of a grid and window, cached per shape.
+    pub fn sta(gpu: &Gpu, grid: BlockGrid, w: super::StaWindow) -> Result<Arc<BlockMask>> {
+        gpu.cached(&format!("sta/{grid:?}/{w:?}"), || {
+            let (c, i) = sta_lists(&grid, &w);
+            BlockMask::from_lists(gpu, &c, &i, 1, grid.blocks())
+        })
+    }
+
+    /// Mask heads (1 = broadcast to every attention head).
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Blocks per side.
+    pub fn nb(&self) -> usize {
+        self.nb
+    }
+
+    /// Per-row counts `[heads, Nb]` (u32).
+    pub fn counts(&self) -> &Tensor {
+        &self.counts
+    }
+
+    /// Per-row key-block indices `[heads, Nb, Nb]` (u32; entries past the count are unspecified).
+    pub fn indices(&self) -> &Tensor {
+        &self.indices
+    }
+
+    /// Reads the lists back: `(counts, indices)`.
+    pub fn read_lists(&self, gpu: &Gpu) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok((gpu.read_u32(&self.counts)?, gpu.read_u32(&self.indices)?))
+    }
+
+    /// The dense `[heads, Nb, Nb]` 0/1 mask. Fails if a list is malformed.
+    pub fn to_dense(&self, gpu: &Gpu) -> Result<Vec<u8>> {
+        let (c, idx) = self.read_lists(gpu)?;
+        let nb = self.nb;
+        let mut d = vec![0u8; self.heads * nb * nb];
+        for r in 0..self.heads * nb {
+            let n = c[r] as usize;
+            if n > nb {
+                return Err(Error::Gpu(format!(
+                    "mask row {r} has count {n} > Nb = {nb}"
+                )));
+            }
+            for &j in &idx[r * nb..r * nb + n] {
+                let j = j as usize;
+                if j >= nb || d[r * nb + j] != 0 {
+                    return Err(Error::Gpu(format!(
+                        "mask row {r} lists block {j} twice or out of range"
+                    )));
+                }
+                d[r * nb + j] = 1;
+            }
+        }
+        Ok(d)
+    }
+
+    /// Fraction of (query block, key block) pairs kept, over all mask heads.
+    pub fn density(&self, gpu: &Gpu) -> Result<f64> {
+        let c = gpu.read_u32(&self.counts)?;
+        Ok(c.iter().map(|&x| x as f64).sum::<f64>() / (self.heads * self.nb * self.nb) as f64)
+    }
+
+    /// Density per mask head.
+    pub fn density_per_head(&self, gpu: &Gpu) -> Result<Vec<f64>> {
+        let c = gpu.read_u32(&self.counts)?;
+        let nb = self.nb;
+        Ok(c.chunks(nb)
+            .map(|h| h.iter().map(|&x| x as f64).sum::<f64>() / (nb * nb) as f64)
+            .collect())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct PoolParams {
+    s: u32,
+    d: u32,
+    nb: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ScoreParams {
+    nb: u32,
+    d: u32,
+    sqrt_d: f32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ThresholdParams {
+    nb: u32,
+    cut: f32,
+    use_sta: u32,
+    hb: u32,
+    wb: u32,
+    rt: u32,
+    rh: u32,
+    rw: u32,
+}
+
+/// Checks `[B, H, S, D]` q/k against the grid; returns (BH, D).
+fn check_qk(gpu: &Gpu, q: &Tensor, k: &Tensor, grid: &BlockGrid) -> Result<(usize, usize)> {
+    let qs = q.shape();
+    if qs.len() != 4 {
+        return Err(Error::shape(format!("q must be [B, H, S, D], got {qs:?}")));
+    }
+    if k.shape() != qs {
+        return Err(Error::shape(format!(
+            "q {qs:?} and k {:?} must have the same shape",
+            k.shape()
+        )));
+    }
+    if q.dtype() != k.dtype() || q.dtype() == DType::U32 {
+        return Err(Error::shape(format!(
+            "q and k must both be f32 or both f16, got {:?} and {:?}",
+            q.dtype(),
+            k.dtype()
+        )));
+    }
+    if q.dtype() == DType::F16 && !gpu.caps().f16 {
+        return Err(Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "SHADER_F16",
+            what: "f16 q/k".into(),
+        });
+    }
+    let (s, d) = (qs[2], qs[3]);
+    if s % BLOCK != 0 {
+        return Err(Error::shape(format!(
+            "sequence length {s} is not a multiple of the {BLOCK}-token block; crop the video so \
+             height and width are multiples of 128 pixels"
+        )));
+    }
+    if s != grid.tokens() {
+        return Err(Error::shape(format!(
+            "sequence length {s} does not match the block grid {}x{}x{} ({} tokens)",
+            grid.t,
+            grid.hb,
+            grid.wb,
+            grid.tokens()
+        )));
+    }
+    if d == 0 || d % 16 != 0 {
+        return Err(Error::shape(format!(
+            "head_dim {d} must be a positive multiple of 16 (64 and 128 are the usual ones)"
+        )));
+    }
+    gpu.check_binding("q", q.logical_bytes())?;
+    let bh = qs[0] * qs[1];
+    Ok((bh, d))
+}
+
+fn record_pool(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    out: &Tensor,
+    bh: usize,
+    s: usize,
+    d: usize,
+) -> Result<()> {
+    let gpu = batch.gpu();
+    let nb = s / BLOCK;
+    let key = format!("nabla/pool[{:?}]", x.dtype());
+    let pipe = gpu.pipeline(&key, &shaders::source(shaders::POOL, x.dtype(), None), true)?;
+    let p = PoolParams {
+        s: s as u32,
+        d: d as u32,
+        nb: nb as u32,
+        _pad: 0,
+    };
+    batch.dispatch(
+        &pipe,
+        bytemuck::bytes_of(&p),
+        &[x, out],
+        [nb as u32, bh as u32, 1],
+    )
+}
+
+fn record_scores(
+    batch: &mut Batch<'_>,
+    qa: &Tensor,
+    ka: &Tensor,
+    out: &Tensor,
+    bh: usize,
+    nb: usize,
+    d: usize,
+) -> Result<()> {
+    let gpu = batch.gpu();
+    let pipe = gpu.pipeline("nabla/scores", shaders::SCORES, true)?;
+    let p = ScoreParams {
+        nb: nb as u32,
+        d: d as u32,
+        sqrt_d: (d as f32).sqrt(),
+        _pad: 0,
+    };
+    let t = nb.div_ceil(64) as u32;
+    batch.dispatch(
+        &pipe,
+        bytemuck::bytes_of(&p),
+        &[qa, ka, out],
+        [t, t, bh as u32],
+    )
+}
+
+fn record_threshold(
+    batch: &mut Batch<'_>,
+    probs: &Tensor,
+    grid: &BlockGrid,
+    algo: &SparseAlgo,
+    out: &BlockMask,
+    bh: usize,
+) -> Result<()> {
+    let gpu = batch.gpu();
+    let nb = grid.blocks();
+    let cut = algo
+        .cut()
+        .ok_or_else(|| Error::Invalid("the CDF threshold needs a NABLA algorithm".into()))?;
+    let [rt, rh, rw] = algo.sta().map(|w| w.radii()).unwrap_or([0; 3]);
+    let p = ThresholdParams {
+        nb: nb as u32,
+        cut,
+        use_sta: algo.sta().is_some() as u32,
+        hb: grid.hb as u32,
+        wb: grid.wb as u32,
+        rt,
+        rh,
+        rw,
+    };
+    let pipe = gpu.pipeline("nabla/threshold", shaders::THRESHOLD, true)?;
+    batch.dispatch(
+        &pipe,
+        bytemuck::bytes_of(&p),
+        &[probs, &out.counts, &out.indices],
+        [nb as u32, bh as u32, 1],
+    )
+}
+
+/// Records the whole mask pipeline for NABLA algorithms into `batch` (no readback), writing the
+/// lists into `out` and the intermediates into `stages`. STA-only masks need no recording:
+/// use [`BlockMask::sta`].
+pub fn record_estimate_mask(
+    batch: &mut Batch<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+    stages: &MaskStages,
+    out: &BlockMask,
+) -> Result<()> {
+    let gpu = batch.gpu();
+    let (bh, d) = check_qk(gpu, q, k, &grid)?;
+    let nb = grid.blocks();
+    if stages.qa.shape() != [bh, nb, d] || stages.probs.shape() != [bh, nb, nb] {
+        return Err(Error::shape("mask scratch tensors do not match q/k"));
+    }
+    if out.heads != bh || out.nb != nb {
+        return Err(Error::shape(format!(
+            "mask output has {} heads of {} blocks, q/k need {bh} of {nb}",
+            out.heads, out.nb
+        )));
+    }
+    let s = grid.tokens();
+    record_pool(batch, q, &stages.qa, bh, s, d)?;
+    record_pool(batch, k, &stages.ka, bh, s, d)?;
+    record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
+    record_threshold(batch, &stages.probs, &grid, algo, out, bh)
+}
+
+impl MaskStages {
+    /// Allocates scratch tensors for `bh` heads, `nb` blocks and head dim `d`.
+    pub fn alloc(gpu: &Gpu, bh: usize, nb: usize, d: usize) -> Result<MaskStages> {
+        gpu.check_binding(
+            &format!("block attention map [{bh}, {nb}, {nb}]"),
+            (bh * nb * nb * 4) as u64,
+        )?;
+        Ok(MaskStages {
+            qa: gpu.empty(&[bh, nb, d], DType::F32)?,
+            ka: gpu.empty(&[bh, nb, d], DType::F32)?,
+            probs: gpu.empty(&[bh, nb, nb], DType::F32)?,
+        })
+    }
+}
+
+/// Estimates the block mask of `algo` from `q`, `k` `[B, H, S, D]` (f32 or f16, fractal order)
+/// on the block grid, in one submission. Returns the mask and, for NABLA algorithms, the stages.
+pub fn estimate_mask_with_stages(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+) -> Result<(BlockMask, Option<MaskStages>)> {
+    let (bh, d) = check_qk(gpu, q, k, &grid)?;
+    if let SparseAlgo::Sta(w) = algo {
+        return Ok((BlockMask::sta(gpu, grid, *w)?.as_ref().clone(), None));
+    }
+    let nb = grid.blocks();
+    let stages = MaskStages::alloc(gpu, bh, nb, d)?;
+    let out = BlockMask::alloc(gpu, bh, nb)?;
+    let mut b = gpu.batch();
+    record_estimate_mask(&mut b, q, k, grid, algo, &stages, &out)?;
+    b.submit()?;
+    Ok((out, Some(stages)))
+}
+
+/// Estimates the block mask of `algo` (see [`estimate_mask_with_stages`]).
+pub fn estimate_mask(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+) -> Result<BlockMask> {
+    Ok(estimate_mask_with_stages(gpu, q, k, grid, algo)?.0)
+}
+
+/// The mask from already pooled `qa`, `ka` `[BH, Nb, D]` (f32): scores, softmax, threshold.
+/// Returns the mask and the block attention map.
+pub fn mask_from_pooled(
+    gpu: &Gpu,
+    qa: &Tensor,
+    ka: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+) -> Result<(BlockMask, Tensor)> {
+    let sh = qa.shape();
+    let nb = grid.blocks();
+    if sh.len() != 3
+        || ka.shape() != sh
+        || sh[1] != nb
+        || qa.dtype() != DType::F32
+        || ka.dtype() != DType::F32
+    {
+        return Err(Error::shape(format!(
+            "pooled qa {sh:?} and ka {:?} must both be f32 [BH, {nb}, D]",
+            ka.shape()
+        )));
+    }
+    let (bh, d) = (sh[0], sh[2]);
+    if d == 0 || d % 16 != 0 {
+        return Err(Error::shape(format!(
+            "head_dim {d} must be a positive multiple of 16"
+        )));
+    }
+    if algo.threshold().is_none() {
+        return Err(Error::Invalid(format!(
+            "{algo} has no NABLA threshold; use BlockMask::sta"
+        )));
+    }
+    gpu.check_binding("block attention map", (bh * nb * nb * 4) as u64)?;
+    let probs = gpu.empty(&[bh, nb, nb], DType::F32)?;
+    let out = BlockMask::alloc(gpu, bh, nb)?;
+    let mut b = gpu.batch();
+    record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
+    record_threshold(&mut b, &probs, &grid, algo, &out, bh)?;
+    b.submit()?;
+    Ok((out, probs))
+}

@@ -1,0 +1,20 @@
+//! NABLA: the `--sparse-algo` grammar, the block grid, STA windows, the fractal token order and
+//! block-mask estimation on the GPU.
+
+mod algo;
+mod fractal;
+mod grid;
+mod mask;
+mod sta;
+
+pub use algo::{SparseAlgo, StaWindow};
+pub use fractal::{from_fractal, record_fractal, to_fractal};
+pub use grid::BlockGrid;
+pub use mask::{
+    BlockMask, MaskStages, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
+    record_estimate_mask,
+};
+pub use sta::sta_lists;
+
+/// Tokens per NABLA block (one 8×8 tile of one frame). Fixed by the reference.
+pub const BLOCK: usize = 64;

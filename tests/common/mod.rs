@@ -1,0 +1,91 @@
+//! Shared test helpers: one GPU per test binary, seeded random inputs, comparisons that fail on NaN.
+#![allow(dead_code)]
+
+use nabla::Gpu;
+use std::sync::OnceLock;
+
+/// The GPU for this test binary (the software driver in CI).
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => panic!("tests need a GPU adapter: {e}"),
+    })
+}
+
+/// NaN bit pattern used to poison outputs before a kernel runs.
+pub const POISON: u32 = 0x7fc0_0000;
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator; each test passes its own seed, mixed with the time so inputs are fresh.
+    pub fn fresh(tag: u64) -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let seed = tag ^ t;
+        eprintln!("rng seed {seed:#x}");
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// Relative L2 error ‖a − b‖ / ‖b‖ (f64).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` elementwise, no NaN, and relative L2 under `l2`.
+pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32, l2: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(!x.is_nan(), "{what}: NaN at {i} (unwritten or invalid)");
+        let err = (x - y).abs();
+        let bound = atol + rtol * y.abs();
+        assert!(
+            err <= bound,
+            "{what}: element {i}: got {x}, expected {y} (|err| {err} > {bound})"
+        );
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+    let e = rel_l2(a, b);
+    assert!(e <= l2, "{what}: relative L2 error {e:e} > {l2:e}");
+    eprintln!(
+        "{what}: rel L2 {e:.2e}, max abs {:.2e} at {}",
+        worst.1, worst.0
+    );
+}

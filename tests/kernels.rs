@@ -1,0 +1,426 @@
+//! GPU kernels against the CPU reference on fresh random inputs, outputs poisoned first.
+
+mod common;
+
+use common::{POISON, Rng, assert_close, gpu};
+use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
+use nabla::{BlockGrid, BlockMask, DType, SparseAlgo, reference};
+
+/// Structured q/k: a smooth field over the block grid plus noise, peakedness varying per head.
+fn structured_qk(rng: &mut Rng, grid: BlockGrid, heads: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let s = grid.tokens();
+    let centers: Vec<f32> = rng.normals(grid.blocks() * d, 1.0);
+    let mut q = vec![0f32; heads * s * d];
+    let mut k = vec![0f32; heads * s * d];
+    for h in 0..heads {
+        let sharp = 0.5 + 1.5 * h as f32;
+        for t in 0..s {
+            let b = t / 64;
+            for c in 0..d {
+                let base = centers[b * d + c] * sharp;
+                q[(h * s + t) * d + c] = base + rng.normal() * 0.7;
+                k[(h * s + t) * d + c] = base + rng.normal() * 0.7;
+            }
+        }
+    }
+    (q, k)
+}
+
+fn check_mask_against_reference(
+    what: &str,
+    gpu_mask: &[u8],
+    map: &[f32],
+    rows: usize,
+    nb: usize,
+    algo: &SparseAlgo,
+    grid: &BlockGrid,
+    mh_sta: bool,
+) {
+    let thr = algo.threshold().expect("nabla algo");
+    let (keep, mass) = reference::threshold_mask_ties(map, rows, nb, thr);
+    let cut = (1.0 - thr) as f32 as f64;
+    let sta = algo.sta().map(|w| reference::sta_mask(grid, &w));
+    let mut skipped = 0;
+    for r in 0..rows {
+        for j in 0..nb {
+            let e = r * nb + j;
+            let sta_on = sta
+                .as_ref()
+                .map(|m| m[(r % nb) * nb + j] == 1)
+                .unwrap_or(false);
+            if sta_on {
+                assert_eq!(
+                    gpu_mask[e], 1,
+                    "{what}: STA entry row {r} col {j} must be kept"
+                );
+                continue;
+            }
+            if (mass[e] - cut).abs() < 1e-5 {
+                skipped += 1;
+                continue;
+            }
+            assert_eq!(
+                gpu_mask[e], keep[e],
+                "{what}: row {r} col {j}: mass {} cut {cut}",
+                mass[e]
+            );
+        }
+        // the row maximum is always kept
+        let row = &map[r * nb..(r + 1) * nb];
+        let jm = (0..nb)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap_or(0);
+        assert_eq!(gpu_mask[r * nb + jm], 1, "{what}: row {r} lost its maximum");
+    }
+    let _ = mh_sta;
+    eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
+}
+
+fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&str], f16: bool) {
+    let g = gpu();
+    if f16 && !g.caps().f16 {
+        eprintln!("no SHADER_F16 on this adapter: f16 case skipped");
+        return;
+    }
+    let mut rng = Rng::fresh(tag);
+    let (q, k) = structured_qk(&mut rng, grid, heads, d);
+    let s = grid.tokens();
+    let nb = grid.blocks();
+    let shape = [1, heads, s, d];
+    let (qt, kt) = if f16 {
+        (
+            g.upload_f16(&q, &shape).unwrap(),
+            g.upload_f16(&k, &shape).unwrap(),
+        )
+    } else {
+        (
+            g.upload_f32(&q, &shape).unwrap(),
+            g.upload_f32(&k, &shape).unwrap(),
+        )
+    };
+    // the reference pools what the GPU sees (f16-rounded inputs on the f16 path)
+    let round = |x: &Vec<f32>| -> Vec<f32> {
+        if f16 {
+            x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+        } else {
+            x.clone()
+        }
+    };
+    let qa_ref = reference::pool(&round(&q), heads, s, d);
+    let ka_ref = reference::pool(&round(&k), heads, s, d);
+    for a in algos {
+        let algo: SparseAlgo = a.parse().unwrap();
+        let (mask, stages) = estimate_mask_with_stages(g, &qt, &kt, grid, &algo).unwrap();
+        let dense = mask.to_dense(g).unwrap();
+        if let Some(st) = stages {
+            let qa = g.read_f32(&st.qa).unwrap();
+            let ka = g.read_f32(&st.ka).unwrap();
+            assert_close(&format!("{a} qa"), &qa, &qa_ref, 1e-5, 1e-5, 1e-6);
+            assert_close(&format!("{a} ka"), &ka, &ka_ref, 1e-5, 1e-5, 1e-6);
+            let map = g.read_f32(&st.probs).unwrap();
+            let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
+            assert_close(&format!("{a} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
+            check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid, true);
+        } else {
+            let w = algo.sta().unwrap();
+            assert_eq!(mask.heads(), 1);
+            assert_eq!(dense, reference::sta_mask(&grid, &w), "{a}: STA lists");
+        }
+    }
+}
+
+#[test]
+fn mask_one_block() {
+    run_mask_case(
+        1,
+        BlockGrid::new(1, 1, 1).unwrap(),
+        2,
+        64,
+        &["nabla-0.0", "nabla-0.5", "nabla-1.0", "sta-1-1-1"],
+        false,
+    );
+}
+
+#[test]
+fn mask_odd_grid_d128_all_thresholds() {
+    run_mask_case(
+        2,
+        BlockGrid::new(3, 2, 5).unwrap(),
+        3,
+        128,
+        &[
+            "nabla-0",
+            "nabla-0.2",
+            "nabla-0.7",
+            "nabla-0.95",
+            "nabla-1",
+            "nabla-0.6_sta-3-3-3",
+            "nabla-0.3_sta-2-1-4",
+            "sta-11-3-3",
+            "sta-1-1-1",
+        ],
+        false,
+    );
+}
+
+#[test]
+fn mask_d64_f16_storage() {
+    run_mask_case(
+        3,
+        BlockGrid::new(2, 3, 3).unwrap(),
+        2,
+        64,
+        &["nabla-0.7", "nabla-0.4_sta-3-3-3"],
+        true,
+    );
+}
+
+/// Nb well above the workgroup size and not a power of two: exercises every loop stride.
+#[test]
+fn mask_from_pooled_large_nb() {
+    let g = gpu();
+    let mut rng = Rng::fresh(4);
+    let grid = BlockGrid::new(7, 13, 47).unwrap(); // 4277 blocks
+    let nb = grid.blocks();
+    let (bh, d) = (1, 16);
+    let qa = rng.normals(bh * nb * d, 0.8);
+    let ka = rng.normals(bh * nb * d, 0.8);
+    let qt = g.upload_f32(&qa, &[bh, nb, d]).unwrap();
+    let kt = g.upload_f32(&ka, &[bh, nb, d]).unwrap();
+    let algo: SparseAlgo = "nabla-0.5_sta-3-3-3".parse().unwrap();
+    let (mask, probs) = mask_from_pooled(g, &qt, &kt, grid, &algo).unwrap();
+    let map = g.read_f32(&probs).unwrap();
+    let map_ref = reference::block_map(&qa, &ka, bh, nb, d);
+    assert_close("large map", &map, &map_ref, 1e-6, 1e-3, 1e-4);
+    let dense = mask.to_dense(g).unwrap();
+    // a sample of rows against the reference (the full f64 check is O(Nb^3))
+    for r in (0..nb).step_by(97) {
+        let row = &map[r * nb..(r + 1) * nb];
+        let (keep, mass) = reference::threshold_mask_ties(row, 1, nb, 0.5);
+        let sta = reference::sta_mask(&grid, &algo.sta().unwrap());
+        for j in 0..nb {
+            if sta[r * nb + j] == 1 {
+                assert_eq!(dense[r * nb + j], 1);
+            } else if (mass[j] - 0.5).abs() >= 1e-5 {
+                assert_eq!(dense[r * nb + j], keep[j], "row {r} col {j}");
+            }
+        }
+    }
+}
+
+/// Many exactly equal probabilities: the GPU keeps every entry tied at the cut.
+#[test]
+fn mask_ties_kept_together() {
+    let g = gpu();
+    let grid = BlockGrid::new(1, 4, 5).unwrap();
+    let nb = grid.blocks();
+    let d = 16;
+    let mut rng = Rng::fresh(5);
+    // qa identical rows, ka: half the blocks identical → equal logits per row
+    let qa: Vec<f32> = (0..nb)
+        .flat_map(|_| (0..d).map(|c| (c % 3) as f32 * 0.25))
+        .collect();
+    let base: Vec<f32> = rng.normals(d, 1.0);
+    let ka: Vec<f32> = (0..nb)
+        .flat_map(|j| {
+            let shift = if j % 2 == 0 {
+                0.0
+            } else {
+                (j % 5) as f32 * 0.3
+            };
+            base.iter().map(move |&x| x + shift).collect::<Vec<_>>()
+        })
+        .collect();
+    let qt = g.upload_f32(&qa, &[1, nb, d]).unwrap();
+    let kt = g.upload_f32(&ka, &[1, nb, d]).unwrap();
+    for thr in [0.0, 0.3, 0.5, 0.8, 1.0] {
+        let algo = SparseAlgo::Nabla { thr };
+        let (mask, probs) = mask_from_pooled(g, &qt, &kt, grid, &algo).unwrap();
+        let map = g.read_f32(&probs).unwrap();
+        let dense = mask.to_dense(g).unwrap();
+        check_mask_against_reference(
+            &format!("ties thr {thr}"),
+            &dense,
+            &map,
+            nb,
+            nb,
+            &algo,
+            &grid,
+            false,
+        );
+        // tied entries are all kept or all dropped
+        for r in 0..nb {
+            for a in 0..nb {
+                for b in 0..nb {
+                    if map[r * nb + a] == map[r * nb + b] {
+                        assert_eq!(dense[r * nb + a], dense[r * nb + b], "tie split in row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row whose mass sits in one block keeps exactly that block for thresholds below its mass.
+#[test]
+fn mask_mass_in_one_block() {
+    let g = gpu();
+    let grid = BlockGrid::new(2, 2, 3).unwrap();
+    let nb = grid.blocks();
+    let d = 32;
+    let mut qa = vec![0f32; nb * d];
+    let mut ka = vec![0f32; nb * d];
+    for i in 0..nb {
+        qa[i * d + i % d] = 40.0; // query i points at key block i
+        ka[i * d + i % d] = 40.0;
+    }
+    let qt = g.upload_f32(&qa, &[1, nb, d]).unwrap();
+    let kt = g.upload_f32(&ka, &[1, nb, d]).unwrap();
+    let (mask, _) = mask_from_pooled(g, &qt, &kt, grid, &SparseAlgo::Nabla { thr: 0.9 }).unwrap();
+    let (c, idx) = mask.read_lists(g).unwrap();
+    for i in 0..nb {
+        assert_eq!(c[i], 1, "row {i}");
+        assert_eq!(idx[i * nb], i as u32);
+    }
+}
+
+fn run_attention(
+    tag: u64,
+    heads: usize,
+    s: usize,
+    d: usize,
+    f16: bool,
+    density: f64,
+    shared_mask: bool,
+) {
+    let g = gpu();
+    if f16 && !g.caps().f16 {
+        eprintln!("no SHADER_F16: f16 attention skipped");
+        return;
+    }
+    let mut rng = Rng::fresh(tag);
+    let nb = s / 64;
+    let n = heads * s * d;
+    let round = |x: Vec<f32>| -> Vec<f32> {
+        if f16 {
+            x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+        } else {
+            x
+        }
+    };
+    let q = round(rng.normals(n, 1.5));
+    let k = round(rng.normals(n, 1.5));
+    let v = round(rng.normals(n, 1.0));
+    let mh = if shared_mask { 1 } else { heads };
+    let mut dense: Vec<u8> = (0..mh * nb * nb)
+        .map(|_| (rng.uniform() < density) as u8)
+        .collect();
+    if mh * nb > 1 {
+        // one empty row to check the zero-output rule
+        for j in 0..nb {
+            dense[j] = 0;
+        }
+    }
+    let mask = BlockMask::from_dense(g, &dense, mh, nb).unwrap();
+    let shape = [1, heads, s, d];
+    let up = |x: &[f32]| {
+        if f16 {
+            g.upload_f16(x, &shape).unwrap()
+        } else {
+            g.upload_f32(x, &shape).unwrap()
+        }
+    };
+    let (qt, kt, vt) = (up(&q), up(&k), up(&v));
+    let out = g
+        .empty(&shape, if f16 { DType::F16 } else { DType::F32 })
+        .unwrap();
+    g.fill_u32(&out, if f16 { 0x7e00_7e00 } else { POISON });
+    let mut b = g.batch();
+    nabla::attention::record_attention(&mut b, &qt, &kt, &vt, &mask, &out).unwrap();
+    b.submit().unwrap();
+    let got = g.read_f32(&out).unwrap();
+    let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, heads, s, d);
+    let (atol, rtol, l2) = if f16 {
+        (5e-3, 5e-3, 2e-3)
+    } else {
+        (2e-5, 1e-4, 1e-5)
+    };
+    assert_close(
+        &format!("attention h{heads} s{s} d{d} f16={f16} p={density}"),
+        &got,
+        &want,
+        atol,
+        rtol,
+        l2,
+    );
+}
+
+#[test]
+fn attention_d64_f32() {
+    run_attention(10, 2, 256, 64, false, 0.4, false);
+}
+
+#[test]
+fn attention_d128_f32_shared_mask() {
+    run_attention(11, 2, 320, 128, false, 0.5, true);
+}
+
+#[test]
+fn attention_one_block() {
+    run_attention(12, 1, 64, 128, false, 1.0, false);
+    run_attention(13, 3, 64, 64, false, 1.0, true);
+}
+
+#[test]
+fn attention_f16_storage() {
+    run_attention(14, 2, 192, 128, true, 0.5, false);
+    run_attention(15, 1, 128, 64, true, 0.7, true);
+}
+
+#[test]
+fn dense_attention_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::fresh(16);
+    let (h, s, d) = (2, 192, 64);
+    let q = rng.normals(h * s * d, 1.0);
+    let k = rng.normals(h * s * d, 1.0);
+    let v = rng.normals(h * s * d, 1.0);
+    let sh = [1, h, s, d];
+    let out = nabla::dense_attention(
+        g,
+        &g.upload_f32(&q, &sh).unwrap(),
+        &g.upload_f32(&k, &sh).unwrap(),
+        &g.upload_f32(&v, &sh).unwrap(),
+    )
+    .unwrap();
+    let nb = s / 64;
+    let want = reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nb * nb], 1, h, s, d);
+    assert_close("dense", &g.read_f32(&out).unwrap(), &want, 2e-5, 1e-4, 1e-5);
+}
+
+#[test]
+fn fractal_roundtrip_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::fresh(17);
+    for (f, h, w, c) in [
+        (2usize, 8usize, 16usize, 3usize),
+        (3, 16, 8, 5),
+        (1, 8, 8, 1),
+    ] {
+        let rows = f * h * w;
+        let x = rng.normals(rows * c, 1.0);
+        let t = g.upload_f32(&x, &[rows, c]).unwrap();
+        let fr = nabla::to_fractal(g, &t, (f, h, w)).unwrap();
+        let got = g.read_f32(&fr).unwrap();
+        let perm = reference::fractal_perm(f, h, w);
+        let want: Vec<f32> = perm
+            .iter()
+            .flat_map(|&n| x[n * c..(n + 1) * c].to_vec())
+            .collect();
+        assert_eq!(got, want, "to_fractal {f}x{h}x{w}");
+        let back = g
+            .read_f32(&nabla::from_fractal(g, &fr, (f, h, w)).unwrap())
+            .unwrap();
+        assert_eq!(back, x, "roundtrip {f}x{h}x{w}");
+    }
+}
