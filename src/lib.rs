@@ -24,6 +24,7 @@
 pub mod attention;
 pub mod error;
 pub mod gpu;
+pub mod io;
 pub mod nabla;
 pub mod reference;
 pub mod shaders;

@@ -1,0 +1,151 @@
+//! Reading tensors from safetensors files (golden data, user Q/K files) with clear errors.
+
+use crate::error::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A safetensors file read into memory.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// One tensor's raw data.
+pub struct RawTensor<'a> {
+    /// Element type as stored.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes.
+    pub data: &'a [u8],
+}
+
+impl TensorFile {
+    /// Reads and checks the header of a safetensors file.
+    pub fn open(path: impl AsRef<Path>) -> Result<TensorFile> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, e))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+        Ok(TensorFile { path, bytes })
+    }
+
+    fn st(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| Error::file(&self.path, e))
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names.
+    pub fn names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .st()?
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect())
+    }
+
+    /// The `__metadata__` map (empty when absent).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.bytes).map_err(|e| Error::file(&self.path, e))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    /// Raw access to one tensor.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let st = self.st()?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| Error::file(&self.path, format!("has no tensor named {name:?}")))?;
+        let data = t.data();
+        // re-borrow from self.bytes so the slice outlives the SafeTensors view
+        let off = data.as_ptr() as usize - self.bytes.as_ptr() as usize;
+        Ok(RawTensor {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data: &self.bytes[off..off + data.len()],
+        })
+    }
+
+    /// A float tensor as f32 (F32, F16 and BF16 are converted) with its shape.
+    pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let r = self.raw(name)?;
+        let v = match r.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(r.data),
+            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(r.data)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(r.data)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            d => {
+                return Err(Error::file(
+                    &self.path,
+                    format!("tensor {name:?} has dtype {d:?}; expected F32, F16 or BF16"),
+                ));
+            }
+        };
+        Ok((v, r.shape))
+    }
+
+    /// A U8 / BOOL tensor.
+    pub fn u8(&self, name: &str) -> Result<(Vec<u8>, Vec<usize>)> {
+        let r = self.raw(name)?;
+        match r.dtype {
+            Dtype::U8 | Dtype::BOOL => Ok((r.data.to_vec(), r.shape)),
+            d => Err(Error::file(
+                &self.path,
+                format!("tensor {name:?} has dtype {d:?}; expected U8"),
+            )),
+        }
+    }
+
+    /// An integer tensor (I64, I32, U32) as i64.
+    pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let r = self.raw(name)?;
+        let v = match r.dtype {
+            Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(r.data),
+            Dtype::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(r.data)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            Dtype::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(r.data)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            d => {
+                return Err(Error::file(
+                    &self.path,
+                    format!("tensor {name:?} has dtype {d:?}; expected an integer type"),
+                ));
+            }
+        };
+        Ok((v, r.shape))
+    }
+}
+
+/// Writes named u8 / f32 tensors and metadata to a safetensors file.
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    u8_tensors: &[(String, Vec<usize>, Vec<u8>)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = u8_tensors
+        .iter()
+        .map(|(n, s, d)| {
+            safetensors::tensor::TensorView::new(Dtype::U8, s.clone(), d)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::file(path, e))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::file(path, e))
+}
