@@ -39,7 +39,8 @@ pub enum Error {
     #[error(
         "invalid sparse algorithm {input:?}: {reason}. Accepted forms: `nabla-<thr>` (0 ≤ thr ≤ 1, e.g. \
          nabla-0.7), `sta-<wT>-<wH>-<wW>` (positive integers, e.g. sta-11-3-3), \
-         `nabla-<thr>_sta-<wT>-<wH>-<wW>` (e.g. nabla-0.6_sta-11-3-3), or `none` for dense attention"
+         `nabla-<thr>_sta-<wT>-<wH>-<wW>` (e.g. nabla-0.6_sta-11-3-3); where a command allows dense \
+         attention, `none`"
     )]
     SparseAlgo {
         /// The string given.
@@ -92,10 +93,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn shape(msg: impl Into<String>) -> Self {
+    /// A shape error.
+    pub fn shape(msg: impl Into<String>) -> Self {
         Error::Shape(msg.into())
     }
-    pub(crate) fn file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+    /// A file error with a reason.
+    pub fn file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
         Error::File {
             path: path.into(),
             reason: reason.to_string(),

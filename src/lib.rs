@@ -28,6 +28,7 @@ pub mod io;
 pub mod nabla;
 pub mod reference;
 pub mod shaders;
+pub mod synth;
 
 pub use attention::{block_sparse_attention, dense_attention};
 pub use error::{Error, Result};

@@ -34,7 +34,6 @@ fn check_mask_against_reference(
     nb: usize,
     algo: &SparseAlgo,
     grid: &BlockGrid,
-    mh_sta: bool,
 ) {
     let thr = algo.threshold().expect("nabla algo");
     let (keep, mass) = reference::threshold_mask_ties(map, rows, nb, thr);
@@ -72,7 +71,6 @@ fn check_mask_against_reference(
             .unwrap_or(0);
         assert_eq!(gpu_mask[r * nb + jm], 1, "{what}: row {r} lost its maximum");
     }
-    let _ = mh_sta;
     eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
 }
 
@@ -120,7 +118,7 @@ fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&st
             let map = g.read_f32(&st.probs).unwrap();
             let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
             assert_close(&format!("{a} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
-            check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid, true);
+            check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid);
         } else {
             let w = algo.sta().unwrap();
             assert_eq!(mask.heads(), 1);
@@ -246,7 +244,6 @@ fn mask_ties_kept_together() {
             nb,
             &algo,
             &grid,
-            false,
         );
         // tied entries are all kept or all dropped
         for r in 0..nb {
@@ -317,9 +314,7 @@ fn run_attention(
         .collect();
     if mh * nb > 1 {
         // one empty row to check the zero-output rule
-        for j in 0..nb {
-            dense[j] = 0;
-        }
+        dense[..nb].fill(0);
     }
     let mask = BlockMask::from_dense(g, &dense, mh, nb).unwrap();
     let shape = [1, heads, s, d];
@@ -339,7 +334,7 @@ fn run_attention(
     nabla::attention::record_attention(&mut b, &qt, &kt, &vt, &mask, &out).unwrap();
     b.submit().unwrap();
     let got = g.read_f32(&out).unwrap();
-    let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, heads, s, d);
+    let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (heads, s, d));
     let (atol, rtol, l2) = if f16 {
         (5e-3, 5e-3, 2e-3)
     } else {
@@ -394,7 +389,7 @@ fn dense_attention_matches_reference() {
     )
     .unwrap();
     let nb = s / 64;
-    let want = reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nb * nb], 1, h, s, d);
+    let want = reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nb * nb], 1, (h, s, d));
     assert_close("dense", &g.read_f32(&out).unwrap(), &want, 2e-5, 1e-4, 1e-5);
 }
 

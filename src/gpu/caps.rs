@@ -87,7 +87,7 @@ impl Capabilities {
             subgroup_max: info.subgroup_max_size,
             timestamps: enabled.contains(wgpu::Features::TIMESTAMP_QUERY),
             coop_matrix: coop,
-            max_storage_binding: l.max_storage_buffer_binding_size as u64,
+            max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroup_storage: l.max_compute_workgroup_storage_size,
             max_invocations: l.max_compute_invocations_per_workgroup,

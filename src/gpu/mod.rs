@@ -25,15 +25,17 @@ pub struct Gpu {
     errors: Arc<Mutex<Vec<String>>>,
 }
 
-fn backends_from_env() -> Result<wgpu::Backends> {
+/// The backends to search: `NABLA_BACKEND`, or `None` for "primary backends (Vulkan, Metal,
+/// DX12) first, GL only when they find nothing".
+fn backends_from_env() -> Result<Option<wgpu::Backends>> {
     match std::env::var("NABLA_BACKEND") {
-        Err(_) => Ok(wgpu::Backends::all()),
+        Err(_) => Ok(None),
         Ok(v) => match v.to_ascii_lowercase().as_str() {
-            "" => Ok(wgpu::Backends::all()),
-            "vulkan" => Ok(wgpu::Backends::VULKAN),
-            "metal" => Ok(wgpu::Backends::METAL),
-            "dx12" => Ok(wgpu::Backends::DX12),
-            "gl" => Ok(wgpu::Backends::GL),
+            "" => Ok(None),
+            "vulkan" => Ok(Some(wgpu::Backends::VULKAN)),
+            "metal" => Ok(Some(wgpu::Backends::METAL)),
+            "dx12" => Ok(Some(wgpu::Backends::DX12)),
+            "gl" => Ok(Some(wgpu::Backends::GL)),
             _ => Err(Error::BadEnv {
                 var: "NABLA_BACKEND",
                 value: v,
@@ -60,10 +62,21 @@ fn rank(t: wgpu::DeviceType) -> u32 {
 }
 
 /// All adapters visible with the `NABLA_BACKEND` filter, best first (discrete GPUs before
-/// integrated, virtual and software ones).
+/// integrated, virtual and software ones). Without the filter, GL adapters are listed only
+/// when no Vulkan, Metal or DX12 adapter exists.
 pub fn enumerate_adapters() -> Result<Vec<wgpu::Adapter>> {
-    let inst = instance(backends_from_env()?);
-    let mut adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+    let list = |b: wgpu::Backends| pollster::block_on(instance(b).enumerate_adapters(b));
+    let mut adapters = match backends_from_env()? {
+        Some(b) => list(b),
+        None => {
+            let primary = list(wgpu::Backends::PRIMARY);
+            if primary.is_empty() {
+                list(wgpu::Backends::GL)
+            } else {
+                primary
+            }
+        }
+    };
     adapters.sort_by_key(|a| rank(a.get_info().device_type));
     Ok(adapters)
 }

@@ -105,7 +105,7 @@ impl SparseAlgo {
     /// Parses a `--sparse-algo` value where `none` (or an empty string) means dense attention.
     pub fn parse_optional(s: &str) -> Result<Option<SparseAlgo>> {
         match s.trim() {
-            "" | "none" | "dense" => Ok(None),
+            "" | "none" => Ok(None),
             t => t.parse().map(Some),
         }
     }

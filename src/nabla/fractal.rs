@@ -33,7 +33,7 @@ pub fn record_fractal(
     let (f, h, w) = grid;
     if h % 8 != 0 || w % 8 != 0 || h == 0 || w == 0 || f == 0 {
         return Err(Error::shape(format!(
-            "fractal order needs H and W to be positive multiples of 8, got grid {f}x{h}x{w}"
+            "fractal order needs F > 0 and H, W positive multiples of 8, got grid {f}x{h}x{w}"
         )));
     }
     let rows = f * h * w;

@@ -60,10 +60,15 @@ impl BlockMask {
             )));
         }
         for (r, &c) in counts.iter().enumerate() {
-            let row = &indices[r * nb..r * nb + c.min(nb as u32) as usize];
-            if c as usize > nb || row.iter().any(|&j| j as usize >= nb) {
+            if c as usize > nb {
                 return Err(Error::shape(format!(
-                    "block-mask row {r} lists {c} blocks or an index ≥ {nb}; counts must be ≤ Nb and indices < Nb"
+                    "block-mask row {r} has count {c}, more than Nb = {nb} blocks"
+                )));
+            }
+            let row = &indices[r * nb..r * nb + c as usize];
+            if let Some(j) = row.iter().find(|&&j| j as usize >= nb) {
+                return Err(Error::shape(format!(
+                    "block-mask row {r} lists key block {j}; indices must be < Nb = {nb}"
                 )));
             }
         }

@@ -131,16 +131,14 @@ pub fn inverse_perm(perm: &[usize]) -> Vec<usize> {
 }
 
 /// Attention of `q, k, v [BH, S, D]` restricted by a dense block mask `[MH, Nb, Nb]`
-/// (MH = 1 or BH), accumulated in f64. Rows without any allowed block give 0.
+/// (MH = 1 or BH), dims `(BH, S, D)`, accumulated in f64. Rows without any allowed block give 0.
 pub fn block_sparse_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     mask: &[u8],
     mask_heads: usize,
-    bh: usize,
-    s: usize,
-    d: usize,
+    (bh, s, d): (usize, usize, usize),
 ) -> Vec<f32> {
     let nb = s / BLOCK;
     let scale = 1.0 / (d as f64).sqrt();

@@ -1,0 +1,282 @@
+//! `nabla bench attention`: mask estimation, sparse and dense attention timed with timestamp
+//! queries on the chosen adapter; a table on stdout, optional JSON and the masks for PyTorch.
+
+use super::median;
+use nabla::attention::record_attention;
+use nabla::io::write_safetensors;
+use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask};
+use nabla::synth::{Role, structured};
+use nabla::{BlockGrid, BlockMask, DType, Error, Gpu, Result, SparseAlgo, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// NABLA mask estimation + block-sparse attention vs dense attention.
+    Attention(AttnArgs),
+}
+
+#[derive(clap::Args)]
+pub struct AttnArgs {
+    /// A preset (wan14b-720p, wan1.3b-480p, tiny) or B,H,S,D (grid then S/64 x 1 x 1 blocks).
+    #[arg(long, default_value = "wan1.3b-480p")]
+    shape: String,
+    /// One or more algorithms, comma separated (e.g. nabla-0.7,nabla-0.4,nabla-0.6_sta-11-3-3).
+    #[arg(long, default_value = "nabla-0.7")]
+    sparse_algo: String,
+    /// Storage of q/k/v: auto (f16 where the adapter has SHADER_F16), f16 or f32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Timed repetitions for masks and sparse attention (median reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Timed repetitions of dense attention (0 skips dense and the error column).
+    #[arg(long, default_value_t = 3)]
+    dense_reps: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the masks used ([H, Nb, Nb] u8 per algorithm) for benches/torch_attention.py.
+    #[arg(long)]
+    masks_out: Option<PathBuf>,
+    /// Seed of the synthetic inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+struct Shape {
+    name: String,
+    b: usize,
+    h: usize,
+    d: usize,
+    grid: BlockGrid,
+    token_grid: Option<(usize, usize, usize)>,
+}
+
+fn parse_shape(s: &str) -> Result<Shape> {
+    let preset = |name: &str, h, d, f, th, tw| -> Result<Shape> {
+        Ok(Shape {
+            name: name.into(),
+            b: 1,
+            h,
+            d,
+            grid: BlockGrid::from_tokens(f, th, tw)?,
+            token_grid: Some((f, th, tw)),
+        })
+    };
+    match s {
+        "wan14b-720p" => preset(s, 40, 128, 21, 40, 80),
+        "wan1.3b-480p" => preset(s, 12, 128, 21, 24, 48),
+        "tiny" => preset(s, 2, 64, 2, 16, 16),
+        _ => {
+            let v: Vec<usize> = s
+                .split(',')
+                .map(|x| x.trim().parse())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| bad_shape(s))?;
+            let [b, h, sq, d] = v.as_slice() else {
+                return Err(bad_shape(s));
+            };
+            if *sq == 0 || sq % BLOCK != 0 {
+                return Err(Error::Invalid(format!(
+                    "--shape {s}: S = {sq} must be a positive multiple of 64"
+                )));
+            }
+            Ok(Shape {
+                name: s.into(),
+                b: *b,
+                h: *h,
+                d: *d,
+                grid: BlockGrid::new(sq / BLOCK, 1, 1)?,
+                token_grid: None,
+            })
+        }
+    }
+}
+
+fn bad_shape(s: &str) -> Error {
+    Error::Invalid(format!(
+        "--shape {s:?}: use wan14b-720p, wan1.3b-480p, tiny, or B,H,S,D"
+    ))
+}
+
+fn upload(gpu: &Gpu, x: &[f32], shape: &[usize], dt: DType) -> Result<Tensor> {
+    match dt {
+        DType::F16 => gpu.upload_f16(x, shape),
+        _ => gpu.upload_f32(x, shape),
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut n, mut d) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        n += (*x as f64 - *y as f64).powi(2);
+        d += (*y as f64).powi(2);
+    }
+    (n / d.max(1e-300)).sqrt()
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let BenchCmd::Attention(a) = cmd;
+    let sh = parse_shape(&a.shape)?;
+    let algos: Vec<SparseAlgo> = a
+        .sparse_algo
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_>>()?;
+    let gpu = Gpu::new()?;
+    let caps = gpu.caps().clone();
+    let dt = match a.dtype.as_str() {
+        "auto" => {
+            if caps.f16 {
+                DType::F16
+            } else {
+                DType::F32
+            }
+        }
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        o => {
+            return Err(Error::Invalid(format!(
+                "--dtype {o:?}: use auto, f16 or f32"
+            )));
+        }
+    };
+    let (b, h, d, grid) = (sh.b, sh.h, sh.d, sh.grid);
+    let (s, nb, bh) = (grid.tokens(), grid.blocks(), b * h);
+    let shape = [b, h, s, d];
+    eprintln!("generating inputs [{b}, {h}, {s}, {d}] ...");
+    let heads_all = b * h;
+    let q = structured(&grid, heads_all, d, Role::Query, a.seed);
+    let k = structured(&grid, heads_all, d, Role::Key, a.seed);
+    let v = structured(&grid, heads_all, d, Role::Value, a.seed);
+    let (qt, kt, vt) = (
+        upload(&gpu, &q, &shape, dt)?,
+        upload(&gpu, &k, &shape, dt)?,
+        upload(&gpu, &v, &shape, dt)?,
+    );
+    drop((q, k, v));
+    let flop_dense = 4.0 * (s as f64).powi(2) * d as f64 * bh as f64;
+
+    // dense reference once (also the baseline time)
+    let mut dense_ms = f64::NAN;
+    let mut dense_out = None;
+    if a.dense_reps > 0 {
+        eprintln!("dense attention ...");
+        let full = BlockMask::full(&gpu, nb)?;
+        let out = gpu.empty(&shape, dt)?;
+        let t = gpu.time_ms(a.dense_reps + 1, |bt| {
+            record_attention(bt, &qt, &kt, &vt, &full, &out)
+        })?;
+        dense_ms = median(&t[1..]);
+        dense_out = Some(gpu.read_f32(&out)?);
+    }
+
+    let stages = MaskStages::alloc(&gpu, bh, nb, d)?;
+    let mut rows = Vec::new();
+    let mut masks_dump = Vec::new();
+    for algo in &algos {
+        eprintln!("{algo} ...");
+        let (mask, mask_ms) = match algo {
+            SparseAlgo::Sta(w) => (BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(), 0.0),
+            _ => {
+                let m = BlockMask::alloc(&gpu, bh, nb)?;
+                let t = gpu.time_ms(a.reps + 2, |bt| {
+                    record_estimate_mask(bt, &qt, &kt, grid, algo, &stages, &m)
+                })?;
+                (m, median(&t[2..]))
+            }
+        };
+        let density = mask.density(&gpu)?;
+        let out = gpu.empty(&shape, dt)?;
+        let t = gpu.time_ms(a.reps + 1, |bt| {
+            record_attention(bt, &qt, &kt, &vt, &mask, &out)
+        })?;
+        let sparse_ms = median(&t[1..]);
+        let err = match &dense_out {
+            Some(dref) => rel_err(&gpu.read_f32(&out)?, dref),
+            None => f64::NAN,
+        };
+        let eff_tflops = flop_dense * density / (sparse_ms * 1e-3) / 1e12;
+        let mask_gbs = (2 * bh * s * d) as f64 * dt.size() as f64 / (mask_ms * 1e-3) / 1e9;
+        rows.push(json!({
+            "algo": algo.to_string(), "density": density, "mask_ms": mask_ms, "sparse_ms": sparse_ms,
+            "dense_ms": dense_ms, "speedup": dense_ms / sparse_ms, "effective_tflops": eff_tflops,
+            "mask_read_gbs": mask_gbs, "rel_err_vs_dense": err,
+        }));
+        if a.masks_out.is_some() {
+            let mut dense = mask.to_dense(&gpu)?;
+            if mask.heads() == 1 {
+                dense = dense.repeat(bh);
+            }
+            masks_dump.push((format!("mask_{algo}"), vec![bh, nb, nb], dense));
+        }
+    }
+
+    let dense_tflops = flop_dense / (dense_ms * 1e-3) / 1e12;
+    println!();
+    println!(
+        "adapter  {} ({}, {} {})",
+        caps.name, caps.backend, caps.driver, caps.driver_info
+    );
+    println!(
+        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64{} | storage {dt:?}, f32 math",
+        sh.name,
+        sh.token_grid
+            .map(|(f, y, x)| format!(", token grid {f}x{y}x{x}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "dense    {dense_ms:.3} ms ({dense_tflops:.1} TFLOP/s, {:.1} TFLOP)",
+        flop_dense / 1e12
+    );
+    println!();
+    println!(
+        "{:<24} {:>8} {:>10} {:>11} {:>9} {:>12} {:>11} {:>10}",
+        "algo",
+        "density",
+        "mask ms",
+        "sparse ms",
+        "speed-up",
+        "eff TFLOP/s",
+        "mask GB/s",
+        "rel err"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>8.4} {:>10.3} {:>11.3} {:>9.2} {:>12.1} {:>11.0} {:>10.2e}",
+            r["algo"].as_str().unwrap_or(""),
+            r["density"].as_f64().unwrap_or(f64::NAN),
+            r["mask_ms"].as_f64().unwrap_or(f64::NAN),
+            r["sparse_ms"].as_f64().unwrap_or(f64::NAN),
+            r["speedup"].as_f64().unwrap_or(f64::NAN),
+            r["effective_tflops"].as_f64().unwrap_or(f64::NAN),
+            r["mask_read_gbs"].as_f64().unwrap_or(f64::NAN),
+            r["rel_err_vs_dense"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    if let Some(p) = &a.json {
+        let doc = json!({
+            "adapter": caps.name, "backend": caps.backend, "driver": format!("{} {}", caps.driver, caps.driver_info),
+            "shape": sh.name, "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
+            "dense_ms": dense_ms, "dense_tflops": dense_tflops, "rows": rows,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
+            .map_err(|e| Error::file(p.clone(), e))?;
+    }
+    if let Some(p) = &a.masks_out {
+        let mut meta = HashMap::new();
+        meta.insert("heads".to_string(), bh.to_string());
+        meta.insert("head_dim".to_string(), d.to_string());
+        meta.insert("tokens".to_string(), s.to_string());
+        meta.insert(
+            "grid".to_string(),
+            format!("{},{},{}", grid.t, grid.hb, grid.wb),
+        );
+        meta.insert("preset".to_string(), sh.name.clone());
+        write_safetensors(p, &masks_dump, meta)?;
+        eprintln!("masks written to {}", p.display());
+    }
+    Ok(())
+}

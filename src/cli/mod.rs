@@ -1,0 +1,16 @@
+//! Subcommands of the `nabla` binary.
+
+pub mod bench;
+pub mod info;
+pub mod mask;
+
+/// Median of a list of timings.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
+}

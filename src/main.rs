@@ -1,0 +1,42 @@
+//! The `nabla` command line: adapter info, NABLA masks, benchmarks.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nabla",
+    version,
+    about = "NABLA sparse attention on any GPU (wgpu + WGSL)"
+)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print every GPU adapter and its capabilities (NABLA_ADAPTER / NABLA_BACKEND pick one).
+    Info,
+    /// Estimate a NABLA / STA block mask, print its density per head and write a PNG heatmap.
+    Mask(cli::mask::MaskArgs),
+    /// Benchmarks (GPU time from timestamp queries).
+    Bench {
+        #[command(subcommand)]
+        which: cli::bench::BenchCmd,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let r = match args.cmd {
+        Cmd::Info => cli::info::run(),
+        Cmd::Mask(a) => cli::mask::run(a),
+        Cmd::Bench { which } => cli::bench::run(which),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
