@@ -26,6 +26,7 @@ pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod nabla;
+pub mod ops;
 pub mod reference;
 pub mod shaders;
 pub mod synth;

@@ -51,5 +51,6 @@ pub fn all_variants() -> Vec<(String, String)> {
     v.push(("nabla/scores".into(), SCORES.to_string()));
     v.push(("nabla/threshold".into(), THRESHOLD.to_string()));
     v.push(("nabla/fractal".into(), FRACTAL.to_string()));
+    v.extend(crate::ops::variants());
     v
 }

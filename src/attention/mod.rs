@@ -75,7 +75,9 @@ fn check(
                 what: "f16 attention".into(),
             });
         }
-        DType::U32 => return Err(Error::shape("attention inputs must be f32 or f16")),
+        DType::U32 | DType::BF16 => {
+            return Err(Error::shape("attention inputs must be f32 or f16"));
+        }
     }
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         gpu.check_binding(&format!("attention {name} {sh:?}"), t.logical_bytes())?;

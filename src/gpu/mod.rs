@@ -332,6 +332,12 @@ impl Gpu {
         self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::F16)
     }
 
+    /// Uploads f32 data converted to bf16 storage (round to nearest even).
+    pub fn upload_bf16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::BF16)
+    }
+
     /// Uploads u32 data.
     pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
         self.upload_bytes(bytemuck::cast_slice(data), shape, DType::U32)
@@ -384,6 +390,10 @@ impl Gpu {
         Ok(match t.dtype() {
             DType::F32 => bytemuck::pod_collect_to_vec(&b),
             DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&b)
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+            DType::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(&b)
                 .iter()
                 .map(|h| h.to_f32())
                 .collect(),
@@ -459,6 +469,13 @@ impl Gpu {
         }
         Ok(out)
     }
+}
+
+/// Splits a count of workgroups into a 2-D dispatch within the per-dimension limit; shaders
+/// recover the linear index as `wid.x + wid.y * num_workgroups.x` (and skip ids past the count).
+pub(crate) fn groups_2d(groups: usize, max: u32) -> [u32; 3] {
+    let x = groups.min(max as usize).max(1);
+    [x as u32, groups.div_ceil(x) as u32, 1]
 }
 
 /// A batch of dispatches recorded into one compute pass and submitted together.

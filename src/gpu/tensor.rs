@@ -11,6 +11,8 @@ pub enum DType {
     F16,
     /// 32-bit unsigned integer.
     U32,
+    /// bfloat16 (stored as 16-bit words; kernels unpack with a shift, no shader feature needed).
+    BF16,
 }
 
 impl DType {
@@ -18,7 +20,7 @@ impl DType {
     pub fn size(self) -> u64 {
         match self {
             DType::F32 | DType::U32 => 4,
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
         }
     }
 }

@@ -15,12 +15,6 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// Splits a count of workgroups into a 2-D dispatch within the per-dimension limit.
-pub(crate) fn grid_2d(groups: usize, max: u32) -> [u32; 3] {
-    let x = groups.min(max as usize).max(1);
-    [x as u32, groups.div_ceil(x) as u32, 1]
-}
-
 /// Records the permutation of `src` `[F·H·W, C]` into `dst` (same shape): natural → fractal
 /// order when `inverse` is false, fractal → natural when true.
 pub fn record_fractal(
@@ -70,7 +64,7 @@ pub fn record_fractal(
         _pad: [0; 3],
     };
     let pipe = gpu.pipeline("nabla/fractal", shaders::FRACTAL, true)?;
-    let groups = grid_2d(rows, gpu.caps().max_workgroups_per_dim);
+    let groups = crate::gpu::groups_2d(rows, gpu.caps().max_workgroups_per_dim);
     batch.dispatch(&pipe, bytemuck::bytes_of(&p), &[src, dst], groups)
 }
 

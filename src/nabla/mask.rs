@@ -231,7 +231,7 @@ fn check_qk(gpu: &Gpu, q: &Tensor, k: &Tensor, grid: &BlockGrid) -> Result<(usiz
             k.shape()
         )));
     }
-    if q.dtype() != k.dtype() || q.dtype() == DType::U32 {
+    if q.dtype() != k.dtype() || !matches!(q.dtype(), DType::F32 | DType::F16) {
         return Err(Error::shape(format!(
             "q and k must both be f32 or both f16, got {:?} and {:?}",
             q.dtype(),

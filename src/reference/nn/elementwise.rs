@@ -1,0 +1,1 @@
+//! CPU reference of `crate::ops::elementwise` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference of `crate::ops::norm` (to be written).
