@@ -334,7 +334,7 @@ fn run_attention(
     nabla::attention::record_attention(&mut b, &qt, &kt, &vt, &mask, &out).unwrap();
     b.submit().unwrap();
     let got = g.read_f32(&out).unwrap();
-    let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (heads, s, d));
+    let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (heads, s, s, d));
     let (atol, rtol, l2) = if f16 {
         (5e-3, 5e-3, 2e-3)
     } else {
@@ -389,7 +389,7 @@ fn dense_attention_matches_reference() {
     )
     .unwrap();
     let nb = s / 64;
-    let want = reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nb * nb], 1, (h, s, d));
+    let want = reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nb * nb], 1, (h, s, s, d));
     assert_close("dense", &g.read_f32(&out).unwrap(), &want, 2e-5, 1e-4, 1e-5);
 }
 
@@ -417,5 +417,63 @@ fn fractal_roundtrip_matches_reference() {
             .read_f32(&nabla::from_fractal(g, &fr, (f, h, w)).unwrap())
             .unwrap();
         assert_eq!(back, x, "roundtrip {f}x{h}x{w}");
+    }
+}
+
+/// Cross-attention shapes: ragged query and key lengths, sq != skv, f32 and f16.
+#[test]
+fn attention_ragged_rectangular() {
+    let g = gpu();
+    let mut rng = Rng::fresh(18);
+    for (h, sq, skv, d, f16) in [
+        (2usize, 100usize, 16usize, 128usize, false),
+        (1, 64, 512, 64, false),
+        (3, 130, 77, 64, false),
+        (1, 1, 1, 128, false),
+        (2, 70, 40, 128, true),
+    ] {
+        if f16 && !g.caps().f16 {
+            continue;
+        }
+        let round = |x: Vec<f32>| -> Vec<f32> {
+            if f16 {
+                x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+            } else {
+                x
+            }
+        };
+        let q = round(rng.normals(h * sq * d, 1.2));
+        let k = round(rng.normals(h * skv * d, 1.2));
+        let v = round(rng.normals(h * skv * d, 1.0));
+        let up = |x: &[f32], s: usize| {
+            let sh = [1, h, s, d];
+            if f16 {
+                g.upload_f16(x, &sh).unwrap()
+            } else {
+                g.upload_f32(x, &sh).unwrap()
+            }
+        };
+        let (qt, kt, vt) = (up(&q, sq), up(&k, skv), up(&v, skv));
+        let out = g.empty(&[1, h, sq, d], qt.dtype()).unwrap();
+        g.fill_u32(&out, if f16 { 0x7e00_7e00 } else { POISON });
+        let mut b = g.batch();
+        nabla::attention::record_dense_attention(&mut b, &qt, &kt, &vt, &out).unwrap();
+        b.submit().unwrap();
+        let (nq, nk) = (sq.div_ceil(64), skv.div_ceil(64));
+        let want =
+            reference::block_sparse_attention(&q, &k, &v, &vec![1u8; nq * nk], 1, (h, sq, skv, d));
+        let (atol, rtol, l2) = if f16 {
+            (5e-3, 5e-3, 2e-3)
+        } else {
+            (2e-5, 1e-4, 1e-5)
+        };
+        assert_close(
+            &format!("ragged h{h} sq{sq} skv{skv} d{d} f16={f16}"),
+            &g.read_f32(&out).unwrap(),
+            &want,
+            atol,
+            rtol,
+            l2,
+        );
     }
 }

@@ -1,8 +1,10 @@
 // Block-sparse flash attention over per-row KV block lists (portable variant, f32 math).
 //
-// q, k, v, out: [BH, S, HD] in storage type S4 (vec4 of f32 or f16), S = Nb * 64.
-// counts [MH, Nb], indices [MH, Nb, Nb]: for query block i of mask head mh, the key blocks
-// indices[mh, i, 0..counts[mh, i]) are attended in full (MH = 1 broadcasts one mask to all heads).
+// q, out: [BH, SQ, HD]; k, v: [BH, SKV, HD]; storage type S4 (vec4 of f32 or f16).
+// counts [MH, NQB], indices [MH, NQB, NKB] (NQB = ceil(SQ/64), NKB = ceil(SKV/64)): for query
+// block i of mask head mh, the key blocks indices[mh, i, 0..counts[mh, i]) are attended in full
+// (MH = 1 broadcasts one mask to all heads). Ragged tails: query rows >= SQ are not written, keys
+// >= SKV are masked out.
 // out[s] = sum_{t in K(s)} softmax_t(q_s . k_t * scale) v_t, online softmax in f32; rows with an
 // empty list give 0.
 // One workgroup = 64 query rows of one head; 2 threads per row, each owns HD/2 channels of q and o.
@@ -14,10 +16,14 @@ const DV: u32 = HD / 8u;    // vec4s per thread (half a row)
 const KT: u32 = 16u;        // keys per staged tile
 
 struct Params {
-    s: u32,
-    nb: u32,
+    sq: u32,
+    skv: u32,
+    nqb: u32,
+    nkb: u32,
     mask_heads: u32,
     scale_log2e: f32,
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -41,7 +47,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row = lid >> 1u;
     let half = lid & 1u;
     let tok = qb * 64u + row;
-    let qbase = (bh * P.s + tok) * QV + half * DV;
+    let live = tok < P.sq;
+    let qbase = (bh * P.sq + min(tok, P.sq - 1u)) * QV + half * DV;
 
     var qr: array<vec4<f32>, DV>;
     var o: array<vec4<f32>, DV>;
@@ -53,7 +60,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var l = 0.0;
 
     let mh = select(0u, bh, P.mask_heads > 1u);
-    let mrow = mh * P.nb + qb;
+    let mrow = mh * P.nqb + qb;
     if (lid == 0u) {
         wcount = counts[mrow];
     }
@@ -61,15 +68,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     for (var n = 0u; n < cnt; n++) {
         if (lid == 0u) {
-            wblock = indices[mrow * P.nb + n];
+            wblock = indices[mrow * P.nkb + n];
         }
         let kb = workgroupUniformLoad(&wblock);
-        let kbase = (bh * P.s + kb * 64u) * QV;
+        let kbase = bh * P.skv;
         for (var st = 0u; st < 64u; st += KT) {
+            let key0 = kb * 64u + st;
             for (var e = lid; e < KT * QV; e += 128u) {
-                let g = kbase + st * QV + e;
-                ks[e] = vec4<f32>(k[g]);
-                vs[e] = vec4<f32>(v[g]);
+                let key = key0 + e / QV;
+                if (key < P.skv) {
+                    let g = (kbase + key) * QV + e % QV;
+                    ks[e] = vec4<f32>(k[g]);
+                    vs[e] = vec4<f32>(v[g]);
+                } else {
+                    ks[e] = vec4<f32>(0.0);
+                    vs[e] = vec4<f32>(0.0);
+                }
             }
             workgroupBarrier();
             for (var t = 0u; t < KT; t++) {
@@ -85,7 +99,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             var mx = m;
             let partner = lid ^ 1u;
             for (var t = 0u; t < KT; t++) {
-                sc[t] = part[lid * KT + t] + part[partner * KT + t];
+                sc[t] = select(part[lid * KT + t] + part[partner * KT + t], -3.0e38, key0 + t >= P.skv);
                 mx = max(mx, sc[t]);
             }
             let alpha = exp2(m - mx);
@@ -106,7 +120,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     let inv = select(0.0, 1.0 / l, l > 0.0);
-    for (var i = 0u; i < DV; i++) {
-        out[qbase + i] = S4(o[i] * inv);
+    if (live) {
+        for (var i = 0u; i < DV; i++) {
+            out[qbase + i] = S4(o[i] * inv);
+        }
     }
 }

@@ -9,13 +9,16 @@ use crate::shaders;
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
-    s: u32,
-    nb: u32,
+    sq: u32,
+    skv: u32,
+    nqb: u32,
+    nkb: u32,
     mask_heads: u32,
     scale_log2e: f32,
+    _pad: [u32; 2],
 }
 
-/// Validates q, k, v, out and the mask; returns (BH, S, D).
+/// Validates q, k, v, out and the mask; returns (BH, Sq, Skv, D).
 fn check(
     gpu: &Gpu,
     q: &Tensor,
@@ -23,17 +26,23 @@ fn check(
     v: &Tensor,
     out: &Tensor,
     mask: &BlockMask,
-) -> Result<(usize, usize, usize)> {
+) -> Result<(usize, usize, usize, usize)> {
     let sh = q.shape();
     if sh.len() != 4 {
         return Err(Error::shape(format!(
             "attention q must be [B, H, S, D], got {sh:?}"
         )));
     }
-    for (name, t) in [("k", k), ("v", v), ("out", out)] {
-        if t.shape() != sh || t.dtype() != q.dtype() {
+    let ks = k.shape();
+    if ks.len() != 4 || ks[0] != sh[0] || ks[1] != sh[1] || ks[3] != sh[3] {
+        return Err(Error::shape(format!(
+            "attention k {ks:?} must be [B, H, Skv, D] with q's B, H and D ({sh:?})"
+        )));
+    }
+    for (name, t, want) in [("k", k, ks), ("v", v, ks), ("out", out, sh)] {
+        if t.shape() != want || t.dtype() != q.dtype() {
             return Err(Error::shape(format!(
-                "attention {name} is {:?} {:?}, expected q's {sh:?} {:?}",
+                "attention {name} is {:?} {:?}, expected {want:?} {:?}",
                 t.shape(),
                 t.dtype(),
                 q.dtype()
@@ -41,21 +50,23 @@ fn check(
         }
     }
     let (b, h, s, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let skv = ks[2];
     if d != 64 && d != 128 {
         return Err(Error::shape(format!(
             "attention head_dim {d} is not supported; use 64 or 128"
         )));
     }
-    if s == 0 || s % BLOCK != 0 {
+    if s == 0 || skv == 0 {
         return Err(Error::shape(format!(
-            "attention sequence length {s} must be a positive multiple of {BLOCK}"
+            "attention needs at least one query and one key (got {s} and {skv})"
         )));
     }
-    let nb = s / BLOCK;
-    if mask.nb() != nb {
+    let (nb, nkb) = (s.div_ceil(BLOCK), skv.div_ceil(BLOCK));
+    if mask.nb() != nb || mask.kv_blocks() != nkb {
         return Err(Error::shape(format!(
-            "block mask has {} blocks per side, the sequence of {s} tokens has {nb}",
-            mask.nb()
+            "block mask is {}x{} blocks, but {s} queries and {skv} keys make {nb}x{nkb} blocks of {BLOCK}",
+            mask.nb(),
+            mask.kv_blocks()
         )));
     }
     if mask.heads() != 1 && mask.heads() != b * h {
@@ -90,10 +101,12 @@ fn check(
             b * h
         )));
     }
-    Ok((b * h, s, d))
+    Ok((b * h, s, skv, d))
 }
 
-/// Records block-sparse attention of `q`, `k`, `v` `[B, H, S, D]` under `mask` into `out`.
+/// Records block-sparse attention of `q` `[B, H, Sq, D]` over `k`, `v` `[B, H, Skv, D]` under
+/// `mask` (`ceil(Sq/64) × ceil(Skv/64)` blocks) into `out` (q's shape). Ragged tails are handled:
+/// keys past `Skv` are masked, query rows past `Sq` are not written.
 pub fn record_attention(
     batch: &mut Batch<'_>,
     q: &Tensor,
@@ -103,21 +116,24 @@ pub fn record_attention(
     out: &Tensor,
 ) -> Result<()> {
     let gpu = batch.gpu();
-    let (bh, s, d) = check(gpu, q, k, v, out, mask)?;
+    let (bh, s, skv, d) = check(gpu, q, k, v, out, mask)?;
     let key = format!("attention/block_sparse[{:?},d{d}]", q.dtype());
     let src = shaders::source(shaders::BLOCK_SPARSE, q.dtype(), Some(d as u32));
     let pipe = gpu.pipeline(&key, &src, true)?;
     let p = Params {
-        s: s as u32,
-        nb: (s / BLOCK) as u32,
+        sq: s as u32,
+        skv: skv as u32,
+        nqb: mask.nb() as u32,
+        nkb: mask.kv_blocks() as u32,
         mask_heads: mask.heads() as u32,
         scale_log2e: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
+        _pad: [0; 2],
     };
     batch.dispatch(
         &pipe,
         bytemuck::bytes_of(&p),
         &[q, k, v, mask.counts(), mask.indices(), out],
-        [(s / BLOCK) as u32, bh as u32, 1],
+        [mask.nb() as u32, bh as u32, 1],
     )
 }
 
@@ -137,14 +153,37 @@ pub fn block_sparse_attention(
     Ok(out)
 }
 
-/// Dense attention: the same kernel with every block listed.
-pub fn dense_attention(gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let s = q.shape().get(2).copied().unwrap_or(0);
-    if s == 0 || s % BLOCK != 0 {
+/// The all-blocks mask for `sq` queries over `skv` keys (cached per shape).
+pub fn full_mask(gpu: &Gpu, sq: usize, skv: usize) -> Result<std::sync::Arc<BlockMask>> {
+    if sq == 0 || skv == 0 {
         return Err(Error::shape(format!(
-            "attention sequence length {s} must be a positive multiple of {BLOCK}"
+            "attention needs at least one query and one key (got {sq} and {skv})"
         )));
     }
-    let full = BlockMask::full(gpu, s / BLOCK)?;
-    block_sparse_attention(gpu, q, k, v, &full)
+    BlockMask::full_rect(gpu, sq.div_ceil(BLOCK), skv.div_ceil(BLOCK))
+}
+
+/// Records dense attention (any lengths): the same kernel with every block listed.
+pub fn record_dense_attention(
+    batch: &mut Batch<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let (sq, skv) = (
+        q.shape().get(2).copied().unwrap_or(0),
+        k.shape().get(2).copied().unwrap_or(0),
+    );
+    let full = full_mask(batch.gpu(), sq, skv)?;
+    record_attention(batch, q, k, v, &full, out)
+}
+
+/// Dense attention of `q` `[B, H, Sq, D]` over `k`, `v` `[B, H, Skv, D]` (any lengths).
+pub fn dense_attention(gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let out = gpu.empty(q.shape(), q.dtype())?;
+    let mut b = gpu.batch();
+    record_dense_attention(&mut b, q, k, v, &out)?;
+    b.submit()?;
+    Ok(out)
 }

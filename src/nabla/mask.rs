@@ -10,12 +10,15 @@ use std::sync::Arc;
 /// A block mask as compact per-row lists, the layout FlexAttention's `BlockMask` uses:
 /// for mask head `h` and query block `i`, key blocks `indices[h, i, 0..counts[h, i])`,
 /// in ascending order. `heads` is 1 when one mask serves every head (STA, dense).
+/// Self-attention masks are square (`nb` query blocks × `nb` key blocks); cross-attention
+/// masks may be rectangular ([`BlockMask::full_rect`]).
 #[derive(Clone, Debug)]
 pub struct BlockMask {
     counts: Tensor,
     indices: Tensor,
     heads: usize,
     nb: usize,
+    kv: usize,
 }
 
 /// Intermediate tensors of a mask estimation, kept for inspection and tests.
@@ -39,10 +42,11 @@ impl BlockMask {
             indices: gpu.empty(&[heads, nb, nb], DType::U32)?,
             heads,
             nb,
+            kv: nb,
         })
     }
 
-    /// Uploads lists built on the CPU.
+    /// Uploads square lists built on the CPU.
     pub fn from_lists(
         gpu: &Gpu,
         counts: &[u32],
@@ -50,11 +54,25 @@ impl BlockMask {
         heads: usize,
         nb: usize,
     ) -> Result<BlockMask> {
-        if counts.len() != heads * nb || indices.len() != heads * nb * nb {
+        BlockMask::from_lists_rect(gpu, counts, indices, heads, nb, nb)
+    }
+
+    /// Uploads lists of `nq` query blocks over `nkv` key blocks (`counts [heads, nq]`,
+    /// `indices [heads, nq, nkv]`).
+    pub fn from_lists_rect(
+        gpu: &Gpu,
+        counts: &[u32],
+        indices: &[u32],
+        heads: usize,
+        nq: usize,
+        nkv: usize,
+    ) -> Result<BlockMask> {
+        let nb = nkv;
+        if counts.len() != heads * nq || indices.len() != heads * nq * nkv {
             return Err(Error::shape(format!(
-                "block-mask lists for {heads} heads of {nb} blocks need {} counts and {} indices, got {} and {}",
-                heads * nb,
-                heads * nb * nb,
+                "block-mask lists for {heads} heads of {nq}x{nkv} blocks need {} counts and {} indices, got {} and {}",
+                heads * nq,
+                heads * nq * nkv,
                 counts.len(),
                 indices.len()
             )));
@@ -74,10 +92,11 @@ impl BlockMask {
         }
         gpu.check_binding("block-mask lists", (indices.len() * 4) as u64)?;
         Ok(BlockMask {
-            counts: gpu.upload_u32(counts, &[heads, nb])?,
-            indices: gpu.upload_u32(indices, &[heads, nb, nb])?,
+            counts: gpu.upload_u32(counts, &[heads, nq])?,
+            indices: gpu.upload_u32(indices, &[heads, nq, nkv])?,
             heads,
-            nb,
+            nb: nq,
+            kv: nkv,
         })
     }
 
@@ -107,10 +126,15 @@ impl BlockMask {
 
     /// The mask that lists every block (dense attention), cached per `nb`.
     pub fn full(gpu: &Gpu, nb: usize) -> Result<Arc<BlockMask>> {
-        gpu.cached(&format!("full-mask/{nb}"), || {
-            let counts = vec![nb as u32; nb];
-            let idx: Vec<u32> = (0..nb * nb).map(|e| (e % nb) as u32).collect();
-            BlockMask::from_lists(gpu, &counts, &idx, 1, nb)
+        BlockMask::full_rect(gpu, nb, nb)
+    }
+
+    /// Every key block for every query block, `nq × nkv` (dense cross-attention), cached.
+    pub fn full_rect(gpu: &Gpu, nq: usize, nkv: usize) -> Result<Arc<BlockMask>> {
+        gpu.cached(&format!("full-mask/{nq}x{nkv}"), || {
+            let counts = vec![nkv as u32; nq];
+            let idx: Vec<u32> = (0..nq * nkv).map(|e| (e % nkv) as u32).collect();
+            BlockMask::from_lists_rect(gpu, &counts, &idx, 1, nq, nkv)
         })
     }
 
@@ -127,9 +151,14 @@ impl BlockMask {
         self.heads
     }
 
-    /// Blocks per side.
+    /// Query blocks (rows of the mask).
     pub fn nb(&self) -> usize {
         self.nb
+    }
+
+    /// Key blocks (columns of the mask); equals [`BlockMask::nb`] for self-attention.
+    pub fn kv_blocks(&self) -> usize {
+        self.kv
     }
 
     /// Per-row counts `[heads, Nb]` (u32).
@@ -147,12 +176,12 @@ impl BlockMask {
         Ok((gpu.read_u32(&self.counts)?, gpu.read_u32(&self.indices)?))
     }
 
-    /// The dense `[heads, Nb, Nb]` 0/1 mask. Fails if a list is malformed.
+    /// The dense `[heads, Nq, Nkv]` 0/1 mask. Fails if a list is malformed.
     pub fn to_dense(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         let (c, idx) = self.read_lists(gpu)?;
-        let nb = self.nb;
-        let mut d = vec![0u8; self.heads * nb * nb];
-        for r in 0..self.heads * nb {
+        let nb = self.kv;
+        let mut d = vec![0u8; self.heads * self.nb * nb];
+        for r in 0..self.heads * self.nb {
             let n = c[r] as usize;
             if n > nb {
                 return Err(Error::Gpu(format!(
@@ -175,15 +204,15 @@ impl BlockMask {
     /// Fraction of (query block, key block) pairs kept, over all mask heads.
     pub fn density(&self, gpu: &Gpu) -> Result<f64> {
         let c = gpu.read_u32(&self.counts)?;
-        Ok(c.iter().map(|&x| x as f64).sum::<f64>() / (self.heads * self.nb * self.nb) as f64)
+        Ok(c.iter().map(|&x| x as f64).sum::<f64>() / (self.heads * self.nb * self.kv) as f64)
     }
 
     /// Density per mask head.
     pub fn density_per_head(&self, gpu: &Gpu) -> Result<Vec<f64>> {
         let c = gpu.read_u32(&self.counts)?;
-        let nb = self.nb;
+        let (nb, kv) = (self.nb, self.kv);
         Ok(c.chunks(nb)
-            .map(|h| h.iter().map(|&x| x as f64).sum::<f64>() / (nb * nb) as f64)
+            .map(|h| h.iter().map(|&x| x as f64).sum::<f64>() / (nb * kv) as f64)
             .collect())
     }
 }
@@ -374,7 +403,7 @@ pub fn record_estimate_mask(
     if stages.qa.shape() != [bh, nb, d] || stages.probs.shape() != [bh, nb, nb] {
         return Err(Error::shape("mask scratch tensors do not match q/k"));
     }
-    if out.heads != bh || out.nb != nb {
+    if out.heads != bh || out.nb != nb || out.kv != nb {
         return Err(Error::shape(format!(
             "mask output has {} heads of {} blocks, q/k need {bh} of {nb}",
             out.heads, out.nb

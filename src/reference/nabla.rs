@@ -129,29 +129,30 @@ pub fn inverse_perm(perm: &[usize]) -> Vec<usize> {
     inv
 }
 
-/// Attention of `q, k, v [BH, S, D]` restricted by a dense block mask `[MH, Nb, Nb]`
-/// (MH = 1 or BH), dims `(BH, S, D)`, accumulated in f64. Rows without any allowed block give 0.
+/// Attention of `q [BH, Sq, D]` over `k, v [BH, Skv, D]` restricted by a dense block mask
+/// `[MH, ceil(Sq/64), ceil(Skv/64)]` (MH = 1 or BH), accumulated in f64. Rows without any
+/// allowed key give 0.
 pub fn block_sparse_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     mask: &[u8],
     mask_heads: usize,
-    (bh, s, d): (usize, usize, usize),
+    (bh, sq, skv, d): (usize, usize, usize, usize),
 ) -> Vec<f32> {
-    let nb = s / BLOCK;
+    let (nq, nk) = (sq.div_ceil(BLOCK), skv.div_ceil(BLOCK));
     let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0f32; bh * s * d];
-    let mut logits = vec![0f64; s];
+    let mut out = vec![0f32; bh * sq * d];
+    let mut logits = vec![0f64; skv];
     for h in 0..bh {
         let mh = if mask_heads == 1 { 0 } else { h };
-        for i in 0..s {
-            let qi = &q[(h * s + i) * d..(h * s + i + 1) * d];
-            let allowed = |t: usize| mask[(mh * nb + i / BLOCK) * nb + t / BLOCK] != 0;
+        for i in 0..sq {
+            let qi = &q[(h * sq + i) * d..(h * sq + i + 1) * d];
+            let allowed = |t: usize| mask[(mh * nq + i / BLOCK) * nk + t / BLOCK] != 0;
             let mut m = f64::NEG_INFINITY;
-            for t in 0..s {
+            for t in 0..skv {
                 if allowed(t) {
-                    let kt = &k[(h * s + t) * d..(h * s + t + 1) * d];
+                    let kt = &k[(h * skv + t) * d..(h * skv + t + 1) * d];
                     let l = qi
                         .iter()
                         .zip(kt)
@@ -167,17 +168,17 @@ pub fn block_sparse_attention(
             }
             let mut z = 0f64;
             let mut acc = vec![0f64; d];
-            for t in 0..s {
+            for t in 0..skv {
                 if allowed(t) {
                     let p = (logits[t] - m).exp();
                     z += p;
-                    for c in 0..d {
-                        acc[c] += p * v[(h * s + t) * d + c] as f64;
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a += p * v[(h * skv + t) * d + c] as f64;
                     }
                 }
             }
             for c in 0..d {
-                out[(h * s + i) * d + c] = (acc[c] / z) as f32;
+                out[(h * sq + i) * d + c] = (acc[c] / z) as f32;
             }
         }
     }
