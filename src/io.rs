@@ -132,17 +132,20 @@ impl TensorFile {
     }
 }
 
-/// Writes named u8 / f32 tensors and metadata to a safetensors file.
+/// One tensor to write: name, dtype, shape, little-endian bytes.
+pub type OwnedTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes tensors and string metadata to a safetensors file.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
-    u8_tensors: &[(String, Vec<usize>, Vec<u8>)],
+    tensors: &[OwnedTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = u8_tensors
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, s, d)| {
-            safetensors::tensor::TensorView::new(Dtype::U8, s.clone(), d)
+        .map(|(n, dt, s, d)| {
+            safetensors::tensor::TensorView::new(*dt, s.clone(), d)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::file(path, e))
         })

@@ -210,7 +210,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             if mask.heads() == 1 {
                 dense = dense.repeat(bh);
             }
-            masks_dump.push((format!("mask_{algo}"), vec![bh, nb, nb], dense));
+            masks_dump.push((
+                format!("mask_{algo}"),
+                safetensors::Dtype::U8,
+                vec![bh, nb, nb],
+                dense,
+            ));
         }
     }
 
