@@ -1,1 +1,56 @@
-//! CPU reference of `crate::ops::linear` (to be written).
+//! CPU reference of [`crate::ops::linear`]: `y = act(x·Wᵀ + b)` in f64, and the activations
+//! (shared with other references).
+
+use crate::ops::linear::Activation;
+
+/// GELU, tanh approximation: `0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))`.
+pub fn gelu_tanh(v: f64) -> f64 {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// SiLU (swish): `v·sigmoid(v) = v / (1 + e^(−v))`.
+pub fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Applies an [`Activation`] in f64.
+pub fn activate(v: f64, act: Activation) -> f64 {
+    match act {
+        Activation::None => v,
+        Activation::GeluTanh => gelu_tanh(v),
+        Activation::Silu => silu(v),
+    }
+}
+
+/// `y[i, j] = act(Σ_c x[i, c]·w[j, c] + b[j])` for `x [m, k]`, `w [n, k]` (PyTorch layout),
+/// `b [n]`; accumulation, bias and activation in f64, result rounded to f32. `w` holds the
+/// weights as the GPU sees them (already rounded to f16/bf16 when stored that way).
+///
+/// Panics when a slice length does not match `m`, `n`, `k` (a bug in the caller).
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+    act: Activation,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "reference linear: x must be [m, k]");
+    assert_eq!(w.len(), n * k, "reference linear: w must be [n, k]");
+    if let Some(b) = b {
+        assert_eq!(b.len(), n, "reference linear: b must be [n]");
+    }
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
+            let dot: f64 = xr.iter().zip(wr).map(|(&a, &c)| a as f64 * c as f64).sum();
+            let v = dot + b.map_or(0.0, |b| b[j] as f64);
+            y[i * n + j] = activate(v, act) as f32;
+        }
+    }
+    y
+}

@@ -1,0 +1,502 @@
+//! The linear op (`nabla::ops::linear`) against the f64 CPU reference: f32, f16 and bf16
+//! weights, every activation, with and without bias, ragged shapes, outputs poisoned with NaN.
+
+mod common;
+
+use common::{POISON, Rng, assert_close, gpu, rel_l2};
+use nabla::ops::linear::{Activation, linear, record_linear};
+use nabla::{DType, Error, Tensor, reference};
+
+/// Weights as the GPU sees them: rounded to the storage dtype.
+fn rounded(w: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+        _ => w.to_vec(),
+    }
+}
+
+fn upload_w(w: &[f32], n: usize, k: usize, dtype: DType) -> Tensor {
+    let g = gpu();
+    match dtype {
+        DType::F32 => g.upload_f32(w, &[n, k]),
+        DType::F16 => g.upload_f16(w, &[n, k]),
+        DType::BF16 => g.upload_bf16(w, &[n, k]),
+        DType::U32 => panic!("no u32 weights"),
+    }
+    .unwrap()
+}
+
+/// Runs `act(x·Wᵀ + b)` on the GPU into a NaN-poisoned output and returns it.
+fn run_gpu(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    act: Activation,
+) -> Vec<f32> {
+    let g = gpu();
+    let xt = g.upload_f32(x, &[m, k]).unwrap();
+    let wt = upload_w(w, n, k, dtype);
+    let bt = b.map(|b| g.upload_f32(b, &[n]).unwrap());
+    let out = g.empty(&[m, n], DType::F32).unwrap();
+    g.fill_u32(&out, POISON);
+    let mut batch = g.batch();
+    record_linear(&mut batch, &xt, &wt, bt.as_ref(), act, &out).unwrap();
+    batch.submit().unwrap();
+    g.read_f32(&out).unwrap()
+}
+
+/// Random operands scaled so that outputs are O(1): x ~ N(0, 1), W ~ N(0, 1/K), b ~ N(0, 1/4).
+fn operands(rng: &mut Rng, m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let x = rng.normals(m * k, 1.0);
+    let w = rng.normals(n * k, 1.0 / (k.max(1) as f32).sqrt());
+    let b = rng.normals(n, 0.5);
+    (x, w, b)
+}
+
+/// Every activation, with and without bias, for each shape; f32 math, so tolerances sit near f32
+/// rounding of a K-term dot product.
+fn check_shapes(tag: u64, dtype: DType, shapes: &[(usize, usize, usize)]) {
+    let mut rng = Rng::fresh(tag);
+    for &(m, n, k) in shapes {
+        let (x, w, b) = operands(&mut rng, m, n, k);
+        let wr = rounded(&w, dtype);
+        for act in Activation::ALL {
+            for bias in [false, true] {
+                let bb = bias.then_some(b.as_slice());
+                let got = run_gpu(&x, &w, bb, (m, n, k), dtype, act);
+                let want = reference::nn::linear::linear(&x, &wr, bb, m, n, k, act);
+                let what = format!("{dtype:?} {m}x{n}x{k} {act:?} bias={bias}");
+                assert_close(&what, &got, &want, 1e-5, 1e-5, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_weights_ragged_shapes() {
+    check_shapes(
+        0x11,
+        DType::F32,
+        &[
+            (1, 1, 1),
+            (1, 64, 256),
+            (3, 5, 7),
+            (65, 130, 17),
+            (17, 3, 65),
+            (100, 64, 256),
+            (300, 256, 512),
+            // 18 row tiles: one full band of 16 in the grouped tile order and a partial one
+            (1093, 130, 17),
+        ],
+    );
+}
+
+#[test]
+fn f16_weights_ragged_shapes() {
+    // 16-bit weights need K even; K = 18 and 130 leave half a vec4 at the K edge.
+    check_shapes(
+        0x12,
+        DType::F16,
+        &[
+            (1, 1, 2),
+            (1, 64, 256),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (100, 64, 256),
+            (300, 256, 512),
+        ],
+    );
+}
+
+#[test]
+fn bf16_weights_ragged_shapes() {
+    check_shapes(
+        0x13,
+        DType::BF16,
+        &[
+            (1, 1, 2),
+            (1, 64, 256),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (100, 64, 256),
+            (300, 256, 512),
+            (1093, 70, 18),
+        ],
+    );
+}
+
+#[test]
+fn bf16_rounding_matches_the_reference_not_the_f32_weights() {
+    // The kernel must read exactly the bf16 values: against the unrounded f32 weights the error
+    // is far larger than against the rounded ones.
+    let mut rng = Rng::fresh(0x14);
+    let (m, n, k) = (33, 40, 96);
+    let (x, w, b) = operands(&mut rng, m, n, k);
+    let got = run_gpu(&x, &w, Some(&b), (m, n, k), DType::BF16, Activation::None);
+    let exact = reference::nn::linear::linear(&x, &w, Some(&b), m, n, k, Activation::None);
+    let wr = rounded(&w, DType::BF16);
+    let want = reference::nn::linear::linear(&x, &wr, Some(&b), m, n, k, Activation::None);
+    assert_close("bf16 vs rounded", &got, &want, 1e-5, 1e-5, 1e-5);
+    let e = rel_l2(&got, &exact);
+    assert!(
+        e > 1e-4,
+        "bf16 result too close to f32 weights ({e:e}): were they rounded?"
+    );
+}
+
+#[test]
+fn f16_subnormal_and_large_weights_are_exact() {
+    // Weights below f16's smallest normal (6.1e-5) are subnormal in storage and must not be
+    // flushed to zero; weights near f16's largest (65504) must keep their exponent.
+    let mut rng = Rng::fresh(0x18);
+    let (m, n, k) = (9, 70, 40);
+    let x = rng.normals(m * k, 1.0);
+    let mut w = rng.normals(n * k, 2e-5);
+    for v in w.iter_mut().step_by(7) {
+        *v = if *v > 0.0 { 6.0e4 } else { -3.0e4 };
+    }
+    let wr = rounded(&w, DType::F16);
+    let subnormal = wr.iter().filter(|v| **v != 0.0 && v.abs() < 6.1e-5).count();
+    assert!(subnormal > n * k / 2, "only {subnormal} subnormal weights");
+    let got = run_gpu(&x, &w, None, (m, n, k), DType::F16, Activation::None);
+    let want = reference::nn::linear::linear(&x, &wr, None, m, n, k, Activation::None);
+    assert_close("f16 subnormal/large", &got, &want, 1e-2, 1e-5, 1e-5);
+    // the subnormal part alone (large weights zeroed): a flush to zero would lose all of it
+    let small: Vec<f32> = w
+        .iter()
+        .map(|&v| if v.abs() > 1.0 { 0.0 } else { v })
+        .collect();
+    let got = run_gpu(&x, &small, None, (m, n, k), DType::F16, Activation::None);
+    let sr = rounded(&small, DType::F16);
+    let want = reference::nn::linear::linear(&x, &sr, None, m, n, k, Activation::None);
+    assert_close("f16 subnormal only", &got, &want, 1e-10, 1e-5, 1e-5);
+}
+
+#[test]
+fn activations_at_extreme_values() {
+    // W = I (exact in every dtype), so y = x exactly and the epilogue sees chosen values,
+    // including those where tanh/exp overflow or return NaN without the clamps.
+    let vals: Vec<f32> = vec![
+        0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 5.0, -5.0, 8.0,
+        -8.0, 10.0, -10.0, 20.0, -20.0, 50.0, -50.0, 87.0, -87.0, 89.0, -89.0, 100.0, -100.0, 1e4,
+        -1e4, 1e15, -1e15, 1e20, -1e20,
+    ];
+    let k = 16;
+    let m = vals.len().div_ceil(k);
+    let mut x = vals.clone();
+    x.resize(m * k, 0.25);
+    let mut w = vec![0f32; k * k];
+    for i in 0..k {
+        w[i * k + i] = 1.0;
+    }
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for act in Activation::ALL {
+            let got = run_gpu(&x, &w, None, (m, k, k), dtype, act);
+            let want = reference::nn::linear::linear(&x, &w, None, m, k, k, act);
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(a.is_finite(), "{dtype:?} {act:?}: {a} at input {}", x[i]);
+                let err = (a - e).abs();
+                assert!(
+                    err <= 1e-6 + 1e-5 * e.abs(),
+                    "{dtype:?} {act:?}: act({}) = {a}, expected {e}",
+                    x[i]
+                );
+            }
+        }
+    }
+    // the expected values really span both saturated ends
+    let gl = reference::nn::linear::gelu_tanh(-20.0);
+    assert!(gl.abs() < 1e-30 && reference::nn::linear::gelu_tanh(20.0) == 20.0);
+    assert!((reference::nn::linear::silu(-100.0)).abs() < 1e-40);
+}
+
+#[test]
+fn leading_dims_and_convenience_entry() {
+    // x [2, 3, K] → y [2, 3, N] through `linear`, which allocates and submits.
+    let g = gpu();
+    let mut rng = Rng::fresh(0x15);
+    let (m, n, k) = (6, 20, 24);
+    let (x, w, b) = operands(&mut rng, m, n, k);
+    let xt = g.upload_f32(&x, &[2, 3, k]).unwrap();
+    let wt = g.upload_bf16(&w, &[n, k]).unwrap();
+    let bt = g.upload_f32(&b, &[n]).unwrap();
+    let y = linear(g, &xt, &wt, Some(&bt), Activation::Silu).unwrap();
+    assert_eq!(y.shape(), &[2, 3, n]);
+    assert_eq!(y.dtype(), DType::F32);
+    let got = g.read_f32(&y).unwrap();
+    let wr = rounded(&w, DType::BF16);
+    let want = reference::nn::linear::linear(&x, &wr, Some(&b), m, n, k, Activation::Silu);
+    assert_close("leading dims", &got, &want, 1e-5, 1e-5, 1e-5);
+}
+
+#[test]
+fn ffn_chain_in_one_batch() {
+    // The Wan FFN: fc1 + GELU(tanh) then fc2, recorded in one batch (the second dispatch reads
+    // what the first wrote).
+    let g = gpu();
+    let mut rng = Rng::fresh(0x16);
+    let (m, d, h) = (70, 48, 136);
+    let x = rng.normals(m * d, 1.0);
+    let w1 = rng.normals(h * d, 1.0 / (d as f32).sqrt());
+    let b1 = rng.normals(h, 0.5);
+    let w2 = rng.normals(d * h, 1.0 / (h as f32).sqrt());
+    let b2 = rng.normals(d, 0.5);
+    let xt = g.upload_f32(&x, &[m, d]).unwrap();
+    let w1t = g.upload_bf16(&w1, &[h, d]).unwrap();
+    let b1t = g.upload_f32(&b1, &[h]).unwrap();
+    let w2t = g.upload_bf16(&w2, &[d, h]).unwrap();
+    let b2t = g.upload_f32(&b2, &[d]).unwrap();
+    let hid = g.empty(&[m, h], DType::F32).unwrap();
+    let out = g.empty(&[m, d], DType::F32).unwrap();
+    g.fill_u32(&hid, POISON);
+    g.fill_u32(&out, POISON);
+    let mut batch = g.batch();
+    record_linear(
+        &mut batch,
+        &xt,
+        &w1t,
+        Some(&b1t),
+        Activation::GeluTanh,
+        &hid,
+    )
+    .unwrap();
+    record_linear(&mut batch, &hid, &w2t, Some(&b2t), Activation::None, &out).unwrap();
+    batch.submit().unwrap();
+    let got = g.read_f32(&out).unwrap();
+    let (w1r, w2r) = (rounded(&w1, DType::BF16), rounded(&w2, DType::BF16));
+    let r1 = reference::nn::linear::linear(&x, &w1r, Some(&b1), m, h, d, Activation::GeluTanh);
+    let r2 = reference::nn::linear::linear(&r1, &w2r, Some(&b2), m, d, h, Activation::None);
+    assert_close("ffn", &got, &r2, 2e-5, 2e-5, 1e-5);
+}
+
+#[test]
+fn mismatches_are_detected() {
+    // The comparison is not a tautology: dropping the bias, changing the activation or
+    // transposing W each moves the result far outside the tolerance.
+    let mut rng = Rng::fresh(0x17);
+    let (m, n, k) = (40, 32, 32);
+    let (x, w, b) = operands(&mut rng, m, n, k);
+    let got = run_gpu(
+        &x,
+        &w,
+        Some(&b),
+        (m, n, k),
+        DType::F32,
+        Activation::GeluTanh,
+    );
+    let lin =
+        |b: Option<&[f32]>, w: &[f32], act| reference::nn::linear::linear(&x, w, b, m, n, k, act);
+    let right = lin(Some(&b), &w, Activation::GeluTanh);
+    assert!(rel_l2(&got, &right) < 1e-5);
+    let no_bias = lin(None, &w, Activation::GeluTanh);
+    let other_act = lin(Some(&b), &w, Activation::Silu);
+    let mut wt = vec![0f32; n * k];
+    for i in 0..n {
+        for j in 0..k {
+            wt[j * k + i] = w[i * k + j];
+        }
+    }
+    let transposed = lin(Some(&b), &wt, Activation::GeluTanh);
+    for (what, r) in [
+        ("without bias", no_bias),
+        ("with SiLU", other_act),
+        ("with Wᵀ", transposed),
+    ] {
+        let e = rel_l2(&got, &r);
+        assert!(e > 1e-2, "GPU result matches the reference {what} ({e:e})");
+    }
+    // and poisoning works: an output that is never written reads back as NaN
+    let g = gpu();
+    let t = g.empty(&[3, 5], DType::F32).unwrap();
+    g.fill_u32(&t, POISON);
+    assert!(g.read_f32(&t).unwrap().iter().all(|v| v.is_nan()));
+}
+
+fn shape_err(r: nabla::Result<Tensor>, needle: &str) {
+    match r {
+        Err(Error::Shape(msg)) => {
+            assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+            eprintln!("{msg}");
+        }
+        Err(e) => panic!("expected a shape error mentioning {needle:?}, got {e}"),
+        Ok(t) => panic!("expected a shape error, got a {:?} tensor", t.shape()),
+    }
+}
+
+#[test]
+fn bad_operands_are_refused() {
+    let g = gpu();
+    let x = g.upload_f32(&[0.5; 4 * 8], &[4, 8]).unwrap();
+    let w9 = g.upload_f32(&[0.5; 5 * 9], &[5, 9]).unwrap();
+    shape_err(linear(g, &x, &w9, None, Activation::None), "K = 9");
+    let w = g.upload_f32(&[0.5; 5 * 8], &[5, 8]).unwrap();
+    let w3d = g.upload_f32(&[0.5; 5 * 8], &[1, 5, 8]).unwrap();
+    shape_err(linear(g, &x, &w3d, None, Activation::None), "[N, K]");
+    let b4 = g.upload_f32(&[0.5; 4], &[4]).unwrap();
+    shape_err(
+        linear(g, &x, &w, Some(&b4), Activation::None),
+        "bias must be [N] = [5]",
+    );
+    let b16 = g.upload_f16(&[0.5; 5], &[5]).unwrap();
+    shape_err(
+        linear(g, &x, &w, Some(&b16), Activation::None),
+        "bias must be f32",
+    );
+    let x7 = g.upload_f32(&[0.5; 4 * 7], &[4, 7]).unwrap();
+    let w7 = g.upload_bf16(&[0.5; 5 * 7], &[5, 7]).unwrap();
+    shape_err(
+        linear(g, &x7, &w7, None, Activation::None),
+        "even in_features",
+    );
+    let w7h = g.upload_f16(&[0.5; 5 * 7], &[5, 7]).unwrap();
+    shape_err(
+        linear(g, &x7, &w7h, None, Activation::None),
+        "even in_features",
+    );
+    let wu = g.upload_u32(&[1; 5 * 8], &[5, 8]).unwrap();
+    shape_err(
+        linear(g, &x, &wu, None, Activation::None),
+        "f32, f16 or bf16",
+    );
+    let xh = g.upload_f16(&[0.5; 4 * 8], &[4, 8]).unwrap();
+    shape_err(
+        linear(g, &xh, &w, None, Activation::None),
+        "input must be f32",
+    );
+
+    // record_linear: wrong output shape, output aliasing an input
+    let check_record = |out: &Tensor, needle: &str| {
+        let mut batch = g.batch();
+        match record_linear(&mut batch, &x, &w, None, Activation::None, out) {
+            Err(Error::Shape(msg)) => {
+                assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+                eprintln!("{msg}");
+            }
+            r => panic!("expected a shape error mentioning {needle:?}, got {r:?}"),
+        }
+        batch.submit().unwrap();
+    };
+    check_record(&g.empty(&[4, 6], DType::F32).unwrap(), "[4, 5]");
+    check_record(&g.empty(&[4, 5], DType::F16).unwrap(), "f32 [4, 5]");
+    let x45 = g.upload_f32(&[0.5; 4 * 5], &[4, 5]).unwrap();
+    let w55 = g.upload_f32(&[0.5; 25], &[5, 5]).unwrap();
+    let mut batch = g.batch();
+    let r = record_linear(&mut batch, &x45, &w55, None, Activation::None, &x45);
+    assert!(
+        matches!(&r, Err(Error::Shape(m)) if m.contains("shares a buffer")),
+        "in-place: {r:?}"
+    );
+    batch.submit().unwrap();
+}
+
+#[test]
+fn weight_over_the_binding_limit_is_refused() {
+    // A weight one element larger than the storage-binding limit must fail before dispatch with
+    // TooLarge (the error a 14B FFN weight gets on a 128 MiB-limit driver). Only checked when the
+    // device can allocate such a buffer at all.
+    let g = gpu();
+    let caps = g.caps();
+    let limit = caps.max_storage_binding;
+    if caps.max_buffer <= limit || limit > 1 << 30 {
+        eprintln!(
+            "binding limit {limit} B, buffer limit {} B: cannot allocate a weight past the \
+             binding limit cheaply; skipped",
+            caps.max_buffer
+        );
+        return;
+    }
+    let k = 1024;
+    let n = (limit as usize / 4).div_ceil(k) + 1;
+    let w = g.empty(&[n, k], DType::F32).unwrap();
+    let x = g.upload_f32(&[0.0; 1024], &[1, k]).unwrap();
+    match linear(g, &x, &w, None, Activation::None) {
+        Err(Error::TooLarge { what, .. }) => assert!(what.contains("weight"), "{what}"),
+        r => panic!("expected TooLarge, got {:?}", r.map(|t| t.shape().to_vec())),
+    }
+}
+
+#[test]
+fn every_variant_is_registered() {
+    let v = nabla::ops::linear::variants();
+    assert_eq!(v.len(), 9, "3 weight dtypes × 3 activations");
+    for dt in ["f32", "f16", "bf16"] {
+        for act in ["none", "gelu_tanh", "silu"] {
+            let name = format!("linalg/linear[{dt},{act}]");
+            assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
+        }
+    }
+    let all = nabla::shaders::all_variants();
+    assert!(
+        all.iter()
+            .any(|(n, _)| n == "linalg/linear[bf16,gelu_tanh]")
+    );
+}
+
+#[test]
+#[ignore = "DiT-sized shapes: minutes on a software driver; run on a real GPU with --ignored"]
+fn dit_shapes_on_a_real_gpu() {
+    // Wan 14B projections at 720p-like token counts (75 600 tokens: 1 182 row tiles × 80 column
+    // tiles = 94 560 workgroups, past 65 535, so the 2-D grid is exercised) and the 14B FFN at a
+    // 480p-like count; bf16 weights. Sampled rows (first, last, random) against the reference,
+    // then GPU time when timestamps exist.
+    let g = gpu();
+    eprintln!("{}", g.caps());
+    let mut rng = Rng::fresh(0x19);
+    for &(m, n, k, act) in &[
+        (75_600usize, 5120usize, 5120usize, Activation::None),
+        (32_760, 13_824, 5120, Activation::GeluTanh),
+        (32_760, 5120, 13_824, Activation::None),
+        (1, 30_720, 5120, Activation::Silu),
+    ] {
+        let (x, w, b) = operands(&mut rng, m, n, k);
+        let xt = g.upload_f32(&x, &[m, k]).unwrap();
+        let wt = g.upload_bf16(&w, &[n, k]).unwrap();
+        let bt = g.upload_f32(&b, &[n]).unwrap();
+        let out = g.empty(&[m, n], DType::F32).unwrap();
+        g.fill_u32(&out, POISON);
+        let mut batch = g.batch();
+        record_linear(&mut batch, &xt, &wt, Some(&bt), act, &out).unwrap();
+        batch.submit().unwrap();
+        let y = g.read_f32(&out).unwrap();
+        assert!(
+            y.iter().all(|v| v.is_finite()),
+            "{m}x{n}x{k}: non-finite output"
+        );
+        let wr = rounded(&w, DType::BF16);
+        let mut rows = vec![0, m - 1, m / 2];
+        rows.extend((0..5).map(|_| rng.below(m)));
+        for r in rows {
+            let xr = &x[r * k..(r + 1) * k];
+            let want = reference::nn::linear::linear(xr, &wr, Some(&b), 1, n, k, act);
+            let what = format!("{m}x{n}x{k} {act:?} row {r}");
+            assert_close(&what, &y[r * n..(r + 1) * n], &want, 1e-4, 1e-4, 1e-5);
+        }
+        if !g.caps().timestamps {
+            continue;
+        }
+        for act in Activation::ALL {
+            let t = g
+                .time_ms(7, |batch| {
+                    record_linear(batch, &xt, &wt, Some(&bt), act, &out)
+                })
+                .unwrap();
+            let mut t = t[2..].to_vec();
+            t.sort_by(f64::total_cmp);
+            let ms = t[t.len() / 2];
+            let flops = 2.0 * (m * n * k) as f64;
+            eprintln!(
+                "TIME linear {m}x{n}x{k} bf16 {act:?}: {ms:.3} ms, {:.2} TFLOP/s, {:.1} GB/s of W",
+                flops / ms / 1e9,
+                (n * k * 2) as f64 / ms / 1e6
+            );
+        }
+    }
+}
