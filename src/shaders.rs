@@ -13,10 +13,79 @@ pub const POOL: &str = include_str!("../shaders/nabla/pool.wgsl");
 pub const SCORES: &str = include_str!("../shaders/nabla/scores.wgsl");
 /// Softmax + CDF threshold + STA union + per-row lists.
 pub const THRESHOLD: &str = include_str!("../shaders/nabla/threshold.wgsl");
+/// Workgroup-tree reductions + entry point of the threshold kernel (any adapter).
+pub const REDUCE_WG: &str = include_str!("../shaders/nabla/reduce_wg.wgsl");
+/// Subgroup reductions + entry point of the threshold kernel (adapters with SUBGROUP).
+pub const REDUCE_SG: &str = include_str!("../shaders/nabla/reduce_sg.wgsl");
+
+/// Values per thread of the threshold kernel: Nb ≤ 256·K.
+pub const THRESHOLD_K: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// Source of the threshold kernel for `k` values per thread, with subgroup or workgroup
+/// reductions.
+pub fn threshold_source(k: u32, subgroups: bool) -> String {
+    let reduce = if subgroups { REDUCE_SG } else { REDUCE_WG };
+    format!("const K: u32 = {k}u;\n{THRESHOLD}{reduce}")
+}
 /// Fractal (8×8 tile) token order and its inverse.
 pub const FRACTAL: &str = include_str!("../shaders/nabla/fractal.wgsl");
 /// Block-sparse flash attention (portable).
 pub const BLOCK_SPARSE: &str = include_str!("../shaders/attention/block_sparse.wgsl");
+/// Block-sparse flash attention on cooperative matrices (16×16×16 f16 → f32, Vulkan).
+pub const BLOCK_SPARSE_COOP: &str = include_str!("../shaders/attention/block_sparse_coop.wgsl");
+
+/// Subgroup sizes the cooperative kernels are built for (4 subgroups per workgroup).
+pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
+
+/// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
+/// `//@unroll` blocks are expanded with `NT = HD/16` and `NTH = HD/32`.
+pub fn source_coop(body: &str, head_dim: u32, subgroup: u32) -> String {
+    let nt = head_dim / 16;
+    let body = expand_unroll(body, &[("NT", nt), ("NTH", nt / 2)]);
+    format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
+         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n{body}"
+    )
+}
+
+/// Repeats the lines between `//@unroll NAME` and `//@end` for `t = 0..NAME`, replacing `{t}`
+/// by `t` and `{t+OTHER}` by `t + OTHER` (names from `vars`). Cooperative matrices are kept in
+/// named variables this way: arrays of them indexed in loops may land in local memory.
+pub fn expand_unroll(src: &str, vars: &[(&str, u32)]) -> String {
+    let value = |name: &str| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let mut out = String::with_capacity(src.len() * 2);
+    let mut block: Option<(u32, Vec<&str>)> = None;
+    for line in src.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("//@unroll ") {
+            block = Some((value(name.trim()).unwrap_or(0), Vec::new()));
+            continue;
+        }
+        if t == "//@end" {
+            if let Some((n, lines)) = block.take() {
+                for i in 0..n {
+                    for l in &lines {
+                        let mut l = l.replace("{t}", &i.to_string());
+                        for (name, v) in vars {
+                            l = l.replace(&format!("{{t+{name}}}"), &(i + v).to_string());
+                        }
+                        out.push_str(&l);
+                        out.push('\n');
+                    }
+                }
+            }
+            continue;
+        }
+        match block.as_mut() {
+            Some((_, lines)) => lines.push(line),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
 
 /// The prelude for a storage type and optional head dimension.
 pub fn prelude(storage: DType, head_dim: Option<u32>) -> String {
@@ -48,8 +117,24 @@ pub fn all_variants() -> Vec<(String, String)> {
             ));
         }
     }
+    for hd in [64, 128] {
+        for sg in COOP_SUBGROUP_SIZES {
+            v.push((
+                format!("attention/block_sparse_coop[d{hd},sg{sg}]"),
+                source_coop(BLOCK_SPARSE_COOP, hd, sg),
+            ));
+        }
+    }
     v.push(("nabla/scores".into(), SCORES.to_string()));
-    v.push(("nabla/threshold".into(), THRESHOLD.to_string()));
+    for k in THRESHOLD_K {
+        for sg in [false, true] {
+            let tag = if sg { "sg" } else { "wg" };
+            v.push((
+                format!("nabla/threshold[k{k},{tag}]"),
+                threshold_source(k, sg),
+            ));
+        }
+    }
     v.push(("nabla/fractal".into(), FRACTAL.to_string()));
     v.extend(crate::ops::variants());
     v

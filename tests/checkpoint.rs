@@ -131,6 +131,19 @@ fn official_single_file_infers_config() {
         (256, 512, 2, 64, 256, 16, 16)
     );
     assert_eq!(c.num_heads, 2, "head_dim 128 assumed without config.json");
+    // a base of the same width supplies the head count
+    let base = WanConfig {
+        dim: 256,
+        num_heads: 4,
+        ..tiny_base()
+    };
+    assert_eq!(
+        Checkpoint::open(golden_weights(), &base)
+            .unwrap()
+            .config
+            .num_heads,
+        4
+    );
 }
 
 #[test]

@@ -1,13 +1,13 @@
 //! Parity with the reference tensors in `NABLA_GOLDEN_DIR` (default `../shared/golden`),
 //! driven entirely by `manifest.json`: shapes, thresholds, windows and tolerances come from it.
-//! Cases of kinds that later issues implement (DiT, T5, VAE, schedulers, RoPE) are listed as
-//! not yet covered.
+//! Cases of kinds not implemented yet (umT5, VAE, schedulers) are listed as not yet covered.
 
 mod common;
 
 use common::{POISON, gpu};
 use nabla::io::TensorFile;
 use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
+use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WanConfig, WeightPrecision, WgpuBackend};
 use nabla::{BlockGrid, BlockMask, SparseAlgo, StaWindow, reference};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -325,7 +325,14 @@ fn golden_fractal_perm() {
 #[test]
 fn golden_manifest_coverage() {
     let m = manifest();
-    let covered = ["nabla_mask", "block_sparse_attn", "fractal_perm"];
+    let covered = [
+        "nabla_mask",
+        "block_sparse_attn",
+        "fractal_perm",
+        "rope",
+        "time_embedding",
+        "wan_dit",
+    ];
     let mut n = 0;
     for c in m["cases"].as_array().unwrap() {
         let kind = c["kind"].as_str().unwrap_or("?");
@@ -342,4 +349,278 @@ fn golden_manifest_coverage() {
         }
     }
     assert!(n > 0, "no covered case in the manifest");
+}
+
+#[test]
+fn golden_rope() {
+    use nabla::ops::rope::{
+        ROPE_THETA, freq_table, pair_split, record_rope, rope, rope_tables, upload_rope_tables,
+    };
+    let cs = cases("rope");
+    assert!(!cs.is_empty(), "manifest has no rope case");
+    let g = gpu();
+    for case in cs {
+        let name = case["name"].as_str().unwrap();
+        let cfg = &case["config"];
+        let dims: Vec<usize> = cfg["grid"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: config.grid is not a list"))
+            .iter()
+            .map(|x| usize_of(x, "grid"))
+            .collect();
+        assert_eq!(dims.len(), 3, "{name}: config.grid must be [F, H, W]");
+        let grid = (dims[0], dims[1], dims[2]);
+        let heads = usize_of(&cfg["heads"], "heads");
+        let d = usize_of(&cfg["head_dim"], "head_dim");
+        if let Some(theta) = cfg["theta"].as_f64() {
+            assert_eq!(theta, ROPE_THETA, "{name}: RoPE theta of the case");
+        }
+        if let Some(split) = cfg["pair_split"].as_array() {
+            let split: Vec<usize> = split.iter().map(|x| usize_of(x, "pair_split")).collect();
+            assert_eq!(split, pair_split(d), "{name}: pair split");
+        }
+        let half = d / 2;
+        let l = grid.0 * grid.1 * grid.2;
+        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
+        let entries = tensor_entries(&case);
+        let tol = |n: &str| {
+            tolerance(
+                entries
+                    .iter()
+                    .find(|t| t["name"] == n)
+                    .unwrap_or_else(|| panic!("{name}: manifest lists no tensor {n}")),
+            )
+        };
+        // angle table, rows = positions
+        let (want_c, shape) = f.f32("freq_table_cos").unwrap();
+        let (want_s, _) = f.f32("freq_table_sin").unwrap();
+        assert_eq!(shape[1], half, "{name}: freq table columns");
+        if let Some(p) = cfg["table_positions"].as_u64() {
+            assert_eq!(shape[0], p as usize, "{name}: table_positions");
+        }
+        let (c, s) = freq_table(shape[0], d);
+        check(
+            &format!("{name}/freq_table_cos"),
+            &c,
+            &want_c,
+            tol("freq_table_cos"),
+        );
+        check(
+            &format!("{name}/freq_table_sin"),
+            &s,
+            &want_s,
+            tol("freq_table_sin"),
+        );
+        // per-token tables, natural and fractal order
+        for (fractal, order) in [(false, "normal"), (true, "fractal")] {
+            let (c, s) = rope_tables(grid, d, fractal);
+            for (tname, got) in [(format!("cos_{order}"), c), (format!("sin_{order}"), s)] {
+                let (want, shape) = f.f32(&tname).unwrap();
+                assert_eq!(shape, vec![l, half], "{name}/{tname}: shape");
+                check(&format!("{name}/{tname}"), &got, &want, tol(&tname));
+            }
+        }
+        let (perm, _) = f.i64("perm").unwrap();
+        let cpu: Vec<i64> = reference::fractal_perm(grid.0, grid.1, grid.2)
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        assert_eq!(cpu, perm, "{name}: fractal permutation");
+        // RoPE of x on the GPU, natural order, x as stored ([1, L, heads, D])
+        let (x, xshape) = f.f32("x").unwrap();
+        assert_eq!(xshape, vec![1, l, heads, d], "{name}: x shape");
+        let xt = g.upload_f32(&x, &xshape).unwrap();
+        let (ct, st) = upload_rope_tables(g, grid, d, false).unwrap();
+        rope(g, &xt, &ct, &st, heads).unwrap();
+        let (want, _) = f.f32("out_normal").unwrap();
+        check(
+            &format!("{name}/out_normal"),
+            &g.read_f32(&xt).unwrap(),
+            &want,
+            tol("out_normal"),
+        );
+        // fractal path: reorder x on the GPU, rotate with fractal-ordered tables, one batch
+        let xn = g.upload_f32(&x, &[l, heads * d]).unwrap();
+        let xf = g.empty(&[l, heads * d], nabla::DType::F32).unwrap();
+        g.fill_u32(&xf, POISON);
+        let (cf, sf) = upload_rope_tables(g, grid, d, true).unwrap();
+        let mut b = g.batch();
+        nabla::nabla::record_fractal(&mut b, &xn, &xf, grid, false).unwrap();
+        record_rope(&mut b, &xf, &cf, &sf, heads).unwrap();
+        b.submit().unwrap();
+        let (want, _) = f.f32("out_fractal").unwrap();
+        check(
+            &format!("{name}/out_fractal"),
+            &g.read_f32(&xf).unwrap(),
+            &want,
+            tol("out_fractal"),
+        );
+    }
+}
+
+#[test]
+fn golden_time_embedding() {
+    use nabla::ops::rope::sinusoidal_embedding;
+    let cs = cases("time_embedding");
+    assert!(!cs.is_empty(), "manifest has no time_embedding case");
+    for case in cs {
+        let name = case["name"].as_str().unwrap();
+        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
+        let entries = tensor_entries(&case);
+        let entry = entries
+            .iter()
+            .find(|t| t["name"] == "emb")
+            .unwrap_or_else(|| panic!("{name}: manifest lists no tensor emb"));
+        let (t, _) = f.f32("t").unwrap();
+        let (emb, shape) = f.f32("emb").unwrap();
+        assert_eq!(shape.len(), 2, "{name}: emb must be [N, dim]");
+        assert_eq!(shape[0], t.len(), "{name}: one embedding per timestep");
+        let dim = shape[1];
+        if !case["config"]["freq_dim"].is_null() {
+            assert_eq!(usize_of(&case["config"]["freq_dim"], "freq_dim"), dim);
+        }
+        for (i, &ti) in t.iter().enumerate() {
+            check(
+                &format!("{name}/emb[t={ti}]"),
+                &sinusoidal_embedding(ti as f64, dim),
+                &emb[i * dim..(i + 1) * dim],
+                tolerance(entry),
+            );
+        }
+    }
+}
+
+/// The config a weights case describes, over the 1.3B defaults.
+fn config_of(weights_case: &Value) -> WanConfig {
+    let c = &weights_case["config"];
+    let u = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("weights config lacks {k}")) as usize
+    };
+    let p: Vec<usize> = c["patch_size"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    WanConfig {
+        dim: u("dim"),
+        ffn_dim: u("ffn_dim"),
+        freq_dim: u("freq_dim"),
+        num_heads: u("num_heads"),
+        num_layers: u("num_layers"),
+        text_len: u("text_len"),
+        text_dim: u("text_dim"),
+        in_dim: u("in_dim"),
+        out_dim: u("out_dim"),
+        eps: c["eps"].as_f64().unwrap(),
+        patch: (p[0], p[1], p[2]),
+    }
+}
+
+#[test]
+fn golden_wan_dit() {
+    let m = manifest();
+    let cases: Vec<&Value> = m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "wan_dit")
+        .collect();
+    assert!(!cases.is_empty(), "no wan_dit case");
+    let g = gpu();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let wfile = case["config"]["weights"].as_str().unwrap();
+        let wcase = m["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["file"] == wfile)
+            .expect("weights case");
+        let base = config_of(wcase);
+        let ck = Checkpoint::open(golden_dir().join(wfile), &base).unwrap();
+        assert_eq!(
+            ck.config, base,
+            "{name}: config inferred from the weights vs manifest"
+        );
+        let mut be = WgpuBackend::new(g);
+        let mut dit = Dit::load(&mut be, &ck, WeightPrecision::F32).unwrap();
+        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
+        let (x, xs) = f.f32("x").unwrap();
+        let (t, _) = f.f32("t").unwrap();
+        let (ctx, _) = f.f32("context").unwrap();
+        let lat = (xs[1], xs[2], xs[3]);
+        let entries = case["tensors"].as_array().unwrap();
+        let input = DitInput {
+            latent: &x,
+            shape: lat,
+            t: t[0] as f64,
+            context: &ctx,
+        };
+        // dense run with intermediates
+        let mut tr = Trace::default();
+        let out = dit.forward(&mut be, &input, None, Some(&mut tr)).unwrap();
+        for e in entries {
+            let n = e["name"].as_str().unwrap();
+            if !e["params"].is_null()
+                || matches!(
+                    n,
+                    "x" | "t" | "context" | "seq_len" | "grid_sizes" | "fractal_perm"
+                )
+            {
+                continue;
+            }
+            let (want, _) = f.f32(n).unwrap();
+            let got = if n == "out_dense" {
+                out.clone()
+            } else {
+                tr.tensors
+                    .get(n)
+                    .unwrap_or_else(|| panic!("{name}: trace lacks {n}"))
+                    .clone()
+            };
+            check(&format!("{name}/{n}"), &got, &want, tolerance(e));
+        }
+        // each sparse algorithm: output, block-0 attention (fractal order), masks per layer
+        let algos: Vec<String> = case["config"]["sparse_algos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        for a in algos {
+            let algo: SparseAlgo = a.parse().unwrap();
+            let mut tr = Trace::default();
+            let out = dit
+                .forward(&mut be, &input, Some(&algo), Some(&mut tr))
+                .unwrap();
+            for e in entries
+                .iter()
+                .filter(|e| e["params"]["sparse_algo"] == a.as_str())
+            {
+                let n = e["name"].as_str().unwrap();
+                if let Some(layer) = e["params"]["layer"].as_u64() {
+                    let (want, _) = f.u8(n).unwrap();
+                    let got = &tr.masks[&format!("layer{layer}")];
+                    assert_eq!(got, &want, "{name}/{n}: block mask of layer {layer}");
+                    eprintln!("{name}/{n}: exact");
+                } else if n.starts_with("out_") {
+                    check(
+                        &format!("{name}/{n}"),
+                        &out,
+                        &f.f32(n).unwrap().0,
+                        tolerance(e),
+                    );
+                } else if n.starts_with("block0_self_attn_out") {
+                    check(
+                        &format!("{name}/{n}"),
+                        &tr.tensors["block0_self_attn_out"],
+                        &f.f32(n).unwrap().0,
+                        tolerance(e),
+                    );
+                }
+            }
+        }
+    }
 }

@@ -3,8 +3,18 @@
 mod common;
 
 use common::{POISON, Rng, assert_close, gpu};
-use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
+use nabla::nabla::{Reduction, estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with};
 use nabla::{BlockGrid, BlockMask, DType, SparseAlgo, reference};
+
+/// Both reduction variants of the threshold kernel where the adapter has subgroups.
+fn reductions() -> Vec<Reduction> {
+    if gpu().caps().subgroups {
+        vec![Reduction::Workgroup, Reduction::Subgroup]
+    } else {
+        eprintln!("no subgroups: only the workgroup reduction is tested");
+        vec![Reduction::Workgroup]
+    }
+}
 
 /// Structured q/k: a smooth field over the block grid plus noise, peakedness varying per head.
 fn structured_qk(rng: &mut Rng, grid: BlockGrid, heads: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
@@ -186,21 +196,23 @@ fn mask_from_pooled_large_nb() {
     let qt = g.upload_f32(&qa, &[bh, nb, d]).unwrap();
     let kt = g.upload_f32(&ka, &[bh, nb, d]).unwrap();
     let algo: SparseAlgo = "nabla-0.5_sta-3-3-3".parse().unwrap();
-    let (mask, probs) = mask_from_pooled(g, &qt, &kt, grid, &algo).unwrap();
-    let map = g.read_f32(&probs).unwrap();
-    let map_ref = reference::block_map(&qa, &ka, bh, nb, d);
-    assert_close("large map", &map, &map_ref, 1e-6, 1e-3, 1e-4);
-    let dense = mask.to_dense(g).unwrap();
-    // a sample of rows against the reference (the full f64 check is O(Nb^3))
-    for r in (0..nb).step_by(97) {
-        let row = &map[r * nb..(r + 1) * nb];
-        let (keep, mass) = reference::threshold_mask_ties(row, 1, nb, 0.5);
-        let sta = reference::sta_mask(&grid, &algo.sta().unwrap());
-        for j in 0..nb {
-            if sta[r * nb + j] == 1 {
-                assert_eq!(dense[r * nb + j], 1);
-            } else if (mass[j] - 0.5).abs() >= 1e-5 {
-                assert_eq!(dense[r * nb + j], keep[j], "row {r} col {j}");
+    for red in reductions() {
+        let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
+        let map = g.read_f32(&probs).unwrap();
+        let map_ref = reference::block_map(&qa, &ka, bh, nb, d);
+        assert_close("large map", &map, &map_ref, 1e-6, 1e-3, 1e-4);
+        let dense = mask.to_dense(g).unwrap();
+        // a sample of rows against the reference (the full f64 check is O(Nb^3))
+        for r in (0..nb).step_by(97) {
+            let row = &map[r * nb..(r + 1) * nb];
+            let (keep, mass) = reference::threshold_mask_ties(row, 1, nb, 0.5);
+            let sta = reference::sta_mask(&grid, &algo.sta().unwrap());
+            for j in 0..nb {
+                if sta[r * nb + j] == 1 {
+                    assert_eq!(dense[r * nb + j], 1);
+                } else if (mass[j] - 0.5).abs() >= 1e-5 {
+                    assert_eq!(dense[r * nb + j], keep[j], "row {r} col {j}");
+                }
             }
         }
     }
@@ -231,9 +243,12 @@ fn mask_ties_kept_together() {
         .collect();
     let qt = g.upload_f32(&qa, &[1, nb, d]).unwrap();
     let kt = g.upload_f32(&ka, &[1, nb, d]).unwrap();
-    for thr in [0.0, 0.3, 0.5, 0.8, 1.0] {
+    for (thr, red) in [0.0, 0.3, 0.5, 0.8, 1.0]
+        .into_iter()
+        .flat_map(|t| reductions().into_iter().map(move |r| (t, r)))
+    {
         let algo = SparseAlgo::Nabla { thr };
-        let (mask, probs) = mask_from_pooled(g, &qt, &kt, grid, &algo).unwrap();
+        let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
         let map = g.read_f32(&probs).unwrap();
         let dense = mask.to_dense(g).unwrap();
         check_mask_against_reference(
@@ -474,6 +489,70 @@ fn attention_ragged_rectangular() {
             atol,
             rtol,
             l2,
+        );
+    }
+}
+
+/// The tensor-core kernel against the f64 reference: head dims 64/128, ragged lengths, shared
+/// and per-head masks, empty rows, long lists, and a later key block with much larger logits
+/// (forces the lazy O rescale). Runs where the adapter has 16×16 f16 cooperative matrices (a
+/// real GPU); on the software driver it reports why it is skipped.
+#[test]
+fn attention_coop_matches_reference() {
+    use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
+    let g = gpu();
+    if let Some(why) = coop_unavailable(g, DType::F16, 128) {
+        eprintln!("cooperative attention not available here ({why}): skipped");
+        return;
+    }
+    let mut rng = Rng::fresh(19);
+    for (h, sq, skv, d, density, shared, boost) in [
+        (2usize, 256usize, 256usize, 128usize, 0.5f64, false, false),
+        (3, 320, 320, 64, 0.4, true, false),
+        (1, 100, 77, 128, 1.0, true, false),
+        (2, 1024, 1024, 128, 0.7, false, true),
+        (1, 64, 512, 64, 1.0, true, true),
+    ] {
+        let round = |x: Vec<f32>| -> Vec<f32> {
+            x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+        };
+        let q = round(rng.normals(h * sq * d, 1.5));
+        let mut k = rng.normals(h * skv * d, 1.5);
+        if boost {
+            // keys of the last block align with every query: logits jump by >> 2^8 in base 2
+            let start = (skv.saturating_sub(64)) * d;
+            for hh in 0..h {
+                for i in start..skv * d {
+                    k[hh * skv * d + i] *= 4.0;
+                }
+            }
+        }
+        let k = round(k);
+        let v = round(rng.normals(h * skv * d, 1.0));
+        let (nq, nk) = (sq.div_ceil(64), skv.div_ceil(64));
+        let mh = if shared { 1 } else { h };
+        let mut dense: Vec<u8> = (0..mh * nq * nk)
+            .map(|_| (rng.uniform() < density) as u8)
+            .collect();
+        if mh * nq > 2 {
+            dense[nk..2 * nk].fill(0); // an empty row
+        }
+        let mask = BlockMask::from_dense_rect(g, &dense, mh, nq, nk).unwrap();
+        let up = |x: &[f32], s: usize| g.upload_f16(x, &[1, h, s, d]).unwrap();
+        let (qt, kt, vt) = (up(&q, sq), up(&k, skv), up(&v, skv));
+        let out = g.empty(&[1, h, sq, d], DType::F16).unwrap();
+        g.fill_u32(&out, 0x7e00_7e00);
+        let mut b = g.batch();
+        record_attention_with(&mut b, &qt, &kt, &vt, &mask, &out, Kernel::Coop).unwrap();
+        b.submit().unwrap();
+        let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (h, sq, skv, d));
+        assert_close(
+            &format!("coop h{h} sq{sq} skv{skv} d{d} p{density} boost={boost}"),
+            &g.read_f32(&out).unwrap(),
+            &want,
+            5e-3,
+            5e-3,
+            2e-3,
         );
     }
 }

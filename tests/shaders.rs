@@ -12,13 +12,27 @@ fn uses_f16(source: &str) -> bool {
         .any(|l| l.trim_start().starts_with("enable") && l.contains("f16"))
 }
 
-/// The validator capabilities a variant needs: none, or SHADER_FLOAT16 for f16 storage.
+/// Whether a variant uses cooperative matrices (Vulkan-only 16×16 tensor-core kernels).
+fn uses_coop(source: &str) -> bool {
+    source
+        .lines()
+        .any(|l| l.trim_start().starts_with("enable") && l.contains("wgpu_cooperative_matrix"))
+}
+
+/// The validator capabilities a variant needs: none, SHADER_FLOAT16 for f16 storage, and for
+/// cooperative-matrix kernels COOPERATIVE_MATRIX + SUBGROUP (shuffles, subgroup ids).
 fn capabilities_for(source: &str) -> Capabilities {
+    let mut c = Capabilities::empty();
     if uses_f16(source) {
-        Capabilities::SHADER_FLOAT16
-    } else {
-        Capabilities::empty()
+        c |= Capabilities::SHADER_FLOAT16;
     }
+    if uses_coop(source) {
+        c |= Capabilities::COOPERATIVE_MATRIX;
+    }
+    if source.contains("subgroup") {
+        c |= Capabilities::SUBGROUP;
+    }
+    c
 }
 
 /// Parses WGSL; the error names the variant and carries naga's rendered diagnostic.
@@ -101,13 +115,19 @@ fn check_variant(name: &str, source: &str) -> Result<(), String> {
             "{name}: no entry point named `main` (the pipelines use entry_point \"main\")"
         ));
     }
-    let m = to_msl(name, &module, &info)?;
-    if m.trim().is_empty() {
-        return Err(format!("{name}: MSL output is empty"));
-    }
-    let h = to_hlsl(name, &module, &info, f16)?;
-    if h.trim().is_empty() {
-        return Err(format!("{name}: HLSL output is empty"));
+    // 16×16 cooperative matrices exist only on Vulkan (Metal offers 8×8 simdgroup matrices,
+    // DX12 none through naga): the dispatcher selects those kernels on Vulkan adapters only,
+    // so they are translated to SPIR-V alone.
+    let (mut m, mut h) = (String::new(), String::new());
+    if !uses_coop(source) {
+        m = to_msl(name, &module, &info)?;
+        if m.trim().is_empty() {
+            return Err(format!("{name}: MSL output is empty"));
+        }
+        h = to_hlsl(name, &module, &info, f16)?;
+        if h.trim().is_empty() {
+            return Err(format!("{name}: HLSL output is empty"));
+        }
     }
     let s = to_spirv(name, &module, &info)?;
     if s.len() <= 5 {
@@ -198,6 +218,19 @@ fn wgsl_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 #[test]
+fn unroll_expansion() {
+    let src = "a\n    //@unroll N\n    x{t} = y{t+M};\n    //@end\nb\n";
+    let out = nabla::shaders::expand_unroll(src, &[("N", 3), ("M", 10)]);
+    assert_eq!(out, "a\n    x0 = y10;\n    x1 = y11;\n    x2 = y12;\nb\n");
+    for (name, src) in nabla::shaders::all_variants() {
+        assert!(
+            !src.contains("//@unroll") && !src.contains("{t}"),
+            "{name}: unexpanded unroll block"
+        );
+    }
+}
+
+#[test]
 fn every_wgsl_file_is_a_registered_variant() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     let mut files = Vec::new();
@@ -210,9 +243,15 @@ fn every_wgsl_file_is_a_registered_variant() {
         let body = std::fs::read_to_string(f)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", f.display()));
         assert!(!body.trim().is_empty(), "{} is empty", f.display());
+        // files with `//@unroll` blocks are expanded before use: their text after the last
+        // `//@end` stays verbatim, so that tail identifies them
+        let tail = match body.rfind("//@end\n") {
+            Some(i) => &body[i + "//@end\n".len()..],
+            None => body.as_str(),
+        };
         let covered: Vec<&str> = variants
             .iter()
-            .filter(|(_, src)| src.ends_with(&body))
+            .filter(|(_, src)| src.contains(tail))
             .map(|(n, _)| n.as_str())
             .collect();
         if covered.is_empty() {
@@ -230,17 +269,24 @@ fn every_wgsl_file_is_a_registered_variant() {
 
 #[test]
 fn every_shader_const_is_a_registered_variant() {
-    use nabla::shaders::{BLOCK_SPARSE, FRACTAL, POOL, SCORES, THRESHOLD};
+    use nabla::shaders::{
+        BLOCK_SPARSE, BLOCK_SPARSE_COOP, FRACTAL, POOL, REDUCE_SG, REDUCE_WG, SCORES, THRESHOLD,
+    };
     let variants = nabla::shaders::all_variants();
     for (name, body) in [
         ("POOL", POOL),
         ("SCORES", SCORES),
         ("THRESHOLD", THRESHOLD),
+        ("REDUCE_WG", REDUCE_WG),
+        ("REDUCE_SG", REDUCE_SG),
         ("FRACTAL", FRACTAL),
         ("BLOCK_SPARSE", BLOCK_SPARSE),
+        ("BLOCK_SPARSE_COOP", BLOCK_SPARSE_COOP),
     ] {
+        // unroll blocks are expanded: the text after the last one stays verbatim
+        let tail = body.rfind("//@end\n").map_or(body, |i| &body[i + "//@end\n".len()..]);
         assert!(
-            variants.iter().any(|(_, src)| src.ends_with(body)),
+            variants.iter().any(|(_, src)| src.contains(tail)),
             "nabla::shaders::{name} is not the body of any registered variant"
         );
     }

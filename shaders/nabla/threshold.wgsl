@@ -8,6 +8,10 @@
 // (all tied entries are kept) and at thr = 0, where the row maximum is always kept.
 // With STA on, keep_j |= (|t_i - t_j| <= rt && |y_i - y_j| <= rh && |x_i - x_j| <= rw).
 // Output: counts[row] and indices[row, 0..count) in ascending key order.
+// The row lives in registers (K values per thread; the dispatcher picks K = ceil(Nb/256)
+// rounded up to a power of two). reduce_sum / reduce_max and the entry point come from a
+// reduction file prepended by the dispatcher: reduce_wg.wgsl (workgroup tree, any adapter) or
+// reduce_sg.wgsl (subgroup operations, two barriers per reduction).
 
 struct Params {
     nb: u32,
@@ -26,70 +30,49 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> indices: array<u32>;
 
 const WG: u32 = 256u;
-var<workgroup> red: array<f32, WG>;
 var<workgroup> scan: array<u32, WG>;
-var<workgroup> bcast_f: f32;
-var<workgroup> bcast_u: u32;
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        bcast_f = red[0];
-    }
-    return workgroupUniformLoad(&bcast_f);
-}
-
-fn reduce_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        bcast_f = red[0];
-    }
-    return workgroupUniformLoad(&bcast_f);
-}
+var<workgroup> bcast_u: vec4<u32>;
 
 fn absdiff(a: u32, b: u32) -> u32 {
     return select(b - a, a - b, a > b);
 }
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     let qi = wid.x;
     let row = wid.y * P.nb + qi;
     let base = row * P.nb;
     let n = P.nb;
 
-    // 1. softmax, in place
+    // 1. softmax, in registers, written back in place
+    var x: array<f32, K>;
     var m = -3.4e38;
-    for (var j = lid; j < n; j += WG) {
-        m = max(m, probs[base + j]);
+    for (var c = 0u; c < K; c++) {
+        let j = lid + c * WG;
+        x[c] = -3.4e38;
+        if (j < n) {
+            x[c] = probs[base + j];
+        }
+        m = max(m, x[c]);
     }
-    m = reduce_max(lid, m);
+    m = reduce_max(m, lid, sg, lane);
     var s = 0.0;
-    for (var j = lid; j < n; j += WG) {
-        s += exp(probs[base + j] - m);
+    for (var c = 0u; c < K; c++) {
+        x[c] = exp(x[c] - m);
+        s += x[c];
     }
-    s = reduce_sum(lid, s);
+    s = reduce_sum(s, lid, sg, lane);
     var pmax = 0.0;
-    for (var j = lid; j < n; j += WG) {
-        let p = exp(probs[base + j] - m) / s;
-        probs[base + j] = p;
-        pmax = max(pmax, p);
+    for (var c = 0u; c < K; c++) {
+        let j = lid + c * WG;
+        x[c] = x[c] / s;
+        if (j < n) {
+            probs[base + j] = x[c];
+        } else {
+            x[c] = 0.0;
+        }
+        pmax = max(pmax, x[c]);
     }
-    pmax = reduce_max(lid, pmax);
+    pmax = reduce_max(pmax, lid, sg, lane);
 
     // 2. bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax))
     var lo = 0u;
@@ -101,11 +84,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let mid = lo + (hi - lo) / 2u;
         let v = bitcast<f32>(mid);
         var f = 0.0;
-        for (var j = lid; j < n; j += WG) {
-            let p = probs[base + j];
-            f += select(0.0, p, p <= v);
+        for (var c = 0u; c < K; c++) {
+            f += select(0.0, x[c], x[c] <= v);
         }
-        f = reduce_sum(lid, f);
+        f = reduce_sum(f, lid, sg, lane);
         if (f >= P.cut) {
             hi = mid;
         } else {
@@ -120,11 +102,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let yi = (qi % hw) / P.wb;
     let xi = qi % P.wb;
     var offset = 0u;
-    for (var j0 = 0u; j0 < n; j0 += WG) {
-        let j = j0 + lid;
+    for (var c = 0u; c < K; c++) {
+        let j = lid + c * WG;
+        if (c * WG >= n) {
+            break;
+        }
         var keep = false;
         if (j < n) {
-            keep = bitcast<u32>(probs[base + j]) >= keep_from;
+            keep = bitcast<u32>(x[c]) >= keep_from;
             if (P.use_sta != 0u) {
                 let tj = j / hw;
                 let yj = (j % hw) / P.wb;
@@ -149,9 +134,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             indices[base + offset + scan[lid] - 1u] = j;
         }
         if (lid == WG - 1u) {
-            bcast_u = scan[WG - 1u];
+            bcast_u.x = scan[WG - 1u];
         }
-        offset += workgroupUniformLoad(&bcast_u);
+        offset += workgroupUniformLoad(&bcast_u).x;
     }
     if (lid == 0u) {
         counts[row] = offset;

@@ -104,6 +104,80 @@ fn check(
     Ok((b * h, s, skv, d))
 }
 
+/// Which attention kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Cooperative matrices where the adapter offers them (f16, Vulkan), else portable.
+    /// `NABLA_ATTENTION=portable|coop` overrides the choice.
+    Auto,
+    /// The portable f32-math kernel (any adapter, f32 or f16 storage).
+    Portable,
+    /// The tensor-core kernel (f16 storage, 16×16×16 f16→f32 cooperative matrices, uniform
+    /// subgroup size of 16, 32 or 64).
+    Coop,
+}
+
+/// Why the cooperative kernel cannot run here, or `None` when it can.
+pub fn coop_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Option<String> {
+    let c = gpu.caps();
+    if dtype != DType::F16 {
+        return Some("needs f16 q/k/v".into());
+    }
+    if !c.has_coop_f16_16() {
+        return Some("no 16x16x16 f16->f32 cooperative matrix".into());
+    }
+    if c.backend != "Vulkan" {
+        return Some(format!(
+            "16x16 cooperative matrices are used on Vulkan only (backend {})",
+            c.backend
+        ));
+    }
+    if !c.subgroups
+        || c.subgroup_min != c.subgroup_max
+        || !shaders::COOP_SUBGROUP_SIZES.contains(&c.subgroup_min)
+    {
+        return Some(format!(
+            "needs one fixed subgroup size of 16, 32 or 64 (adapter: {}..{})",
+            c.subgroup_min, c.subgroup_max
+        ));
+    }
+    if 4 * c.subgroup_min > c.max_invocations {
+        return Some("workgroup too large".into());
+    }
+    let smem = (32 * (d + 8) * 2 + 64 * (d + 8) * 2 + 64 * (d / 2 + 4) * 4 + 64 * 4 + 16) as u32;
+    if smem > c.max_workgroup_storage {
+        return Some(format!(
+            "needs {smem} bytes of workgroup memory, the adapter has {}",
+            c.max_workgroup_storage
+        ));
+    }
+    None
+}
+
+fn choose(gpu: &Gpu, dtype: DType, d: usize, k: Kernel) -> Result<Kernel> {
+    let want = match (k, std::env::var("NABLA_ATTENTION").ok().as_deref()) {
+        (Kernel::Auto, Some("portable")) => Kernel::Portable,
+        (Kernel::Auto, Some("coop")) => Kernel::Coop,
+        (k, _) => k,
+    };
+    match want {
+        Kernel::Portable => Ok(Kernel::Portable),
+        Kernel::Coop => match coop_unavailable(gpu, dtype, d) {
+            None => Ok(Kernel::Coop),
+            Some(why) => Err(Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "cooperative matrices",
+                what: format!("the tensor-core attention kernel ({why})"),
+            }),
+        },
+        Kernel::Auto => Ok(if coop_unavailable(gpu, dtype, d).is_none() {
+            Kernel::Coop
+        } else {
+            Kernel::Portable
+        }),
+    }
+}
+
 /// Records block-sparse attention of `q` `[B, H, Sq, D]` over `k`, `v` `[B, H, Skv, D]` under
 /// `mask` (`ceil(Sq/64) × ceil(Skv/64)` blocks) into `out` (q's shape). Ragged tails are handled:
 /// keys past `Skv` are masked, query rows past `Sq` are not written.
@@ -115,11 +189,37 @@ pub fn record_attention(
     mask: &BlockMask,
     out: &Tensor,
 ) -> Result<()> {
+    record_attention_with(batch, q, k, v, mask, out, Kernel::Auto)
+}
+
+/// [`record_attention`] with an explicit kernel choice (benchmarks, self-tests).
+pub fn record_attention_with(
+    batch: &mut Batch<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &BlockMask,
+    out: &Tensor,
+    kernel: Kernel,
+) -> Result<()> {
     let gpu = batch.gpu();
     let (bh, s, skv, d) = check(gpu, q, k, v, out, mask)?;
-    let key = format!("attention/block_sparse[{:?},d{d}]", q.dtype());
-    let src = shaders::source(shaders::BLOCK_SPARSE, q.dtype(), Some(d as u32));
-    let pipe = gpu.pipeline(&key, &src, true)?;
+    let pipe = match choose(gpu, q.dtype(), d, kernel)? {
+        Kernel::Coop => {
+            let sg = gpu.caps().subgroup_min;
+            let key = format!("attention/block_sparse_coop[d{d},sg{sg}]");
+            gpu.pipeline(
+                &key,
+                &shaders::source_coop(shaders::BLOCK_SPARSE_COOP, d as u32, sg),
+                true,
+            )?
+        }
+        _ => {
+            let key = format!("attention/block_sparse[{:?},d{d}]", q.dtype());
+            let src = shaders::source(shaders::BLOCK_SPARSE, q.dtype(), Some(d as u32));
+            gpu.pipeline(&key, &src, true)?
+        }
+    };
     let p = Params {
         sq: s as u32,
         skv: skv as u32,

@@ -2,7 +2,7 @@
 //! queries on the chosen adapter; a table on stdout, optional JSON and the masks for PyTorch.
 
 use super::median;
-use nabla::attention::record_attention;
+use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
 use nabla::io::write_safetensors;
 use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask};
 use nabla::synth::{Role, structured};
@@ -34,6 +34,9 @@ pub struct AttnArgs {
     /// Timed repetitions of dense attention (0 skips dense and the error column).
     #[arg(long, default_value_t = 3)]
     dense_reps: usize,
+    /// Attention kernel: auto (tensor cores where available), portable or coop.
+    #[arg(long, default_value = "auto")]
+    kernel: String,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -143,6 +146,22 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             )));
         }
     };
+    let kernel = match a.kernel.as_str() {
+        "auto" => {
+            if coop_unavailable(&gpu, dt, sh.d).is_none() {
+                Kernel::Coop
+            } else {
+                Kernel::Portable
+            }
+        }
+        "portable" => Kernel::Portable,
+        "coop" => Kernel::Coop,
+        o => {
+            return Err(Error::Invalid(format!(
+                "--kernel {o:?}: use auto, portable or coop"
+            )));
+        }
+    };
     let (b, h, d, grid) = (sh.b, sh.h, sh.d, sh.grid);
     let (s, nb, bh) = (grid.tokens(), grid.blocks(), b * h);
     let shape = [b, h, s, d];
@@ -167,7 +186,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         let full = BlockMask::full(&gpu, nb)?;
         let out = gpu.empty(&shape, dt)?;
         let t = gpu.time_ms(a.dense_reps + 1, |bt| {
-            record_attention(bt, &qt, &kt, &vt, &full, &out)
+            record_attention_with(bt, &qt, &kt, &vt, &full, &out, kernel)
         })?;
         dense_ms = median(&t[1..]);
         dense_out = Some(gpu.read_f32(&out)?);
@@ -191,7 +210,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         let density = mask.density(&gpu)?;
         let out = gpu.empty(&shape, dt)?;
         let t = gpu.time_ms(a.reps + 1, |bt| {
-            record_attention(bt, &qt, &kt, &vt, &mask, &out)
+            record_attention_with(bt, &qt, &kt, &vt, &mask, &out, kernel)
         })?;
         let sparse_ms = median(&t[1..]);
         let err = match &dense_out {
@@ -226,7 +245,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         caps.name, caps.backend, caps.driver, caps.driver_info
     );
     println!(
-        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64{} | storage {dt:?}, f32 math",
+        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64{} | storage {dt:?}, kernel {kernel:?}",
         sh.name,
         sh.token_grid
             .map(|(f, y, x)| format!(", token grid {f}x{y}x{x}"))
@@ -264,7 +283,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     if let Some(p) = &a.json {
         let doc = json!({
             "adapter": caps.name, "backend": caps.backend, "driver": format!("{} {}", caps.driver, caps.driver_info),
-            "shape": sh.name, "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
+            "shape": sh.name, "kernel": format!("{kernel:?}"), "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
             "dense_ms": dense_ms, "dense_tflops": dense_tflops, "rows": rows,
         });
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())

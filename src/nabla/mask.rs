@@ -102,26 +102,37 @@ impl BlockMask {
 
     /// Builds lists from a dense `[heads, Nb, Nb]` 0/1 mask.
     pub fn from_dense(gpu: &Gpu, dense: &[u8], heads: usize, nb: usize) -> Result<BlockMask> {
-        if dense.len() != heads * nb * nb {
+        BlockMask::from_dense_rect(gpu, dense, heads, nb, nb)
+    }
+
+    /// Builds lists from a dense `[heads, Nq, Nkv]` 0/1 mask.
+    pub fn from_dense_rect(
+        gpu: &Gpu,
+        dense: &[u8],
+        heads: usize,
+        nq: usize,
+        nkv: usize,
+    ) -> Result<BlockMask> {
+        if dense.len() != heads * nq * nkv {
             return Err(Error::shape(format!(
-                "dense block mask has {} entries, expected heads·Nb·Nb = {}",
+                "dense block mask has {} entries, expected heads·Nq·Nkv = {}",
                 dense.len(),
-                heads * nb * nb
+                heads * nq * nkv
             )));
         }
-        let mut counts = vec![0u32; heads * nb];
-        let mut idx = vec![0u32; heads * nb * nb];
-        for r in 0..heads * nb {
+        let mut counts = vec![0u32; heads * nq];
+        let mut idx = vec![0u32; heads * nq * nkv];
+        for r in 0..heads * nq {
             let mut c = 0;
-            for j in 0..nb {
-                if dense[r * nb + j] != 0 {
-                    idx[r * nb + c] = j as u32;
+            for j in 0..nkv {
+                if dense[r * nkv + j] != 0 {
+                    idx[r * nkv + c] = j as u32;
                     c += 1;
                 }
             }
             counts[r] = c as u32;
         }
-        BlockMask::from_lists(gpu, &counts, &idx, heads, nb)
+        BlockMask::from_lists_rect(gpu, &counts, &idx, heads, nq, nkv)
     }
 
     /// The mask that lists every block (dense attention), cached per `nb`.
@@ -352,6 +363,17 @@ fn record_scores(
     )
 }
 
+/// How the threshold kernel reduces over a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// Subgroup operations where the adapter has them, else the workgroup tree.
+    Auto,
+    /// Workgroup-memory tree (any adapter).
+    Workgroup,
+    /// Subgroup operations (needs SUBGROUP).
+    Subgroup,
+}
+
 fn record_threshold(
     batch: &mut Batch<'_>,
     probs: &Tensor,
@@ -359,9 +381,30 @@ fn record_threshold(
     algo: &SparseAlgo,
     out: &BlockMask,
     bh: usize,
+    reduction: Reduction,
 ) -> Result<()> {
     let gpu = batch.gpu();
     let nb = grid.blocks();
+    let per_thread = nb.div_ceil(256).next_power_of_two() as u32;
+    let kmax = *shaders::THRESHOLD_K.last().unwrap_or(&1);
+    if per_thread > kmax {
+        return Err(Error::shape(format!(
+            "{nb} blocks per row exceed the threshold kernel's {} (256 × {kmax}); use a shorter video or smaller frames",
+            256 * kmax
+        )));
+    }
+    let sg = match reduction {
+        Reduction::Auto => gpu.caps().subgroups,
+        Reduction::Workgroup => false,
+        Reduction::Subgroup if gpu.caps().subgroups => true,
+        Reduction::Subgroup => {
+            return Err(Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "SUBGROUP",
+                what: "the subgroup threshold kernel".into(),
+            });
+        }
+    };
     let cut = algo
         .cut()
         .ok_or_else(|| Error::Invalid("the CDF threshold needs a NABLA algorithm".into()))?;
@@ -376,7 +419,11 @@ fn record_threshold(
         rh,
         rw,
     };
-    let pipe = gpu.pipeline("nabla/threshold", shaders::THRESHOLD, true)?;
+    let key = format!(
+        "nabla/threshold[k{per_thread},{}]",
+        if sg { "sg" } else { "wg" }
+    );
+    let pipe = gpu.pipeline(&key, &shaders::threshold_source(per_thread, sg), true)?;
     batch.dispatch(
         &pipe,
         bytemuck::bytes_of(&p),
@@ -413,7 +460,7 @@ pub fn record_estimate_mask(
     record_pool(batch, q, &stages.qa, bh, s, d)?;
     record_pool(batch, k, &stages.ka, bh, s, d)?;
     record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
-    record_threshold(batch, &stages.probs, &grid, algo, out, bh)
+    record_threshold(batch, &stages.probs, &grid, algo, out, bh, Reduction::Auto)
 }
 
 impl MaskStages {
@@ -473,6 +520,18 @@ pub fn mask_from_pooled(
     grid: BlockGrid,
     algo: &SparseAlgo,
 ) -> Result<(BlockMask, Tensor)> {
+    mask_from_pooled_with(gpu, qa, ka, grid, algo, Reduction::Auto)
+}
+
+/// [`mask_from_pooled`] with an explicit reduction variant of the threshold kernel (tests).
+pub fn mask_from_pooled_with(
+    gpu: &Gpu,
+    qa: &Tensor,
+    ka: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+    reduction: Reduction,
+) -> Result<(BlockMask, Tensor)> {
     let sh = qa.shape();
     let nb = grid.blocks();
     if sh.len() != 3
@@ -502,7 +561,7 @@ pub fn mask_from_pooled(
     let out = BlockMask::alloc(gpu, bh, nb)?;
     let mut b = gpu.batch();
     record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
-    record_threshold(&mut b, &probs, &grid, algo, &out, bh)?;
+    record_threshold(&mut b, &probs, &grid, algo, &out, bh, reduction)?;
     b.submit()?;
     Ok((out, probs))
 }

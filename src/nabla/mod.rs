@@ -11,8 +11,8 @@ pub use algo::{SparseAlgo, StaWindow};
 pub use fractal::{from_fractal, record_fractal, to_fractal};
 pub use grid::BlockGrid;
 pub use mask::{
-    BlockMask, MaskStages, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
-    record_estimate_mask,
+    BlockMask, MaskStages, Reduction, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
+    mask_from_pooled_with, record_estimate_mask,
 };
 pub use sta::sta_lists;
 

@@ -193,7 +193,8 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
 impl Checkpoint {
     /// Opens a checkpoint: a `.safetensors` file, an official checkpoint directory, or a
     /// diffusers pipeline directory (its `transformer/` is used). `base` supplies what shapes
-    /// cannot tell (text_len, eps) when no `config.json` says it.
+    /// cannot tell (text_len, eps, and the head count when its width matches) when no
+    /// `config.json` says it.
     pub fn open(path: impl AsRef<Path>, base: &WanConfig) -> Result<Checkpoint> {
         let path = path.as_ref();
         if !path.exists() {
@@ -301,8 +302,9 @@ impl Checkpoint {
         c.num_layers = (0..)
             .take_while(|i| self.index.contains_key(&format!("blocks.{i}.modulation")))
             .count();
-        if from_json.is_none() {
-            // heads are not visible in shapes: every released Wan 2.1 model has head_dim 128
+        if from_json.is_none() && base.dim != c.dim {
+            // heads are not visible in shapes: without config.json or a base of the same width,
+            // take head_dim 128 as every released Wan 2.1 model has
             c.num_heads = (c.dim / 128).max(1);
         }
         if let Some(j) = from_json {

@@ -1,7 +1,11 @@
 //! The Wan 2.1 text-to-video models: configuration, checkpoint loading and the DiT.
 
+pub mod backend;
 mod checkpoint;
 mod config;
+mod dit;
 
-pub use checkpoint::{Checkpoint, Layout};
+pub use backend::{Backend, WgpuBackend};
+pub use checkpoint::{Checkpoint, Layout, expected_tensors, official_name};
 pub use config::WanConfig;
+pub use dit::{Dit, DitInput, Trace, WeightPrecision};

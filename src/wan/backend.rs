@@ -1,0 +1,356 @@
+//! The device seam of the Wan models: every op the DiT needs, behind one trait. The wgpu layer
+//! ([`WgpuBackend`]) implements it today; a CUDA layer implements the same trait, so the model
+//! code in [`super::Dit`] is written once.
+//!
+//! Ops are *recorded*: a backend may batch them and only runs them at [`Backend::flush`] or
+//! when data is downloaded.
+
+use crate::error::Result;
+use crate::gpu::{Batch, DType, Gpu, Tensor};
+use crate::nabla::{BlockGrid, BlockMask, MaskStages, SparseAlgo};
+use crate::ops::linear::Activation;
+use std::sync::Arc;
+
+/// What a LayerNorm applies after normalizing (mirrors [`crate::ops::norm::NormMode`]).
+pub enum Norm<'a, T> {
+    /// No parameters.
+    Plain,
+    /// `y·weight + bias`.
+    Affine(&'a T, &'a T),
+    /// `y·(1 + mods[scale_row]) + mods[shift_row]`.
+    Modulate {
+        /// The `[R, C]` table.
+        mods: &'a T,
+        /// Shift row.
+        shift: u32,
+        /// Scale row.
+        scale: u32,
+    },
+}
+
+/// A block mask for self-attention, as the backend stores it.
+pub enum Mask<M> {
+    /// Every block (dense attention).
+    Dense,
+    /// The lists the backend estimated or built.
+    Sparse(M),
+}
+
+/// Every operation of the Wan DiT on one device.
+pub trait Backend {
+    /// A device tensor (row-major, with its shape).
+    type T: Clone;
+    /// A block mask on the device.
+    type M;
+    /// Scratch the mask estimation reuses between layers.
+    type MaskScratch;
+
+    /// A new uninitialised f32 activation tensor.
+    fn alloc(&mut self, shape: &[usize]) -> Result<Self::T>;
+    /// Uploads f32 data.
+    fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Self::T>;
+    /// Overwrites an f32 tensor with host data (same element count), ordered before the ops
+    /// recorded after this call.
+    fn write(&mut self, t: &Self::T, data: &[f32]) -> Result<()>;
+    /// Uploads a weight in a storage type (`F32`, `F16`, `BF16`), converting from f32.
+    fn upload_weight(&mut self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Self::T>;
+    /// Runs everything recorded and reads a tensor back as f32.
+    fn download(&mut self, t: &Self::T) -> Result<Vec<f32>>;
+    /// Runs everything recorded so far.
+    fn flush(&mut self) -> Result<()>;
+    /// The same tensor seen with another shape.
+    fn reshape(&self, t: &Self::T, shape: &[usize]) -> Self::T;
+
+    /// `out = act(x·Wᵀ + b)`.
+    fn linear(
+        &mut self,
+        x: &Self::T,
+        w: &Self::T,
+        b: Option<&Self::T>,
+        act: Activation,
+        out: &Self::T,
+    ) -> Result<()>;
+    /// LayerNorm over the last axis (+ affine or modulation).
+    fn layer_norm(
+        &mut self,
+        x: &Self::T,
+        out: &Self::T,
+        eps: f32,
+        mode: Norm<'_, Self::T>,
+    ) -> Result<()>;
+    /// RMSNorm over the last axis times `weight`.
+    fn rms_norm(&mut self, x: &Self::T, weight: &Self::T, out: &Self::T, eps: f32) -> Result<()>;
+    /// `out = a + b` (b may have one row, broadcast over a's rows).
+    fn add(&mut self, a: &Self::T, b: &Self::T, out: &Self::T) -> Result<()>;
+    /// `x += y · gate[row]` (or `x += y`).
+    fn gated_residual(
+        &mut self,
+        x: &Self::T,
+        y: &Self::T,
+        gate: Option<(&Self::T, u32)>,
+    ) -> Result<()>;
+    /// `out = act(x)` for GELU-tanh or SiLU.
+    fn activation(&mut self, x: &Self::T, act: Activation, out: &Self::T) -> Result<()>;
+    /// 3-D RoPE in place on `[S, heads·D]` with per-token tables.
+    fn rope(&mut self, x: &Self::T, cos: &Self::T, sin: &Self::T, heads: usize) -> Result<()>;
+    /// The per-token RoPE tables of a grid (cached by the backend).
+    fn rope_tables(
+        &mut self,
+        grid: (usize, usize, usize),
+        head_dim: usize,
+        fractal: bool,
+    ) -> Result<(Self::T, Self::T)>;
+    /// `[S, H·D] → [1, H, S, D]`.
+    fn split_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
+    /// `[1, H, S, D] → [S, H·D]`.
+    fn merge_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
+    /// Natural ↔ fractal token order of `[S, C]`.
+    fn fractal(
+        &mut self,
+        src: &Self::T,
+        dst: &Self::T,
+        grid: (usize, usize, usize),
+        inverse: bool,
+    ) -> Result<()>;
+    /// `z [C, F, H, W] → tokens [S, 4C]`.
+    fn patchify(&mut self, z: &Self::T, tokens: &Self::T) -> Result<()>;
+    /// `out [S, 4C] → v [C, F, H, W]`.
+    fn unpatchify(&mut self, out: &Self::T, v: &Self::T) -> Result<()>;
+
+    /// Scratch for masks of `heads` heads, `grid` blocks, head dim `d`.
+    fn mask_scratch(
+        &mut self,
+        heads: usize,
+        grid: BlockGrid,
+        d: usize,
+    ) -> Result<Self::MaskScratch>;
+    /// Estimates the block mask of `algo` from `q`, `k` `[1, H, S, D]` (fractal order).
+    fn estimate_mask(
+        &mut self,
+        q: &Self::T,
+        k: &Self::T,
+        grid: BlockGrid,
+        algo: &SparseAlgo,
+        scratch: &Self::MaskScratch,
+    ) -> Result<Self::M>;
+    /// The dense `[heads, Nb, Nb]` 0/1 form of a mask (for inspection).
+    fn mask_dense(&mut self, m: &Self::M) -> Result<Vec<u8>>;
+    /// Attention of `q` `[1, H, Sq, D]` over `k`, `v` `[1, H, Skv, D]` (dense or block-sparse).
+    fn attention(
+        &mut self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        mask: &Mask<Self::M>,
+        out: &Self::T,
+    ) -> Result<()>;
+}
+
+/// The wgpu implementation: records every op into one [`Batch`] until a flush.
+pub struct WgpuBackend<'g> {
+    gpu: &'g Gpu,
+    batch: Option<Batch<'g>>,
+}
+
+impl<'g> WgpuBackend<'g> {
+    /// A backend on `gpu`.
+    pub fn new(gpu: &'g Gpu) -> Self {
+        WgpuBackend { gpu, batch: None }
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    fn b(&mut self) -> &mut Batch<'g> {
+        let gpu = self.gpu;
+        self.batch.get_or_insert_with(|| gpu.batch())
+    }
+}
+
+/// A mask of the wgpu layer: the lists in the layer's scratch (rewritten by the next estimate)
+/// or the cached STA lists.
+pub struct WgpuMask(Arc<BlockMask>);
+
+/// Mask scratch of the wgpu layer: pooled Q/K, block map and the output lists, allocated once.
+pub struct WgpuMaskScratch {
+    stages: MaskStages,
+    lists: Arc<BlockMask>,
+}
+
+impl<'g> Backend for WgpuBackend<'g> {
+    type T = Tensor;
+    type M = WgpuMask;
+    type MaskScratch = WgpuMaskScratch;
+
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
+        self.gpu.empty(shape, DType::F32)
+    }
+    fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.gpu.upload_f32(data, shape)
+    }
+    fn write(&mut self, t: &Tensor, data: &[f32]) -> Result<()> {
+        if t.dtype() != DType::F32 || t.numel() != data.len() {
+            return Err(crate::Error::shape(format!(
+                "write of {} values into a {:?} {:?} tensor",
+                data.len(),
+                t.shape(),
+                t.dtype()
+            )));
+        }
+        // queue writes land before the next submission: submit what was recorded first
+        self.flush()?;
+        self.gpu
+            .queue()
+            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+    fn upload_weight(&mut self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F16 => self.gpu.upload_f16(data, shape),
+            DType::BF16 => self.gpu.upload_bf16(data, shape),
+            _ => self.gpu.upload_f32(data, shape),
+        }
+    }
+    fn download(&mut self, t: &Tensor) -> Result<Vec<f32>> {
+        self.flush()?;
+        self.gpu.read_f32(t)
+    }
+    fn flush(&mut self) -> Result<()> {
+        match self.batch.take() {
+            Some(b) => b.submit(),
+            None => Ok(()),
+        }
+    }
+    fn reshape(&self, t: &Tensor, shape: &[usize]) -> Tensor {
+        t.reshape(shape).unwrap_or_else(|| t.clone())
+    }
+    fn linear(
+        &mut self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        out: &Tensor,
+    ) -> Result<()> {
+        crate::ops::linear::record_linear(self.b(), x, w, b, act, out)
+    }
+    fn layer_norm(
+        &mut self,
+        x: &Tensor,
+        out: &Tensor,
+        eps: f32,
+        mode: Norm<'_, Tensor>,
+    ) -> Result<()> {
+        use crate::ops::norm::NormMode;
+        let m = match mode {
+            Norm::Plain => NormMode::Plain,
+            Norm::Affine(weight, bias) => NormMode::Affine { weight, bias },
+            Norm::Modulate { mods, shift, scale } => NormMode::Modulate {
+                mods,
+                shift_row: shift,
+                scale_row: scale,
+            },
+        };
+        crate::ops::norm::record_layer_norm(self.b(), x, out, eps, &m)
+    }
+    fn rms_norm(&mut self, x: &Tensor, weight: &Tensor, out: &Tensor, eps: f32) -> Result<()> {
+        crate::ops::norm::record_rms_norm(self.b(), x, weight, out, eps)
+    }
+    fn add(&mut self, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<()> {
+        crate::ops::elementwise::record_add(self.b(), a, b, out)
+    }
+    fn gated_residual(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        gate: Option<(&Tensor, u32)>,
+    ) -> Result<()> {
+        crate::ops::elementwise::record_gated_residual(self.b(), x, y, gate)
+    }
+    fn activation(&mut self, x: &Tensor, act: Activation, out: &Tensor) -> Result<()> {
+        match act {
+            Activation::GeluTanh => crate::ops::elementwise::record_gelu_tanh(self.b(), x, out),
+            Activation::Silu => crate::ops::elementwise::record_silu(self.b(), x, out),
+            Activation::None => Err(crate::Error::Invalid("activation None is not an op".into())),
+        }
+    }
+    fn rope(&mut self, x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<()> {
+        crate::ops::rope::record_rope(self.b(), x, cos, sin, heads)
+    }
+    fn rope_tables(
+        &mut self,
+        grid: (usize, usize, usize),
+        head_dim: usize,
+        fractal: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        crate::ops::rope::upload_rope_tables(self.gpu, grid, head_dim, fractal)
+    }
+    fn split_heads(&mut self, x: &Tensor, out: &Tensor) -> Result<()> {
+        crate::ops::elementwise::record_split_heads(self.b(), x, out)
+    }
+    fn merge_heads(&mut self, x: &Tensor, out: &Tensor) -> Result<()> {
+        crate::ops::elementwise::record_merge_heads(self.b(), x, out)
+    }
+    fn fractal(
+        &mut self,
+        src: &Tensor,
+        dst: &Tensor,
+        grid: (usize, usize, usize),
+        inverse: bool,
+    ) -> Result<()> {
+        crate::nabla::record_fractal(self.b(), src, dst, grid, inverse)
+    }
+    fn patchify(&mut self, z: &Tensor, tokens: &Tensor) -> Result<()> {
+        crate::ops::patch::record_patchify(self.b(), z, tokens)
+    }
+    fn unpatchify(&mut self, out: &Tensor, v: &Tensor) -> Result<()> {
+        crate::ops::patch::record_unpatchify(self.b(), out, v)
+    }
+    fn mask_scratch(&mut self, heads: usize, grid: BlockGrid, d: usize) -> Result<WgpuMaskScratch> {
+        Ok(WgpuMaskScratch {
+            stages: MaskStages::alloc(self.gpu, heads, grid.blocks(), d)?,
+            lists: Arc::new(BlockMask::alloc(self.gpu, heads, grid.blocks())?),
+        })
+    }
+    fn estimate_mask(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        grid: BlockGrid,
+        algo: &SparseAlgo,
+        scratch: &WgpuMaskScratch,
+    ) -> Result<WgpuMask> {
+        if let SparseAlgo::Sta(w) = algo {
+            return Ok(WgpuMask(BlockMask::sta(self.gpu, grid, *w)?));
+        }
+        crate::nabla::record_estimate_mask(
+            self.b(),
+            q,
+            k,
+            grid,
+            algo,
+            &scratch.stages,
+            &scratch.lists,
+        )?;
+        Ok(WgpuMask(scratch.lists.clone()))
+    }
+    fn mask_dense(&mut self, m: &WgpuMask) -> Result<Vec<u8>> {
+        self.flush()?;
+        m.0.to_dense(self.gpu)
+    }
+    fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Mask<WgpuMask>,
+        out: &Tensor,
+    ) -> Result<()> {
+        match mask {
+            Mask::Dense => crate::attention::record_dense_attention(self.b(), q, k, v, out),
+            Mask::Sparse(m) => crate::attention::record_attention(self.b(), q, k, v, &m.0, out),
+        }
+    }
+}

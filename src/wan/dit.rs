@@ -1,0 +1,631 @@
+//! The Wan 2.1 DiT forward pass (spec §2), written once against [`Backend`]: dense attention or
+//! NABLA / STA / NABLA+STA block-sparse self-attention, the whole transformer in fractal order
+//! when sparse (spec §4.2–4.4), masks recomputed in every layer as the reference does.
+//!
+//! Precision of this path: every activation f32; weights in the storage type chosen at load
+//! ([`WeightPrecision`]) and widened to f32 inside the GEMMs; norms, modulation, gates, RoPE
+//! (angles in f64 on the CPU), the time MLP and the head in f32; the sinusoid in f64.
+
+use super::backend::{Backend, Mask, Norm};
+use super::{Checkpoint, WanConfig};
+use crate::error::{Error, Result};
+use crate::gpu::DType;
+use crate::nabla::{BlockGrid, SparseAlgo};
+use crate::ops::linear::Activation;
+use crate::ops::rope::sinusoidal_embedding;
+use std::collections::BTreeMap;
+
+/// Storage type of the big weights on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightPrecision {
+    /// f32 (the parity path).
+    F32,
+    /// bf16, rounded to nearest even at load (half the memory; what the reference computes with).
+    BF16,
+    /// f16 (needs SHADER_F16).
+    F16,
+}
+
+impl WeightPrecision {
+    fn dtype(self) -> DType {
+        match self {
+            WeightPrecision::F32 => DType::F32,
+            WeightPrecision::BF16 => DType::BF16,
+            WeightPrecision::F16 => DType::F16,
+        }
+    }
+}
+
+struct Linear<T> {
+    w: T,
+    b: T,
+}
+
+struct BlockWeights<T> {
+    modulation: T,
+    sa: [Linear<T>; 4],
+    sa_norm_q: T,
+    sa_norm_k: T,
+    norm3_w: T,
+    norm3_b: T,
+    ca: [Linear<T>; 4],
+    ca_norm_q: T,
+    ca_norm_k: T,
+    ffn0: Linear<T>,
+    ffn2: Linear<T>,
+}
+
+struct Weights<T> {
+    patch: Linear<T>,
+    text0: Linear<T>,
+    text2: Linear<T>,
+    time0: Linear<T>,
+    time2: Linear<T>,
+    proj: Linear<T>,
+    head_mod: T,
+    head: Linear<T>,
+    blocks: Vec<BlockWeights<T>>,
+}
+
+/// Intermediate tensors of one forward, read back for inspection and parity tests.
+#[derive(Default, Debug)]
+pub struct Trace {
+    /// Named f32 tensors (`time_sinusoid`, `e`, `e0`, `context_emb`, `patch_embed_out`,
+    /// `block0_self_attn_out`, `block0_cross_attn_out`, `block0_ffn_out`, `block0_out`,
+    /// `last_block_out`, `head_out`), each in the token order the model ran in except `head_out`
+    /// and `patch_embed_out`, which are in natural order.
+    pub tensors: BTreeMap<String, Vec<f32>>,
+    /// Block masks per layer (`layer{l}`), dense `[heads, Nb, Nb]` 0/1.
+    pub masks: BTreeMap<String, Vec<u8>>,
+}
+
+/// The inputs of one DiT forward.
+#[derive(Clone, Copy, Debug)]
+pub struct DitInput<'a> {
+    /// Noisy latent `[in_dim, F, H, W]` (f32, row-major).
+    pub latent: &'a [f32],
+    /// `(F, H, W)` of the latent (H and W even; multiples of 16 for sparse attention).
+    pub shape: (usize, usize, usize),
+    /// The timestep as the scheduler gives it (integer-valued, 0..1000).
+    pub t: f64,
+    /// Text context `[L, text_dim]`, `L ≤ text_len`; padded with zero rows, which are attended
+    /// as the reference does.
+    pub context: &'a [f32],
+}
+
+/// Activations of one input shape, allocated once and reused by every forward of that shape.
+struct Workspace<B: Backend> {
+    key: (usize, usize, usize, bool),
+    x: B::T,
+    x2: B::T,
+    a: B::T,
+    q: B::T,
+    k: B::T,
+    v: B::T,
+    qh: B::T,
+    kh: B::T,
+    vh: B::T,
+    oh: B::T,
+    o: B::T,
+    y: B::T,
+    hidden: B::T,
+    ctx0: B::T,
+    ctx1: B::T,
+    sinus: B::T,
+    z: B::T,
+    ctx: B::T,
+    kc: B::T,
+    vc: B::T,
+    kch: B::T,
+    vch: B::T,
+    t1: B::T,
+    e: B::T,
+    se: B::T,
+    e0: B::T,
+    mods: B::T,
+    hmods: B::T,
+    tokens: B::T,
+    head_out: B::T,
+    head_nat: B::T,
+    out: B::T,
+    scratch: Option<B::MaskScratch>,
+}
+
+/// The Wan 2.1 text-to-video transformer on a backend.
+pub struct Dit<B: Backend> {
+    cfg: WanConfig,
+    w: Weights<B::T>,
+    ws: Option<Workspace<B>>,
+    weight_bytes: u64,
+}
+
+fn load_linear<B: Backend>(
+    be: &mut B,
+    ck: &Checkpoint,
+    name: &str,
+    dt: DType,
+    bytes: &mut u64,
+) -> Result<Linear<B::T>> {
+    let w = ck.f32(&format!("{name}.weight"))?;
+    let (_, shape, _) = ck.raw(&format!("{name}.weight"))?;
+    let (n, k) = (shape[0], shape[1..].iter().product::<usize>());
+    let b = ck.f32(&format!("{name}.bias"))?;
+    *bytes += (n * k) as u64 * dt.size() + n as u64 * 4;
+    Ok(Linear {
+        w: be.upload_weight(&w, &[n, k], dt)?,
+        b: be.upload(&b, &[n])?,
+    })
+}
+
+fn load_vec<B: Backend>(
+    be: &mut B,
+    ck: &Checkpoint,
+    name: &str,
+    shape: &[usize],
+    bytes: &mut u64,
+) -> Result<B::T> {
+    let v = ck.f32(name)?;
+    *bytes += v.len() as u64 * 4;
+    be.upload(&v, shape)
+}
+
+impl<B: Backend> Dit<B> {
+    /// Uploads the weights of a checkpoint. Small tensors (biases, norms, modulation, the time
+    /// MLP and the head, as the reference keeps them) stay f32; the block and text GEMM
+    /// weights take `precision`.
+    pub fn load(be: &mut B, ck: &Checkpoint, precision: WeightPrecision) -> Result<Dit<B>> {
+        let c = ck.config.clone();
+        c.validate()?;
+        let big = precision.dtype();
+        let f32d = DType::F32;
+        let d = c.dim;
+        let mut bytes = 0u64;
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = |s: &str| format!("blocks.{i}.{s}");
+            let lin = |be: &mut B, s: &str, bytes: &mut u64| load_linear(be, ck, &p(s), big, bytes);
+            let sa = [
+                lin(be, "self_attn.q", &mut bytes)?,
+                lin(be, "self_attn.k", &mut bytes)?,
+                lin(be, "self_attn.v", &mut bytes)?,
+                lin(be, "self_attn.o", &mut bytes)?,
+            ];
+            let ca = [
+                lin(be, "cross_attn.q", &mut bytes)?,
+                lin(be, "cross_attn.k", &mut bytes)?,
+                lin(be, "cross_attn.v", &mut bytes)?,
+                lin(be, "cross_attn.o", &mut bytes)?,
+            ];
+            let ffn0 = lin(be, "ffn.0", &mut bytes)?;
+            let ffn2 = lin(be, "ffn.2", &mut bytes)?;
+            blocks.push(BlockWeights {
+                modulation: load_vec(be, ck, &p("modulation"), &[1, 6 * d], &mut bytes)?,
+                sa,
+                sa_norm_q: load_vec(be, ck, &p("self_attn.norm_q.weight"), &[d], &mut bytes)?,
+                sa_norm_k: load_vec(be, ck, &p("self_attn.norm_k.weight"), &[d], &mut bytes)?,
+                norm3_w: load_vec(be, ck, &p("norm3.weight"), &[d], &mut bytes)?,
+                norm3_b: load_vec(be, ck, &p("norm3.bias"), &[d], &mut bytes)?,
+                ca,
+                ca_norm_q: load_vec(be, ck, &p("cross_attn.norm_q.weight"), &[d], &mut bytes)?,
+                ca_norm_k: load_vec(be, ck, &p("cross_attn.norm_k.weight"), &[d], &mut bytes)?,
+                ffn0,
+                ffn2,
+            });
+        }
+        let w = Weights {
+            patch: load_linear(be, ck, "patch_embedding", f32d, &mut bytes)?,
+            text0: load_linear(be, ck, "text_embedding.0", big, &mut bytes)?,
+            text2: load_linear(be, ck, "text_embedding.2", big, &mut bytes)?,
+            time0: load_linear(be, ck, "time_embedding.0", f32d, &mut bytes)?,
+            time2: load_linear(be, ck, "time_embedding.2", f32d, &mut bytes)?,
+            proj: load_linear(be, ck, "time_projection.1", f32d, &mut bytes)?,
+            head_mod: load_vec(be, ck, "head.modulation", &[2, d], &mut bytes)?,
+            head: load_linear(be, ck, "head.head", f32d, &mut bytes)?,
+            blocks,
+        };
+        be.flush()?;
+        Ok(Dit {
+            cfg: c,
+            w,
+            ws: None,
+            weight_bytes: bytes,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WanConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Bytes of activations a forward on a latent of `(F, H, W)` needs (the workspace).
+    pub fn activation_bytes(&self, latent: (usize, usize, usize), sparse: bool) -> u64 {
+        let c = &self.cfg;
+        let s = (latent.0 * latent.1 * latent.2 / 4) as u64;
+        let (d, f, l) = (c.dim as u64, c.ffn_dim as u64, c.text_len as u64);
+        let mut n = s * d * 12 + s * f + s * 64 * 3 + l * (c.text_dim as u64 + 6 * d) + 16 * s * 4;
+        if sparse {
+            let nb = s / 64;
+            n += c.num_heads as u64 * (nb * nb * 3 + nb * (c.head_dim() as u64) * 2);
+        }
+        n * 4
+    }
+
+    fn workspace(&mut self, be: &mut B, lat: (usize, usize, usize), sparse: bool) -> Result<()> {
+        let key = (lat.0, lat.1, lat.2, sparse);
+        if self.ws.as_ref().is_some_and(|w| w.key == key) {
+            return Ok(());
+        }
+        self.ws = None;
+        let c = &self.cfg;
+        let (d, h, hd) = (c.dim, c.num_heads, c.head_dim());
+        let s = lat.0 * (lat.1 / 2) * (lat.2 / 2);
+        let l = c.text_len;
+        let pt = 4 * c.in_dim;
+        let scratch = if sparse {
+            let grid = BlockGrid::from_tokens(lat.0, lat.1 / 2, lat.2 / 2)?;
+            Some(be.mask_scratch(h, grid, hd)?)
+        } else {
+            None
+        };
+        self.ws = Some(Workspace {
+            key,
+            x: be.alloc(&[s, d])?,
+            x2: be.alloc(&[s, d])?,
+            a: be.alloc(&[s, d])?,
+            q: be.alloc(&[s, d])?,
+            k: be.alloc(&[s, d])?,
+            v: be.alloc(&[s, d])?,
+            qh: be.alloc(&[1, h, s, hd])?,
+            kh: be.alloc(&[1, h, s, hd])?,
+            vh: be.alloc(&[1, h, s, hd])?,
+            oh: be.alloc(&[1, h, s, hd])?,
+            o: be.alloc(&[s, d])?,
+            y: be.alloc(&[s, d])?,
+            hidden: be.alloc(&[s, c.ffn_dim])?,
+            ctx0: be.alloc(&[l, c.text_dim])?,
+            ctx1: be.alloc(&[l, d])?,
+            sinus: be.alloc(&[1, c.freq_dim])?,
+            z: be.alloc(&[c.in_dim, lat.0, lat.1, lat.2])?,
+            ctx: be.alloc(&[l, d])?,
+            kc: be.alloc(&[l, d])?,
+            vc: be.alloc(&[l, d])?,
+            kch: be.alloc(&[1, h, l, hd])?,
+            vch: be.alloc(&[1, h, l, hd])?,
+            t1: be.alloc(&[1, d])?,
+            e: be.alloc(&[1, d])?,
+            se: be.alloc(&[1, d])?,
+            e0: be.alloc(&[1, 6 * d])?,
+            mods: be.alloc(&[1, 6 * d])?,
+            hmods: be.alloc(&[2, d])?,
+            tokens: be.alloc(&[s, pt])?,
+            head_out: be.alloc(&[s, pt])?,
+            head_nat: be.alloc(&[s, pt])?,
+            out: be.alloc(&[c.out_dim, lat.0, lat.1, lat.2])?,
+            scratch,
+        });
+        Ok(())
+    }
+
+    /// One forward of `input` with the sparse algorithm (`None` = dense). Returns the velocity
+    /// `[out_dim, F, H, W]`. With `trace`, intermediates and masks are read back into it.
+    pub fn forward(
+        &mut self,
+        be: &mut B,
+        input: &DitInput<'_>,
+        sparse: Option<&SparseAlgo>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        let DitInput {
+            latent,
+            shape: latent_shape,
+            t,
+            context,
+        } = *input;
+        let c = self.cfg.clone();
+        let (f, hh, ww) = latent_shape;
+        if hh % 2 != 0 || ww % 2 != 0 || f == 0 || hh == 0 || ww == 0 {
+            return Err(Error::shape(format!(
+                "latent {f}x{hh}x{ww}: height and width must be positive and even (patch 1x2x2)"
+            )));
+        }
+        if latent.len() != c.in_dim * f * hh * ww {
+            return Err(Error::shape(format!(
+                "latent has {} values, expected in_dim·F·H·W = {}·{f}·{hh}·{ww}",
+                latent.len(),
+                c.in_dim
+            )));
+        }
+        if context.len() % c.text_dim != 0 || context.len() / c.text_dim > c.text_len {
+            return Err(Error::shape(format!(
+                "context has {} values: expected L·{} with L ≤ text_len {}",
+                context.len(),
+                c.text_dim,
+                c.text_len
+            )));
+        }
+        let tok = (f, hh / 2, ww / 2);
+        let grid = match sparse {
+            Some(_) => Some(BlockGrid::from_tokens(tok.0, tok.1, tok.2).map_err(|_| {
+                Error::shape(format!(
+                    "sparse attention needs the latent height and width to be multiples of 16 \
+                     (video multiples of 128 px); got latent {hh}x{ww}. The reference crops sizes \
+                     (1280x720 -> 1280x640)"
+                ))
+            })?),
+            None => None,
+        };
+        self.workspace(be, latent_shape, sparse.is_some())?;
+        let ws = self
+            .ws
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("workspace missing".into()))?;
+        let w = &self.w;
+        let (d, heads, hd) = (c.dim, c.num_heads, c.head_dim());
+        let eps = c.eps as f32;
+
+        // time: the sinusoid in f64 on the CPU, the MLPs in f32
+        let sin = sinusoidal_embedding(t, c.freq_dim);
+        be.write(&ws.sinus, &sin)?;
+        be.linear(
+            &ws.sinus,
+            &w.time0.w,
+            Some(&w.time0.b),
+            Activation::Silu,
+            &ws.t1,
+        )?;
+        be.linear(
+            &ws.t1,
+            &w.time2.w,
+            Some(&w.time2.b),
+            Activation::None,
+            &ws.e,
+        )?;
+        be.activation(&ws.e, Activation::Silu, &ws.se)?;
+        be.linear(&ws.se, &w.proj.w, Some(&w.proj.b), Activation::None, &ws.e0)?;
+        be.add(&w.head_mod, &ws.e, &ws.hmods)?;
+        if trace.is_some() {
+            let e = be.download(&ws.e)?;
+            let e0 = be.download(&ws.e0)?;
+            let tr = trace
+                .as_deref_mut()
+                .ok_or_else(|| Error::Gpu("trace".into()))?;
+            tr.tensors.insert("time_sinusoid".into(), sin.clone());
+            tr.tensors.insert("e".into(), e);
+            tr.tensors.insert("e0".into(), e0);
+        }
+
+        // text: zero-padded context through two linears with GELU between
+        let mut ctx0 = vec![0f32; c.text_len * c.text_dim];
+        ctx0[..context.len()].copy_from_slice(context);
+        be.write(&ws.ctx0, &ctx0)?;
+        be.linear(
+            &ws.ctx0,
+            &w.text0.w,
+            Some(&w.text0.b),
+            Activation::GeluTanh,
+            &ws.ctx1,
+        )?;
+        be.linear(
+            &ws.ctx1,
+            &w.text2.w,
+            Some(&w.text2.b),
+            Activation::None,
+            &ws.ctx,
+        )?;
+        keep(be, &mut trace, "context_emb", &ws.ctx)?;
+
+        // patch embedding (natural order), then fractal order when sparse
+        be.write(&ws.z, latent)?;
+        be.patchify(&ws.z, &ws.tokens)?;
+        let x_nat = if grid.is_some() { &ws.x2 } else { &ws.x };
+        be.linear(
+            &ws.tokens,
+            &w.patch.w,
+            Some(&w.patch.b),
+            Activation::None,
+            x_nat,
+        )?;
+        keep(be, &mut trace, "patch_embed_out", x_nat)?;
+        if grid.is_some() {
+            be.fractal(&ws.x2, &ws.x, tok, false)?;
+        }
+        let (cos, sinr) = be.rope_tables(tok, hd, grid.is_some())?;
+        be.flush()?;
+
+        let n_layers = w.blocks.len();
+        let mods = be.reshape(&ws.mods, &[6, d]);
+        for (li, bw) in w.blocks.iter().enumerate() {
+            // m = modulation + e0, the [6, dim] table of shifts, scales and gates
+            be.add(&bw.modulation, &ws.e0, &ws.mods)?;
+
+            // 1. self-attention
+            be.layer_norm(
+                &ws.x,
+                &ws.a,
+                eps,
+                Norm::Modulate {
+                    mods: &mods,
+                    shift: 0,
+                    scale: 1,
+                },
+            )?;
+            be.linear(
+                &ws.a,
+                &bw.sa[0].w,
+                Some(&bw.sa[0].b),
+                Activation::None,
+                &ws.y,
+            )?;
+            be.rms_norm(&ws.y, &bw.sa_norm_q, &ws.q, eps)?;
+            be.linear(
+                &ws.a,
+                &bw.sa[1].w,
+                Some(&bw.sa[1].b),
+                Activation::None,
+                &ws.y,
+            )?;
+            be.rms_norm(&ws.y, &bw.sa_norm_k, &ws.k, eps)?;
+            be.linear(
+                &ws.a,
+                &bw.sa[2].w,
+                Some(&bw.sa[2].b),
+                Activation::None,
+                &ws.v,
+            )?;
+            be.rope(&ws.q, &cos, &sinr, heads)?;
+            be.rope(&ws.k, &cos, &sinr, heads)?;
+            be.split_heads(&ws.q, &ws.qh)?;
+            be.split_heads(&ws.k, &ws.kh)?;
+            be.split_heads(&ws.v, &ws.vh)?;
+            let mask = match (sparse, grid, ws.scratch.as_ref()) {
+                (Some(algo), Some(g), Some(scr)) => {
+                    let m = be.estimate_mask(&ws.qh, &ws.kh, g, algo, scr)?;
+                    if let Some(tr) = trace.as_deref_mut() {
+                        tr.masks.insert(format!("layer{li}"), be.mask_dense(&m)?);
+                    }
+                    Mask::Sparse(m)
+                }
+                _ => Mask::Dense,
+            };
+            be.attention(&ws.qh, &ws.kh, &ws.vh, &mask, &ws.oh)?;
+            be.merge_heads(&ws.oh, &ws.o)?;
+            be.linear(
+                &ws.o,
+                &bw.sa[3].w,
+                Some(&bw.sa[3].b),
+                Activation::None,
+                &ws.y,
+            )?;
+            if li == 0 {
+                keep(be, &mut trace, "block0_self_attn_out", &ws.y)?;
+            }
+            be.gated_residual(&ws.x, &ws.y, Some((&mods, 2)))?;
+
+            // 2. cross-attention over the padded context (no mask, no RoPE, no gate)
+            be.layer_norm(&ws.x, &ws.a, eps, Norm::Affine(&bw.norm3_w, &bw.norm3_b))?;
+            be.linear(
+                &ws.a,
+                &bw.ca[0].w,
+                Some(&bw.ca[0].b),
+                Activation::None,
+                &ws.y,
+            )?;
+            be.rms_norm(&ws.y, &bw.ca_norm_q, &ws.q, eps)?;
+            be.linear(
+                &ws.ctx,
+                &bw.ca[1].w,
+                Some(&bw.ca[1].b),
+                Activation::None,
+                &ws.ctx1,
+            )?;
+            be.rms_norm(&ws.ctx1, &bw.ca_norm_k, &ws.kc, eps)?;
+            be.linear(
+                &ws.ctx,
+                &bw.ca[2].w,
+                Some(&bw.ca[2].b),
+                Activation::None,
+                &ws.vc,
+            )?;
+            be.split_heads(&ws.q, &ws.qh)?;
+            be.split_heads(&ws.kc, &ws.kch)?;
+            be.split_heads(&ws.vc, &ws.vch)?;
+            be.attention(&ws.qh, &ws.kch, &ws.vch, &Mask::Dense, &ws.oh)?;
+            be.merge_heads(&ws.oh, &ws.o)?;
+            be.linear(
+                &ws.o,
+                &bw.ca[3].w,
+                Some(&bw.ca[3].b),
+                Activation::None,
+                &ws.y,
+            )?;
+            if li == 0 {
+                keep(be, &mut trace, "block0_cross_attn_out", &ws.y)?;
+            }
+            be.gated_residual(&ws.x, &ws.y, None)?;
+
+            // 3. feed-forward
+            be.layer_norm(
+                &ws.x,
+                &ws.a,
+                eps,
+                Norm::Modulate {
+                    mods: &mods,
+                    shift: 3,
+                    scale: 4,
+                },
+            )?;
+            be.linear(
+                &ws.a,
+                &bw.ffn0.w,
+                Some(&bw.ffn0.b),
+                Activation::GeluTanh,
+                &ws.hidden,
+            )?;
+            be.linear(
+                &ws.hidden,
+                &bw.ffn2.w,
+                Some(&bw.ffn2.b),
+                Activation::None,
+                &ws.y,
+            )?;
+            if li == 0 {
+                keep(be, &mut trace, "block0_ffn_out", &ws.y)?;
+            }
+            be.gated_residual(&ws.x, &ws.y, Some((&mods, 5)))?;
+            if li == 0 {
+                keep(be, &mut trace, "block0_out", &ws.x)?;
+            }
+            if li + 1 == n_layers {
+                keep(be, &mut trace, "last_block_out", &ws.x)?;
+            }
+            be.flush()?;
+        }
+
+        // head: LN, modulation by head.modulation + e, linear; back to natural order
+        be.layer_norm(
+            &ws.x,
+            &ws.a,
+            eps,
+            Norm::Modulate {
+                mods: &ws.hmods,
+                shift: 0,
+                scale: 1,
+            },
+        )?;
+        be.linear(
+            &ws.a,
+            &w.head.w,
+            Some(&w.head.b),
+            Activation::None,
+            &ws.head_out,
+        )?;
+        let head_nat = if grid.is_some() {
+            be.fractal(&ws.head_out, &ws.head_nat, tok, true)?;
+            &ws.head_nat
+        } else {
+            &ws.head_out
+        };
+        keep(be, &mut trace, "head_out", head_nat)?;
+        be.unpatchify(head_nat, &ws.out)?;
+        be.download(&ws.out)
+    }
+}
+
+/// Reads `t` back into the trace under `name` (no-op without a trace).
+fn keep<B: Backend>(
+    be: &mut B,
+    trace: &mut Option<&mut Trace>,
+    name: &str,
+    t: &B::T,
+) -> Result<()> {
+    if let Some(tr) = trace.as_deref_mut() {
+        let v = be.download(t)?;
+        tr.tensors.insert(name.to_string(), v);
+    }
+    Ok(())
+}
