@@ -11,9 +11,14 @@ BIN=.dev/bin
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 $BIN/nabla info 2>&1 > "$OUT/info.txt"; head -12 "$OUT/info.txt"
 for t in ${TESTS-kernels golden errors}; do
-  echo "== $t on the GPU"; $BIN/$t --nocapture 2>&1 > "$OUT/test_$t.txt"
-  grep -E "^test |test result|panicked|skipped|coop h" "$OUT/test_$t.txt" | grep -v " ok$" | head -20
+  echo "== $t on the GPU"; $BIN/$t > "$OUT/test_$t.txt" 2>&1
+  grep -E "test result|panicked|FAILED" "$OUT/test_$t.txt" | head -10
 done
+if [ -n "${TESTS-kernels}" ]; then
+  echo "== tensor-core attention vs reference (unchecked, then NABLA_CHECKED=1)"
+  $BIN/kernels attention_coop --nocapture 2>&1 | grep -E "coop h|skipped|test result|panicked" | head -12
+  NABLA_CHECKED=1 $BIN/kernels attention_coop 2>&1 | grep -E "test result|panicked"
+fi
 ALGOS=${ALGOS:-nabla-0.7,nabla-0.4,nabla-0.6_sta-11-3-3,sta-11-3-3}
 for run in ${RUNS:-wan1.3b-480p:auto}; do
   p=${run%%:*}; k=${run##*:}

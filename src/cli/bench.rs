@@ -197,14 +197,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let mut masks_dump = Vec::new();
     for algo in &algos {
         eprintln!("{algo} ...");
-        let (mask, mask_ms) = match algo {
-            SparseAlgo::Sta(w) => (BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(), 0.0),
+        let (mask, mask_ms, mask_all) = match algo {
+            SparseAlgo::Sta(w) => (BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(), 0.0, vec![]),
             _ => {
                 let m = BlockMask::alloc(&gpu, bh, nb)?;
                 let t = gpu.time_ms(a.reps + 2, |bt| {
                     record_estimate_mask(bt, &qt, &kt, grid, algo, &stages, &m)
                 })?;
-                (m, median(&t[2..]))
+                (m, median(&t[2..]), t)
             }
         };
         let density = mask.density(&gpu)?;
@@ -213,6 +213,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             record_attention_with(bt, &qt, &kt, &vt, &mask, &out, kernel)
         })?;
         let sparse_ms = median(&t[1..]);
+        let sparse_all = t.clone();
         let err = match &dense_out {
             Some(dref) => rel_err(&gpu.read_f32(&out)?, dref),
             None => f64::NAN,
@@ -223,6 +224,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "algo": algo.to_string(), "density": density, "mask_ms": mask_ms, "sparse_ms": sparse_ms,
             "dense_ms": dense_ms, "speedup": dense_ms / sparse_ms, "effective_tflops": eff_tflops,
             "mask_read_gbs": mask_gbs, "rel_err_vs_dense": err,
+            "mask_ms_samples": mask_all, "sparse_ms_samples": sparse_all,
         }));
         if a.masks_out.is_some() {
             let mut dense = mask.to_dense(&gpu)?;

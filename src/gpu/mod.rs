@@ -471,6 +471,12 @@ impl Gpu {
     }
 }
 
+/// `NABLA_CHECKED=1` keeps runtime bounds checks on in kernels that otherwise skip them
+/// (those whose dispatcher validated every index): for testing the checked variants.
+pub fn checked_override() -> bool {
+    std::env::var("NABLA_CHECKED").is_ok_and(|v| v == "1")
+}
+
 /// Splits a count of workgroups into a 2-D dispatch within the per-dimension limit; shaders
 /// recover the linear index as `wid.x + wid.y * num_workgroups.x` (and skip ids past the count).
 pub(crate) fn groups_2d(groups: usize, max: u32) -> [u32; 3] {
