@@ -5,6 +5,8 @@
 //! Every op has two entry points: `record_*` (into a batch, output tensor given, no
 //! allocation) and a convenience function that allocates the output and submits.
 
+pub mod attention_bias;
+pub mod conv;
 pub mod elementwise;
 pub mod linear;
 pub mod norm;
@@ -15,6 +17,8 @@ pub mod rope;
 pub fn variants() -> Vec<(String, String)> {
     let mut v = Vec::new();
     v.extend(linear::variants());
+    v.extend(attention_bias::variants());
+    v.extend(conv::variants());
     v.extend(norm::variants());
     v.extend(elementwise::variants());
     v.extend(rope::variants());

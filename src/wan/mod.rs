@@ -4,6 +4,9 @@ pub mod backend;
 mod checkpoint;
 mod config;
 mod dit;
+pub mod sampler;
+pub mod t5;
+pub mod vae;
 
 pub use backend::{Backend, WgpuBackend};
 pub use checkpoint::{Checkpoint, Layout, expected_tensors, official_name};

@@ -1,0 +1,1 @@
+//! CPU reference of `crate::ops::attention_bias` (to be written).

@@ -1,0 +1,1 @@
+//! CPU reference of `crate::ops::conv` (to be written).
