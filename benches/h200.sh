@@ -15,9 +15,19 @@ for t in ${TESTS-kernels golden errors}; do
   grep -E "test result|panicked|FAILED" "$OUT/test_$t.txt" | head -10
 done
 if [ -n "${TESTS-kernels}" ]; then
-  echo "== tensor-core attention vs reference (unchecked, then NABLA_CHECKED=1)"
+  echo "== tensor-core kernels vs reference (unchecked, then NABLA_CHECKED=1)"
   $BIN/kernels attention_coop --nocapture 2>&1 | grep -E "coop h|skipped|test result|panicked" | head -12
   NABLA_CHECKED=1 $BIN/kernels attention_coop 2>&1 | grep -E "test result|panicked"
+  if [ -x $BIN/ops_linear ]; then
+    $BIN/ops_linear coop --nocapture 2>&1 | grep -E "rel L2|skipped|test result|panicked" | tail -4
+    NABLA_CHECKED=1 $BIN/ops_linear coop 2>&1 | grep -E "test result|panicked"
+  fi
+fi
+if [ "${GEMM:-0}" = 1 ]; then
+  echo "== nabla bench gemm"
+  $BIN/nabla bench gemm --json "$OUT/gemm.json" --reps 10 2>&1 | tee "$OUT/gemm.txt"
+  echo "== torch gemm"
+  python3 benches/torch_gemm.py --json "$OUT/torch_gemm.json" 2>&1 | tee "$OUT/torch_gemm.txt"
 fi
 ALGOS=${ALGOS:-nabla-0.7,nabla-0.4,nabla-0.6_sta-11-3-3,sta-11-3-3}
 for run in ${RUNS:-wan1.3b-480p:auto}; do
@@ -26,7 +36,7 @@ for run in ${RUNS:-wan1.3b-480p:auto}; do
   dr=${DENSE_REPS:-3}; [ "$k" = portable ] && dr=1
   $BIN/nabla bench attention --shape "$p" --kernel "$k" --sparse-algo "$ALGOS" --reps "${REPS:-10}" \
     --dense-reps "$dr" --json "$OUT/nabla_${p}_$k.json" --masks-out "/tmp/masks_$p.safetensors" 2>"$OUT/nabla_${p}_$k.log" | tee "$OUT/nabla_${p}_$k.txt" | tail -7
-  tail -2 "$OUT/nabla_${p}_$k.log" | grep -i error
+  grep -E "mask stages|error" "$OUT/nabla_${p}_$k.log"
   if [[ " ${TORCH_FOR:-} " == *" $p "* ]]; then
     echo "== torch $p"
     python3 benches/torch_attention.py --masks "/tmp/masks_$p.safetensors" --json "$OUT/torch_$p.json" \

@@ -25,7 +25,8 @@ pub const THRESHOLD_K: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// reductions.
 pub fn threshold_source(k: u32, subgroups: bool) -> String {
     let reduce = if subgroups { REDUCE_SG } else { REDUCE_WG };
-    format!("const K: u32 = {k}u;\n{THRESHOLD}{reduce}")
+    let body = expand_unroll(THRESHOLD, &[("K", k)]);
+    format!("{body}{reduce}")
 }
 /// Fractal (8×8 tile) token order and its inverse.
 pub const FRACTAL: &str = include_str!("../shaders/nabla/fractal.wgsl");
@@ -38,10 +39,12 @@ pub const BLOCK_SPARSE_COOP: &str = include_str!("../shaders/attention/block_spa
 pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 
 /// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
-/// `//@unroll` blocks are expanded with `NT = HD/16` and `NTH = HD/32`.
+/// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
+/// per softmax lane: 64 keys over SG/16 lanes per row).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32) -> String {
     let nt = head_dim / 16;
-    let body = expand_unroll(body, &[("NT", nt), ("NTH", nt / 2)]);
+    let kpl4 = 64 / (subgroup / 16) / 4;
+    let body = expand_unroll(body, &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4)]);
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
          const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n{body}"

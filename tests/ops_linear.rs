@@ -426,7 +426,8 @@ fn weight_over_the_binding_limit_is_refused() {
 #[test]
 fn every_variant_is_registered() {
     let v = nabla::ops::linear::variants();
-    assert_eq!(v.len(), 9, "3 weight dtypes × 3 activations");
+    // portable: 3 weight dtypes × 3 activations; cooperative: the same × 3 subgroup sizes
+    assert_eq!(v.len(), 9 + 27, "3 weight dtypes × 3 activations (+ coop × 3 subgroup sizes)");
     for dt in ["f32", "f16", "bf16"] {
         for act in ["none", "gelu_tanh", "silu"] {
             let name = format!("linalg/linear[{dt},{act}]");
@@ -497,6 +498,50 @@ fn dit_shapes_on_a_real_gpu() {
                 flops / ms / 1e9,
                 (n * k * 2) as f64 / ms / 1e6
             );
+        }
+    }
+}
+
+/// The tensor-core kernel (real GPUs with 16×16 f16 cooperative matrices): operands are rounded
+/// to f16 when staged, so the reference uses f16-rounded x and W; accumulation is f32.
+#[test]
+fn coop_kernel_matches_reference_on_f16_rounded_operands() {
+    use nabla::ops::linear::{LinearKernel, record_linear_with};
+    let g = gpu();
+    if g.caps().coop_subgroup().is_none() {
+        eprintln!("no 16x16 cooperative matrices on {}: coop linear skipped", g.caps().name);
+        return;
+    }
+    let mut rng = Rng::fresh(0xc00b);
+    let r16 = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    for (m, n, k, wdt) in [
+        (128usize, 128usize, 64usize, DType::F16),
+        (300, 200, 130, DType::BF16),
+        (65, 17, 34, DType::F32),
+        (1000, 640, 1536, DType::BF16),
+        (1, 3, 2, DType::F16),
+    ] {
+        for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
+            let x = rng.normals(m * k, 1.0);
+            let w = rng.normals(n * k, 0.05);
+            let b = rng.normals(n, 0.5);
+            let (wt, w_stored) = match wdt {
+                DType::F16 => (g.upload_f16(&w, &[n, k]).unwrap(), r16(&w)),
+                DType::BF16 => {
+                    let wb: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                    (g.upload_bf16(&w, &[n, k]).unwrap(), wb)
+                }
+                _ => (g.upload_f32(&w, &[n, k]).unwrap(), w.clone()),
+            };
+            let xt = g.upload_f32(&x, &[m, k]).unwrap();
+            let bt = g.upload_f32(&b, &[n]).unwrap();
+            let out = g.empty(&[m, n], DType::F32).unwrap();
+            g.fill_u32(&out, POISON);
+            let mut batch = g.batch();
+            record_linear_with(&mut batch, &xt, &wt, Some(&bt), act, &out, LinearKernel::Coop).unwrap();
+            batch.submit().unwrap();
+            let want = reference::nn::linear::linear(&r16(&x), &r16(&w_stored), Some(&b), m, n, k, act);
+            assert_close(&format!("coop linear {m}x{n}x{k} {wdt:?} {act:?}"), &g.read_f32(&out).unwrap(), &want, 1e-4, 1e-3, 1e-4);
         }
     }
 }

@@ -4,29 +4,29 @@
 //
 // One workgroup = 64 query rows of one head = 4 subgroups of 16 rows each. Every subgroup owns
 // its rows end to end: its Q tile lives in registers as A matrices, S = Q·Kᵀ and the softmax of
-// its rows go through its own slice of workgroup memory, O stays in C matrices. Keys are staged
-// 32 at a time (K, then V, in the same buffer). Online softmax in base 2 with lazy rescaling:
-// a row keeps its reference maximum until a block exceeds it by more than 2^8, and only then is O
-// sent through workgroup memory to be rescaled (workgroup-wide decision, rare after the first
-// blocks). The KV list is walked starting at a per-query-block offset so that neighbouring
-// workgroups do not all read the same key block at once.
+// its rows go through its own slice of workgroup memory, O stays in C matrices. A whole 64-key
+// block is staged at a time: K, then V in the same buffer (four barriers per block). Online
+// softmax in base 2 with lazy rescaling: a row keeps its reference maximum until a block exceeds
+// it by more than 2^8, and only then is O sent through workgroup memory to be rescaled
+// (workgroup-wide decision, rare after the first blocks). The KV list is walked starting at a
+// per-query-block offset so that neighbouring workgroups do not all read the same key block.
 //
-// Matrices are named variables (qa0.., o0..), never arrays indexed in loops: the lines of each
-// unroll block below are repeated for t = 0..N with the t placeholders substituted by the
-// dispatcher (shaders::expand_unroll), so no driver has to keep them in local memory.
+// Matrices and per-lane rows are named variables (qa0.., o0.., s0..), never arrays indexed in
+// loops: the lines of each unroll block below are repeated with the t placeholders substituted
+// by the dispatcher (shaders::expand_unroll), so no driver has to keep them in local memory.
 //
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
-// 16-byte boundary (row strides KSV (vec4 units), OS (floats) and column offsets are multiples
-// of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down (GPU-NOTES.md).
-// The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or 128) and SG (the
-// subgroup size; the workgroup has 4·SG threads).
+// 16-byte boundary (row strides KSV, PSV (vec4 units), OS (floats) and column offsets are
+// multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
+// (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
+// 128) and SG (the subgroup size; the workgroup has 4·SG threads).
 
 const QV: u32 = HD / 4u;          // vec4s per row
-const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K/V/Q/P (16-byte multiple)
-const OS: u32 = HD / 2u + 4u;     // f32 row stride of S and of half an O tile
-const KT: u32 = 32u;              // keys staged at a time
+const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
+const PSV: u32 = 18u;             // vec4<f16> row stride of P (64 keys + pad)
+const OS: u32 = 68u;              // f32 row stride of S (64 keys) and of half an O tile
 const LPR: u32 = SG / 16u;        // lanes per row in the softmax
-const KPL: u32 = KT / LPR;        // keys per lane
+const KPL: u32 = 64u / LPR;       // keys per lane
 const CPL: u32 = (HD / 2u) / LPR; // O columns per lane (half tile)
 const WGS: u32 = 4u * SG;
 
@@ -49,24 +49,27 @@ struct Params {
 @group(0) @binding(5) var<storage, read> indices: array<u32>;
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f16>>;
 
-var<workgroup> kvs: array<vec4<f16>, KT * KSV>;   // staged K or V sub-block [32 keys][KSV]
-var<workgroup> pq: array<vec4<f16>, 64u * KSV>;   // per subgroup 16 rows: Q staging, then P
+var<workgroup> kvs: array<vec4<f16>, 64u * KSV>;  // staged K or V block [64 keys][KSV]; Q at start
+var<workgroup> pbuf: array<vec4<f16>, 64u * PSV>; // P rows [64][PSV]
 var<workgroup> so: array<f32, 64u * OS>;          // per subgroup 16 rows: S, or half of O
 var<workgroup> alpha: array<f32, 64>;             // per-row rescale factors
 var<workgroup> wmeta: array<u32, 4>;              // [count, block, rescale flag, -]
 
-fn stage_kv(src_is_v: bool, bh: u32, key0: u32, lid: u32) {
-    for (var e = lid; e < KT * QV; e += WGS) {
+// rows [row0, row0+64) of a [BH, len, HD] tensor into kvs, zero past len
+fn stage(which: u32, bh: u32, row0: u32, len: u32, lid: u32) {
+    for (var e = lid; e < 64u * QV; e += WGS) {
         let r = e / QV;
         let c = e % QV;
-        let key = key0 + r;
+        let t = row0 + r;
         var x = vec4<f16>(0.0h);
-        if (key < P.skv) {
-            let g = (bh * P.skv + key) * QV + c;
-            if (src_is_v) {
-                x = v[g];
-            } else {
+        if (t < len) {
+            let g = (bh * len + t) * QV + c;
+            if (which == 0u) {
+                x = q[g];
+            } else if (which == 1u) {
                 x = k[g];
+            } else {
+                x = v[g];
             }
         }
         kvs[r * KSV + c] = x;
@@ -80,23 +83,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(subgroup_invocation_id) lane: u32) {
     let qb = wid.x;
     let bh = wid.y;
-    let prow = sg * 16u * KSV;  // this subgroup's rows in pq
+    let krow = sg * 16u * KSV;  // this subgroup's rows in kvs (Q staging)
+    let prow = sg * 16u * PSV;  // this subgroup's rows in pbuf
     let orow = sg * 16u * OS;   // this subgroup's rows in so
     let rl = lane / LPR;        // softmax: row within the subgroup
     let part = lane % LPR;
     let row = sg * 16u + rl;    // row within the 64-row tile
 
-    // Q rows of this subgroup -> pq -> A matrices
-    for (var e = lane; e < 16u * QV; e += SG) {
-        let r = e / QV;
-        let c = e % QV;
-        let tok = qb * 64u + sg * 16u + r;
-        var x = vec4<f16>(0.0h);
-        if (tok < P.sq) {
-            x = q[(bh * P.sq + tok) * QV + c];
-        }
-        pq[prow + r * KSV + c] = x;
-    }
+    stage(0u, bh, qb * 64u, P.sq, lid);
     let mh = select(0u, bh, P.mask_heads > 1u);
     let mrow = mh * P.nqb + qb;
     if (lid == 0u) {
@@ -105,7 +99,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let cnt = workgroupUniformLoad(&wmeta[0]);
     //@unroll NT
-    let qa{t} = coopLoadT<coop_mat16x16<f16, A>>(&pq[prow + {t}u * 4u], KSV);
+    let qa{t} = coopLoadT<coop_mat16x16<f16, A>>(&kvs[krow + {t}u * 4u], KSV);
     var o{t} = coop_mat16x16<f32, C>();
     //@end
     var m_ref = -1.0e30;
@@ -121,91 +115,88 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             }
             wmeta[1] = indices[mrow * P.nkb + idx];
         }
+        // (this uniform load's barrier also orders the Q reads above before the first K stage)
         let kb = workgroupUniformLoad(&wmeta[1]);
-        for (var hb = 0u; hb < 2u; hb++) {
-            let key0 = kb * 64u + hb * KT;
-            if (key0 >= P.skv) {
-                continue;
-            }
-            stage_kv(false, bh, key0, lid);
-            workgroupBarrier();
-            // S = (Q Kᵀ) * scale·log2(e): 16 rows x 32 keys per subgroup
-            for (var j = 0u; j < 2u; j++) {
-                var acc = coop_mat16x16<f32, C>();
-                //@unroll NT
-                acc = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), acc);
-                //@end
-                acc = acc * P.scale_log2e;
-                coopStoreT(acc, &so[orow + j * 16u], OS);
-            }
-            workgroupBarrier();
-            stage_kv(true, bh, key0, lid);
-            // softmax of this subgroup's rows (LPR lanes per row, KPL keys each)
-            var s: array<f32, KPL>;
-            var bm = -1.0e30;
-            for (var i = 0u; i < KPL; i++) {
-                let kc = part * KPL + i;
-                let valid = key0 + kc < P.skv;
-                s[i] = select(-3.0e38, so[orow + rl * OS + kc], valid);
-                bm = max(bm, s[i]);
-            }
-            for (var x = 1u; x < LPR; x <<= 1u) {
-                bm = max(bm, subgroupShuffleXor(bm, x));
-            }
-            var a = 1.0;
-            if (bm > m_ref + 8.0) {
-                a = exp2(m_ref - bm);
-                m_ref = bm;
-                if (seen) {
-                    wmeta[2] = 1u;
-                }
-            }
-            var sum = 0.0;
-            for (var i = 0u; i < KPL; i += 4u) {
-                let p = exp2(vec4<f32>(s[i], s[i + 1u], s[i + 2u], s[i + 3u]) - m_ref);
-                sum += p.x + p.y + p.z + p.w;
-                pq[prow + rl * KSV + (part * KPL + i) / 4u] = vec4<f16>(p);
-            }
-            l_part = l_part * a + sum;
-            if (part == 0u) {
-                alpha[row] = a;
-            }
-            seen = true;
-            workgroupBarrier();
-            if (workgroupUniformLoad(&wmeta[2]) != 0u) {
-                // rare: O rows *= alpha through workgroup memory, half a tile at a time
-                //@unroll NTH
-                coopStoreT(o{t}, &so[orow + {t}u * 16u], OS);
-                //@end
-                workgroupBarrier();
-                scale_rows(orow, rl, part, alpha[row]);
-                workgroupBarrier();
-                //@unroll NTH
-                o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
-                //@end
-                workgroupBarrier();
-                //@unroll NTH
-                coopStoreT(o{t+NTH}, &so[orow + {t}u * 16u], OS);
-                //@end
-                workgroupBarrier();
-                scale_rows(orow, rl, part, alpha[row]);
-                workgroupBarrier();
-                //@unroll NTH
-                o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
-                //@end
-                if (lid == 0u) {
-                    wmeta[2] = 0u;
-                }
-            }
-            // O += P V
-            for (var j = 0u; j < 2u; j++) {
-                let pa = coopLoadT<coop_mat16x16<f16, A>>(&pq[prow + j * 4u], KSV);
-                //@unroll NT
-                o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), o{t});
-                //@end
-            }
-            workgroupBarrier();
+        let key0 = kb * 64u;
+        stage(1u, bh, key0, P.skv, lid);
+        workgroupBarrier();
+        // S = (Q Kᵀ) · scale·log2(e): 16 rows x 64 keys per subgroup
+        for (var j = 0u; j < 4u; j++) {
+            var acc = coop_mat16x16<f32, C>();
+            //@unroll NT
+            acc = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), acc);
+            //@end
+            acc = acc * P.scale_log2e;
+            coopStoreT(acc, &so[orow + j * 16u], OS);
         }
+        workgroupBarrier();
+        stage(2u, bh, key0, P.skv, lid);
+        // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
+        let sbase = orow + rl * OS + part * KPL;
+        let kbase = key0 + part * KPL;
+        var bm = -1.0e30;
+        //@unroll KPL4
+        var s{t} = vec4<f32>(so[sbase + {t}u * 4u], so[sbase + {t}u * 4u + 1u], so[sbase + {t}u * 4u + 2u], so[sbase + {t}u * 4u + 3u]);
+        s{t} = select(vec4<f32>(-3.0e38), s{t}, kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv));
+        bm = max(bm, max(max(s{t}.x, s{t}.y), max(s{t}.z, s{t}.w)));
+        //@end
+        for (var x = 1u; x < LPR; x <<= 1u) {
+            bm = max(bm, subgroupShuffleXor(bm, x));
+        }
+        var a = 1.0;
+        if (bm > m_ref + 8.0) {
+            a = exp2(m_ref - bm);
+            m_ref = bm;
+            if (seen) {
+                wmeta[2] = 1u;
+            }
+        }
+        var sum = 0.0;
+        let pb = prow + rl * PSV + part * (KPL / 4u);
+        //@unroll KPL4
+        let p{t} = exp2(s{t} - m_ref);
+        sum += p{t}.x + p{t}.y + p{t}.z + p{t}.w;
+        pbuf[pb + {t}u] = vec4<f16>(p{t});
+        //@end
+        l_part = l_part * a + sum;
+        if (part == 0u) {
+            alpha[row] = a;
+        }
+        seen = true;
+        workgroupBarrier();
+        if (workgroupUniformLoad(&wmeta[2]) != 0u) {
+            // rare: O rows *= alpha through workgroup memory, half a tile at a time
+            //@unroll NTH
+            coopStoreT(o{t}, &so[orow + {t}u * 16u], OS);
+            //@end
+            workgroupBarrier();
+            scale_rows(orow, rl, part, alpha[row]);
+            workgroupBarrier();
+            //@unroll NTH
+            o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
+            //@end
+            workgroupBarrier();
+            //@unroll NTH
+            coopStoreT(o{t+NTH}, &so[orow + {t}u * 16u], OS);
+            //@end
+            workgroupBarrier();
+            scale_rows(orow, rl, part, alpha[row]);
+            workgroupBarrier();
+            //@unroll NTH
+            o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
+            //@end
+            if (lid == 0u) {
+                wmeta[2] = 0u;
+            }
+        }
+        // O += P V
+        for (var j = 0u; j < 4u; j++) {
+            let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow + j * 4u], PSV);
+            //@unroll NT
+            o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), o{t});
+            //@end
+        }
+        workgroupBarrier();
     }
 
     // out = O / l, half a tile at a time through workgroup memory

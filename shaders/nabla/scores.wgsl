@@ -26,10 +26,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let j0 = wid.x * 64u;
     let ti = lid / 16u;
     let tj = lid % 16u;
-    var acc: array<vec4<f32>, 4>;
-    for (var x = 0u; x < 4u; x++) {
-        acc[x] = vec4<f32>(0.0);
-    }
+    // four named accumulators (an array indexed in loops may live in local memory)
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     // Loader mapping: thread loads 4 consecutive k of one row.
     let lr = lid / 4u;          // row 0..63
     let lk = (lid % 4u) * 4u;   // k offset 0,4,8,12
@@ -56,23 +57,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var c = 0u; c < 16u; c++) {
             let a = a_s[c * 16u + ti];
             let b = b_s[c * 16u + tj];
-            acc[0] += a.x * b;
-            acc[1] += a.y * b;
-            acc[2] += a.z * b;
-            acc[3] += a.w * b;
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
         }
         workgroupBarrier();
     }
-    for (var x = 0u; x < 4u; x++) {
-        let gi = i0 + ti * 4u + x;
-        if (gi >= P.nb) {
-            continue;
-        }
-        for (var y = 0u; y < 4u; y++) {
-            let gj = j0 + tj * 4u + y;
-            if (gj < P.nb) {
-                out[(bh * P.nb + gi) * P.nb + gj] = acc[x][y] / P.sqrt_d;
-            }
-        }
+    store_row(bh, i0 + ti * 4u, j0 + tj * 4u, acc0);
+    store_row(bh, i0 + ti * 4u + 1u, j0 + tj * 4u, acc1);
+    store_row(bh, i0 + ti * 4u + 2u, j0 + tj * 4u, acc2);
+    store_row(bh, i0 + ti * 4u + 3u, j0 + tj * 4u, acc3);
+}
+
+fn store_row(bh: u32, gi: u32, gj: u32, v: vec4<f32>) {
+    if (gi >= P.nb) {
+        return;
+    }
+    let base = (bh * P.nb + gi) * P.nb;
+    if (gj < P.nb) {
+        out[base + gj] = v.x / P.sqrt_d;
+    }
+    if (gj + 1u < P.nb) {
+        out[base + gj + 1u] = v.y / P.sqrt_d;
+    }
+    if (gj + 2u < P.nb) {
+        out[base + gj + 2u] = v.z / P.sqrt_d;
+    }
+    if (gj + 3u < P.nb) {
+        out[base + gj + 3u] = v.w / P.sqrt_d;
     }
 }

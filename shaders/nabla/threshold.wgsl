@@ -8,8 +8,8 @@
 // (all tied entries are kept) and at thr = 0, where the row maximum is always kept.
 // With STA on, keep_j |= (|t_i - t_j| <= rt && |y_i - y_j| <= rh && |x_i - x_j| <= rw).
 // Output: counts[row] and indices[row, 0..count) in ascending key order.
-// The row lives in registers (K values per thread; the dispatcher picks K = ceil(Nb/256)
-// rounded up to a power of two). reduce_sum / reduce_max and the entry point come from a
+// The row lives in registers (K named values per thread, unroll blocks expanded by the
+// dispatcher; K = ceil(Nb/256) rounded up to a power of two). reduce_sum / reduce_max and the entry point come from a
 // reduction file prepended by the dispatcher: reduce_wg.wgsl (workgroup tree, any adapter) or
 // reduce_sg.wgsl (subgroup operations, two barriers per reduction).
 
@@ -43,35 +43,32 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     let base = row * P.nb;
     let n = P.nb;
 
-    // 1. softmax, in registers, written back in place
-    var x: array<f32, K>;
+    // 1. softmax, in registers (x0.., one per 256 keys), written back in place
     var m = -3.4e38;
-    for (var c = 0u; c < K; c++) {
-        let j = lid + c * WG;
-        x[c] = -3.4e38;
-        if (j < n) {
-            x[c] = probs[base + j];
-        }
-        m = max(m, x[c]);
+    //@unroll K
+    var x{t} = -3.4e38;
+    if (lid + {t}u * WG < n) {
+        x{t} = probs[base + lid + {t}u * WG];
     }
+    m = max(m, x{t});
+    //@end
     m = reduce_max(m, lid, sg, lane);
     var s = 0.0;
-    for (var c = 0u; c < K; c++) {
-        x[c] = exp(x[c] - m);
-        s += x[c];
-    }
+    //@unroll K
+    x{t} = exp(x{t} - m);
+    s += x{t};
+    //@end
     s = reduce_sum(s, lid, sg, lane);
     var pmax = 0.0;
-    for (var c = 0u; c < K; c++) {
-        let j = lid + c * WG;
-        x[c] = x[c] / s;
-        if (j < n) {
-            probs[base + j] = x[c];
-        } else {
-            x[c] = 0.0;
-        }
-        pmax = max(pmax, x[c]);
+    //@unroll K
+    x{t} = x{t} / s;
+    if (lid + {t}u * WG < n) {
+        probs[base + lid + {t}u * WG] = x{t};
+    } else {
+        x{t} = 0.0;
     }
+    pmax = max(pmax, x{t});
+    //@end
     pmax = reduce_max(pmax, lid, sg, lane);
 
     // 2. bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax))
@@ -84,9 +81,9 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
         let mid = lo + (hi - lo) / 2u;
         let v = bitcast<f32>(mid);
         var f = 0.0;
-        for (var c = 0u; c < K; c++) {
-            f += select(0.0, x[c], x[c] <= v);
-        }
+        //@unroll K
+        f += select(0.0, x{t}, x{t} <= v);
+        //@end
         f = reduce_sum(f, lid, sg, lane);
         if (f >= P.cut) {
             hi = mid;
@@ -94,51 +91,53 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
             lo = mid + 1u;
         }
     }
-    let keep_from = lo;
 
     // 3. keep flags (+ STA) and compaction in ascending key order
-    let hw = P.hb * P.wb;
-    let ti = qi / hw;
-    let yi = (qi % hw) / P.wb;
-    let xi = qi % P.wb;
     var offset = 0u;
-    for (var c = 0u; c < K; c++) {
-        let j = lid + c * WG;
-        if (c * WG >= n) {
-            break;
-        }
-        var keep = false;
-        if (j < n) {
-            keep = bitcast<u32>(x[c]) >= keep_from;
-            if (P.use_sta != 0u) {
-                let tj = j / hw;
-                let yj = (j % hw) / P.wb;
-                let xj = j % P.wb;
-                keep = keep || (absdiff(ti, tj) <= P.rt && absdiff(yi, yj) <= P.rh && absdiff(xi, xj) <= P.rw);
-            }
-        }
-        let flag = select(0u, 1u, keep);
-        // inclusive Hillis-Steele scan of the flags
-        scan[lid] = flag;
-        workgroupBarrier();
-        for (var d = 1u; d < WG; d <<= 1u) {
-            var add = 0u;
-            if (lid >= d) {
-                add = scan[lid - d];
-            }
-            workgroupBarrier();
-            scan[lid] = scan[lid] + add;
-            workgroupBarrier();
-        }
-        if (keep) {
-            indices[base + offset + scan[lid] - 1u] = j;
-        }
-        if (lid == WG - 1u) {
-            bcast_u.x = scan[WG - 1u];
-        }
-        offset += workgroupUniformLoad(&bcast_u).x;
+    //@unroll K
+    if ({t}u * WG < n) {
+        offset += compact(qi, base, lid + {t}u * WG, x{t}, lo, offset, lid);
     }
+    //@end
     if (lid == 0u) {
         counts[row] = offset;
     }
+}
+
+// Writes the kept keys of one 256-key chunk after `offset` and returns how many it kept.
+fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid: u32) -> u32 {
+    let n = P.nb;
+    let hw = P.hb * P.wb;
+    var keep = false;
+    if (j < n) {
+        keep = bitcast<u32>(p) >= keep_from;
+        if (P.use_sta != 0u) {
+            let ti = qi / hw;
+            let yi = (qi % hw) / P.wb;
+            let xi = qi % P.wb;
+            let tj = j / hw;
+            let yj = (j % hw) / P.wb;
+            let xj = j % P.wb;
+            keep = keep || (absdiff(ti, tj) <= P.rt && absdiff(yi, yj) <= P.rh && absdiff(xi, xj) <= P.rw);
+        }
+    }
+    // inclusive Hillis-Steele scan of the flags
+    scan[lid] = select(0u, 1u, keep);
+    workgroupBarrier();
+    for (var d = 1u; d < WG; d <<= 1u) {
+        var add = 0u;
+        if (lid >= d) {
+            add = scan[lid - d];
+        }
+        workgroupBarrier();
+        scan[lid] = scan[lid] + add;
+        workgroupBarrier();
+    }
+    if (keep) {
+        indices[base + offset + scan[lid] - 1u] = j;
+    }
+    if (lid == WG - 1u) {
+        bcast_u.x = scan[WG - 1u];
+    }
+    return workgroupUniformLoad(&bcast_u).x;
 }

@@ -144,7 +144,7 @@ pub fn coop_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Option<String> {
     if 4 * c.subgroup_min > c.max_invocations {
         return Some("workgroup too large".into());
     }
-    let smem = (32 * (d + 8) * 2 + 64 * (d + 8) * 2 + 64 * (d / 2 + 4) * 4 + 64 * 4 + 16) as u32;
+    let smem = (64 * (d / 4 + 2) * 8 + 64 * 18 * 8 + 64 * 68 * 4 + 64 * 4 + 16) as u32;
     if smem > c.max_workgroup_storage {
         return Some(format!(
             "needs {smem} bytes of workgroup memory, the adapter has {}",

@@ -4,7 +4,7 @@
 use super::median;
 use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
 use nabla::io::write_safetensors;
-use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask};
+use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask, time_mask_stages};
 use nabla::synth::{Role, structured};
 use nabla::{BlockGrid, BlockMask, DType, Error, Gpu, Result, SparseAlgo, Tensor};
 use serde_json::json;
@@ -15,6 +15,106 @@ use std::path::PathBuf;
 pub enum BenchCmd {
     /// NABLA mask estimation + block-sparse attention vs dense attention.
     Attention(AttnArgs),
+    /// The linear layer (GEMM) on 4096³ and every Wan DiT linear shape.
+    Gemm(GemmArgs),
+}
+
+#[derive(clap::Args)]
+pub struct GemmArgs {
+    /// Kernels to time, comma separated: portable, coop.
+    #[arg(long, default_value = "portable,coop")]
+    kernels: String,
+    /// Weight storage: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Rows M of the DiT shapes (tokens): 67200 = 14B at 1280x640, 81 frames.
+    #[arg(long, default_value_t = 67200)]
+    tokens: usize,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn gemm(a: GemmArgs) -> Result<()> {
+    use nabla::ops::linear::{Activation, LinearKernel, record_linear_with};
+    let gpu = Gpu::new()?;
+    let caps = gpu.caps().clone();
+    let kernels: Vec<(String, LinearKernel)> = a
+        .kernels
+        .split(',')
+        .map(|k| match k.trim() {
+            "portable" => Ok(("portable".to_string(), LinearKernel::Portable)),
+            "coop" => Ok(("coop".to_string(), LinearKernel::Coop)),
+            o => Err(Error::Invalid(format!("--kernels: {o:?} is not portable or coop"))),
+        })
+        .collect::<Result<_>>()?;
+    let m = a.tokens;
+    let shapes: Vec<(&str, usize, usize, usize)> = vec![
+        ("square 4096", 4096, 4096, 4096),
+        ("14B qkvo 5120->5120", m, 5120, 5120),
+        ("14B ffn.0 5120->13824", m, 13824, 5120),
+        ("14B ffn.2 13824->5120", m, 5120, 13824),
+        ("1.3B qkvo 1536->1536", m, 1536, 1536),
+        ("1.3B ffn.0 1536->8960", m, 8960, 1536),
+        ("1.3B ffn.2 8960->1536", m, 1536, 8960),
+        ("text 4096->5120 (512 rows)", 512, 5120, 4096),
+    ];
+    let mut rows = Vec::new();
+    println!("adapter  {} ({}, {} {}) | weights {}", caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype);
+    println!("{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>9} {:>10}", "shape", "M", "N", "K", "kernel", "ms", "TFLOP/s", "rel err");
+    for (name, m, n, k) in shapes {
+        let mut rng = 0x1234_5678u64 ^ (m * n * k) as u64;
+        let mut rnd = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        let x = gpu.upload_f32(&rnd(m * k, 2.0), &[m, k])?;
+        let wv = rnd(n * k, 0.1);
+        let w = match a.dtype.as_str() {
+            "f16" => gpu.upload_f16(&wv, &[n, k])?,
+            "f32" => gpu.upload_f32(&wv, &[n, k])?,
+            _ => gpu.upload_bf16(&wv, &[n, k])?,
+        };
+        drop(wv);
+        let b = gpu.upload_f32(&rnd(n, 1.0), &[n])?;
+        let mut first: Option<Vec<f32>> = None;
+        for (kn, kernel) in &kernels {
+            let out = gpu.empty(&[m, n], DType::F32)?;
+            let t = match gpu.time_ms(a.reps + 1, |bt| record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)) {
+                Ok(t) => t,
+                Err(e) => {
+                    println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: {e}");
+                    continue;
+                }
+            };
+            let ms = median(&t[1..]);
+            let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+            let y = gpu.read_f32(&out)?;
+            let err = match &first {
+                Some(f) => rel_err(&y, f),
+                None => {
+                    first = Some(y);
+                    0.0
+                }
+            };
+            println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} {ms:>10.3} {tf:>9.1} {err:>10.2e}");
+            rows.push(json!({"shape": name, "m": m, "n": n, "k": k, "kernel": kn, "ms": ms, "tflops": tf, "rel_err_vs_first_kernel": err, "samples_ms": t}));
+        }
+    }
+    if let Some(p) = &a.json {
+        let doc = json!({"adapter": caps.name, "driver": format!("{} {}", caps.driver, caps.driver_info), "weights": a.dtype, "rows": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| Error::file(p.clone(), e))?;
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -121,7 +221,10 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Attention(a) = cmd;
+    let a = match cmd {
+        BenchCmd::Attention(a) => a,
+        BenchCmd::Gemm(g) => return gemm(g),
+    };
     let sh = parse_shape(&a.shape)?;
     let algos: Vec<SparseAlgo> = a
         .sparse_algo
@@ -207,6 +310,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 (m, median(&t[2..]), t)
             }
         };
+        let stages_ms = match algo {
+            SparseAlgo::Sta(_) => vec![],
+            _ => time_mask_stages(&gpu, &qt, &kt, grid, algo, a.reps)?.to_vec(),
+        };
+        if !stages_ms.is_empty() {
+            eprintln!("  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms", stages_ms[0], stages_ms[1], stages_ms[2]);
+        }
         let density = mask.density(&gpu)?;
         let out = gpu.empty(&shape, dt)?;
         let t = gpu.time_ms(a.reps + 1, |bt| {
@@ -224,7 +334,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "algo": algo.to_string(), "density": density, "mask_ms": mask_ms, "sparse_ms": sparse_ms,
             "dense_ms": dense_ms, "speedup": dense_ms / sparse_ms, "effective_tflops": eff_tflops,
             "mask_read_gbs": mask_gbs, "rel_err_vs_dense": err,
-            "mask_ms_samples": mask_all, "sparse_ms_samples": sparse_all,
+            "mask_stage_ms": stages_ms, "mask_ms_samples": mask_all, "sparse_ms_samples": sparse_all,
         }));
         if a.masks_out.is_some() {
             let mut dense = mask.to_dense(&gpu)?;

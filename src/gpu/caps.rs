@@ -96,6 +96,19 @@ impl Capabilities {
         }
     }
 
+    /// The subgroup size the 16×16 cooperative kernels can be built for on this adapter
+    /// (Vulkan, 16×16×16 f16→f32 matrices, one fixed subgroup size of 16, 32 or 64), or `None`.
+    pub fn coop_subgroup(&self) -> Option<u32> {
+        let sg = self.subgroup_min;
+        (self.has_coop_f16_16()
+            && self.backend == "Vulkan"
+            && self.subgroups
+            && sg == self.subgroup_max
+            && matches!(sg, 16 | 32 | 64)
+            && 4 * sg <= self.max_invocations)
+            .then_some(sg)
+    }
+
     /// Whether a 16×16×16 f16 → f32 cooperative matrix is available.
     pub fn has_coop_f16_16(&self) -> bool {
         self.coop_matrix

@@ -301,9 +301,9 @@ fn check_qk(gpu: &Gpu, q: &Tensor, k: &Tensor, grid: &BlockGrid) -> Result<(usiz
             grid.tokens()
         )));
     }
-    if d == 0 || d % 16 != 0 {
+    if d == 0 || d % 16 != 0 || d > 512 {
         return Err(Error::shape(format!(
-            "head_dim {d} must be a positive multiple of 16 (64 and 128 are the usual ones)"
+            "head_dim {d} must be a positive multiple of 16 up to 512 (64 and 128 are the usual ones)"
         )));
     }
     gpu.check_binding("q", q.logical_bytes())?;
@@ -564,4 +564,33 @@ pub fn mask_from_pooled_with(
     record_threshold(&mut b, &probs, &grid, algo, &out, bh, reduction)?;
     b.submit()?;
     Ok((out, probs))
+}
+
+/// GPU time (median ms over `reps`) of each mask stage on its own: pooling of q and k, block
+/// scores, and softmax + threshold + lists. For benchmarks.
+pub fn time_mask_stages(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+    reps: usize,
+) -> Result<[f64; 3]> {
+    let (bh, d) = check_qk(gpu, q, k, &grid)?;
+    let nb = grid.blocks();
+    let st = MaskStages::alloc(gpu, bh, nb, d)?;
+    let out = BlockMask::alloc(gpu, bh, nb)?;
+    let s = grid.tokens();
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let reps = reps.max(1) + 1;
+    let pool = gpu.time_ms(reps, |b| {
+        record_pool(b, q, &st.qa, bh, s, d)?;
+        record_pool(b, k, &st.ka, bh, s, d)
+    })?;
+    let scores = gpu.time_ms(reps, |b| record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d))?;
+    let thr = gpu.time_ms(reps, |b| record_threshold(b, &st.probs, &grid, algo, &out, bh, Reduction::Auto))?;
+    Ok([med(pool[1..].to_vec()), med(scores[1..].to_vec()), med(thr[1..].to_vec())])
 }

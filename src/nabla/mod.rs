@@ -12,7 +12,7 @@ pub use fractal::{from_fractal, record_fractal, to_fractal};
 pub use grid::BlockGrid;
 pub use mask::{
     BlockMask, MaskStages, Reduction, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
-    mask_from_pooled_with, record_estimate_mask,
+    mask_from_pooled_with, record_estimate_mask, time_mask_stages,
 };
 pub use sta::sta_lists;
 

@@ -29,6 +29,22 @@ use crate::gpu::{Batch, DType, Gpu, Tensor, groups_2d};
 
 /// The kernel body; [`source`] prepends the two constants that select a variant.
 const LINEAR: &str = include_str!("../../shaders/linalg/linear.wgsl");
+const LINEAR_COMMON: &str = include_str!("../../shaders/linalg/linear_common.wgsl");
+const LINEAR_COOP: &str = include_str!("../../shaders/linalg/linear_coop.wgsl");
+
+/// Which GEMM kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearKernel {
+    /// The cooperative-matrix kernel for 16-bit weights where the adapter has 16×16 f16
+    /// matrices (the fast path: operands rounded to f16, f32 accumulation), the portable f32
+    /// kernel otherwise and always for f32 weights (the parity path). `NABLA_LINEAR=portable`
+    /// forces the portable kernel.
+    Auto,
+    /// Portable f32 math.
+    Portable,
+    /// Tensor cores (f16 operands, f32 accumulation).
+    Coop,
+}
 
 /// The activation applied after the bias, fused into the linear kernel's epilogue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -89,7 +105,18 @@ fn variant_name(wdt: DType, act: Activation) -> String {
 fn source(wdt: DType, act: Activation) -> Option<String> {
     let w = weight_code(wdt)?;
     Some(format!(
-        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR}",
+        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR}",
+        act.code()
+    ))
+}
+
+/// WGSL source of the cooperative-matrix variant for subgroup size `sg`.
+fn coop_source(wdt: DType, act: Activation, sg: u32) -> Option<String> {
+    let w = weight_code(wdt)?;
+    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4)]);
+    Some(format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
+         const SG: u32 = {sg}u;\n{LINEAR_COMMON}{body}",
         act.code()
     ))
 }
@@ -101,6 +128,11 @@ pub fn variants() -> Vec<(String, String)> {
         for act in Activation::ALL {
             if let Some(src) = source(wdt, act) {
                 v.push((variant_name(wdt, act), src));
+            }
+            for sg in crate::shaders::COOP_SUBGROUP_SIZES {
+                if let Some(src) = coop_source(wdt, act, sg) {
+                    v.push((format!("{}[coop,sg{sg}]", variant_name(wdt, act)), src));
+                }
             }
         }
     }
@@ -249,13 +281,41 @@ pub fn record_linear(
     act: Activation,
     out: &Tensor,
 ) -> Result<()> {
+    record_linear_with(batch, x, w, b, act, out, LinearKernel::Auto)
+}
+
+/// [`record_linear`] with an explicit kernel choice (benchmarks, self-tests).
+pub fn record_linear_with(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Activation,
+    out: &Tensor,
+    kernel: LinearKernel,
+) -> Result<()> {
     let gpu = batch.gpu();
     let (m, n, k) = check(gpu, x, w, b, Some(out))?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let tiles_m = m.div_ceil(TILE);
-    let tiles_n = n.div_ceil(TILE);
+    let sg = gpu.caps().coop_subgroup();
+    let coop = match kernel {
+        LinearKernel::Portable => None,
+        LinearKernel::Coop => Some(sg.ok_or_else(|| Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
+            what: "the tensor-core linear kernel".into(),
+        })?),
+        LinearKernel::Auto => sg.filter(|_| {
+            w.dtype() != DType::F32
+                && m >= 64
+                && std::env::var("NABLA_LINEAR").map_or(true, |v| v != "portable")
+        }),
+    };
+    let tile = if coop.is_some() { 128 } else { TILE };
+    let tiles_m = m.div_ceil(tile);
+    let tiles_n = n.div_ceil(tile);
     let tiles = tiles_m * tiles_n;
     let p = Params {
         m: m as u32,
@@ -271,9 +331,22 @@ pub fn record_linear(
         })?,
         group: GROUP,
     };
-    let src = source(w.dtype(), act)
-        .ok_or_else(|| Error::shape(format!("no linear kernel for {:?} weights", w.dtype())))?;
-    let pipe = gpu.pipeline(&variant_name(w.dtype(), act), &src, true)?;
+    let pipe = match coop {
+        Some(sg) => {
+            let src = coop_source(w.dtype(), act, sg)
+                .ok_or_else(|| Error::shape(format!("no linear kernel for {:?} weights", w.dtype())))?;
+            // indices are validated by `check` and masked in the loads: no runtime checks
+            // (NABLA_CHECKED=1 keeps them)
+            let checked = crate::gpu::checked_override();
+            let key = format!("{}[coop,sg{sg},checked={checked}]", variant_name(w.dtype(), act));
+            gpu.pipeline(&key, &src, checked)?
+        }
+        None => {
+            let src = source(w.dtype(), act)
+                .ok_or_else(|| Error::shape(format!("no linear kernel for {:?} weights", w.dtype())))?;
+            gpu.pipeline(&variant_name(w.dtype(), act), &src, true)?
+        }
+    };
     let groups = groups_2d(tiles, gpu.caps().max_workgroups_per_dim);
     // Without a bias, `x` fills the bias binding (never read: `has_bias` is 0).
     let bias = b.unwrap_or(x);

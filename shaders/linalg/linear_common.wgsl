@@ -1,0 +1,122 @@
+// Shared by linear.wgsl (portable) and linear_coop.wgsl (cooperative matrices): parameters,
+// bindings, weight decoding, edge-masked loads and the activation epilogue. The prelude defines
+// WDT (weight storage: 0 = f32, 1 = f16, 2 = bf16) and ACT (0 = none, 1 = GELU-tanh, 2 = SiLU).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    has_bias: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    tiles: u32,
+    group: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+// One f16 (low 16 bits of h) as f32, exactly, without the f16 shader feature or the
+// SHADER_FLOAT16_IN_FLOAT32 capability `unpack2x16float` would need. Subnormals are scaled from an
+// integer (never an f32 denormal, which a GPU may flush to zero); infinities and NaNs are kept.
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    var v = bitcast<f32>(((e + 112u) << 23u) | (m << 13u));
+    if (e == 0u) {
+        v = f32(m) * 5.9604644775390625e-8; // m * 2^-24
+    } else if (e == 31u) {
+        v = bitcast<f32>(0x7f800000u | (m << 13u));
+    }
+    return select(v, -v, (h & 0x8000u) != 0u);
+}
+
+// Two 16-bit weights of one word as f32 (low half first).
+fn unpack_w(v: u32) -> vec2<f32> {
+    if (WDT == 1u) {
+        return vec2<f32>(f16_bits_to_f32(v & 0xffffu), f16_bits_to_f32(v >> 16u));
+    }
+    // bf16 is the upper half of an f32
+    return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u));
+}
+
+// x[row, k..k+4], zeros past M or K.
+fn load_x4(row: u32, k: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (row >= P.m) {
+        return v;
+    }
+    let e = row * P.k + k;
+    if (k + 3u < P.k) {
+        v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+    } else {
+        // no dynamic component index: it can push a vector to local memory on some compilers
+        if (k < P.k) {
+            v.x = x[e];
+        }
+        if (k + 1u < P.k) {
+            v.y = x[e + 1u];
+        }
+        if (k + 2u < P.k) {
+            v.z = x[e + 2u];
+        }
+    }
+    return v;
+}
+
+// w[row, k..k+4] as f32, zeros past N or K. k is a multiple of 4, so for 16-bit storage the
+// four values are two whole words.
+fn load_w4(row: u32, k: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (row >= P.n) {
+        return v;
+    }
+    let e = row * P.k + k;
+    if (WDT == 0u) {
+        if (k + 3u < P.k) {
+            v = vec4<f32>(bitcast<f32>(w[e]), bitcast<f32>(w[e + 1u]), bitcast<f32>(w[e + 2u]),
+                          bitcast<f32>(w[e + 3u]));
+        } else {
+            if (k < P.k) {
+                v.x = bitcast<f32>(w[e]);
+            }
+            if (k + 1u < P.k) {
+                v.y = bitcast<f32>(w[e + 1u]);
+            }
+            if (k + 2u < P.k) {
+                v.z = bitcast<f32>(w[e + 2u]);
+            }
+        }
+    } else {
+        let i = e / 2u;
+        if (k < P.k) {
+            let lo = unpack_w(w[i]);
+            v.x = lo.x;
+            v.y = lo.y;
+        }
+        if (k + 2u < P.k) {
+            let hi = unpack_w(w[i + 1u]);
+            v.z = hi.x;
+            v.w = hi.y;
+        }
+    }
+    return v;
+}
+
+fn activate(v: f32) -> f32 {
+    if (ACT == 1u) {
+        // GELU, tanh approximation. tanh's argument is clamped: some drivers return NaN for
+        // large |t|, and tanh(±15) is already ±1 in f32.
+        let t = clamp(0.7978845608028654 * (v + 0.044715 * v * v * v), -15.0, 15.0);
+        return 0.5 * v * (1.0 + tanh(t));
+    }
+    if (ACT == 2u) {
+        // SiLU = v * sigmoid(v); exp's argument is clamped so it never overflows to inf.
+        return v / (1.0 + exp(min(-v, 80.0)));
+    }
+    return v;
+}
+

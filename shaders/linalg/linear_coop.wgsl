@@ -1,0 +1,91 @@
+// Linear layer on cooperative matrices (tensor cores): y = act(x·Wᵀ + b) with x [M, K] f32,
+// W [N, K] in f32, f16 or bf16 storage (linear_common.wgsl decodes it), y [M, N] f32.
+// Operands are rounded to f16 when staged into workgroup memory (bf16 weights beyond the f16
+// range would overflow: DiT weights are far inside it), products accumulate in f32.
+// One workgroup = a 128x128 output tile = 4 subgroups of 64x64 (4x4 accumulators each), K in
+// steps of 32 through workgroup memory. Edges are masked in the loads and the epilogue; each
+// accumulator goes through a 16x16 workgroup scratch for bias, activation and the f32 store.
+// Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
+// 16-byte boundary (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and
+// defines WDT, ACT and SG (workgroup = 4·SG threads).
+
+const KAV: u32 = 10u;          // vec4<f16> row stride of the staged tiles: 32 k + 8 pad halfs
+const WGS: u32 = 4u * SG;
+
+var<workgroup> a_s: array<vec4<f16>, 128u * KAV>;   // x tile [128 rows][32 k]
+var<workgroup> b_s: array<vec4<f16>, 128u * KAV>;   // W tile [128 rows of W][32 k]
+var<workgroup> c_s: array<f32, 1024>;               // per subgroup one 16x16 f32 scratch
+
+fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) {
+    coopStoreT(c, &c_s[sg * 256u], 16u);
+    workgroupBarrier();
+    for (var e = lane; e < 256u; e += SG) {
+        let r = row0 + e / 16u;
+        let col = col0 + e % 16u;
+        if (r < P.m && col < P.n) {
+            var v = c_s[sg * 256u + e];
+            if (P.has_bias != 0u) {
+                v += bias[col];
+            }
+            y[r * P.n + col] = activate(v);
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WGS)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32,
+        @builtin(subgroup_invocation_id) lane: u32) {
+    let tile = wid.x + wid.y * nwg.x;
+    if (tile >= P.tiles) {
+        return;
+    }
+    // bands of `group` row tiles, so neighbouring workgroups share W columns in cache
+    let band = tile / (P.group * P.tiles_n);
+    let in_band = tile % (P.group * P.tiles_n);
+    let rows_in_band = min(P.group, P.tiles_m - band * P.group);
+    let tm = band * P.group + in_band % rows_in_band;
+    let tn = in_band / rows_in_band;
+    let m0 = tm * 128u;
+    let n0 = tn * 128u;
+    let sy = sg / 2u;
+    let sx = sg % 2u;
+    //@unroll T4
+    var c{t}0 = coop_mat16x16<f32, C>();
+    var c{t}1 = coop_mat16x16<f32, C>();
+    var c{t}2 = coop_mat16x16<f32, C>();
+    var c{t}3 = coop_mat16x16<f32, C>();
+    //@end
+    for (var k0 = 0u; k0 < P.k; k0 += 32u) {
+        for (var e = lid; e < 1024u; e += WGS) {
+            let r = e / 8u;
+            let c4 = e % 8u;
+            a_s[r * KAV + c4] = vec4<f16>(load_x4(m0 + r, k0 + c4 * 4u));
+            b_s[r * KAV + c4] = vec4<f16>(load_w4(n0 + r, k0 + c4 * 4u));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 2u; kk++) {
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u) * KAV + kk * 4u], KAV);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 16u) * KAV + kk * 4u], KAV);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 32u) * KAV + kk * 4u], KAV);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 48u) * KAV + kk * 4u], KAV);
+            //@unroll T4
+            let a{t} = coopLoadT<coop_mat16x16<f16, A>>(&a_s[(sy * 64u + {t}u * 16u) * KAV + kk * 4u], KAV);
+            c{t}0 = coopMultiplyAdd(a{t}, b0, c{t}0);
+            c{t}1 = coopMultiplyAdd(a{t}, b1, c{t}1);
+            c{t}2 = coopMultiplyAdd(a{t}, b2, c{t}2);
+            c{t}3 = coopMultiplyAdd(a{t}, b3, c{t}3);
+            //@end
+        }
+        workgroupBarrier();
+    }
+    //@unroll T4
+    epilogue(c{t}0, sg, lane, m0 + sy * 64u + {t}u * 16u, n0 + sx * 64u);
+    epilogue(c{t}1, sg, lane, m0 + sy * 64u + {t}u * 16u, n0 + sx * 64u + 16u);
+    epilogue(c{t}2, sg, lane, m0 + sy * 64u + {t}u * 16u, n0 + sx * 64u + 32u);
+    epilogue(c{t}3, sg, lane, m0 + sy * 64u + {t}u * 16u, n0 + sx * 64u + 48u);
+    //@end
+}
