@@ -30,6 +30,7 @@ pub mod ops;
 pub mod reference;
 pub mod shaders;
 pub mod synth;
+pub mod video;
 pub mod wan;
 
 pub use attention::{block_sparse_attention, dense_attention};

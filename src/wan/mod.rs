@@ -4,8 +4,10 @@ pub mod backend;
 mod checkpoint;
 mod config;
 mod dit;
+pub mod pth;
 pub mod sampler;
 pub mod t5;
+pub mod tokenizer;
 pub mod vae;
 
 pub use backend::{Backend, WgpuBackend};
