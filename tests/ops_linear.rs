@@ -545,3 +545,36 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
         }
     }
 }
+
+/// Activations larger than one storage binding run in row chunks (views of the same buffers):
+/// here x is ~137 MiB on a 128 MiB-binding driver (on GPUs with larger limits it simply runs
+/// in one piece); the result must equal the reference on every checked row, including the rows
+/// at chunk borders.
+#[test]
+fn activations_over_the_binding_limit_run_in_row_chunks() {
+    let g = gpu();
+    let limit = g.caps().max_storage_binding;
+    let k = 512usize;
+    let m = ((limit as usize / (k * 4)) + 3000).min(80_000);
+    let n = 8usize;
+    let mut rng = Rng::fresh(0xc4c4);
+    let x = rng.normals(m * k, 1.0);
+    let w = rng.normals(n * k, 0.1);
+    let b = rng.normals(n, 0.5);
+    let xt = g.upload_f32(&x, &[m, k]).unwrap();
+    let wt = g.upload_f32(&w, &[n, k]).unwrap();
+    let bt = g.upload_f32(&b, &[n]).unwrap();
+    let out = g.empty(&[m, n], DType::F32).unwrap();
+    g.fill_u32(&out, POISON);
+    let mut batch = g.batch();
+    record_linear(&mut batch, &xt, &wt, Some(&bt), Activation::Silu, &out).unwrap();
+    batch.submit().unwrap();
+    let got = g.read_f32(&out).unwrap();
+    assert!(got.iter().all(|v| !v.is_nan()), "unwritten rows");
+    let chunk = (limit as usize / (k * 4)) / 64 * 64;
+    let rows: Vec<usize> = [0, 1, chunk.saturating_sub(1), chunk, chunk + 1, m / 2, m - 1].into_iter().filter(|&r| r < m).collect();
+    for r in rows {
+        let want = reference::nn::linear::linear(&x[r * k..(r + 1) * k], &w, Some(&b), 1, n, k, Activation::Silu);
+        assert_close(&format!("row {r}"), &got[r * n..(r + 1) * n], &want, 1e-5, 1e-5, 1e-5);
+    }
+}

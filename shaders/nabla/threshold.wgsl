@@ -30,8 +30,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> indices: array<u32>;
 
 const WG: u32 = 256u;
-var<workgroup> scan: array<u32, WG>;
-var<workgroup> bcast_u: vec4<u32>;
 
 fn absdiff(a: u32, b: u32) -> u32 {
     return select(b - a, a - b, a > b);
@@ -71,32 +69,36 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     //@end
     pmax = reduce_max(pmax, lid, sg, lane);
 
-    // 2. bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax))
+    // 2. radix-16 search for the smallest bit pattern lo with F(lo) >= cut, lo <= bits(pmax):
+    // after each pass lo is the start of the 1/16 sub-range holding it
+    let pbits = bitcast<u32>(pmax);
     var lo = 0u;
-    var hi = bitcast<u32>(pmax);
-    for (var it = 0u; it < 32u; it++) {
-        if (lo >= hi) {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2u;
-        let v = bitcast<f32>(mid);
-        var f = 0.0;
+    for (var shift = 28i; shift >= 0i; shift -= 4i) {
+        let step = 1u << u32(shift);
+        // candidate d (1..15) = last pattern of sub-range d-1, clamped to the row maximum
+        let c0 = vec4<f32>(cv(lo, step, 1u, pbits), cv(lo, step, 2u, pbits), cv(lo, step, 3u, pbits), cv(lo, step, 4u, pbits));
+        let c1 = vec4<f32>(cv(lo, step, 5u, pbits), cv(lo, step, 6u, pbits), cv(lo, step, 7u, pbits), cv(lo, step, 8u, pbits));
+        let c2 = vec4<f32>(cv(lo, step, 9u, pbits), cv(lo, step, 10u, pbits), cv(lo, step, 11u, pbits), cv(lo, step, 12u, pbits));
+        let c3 = vec4<f32>(cv(lo, step, 13u, pbits), cv(lo, step, 14u, pbits), cv(lo, step, 15u, pbits), -1.0);
+        var f0 = vec4<f32>(0.0);
+        var f1 = vec4<f32>(0.0);
+        var f2 = vec4<f32>(0.0);
+        var f3 = vec4<f32>(0.0);
         //@unroll K
-        f += select(0.0, x{t}, x{t} <= v);
+        f0 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c0);
+        f1 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c1);
+        f2 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c2);
+        f3 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c3);
         //@end
-        f = reduce_sum(f, lid, sg, lane);
-        if (f >= P.cut) {
-            hi = mid;
-        } else {
-            lo = mid + 1u;
-        }
+        lo += radix_digit(f0, f1, f2, f3, P.cut, lid, sg, lane) * step;
     }
+    lo = min(lo, pbits);
 
     // 3. keep flags (+ STA) and compaction in ascending key order
     var offset = 0u;
     //@unroll K
     if ({t}u * WG < n) {
-        offset += compact(qi, base, lid + {t}u * WG, x{t}, lo, offset, lid);
+        offset += compact(qi, base, lid + {t}u * WG, x{t}, lo, offset, lid, sg, lane);
     }
     //@end
     if (lid == 0u) {
@@ -104,8 +106,14 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     }
 }
 
+// Candidate d of a radix pass as a float: the last bit pattern of sub-range d-1, clamped to
+// the row maximum (F is then the row total, which keeps F monotone in d).
+fn cv(lo: u32, step: u32, d: u32, pbits: u32) -> f32 {
+    return bitcast<f32>(min(lo + d * step - 1u, pbits));
+}
+
 // Writes the kept keys of one 256-key chunk after `offset` and returns how many it kept.
-fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid: u32) -> u32 {
+fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid: u32, sg: u32, lane: u32) -> u32 {
     let n = P.nb;
     let hw = P.hb * P.wb;
     var keep = false;
@@ -121,23 +129,9 @@ fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid:
             keep = keep || (absdiff(ti, tj) <= P.rt && absdiff(yi, yj) <= P.rh && absdiff(xi, xj) <= P.rw);
         }
     }
-    // inclusive Hillis-Steele scan of the flags
-    scan[lid] = select(0u, 1u, keep);
-    workgroupBarrier();
-    for (var d = 1u; d < WG; d <<= 1u) {
-        var add = 0u;
-        if (lid >= d) {
-            add = scan[lid - d];
-        }
-        workgroupBarrier();
-        scan[lid] = scan[lid] + add;
-        workgroupBarrier();
-    }
+    let pre = chunk_prefix(select(0u, 1u, keep), lid, sg, lane);
     if (keep) {
-        indices[base + offset + scan[lid] - 1u] = j;
+        indices[base + offset + pre.x] = j;
     }
-    if (lid == WG - 1u) {
-        bcast_u.x = scan[WG - 1u];
-    }
-    return workgroupUniformLoad(&bcast_u).x;
+    return pre.y;
 }

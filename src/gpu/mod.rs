@@ -353,7 +353,7 @@ impl Gpu {
 
     /// Reads a tensor back as raw bytes (waits for all submitted work).
     pub fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
-        let size = t.buffer.size();
+        let size = t.logical_bytes().div_ceil(4).max(1) * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
@@ -361,7 +361,7 @@ impl Gpu {
             mapped_at_creation: false,
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        enc.copy_buffer_to_buffer(&t.buffer, t.offset(), &staging, 0, size);
         self.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -555,11 +555,24 @@ impl<'g> Batch<'g> {
             });
             binding += 1;
         }
+        let align = self.gpu.device.limits().min_storage_buffer_offset_alignment as u64;
         for b in buffers {
-            entries.push(wgpu::BindGroupEntry {
-                binding,
-                resource: b.buffer.as_entire_binding(),
-            });
+            let resource = if b.offset() == 0 && b.logical_bytes().div_ceil(4) * 4 == b.buffer.size() {
+                b.buffer.as_entire_binding()
+            } else {
+                if b.offset() % align != 0 {
+                    return Err(Error::shape(format!(
+                        "a tensor view starts at byte {} of its buffer; this device binds ranges only at multiples of {align} bytes",
+                        b.offset()
+                    )));
+                }
+                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &b.buffer,
+                    offset: b.offset(),
+                    size: std::num::NonZeroU64::new(b.logical_bytes().div_ceil(4) * 4),
+                })
+            };
+            entries.push(wgpu::BindGroupEntry { binding, resource });
             binding += 1;
         }
         let bg = self

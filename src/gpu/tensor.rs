@@ -31,6 +31,8 @@ pub struct Tensor {
     pub(crate) buffer: Arc<wgpu::Buffer>,
     shape: Vec<usize>,
     dtype: DType,
+    /// Byte offset of the first element in the buffer (row-range views).
+    offset: u64,
 }
 
 impl Tensor {
@@ -39,7 +41,33 @@ impl Tensor {
             buffer,
             shape,
             dtype,
+            offset: 0,
         }
+    }
+
+    /// Byte offset of this view in its buffer (0 for whole tensors).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// A view of rows `start .. start + count` of the first axis (same buffer, no copy).
+    /// Kernels bind it as a buffer range, so the byte offset must be a multiple of the
+    /// device's storage-offset alignment (256 bytes on most GPUs): true for row starts that
+    /// are multiples of 64 of any 4-byte-aligned row.
+    pub fn rows(&self, start: usize, count: usize) -> Option<Tensor> {
+        let first = *self.shape.first()?;
+        if start + count > first || count == 0 {
+            return None;
+        }
+        let row_elems: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = count;
+        Some(Tensor {
+            buffer: self.buffer.clone(),
+            shape,
+            dtype: self.dtype,
+            offset: self.offset + (start * row_elems) as u64 * self.dtype.size(),
+        })
     }
 
     /// Buffer bytes for a shape, rounded up to 4 bytes as wgpu requires.
@@ -79,6 +107,7 @@ impl Tensor {
             buffer: self.buffer.clone(),
             shape: shape.to_vec(),
             dtype: self.dtype,
+            offset: self.offset,
         })
     }
 }
