@@ -461,8 +461,10 @@ fn spatial_attention_matches_reference() {
             &format!("attention c{c} t{t} {h}x{w}"),
             &got,
             &want,
-            1e-5,
-            1e-5,
+            // logits of std ~4 summed over up to 384 channels carry ~1e-5 absolute f32
+            // rounding, which the softmax passes on to outputs of magnitude ~2
+            5e-5,
+            1e-4,
             1e-5,
         );
         let again = g.read_f32(&spatial_attention(g, &qt).unwrap()).unwrap();
