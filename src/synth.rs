@@ -96,3 +96,23 @@ pub fn structured(grid: &BlockGrid, heads: usize, d: usize, role: Role, seed: u6
     }
     out
 }
+
+/// `n` approximately normal values of standard deviation `std`, deterministic for `seed`,
+/// generated on all CPU cores.
+pub fn noise(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1);
+    let chunk = n.div_ceil(threads.max(1)).max(1 << 16);
+    std::thread::scope(|sc| {
+        for (ci, part) in out.chunks_mut(chunk).enumerate() {
+            sc.spawn(move || {
+                for (o, v) in part.iter_mut().enumerate() {
+                    *v = gauss(seed, (ci * chunk + o) as u64) * std;
+                }
+            });
+        }
+    });
+    out
+}

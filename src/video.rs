@@ -127,7 +127,7 @@ fn check_frames(len: usize, t: usize, h: usize, w: usize, layout: &str) -> Resul
     let expected = 3 * pixels;
     if len != expected {
         let frame = 3 * h * w;
-        let hint = if len > 0 && len % frame == 0 {
+        let hint = if len > 0 && len.is_multiple_of(frame) {
             format!(" (that many values would be T = {} frames)", len / frame)
         } else {
             String::new()
@@ -278,7 +278,7 @@ pub fn encode_mp4_rgb8(
 }
 
 fn check_mp4_params(h: usize, w: usize, opts: &Mp4Options) -> Result<()> {
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         return Err(Error::shape(format!(
             "H.264 in yuv420p needs an even width and height, got {w}×{h} (W×H); crop or pad the \
              frames to even sizes (the pipeline's sizes are multiples of 128)"

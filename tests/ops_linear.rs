@@ -427,7 +427,11 @@ fn weight_over_the_binding_limit_is_refused() {
 fn every_variant_is_registered() {
     let v = nabla::ops::linear::variants();
     // portable: 3 weight dtypes × 3 activations; cooperative: the same × 3 subgroup sizes
-    assert_eq!(v.len(), 9 + 27, "3 weight dtypes × 3 activations (+ coop × 3 subgroup sizes)");
+    assert_eq!(
+        v.len(),
+        9 + 27,
+        "3 weight dtypes × 3 activations (+ coop × 3 subgroup sizes)"
+    );
     for dt in ["f32", "f16", "bf16"] {
         for act in ["none", "gelu_tanh", "silu"] {
             let name = format!("linalg/linear[{dt},{act}]");
@@ -509,11 +513,15 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
     use nabla::ops::linear::{LinearKernel, record_linear_with};
     let g = gpu();
     if g.caps().coop_subgroup().is_none() {
-        eprintln!("no 16x16 cooperative matrices on {}: coop linear skipped", g.caps().name);
+        eprintln!(
+            "no 16x16 cooperative matrices on {}: coop linear skipped",
+            g.caps().name
+        );
         return;
     }
     let mut rng = Rng::fresh(0xc00b);
-    let r16 = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    let r16 =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
     for (m, n, k, wdt) in [
         (128usize, 128usize, 64usize, DType::F16),
         (300, 200, 130, DType::BF16),
@@ -528,7 +536,10 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
             let (wt, w_stored) = match wdt {
                 DType::F16 => (g.upload_f16(&w, &[n, k]).unwrap(), r16(&w)),
                 DType::BF16 => {
-                    let wb: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                    let wb: Vec<f32> = w
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_f32())
+                        .collect();
                     (g.upload_bf16(&w, &[n, k]).unwrap(), wb)
                 }
                 _ => (g.upload_f32(&w, &[n, k]).unwrap(), w.clone()),
@@ -538,10 +549,27 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
             let out = g.empty(&[m, n], DType::F32).unwrap();
             g.fill_u32(&out, POISON);
             let mut batch = g.batch();
-            record_linear_with(&mut batch, &xt, &wt, Some(&bt), act, &out, LinearKernel::Coop).unwrap();
+            record_linear_with(
+                &mut batch,
+                &xt,
+                &wt,
+                Some(&bt),
+                act,
+                &out,
+                LinearKernel::Coop,
+            )
+            .unwrap();
             batch.submit().unwrap();
-            let want = reference::nn::linear::linear(&r16(&x), &r16(&w_stored), Some(&b), m, n, k, act);
-            assert_close(&format!("coop linear {m}x{n}x{k} {wdt:?} {act:?}"), &g.read_f32(&out).unwrap(), &want, 1e-4, 1e-3, 1e-4);
+            let want =
+                reference::nn::linear::linear(&r16(&x), &r16(&w_stored), Some(&b), m, n, k, act);
+            assert_close(
+                &format!("coop linear {m}x{n}x{k} {wdt:?} {act:?}"),
+                &g.read_f32(&out).unwrap(),
+                &want,
+                1e-4,
+                1e-3,
+                1e-4,
+            );
         }
     }
 }
@@ -572,9 +600,35 @@ fn activations_over_the_binding_limit_run_in_row_chunks() {
     let got = g.read_f32(&out).unwrap();
     assert!(got.iter().all(|v| !v.is_nan()), "unwritten rows");
     let chunk = (limit as usize / (k * 4)) / 64 * 64;
-    let rows: Vec<usize> = [0, 1, chunk.saturating_sub(1), chunk, chunk + 1, m / 2, m - 1].into_iter().filter(|&r| r < m).collect();
+    let rows: Vec<usize> = [
+        0,
+        1,
+        chunk.saturating_sub(1),
+        chunk,
+        chunk + 1,
+        m / 2,
+        m - 1,
+    ]
+    .into_iter()
+    .filter(|&r| r < m)
+    .collect();
     for r in rows {
-        let want = reference::nn::linear::linear(&x[r * k..(r + 1) * k], &w, Some(&b), 1, n, k, Activation::Silu);
-        assert_close(&format!("row {r}"), &got[r * n..(r + 1) * n], &want, 1e-5, 1e-5, 1e-5);
+        let want = reference::nn::linear::linear(
+            &x[r * k..(r + 1) * k],
+            &w,
+            Some(&b),
+            1,
+            n,
+            k,
+            Activation::Silu,
+        );
+        assert_close(
+            &format!("row {r}"),
+            &got[r * n..(r + 1) * n],
+            &want,
+            1e-5,
+            1e-5,
+            1e-5,
+        );
     }
 }

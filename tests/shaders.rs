@@ -284,7 +284,9 @@ fn every_shader_const_is_a_registered_variant() {
         ("BLOCK_SPARSE_COOP", BLOCK_SPARSE_COOP),
     ] {
         // unroll blocks are expanded: the text after the last one stays verbatim
-        let tail = body.rfind("//@end\n").map_or(body, |i| &body[i + "//@end\n".len()..]);
+        let tail = body
+            .rfind("//@end\n")
+            .map_or(body, |i| &body[i + "//@end\n".len()..]);
         assert!(
             variants.iter().any(|(_, src)| src.contains(tail)),
             "nabla::shaders::{name} is not the body of any registered variant"

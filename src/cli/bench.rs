@@ -17,6 +17,144 @@ pub enum BenchCmd {
     Attention(AttnArgs),
     /// The linear layer (GEMM) on 4096³ and every Wan DiT linear shape.
     Gemm(GemmArgs),
+    /// One Wan DiT forward with random weights of the real shapes (no download needed).
+    Dit(DitArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DitArgs {
+    /// 1.3b or 14b.
+    #[arg(long, default_value = "1.3b")]
+    model: String,
+    /// Video size W*H as the reference writes it (sparse runs crop to multiples of 128 px).
+    #[arg(long, default_value = "832*480")]
+    size: String,
+    /// Frames (4k+1).
+    #[arg(long, default_value_t = 81)]
+    frames: usize,
+    /// Comma-separated algorithms; `none` is dense attention.
+    #[arg(long, default_value = "none,nabla-0.7")]
+    sparse_algo: String,
+    /// Weight storage of the big GEMMs: bf16 (fast path) or f32 (parity path).
+    #[arg(long, default_value = "bf16")]
+    weights: String,
+    /// Timed forwards per algorithm (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    reps: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn dit(a: DitArgs) -> Result<()> {
+    use nabla::wan::{Dit, DitInput, WanConfig, WeightPrecision, WgpuBackend};
+    let cfg = match a.model.as_str() {
+        "1.3b" | "1.3B" => WanConfig::t2v_1_3b(),
+        "14b" | "14B" => WanConfig::t2v_14b(),
+        o => return Err(Error::Invalid(format!("--model {o:?}: use 1.3b or 14b"))),
+    };
+    let precision = match a.weights.as_str() {
+        "bf16" => WeightPrecision::BF16,
+        "f16" => WeightPrecision::F16,
+        "f32" => WeightPrecision::F32,
+        o => {
+            return Err(Error::Invalid(format!(
+                "--weights {o:?}: use bf16, f16 or f32"
+            )));
+        }
+    };
+    let (w, h) = a
+        .size
+        .split_once('*')
+        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+        .ok_or_else(|| Error::Invalid(format!("--size {:?}: use W*H, e.g. 1280*720", a.size)))?;
+    if a.frames == 0 || !(a.frames - 1).is_multiple_of(4) {
+        return Err(Error::Invalid(format!(
+            "--frames {}: the Wan VAE needs 4k+1 frames (e.g. 81)",
+            a.frames
+        )));
+    }
+    let algos: Vec<Option<SparseAlgo>> = a
+        .sparse_algo
+        .split(',')
+        .map(SparseAlgo::parse_optional)
+        .collect::<Result<_>>()?;
+    let (mut lh, mut lw) = (h / 8, w / 8);
+    if algos.iter().any(|x| x.is_some()) {
+        let (ch, cw) = (lh / 16 * 16, lw / 16 * 16);
+        if (ch, cw) != (lh, lw) {
+            eprintln!(
+                "note: sparse attention crops the video to {}x{} (multiples of 128 px), as the reference does",
+                cw * 8,
+                ch * 8
+            );
+        }
+        (lh, lw) = (ch, cw);
+    }
+    let t = (a.frames - 1) / 4 + 1;
+    let gpu = Gpu::new()?;
+    let mut be = WgpuBackend::new(&gpu);
+    eprintln!("uploading random {} weights ({:?}) ...", a.model, precision);
+    let t0 = std::time::Instant::now();
+    let mut model = Dit::random(&mut be, &cfg, precision, 0)?;
+    eprintln!(
+        "  {:.1} s, {:.2} GB of weights",
+        t0.elapsed().as_secs_f64(),
+        model.weight_bytes() as f64 / 1e9
+    );
+    let latent = nabla::synth::noise(1, cfg.in_dim * t * lh * lw, 1.0);
+    let context = nabla::synth::noise(2, cfg.text_len * cfg.text_dim, 0.5);
+    let input = DitInput {
+        latent: &latent,
+        shape: (t, lh, lw),
+        t: 999.0,
+        context: &context,
+    };
+    let tokens = t * lh * lw / 4;
+    println!(
+        "adapter  {} ({} {})",
+        gpu.caps().name,
+        gpu.caps().driver,
+        gpu.caps().driver_info
+    );
+    println!(
+        "model    Wan 2.1 {} (dim {}, {} layers), {:?} weights | video {}x{} x {} frames -> latent {t}x{lh}x{lw}, {tokens} tokens",
+        a.model,
+        cfg.dim,
+        cfg.num_layers,
+        precision,
+        lw * 8,
+        lh * 8,
+        a.frames
+    );
+    let mut rows = Vec::new();
+    for algo in &algos {
+        let name = algo
+            .map(|x| x.to_string())
+            .unwrap_or_else(|| "dense".into());
+        let planned = model.weight_bytes() + model.activation_bytes((t, lh, lw), algo.is_some());
+        model.forward(&mut be, &input, algo.as_ref(), None)?;
+        let mut times = Vec::new();
+        for _ in 0..a.reps.max(1) {
+            let t0 = std::time::Instant::now();
+            model.forward(&mut be, &input, algo.as_ref(), None)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let ms = median(&times);
+        println!(
+            "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB",
+            planned as f64 / 1e9
+        );
+        rows.push(
+            json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned}),
+        );
+    }
+    if let Some(p) = &a.json {
+        let doc = json!({"adapter": gpu.caps().name, "model": a.model, "weights": a.weights, "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
+            .map_err(|e| Error::file(p.clone(), e))?;
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -48,7 +186,9 @@ fn gemm(a: GemmArgs) -> Result<()> {
         .map(|k| match k.trim() {
             "portable" => Ok(("portable".to_string(), LinearKernel::Portable)),
             "coop" => Ok(("coop".to_string(), LinearKernel::Coop)),
-            o => Err(Error::Invalid(format!("--kernels: {o:?} is not portable or coop"))),
+            o => Err(Error::Invalid(format!(
+                "--kernels: {o:?} is not portable or coop"
+            ))),
         })
         .collect::<Result<_>>()?;
     let m = a.tokens;
@@ -63,8 +203,14 @@ fn gemm(a: GemmArgs) -> Result<()> {
         ("text 4096->5120 (512 rows)", 512, 5120, 4096),
     ];
     let mut rows = Vec::new();
-    println!("adapter  {} ({}, {} {}) | weights {}", caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype);
-    println!("{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>9} {:>10}", "shape", "M", "N", "K", "kernel", "ms", "TFLOP/s", "rel err");
+    println!(
+        "adapter  {} ({}, {} {}) | weights {}",
+        caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype
+    );
+    println!(
+        "{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>9} {:>10}",
+        "shape", "M", "N", "K", "kernel", "ms", "TFLOP/s", "rel err"
+    );
     for (name, m, n, k) in shapes {
         let mut rng = 0x1234_5678u64 ^ (m * n * k) as u64;
         let mut rnd = |len: usize, scale: f32| -> Vec<f32> {
@@ -89,7 +235,9 @@ fn gemm(a: GemmArgs) -> Result<()> {
         let mut first: Option<Vec<f32>> = None;
         for (kn, kernel) in &kernels {
             let out = gpu.empty(&[m, n], DType::F32)?;
-            let t = match gpu.time_ms(a.reps + 1, |bt| record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)) {
+            let t = match gpu.time_ms(a.reps + 1, |bt| {
+                record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)
+            }) {
                 Ok(t) => t,
                 Err(e) => {
                     println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: {e}");
@@ -112,7 +260,8 @@ fn gemm(a: GemmArgs) -> Result<()> {
     }
     if let Some(p) = &a.json {
         let doc = json!({"adapter": caps.name, "driver": format!("{} {}", caps.driver, caps.driver_info), "weights": a.dtype, "rows": rows});
-        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(|e| Error::file(p.clone(), e))?;
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
+            .map_err(|e| Error::file(p.clone(), e))?;
     }
     Ok(())
 }
@@ -224,6 +373,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let a = match cmd {
         BenchCmd::Attention(a) => a,
         BenchCmd::Gemm(g) => return gemm(g),
+        BenchCmd::Dit(d) => return dit(d),
     };
     let sh = parse_shape(&a.shape)?;
     let algos: Vec<SparseAlgo> = a
@@ -301,10 +451,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     for algo in &algos {
         eprintln!("{algo} ...");
         let (mask, mask_ms, mask_all) = match algo {
-            SparseAlgo::Sta(w) => (BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(), 0.0, vec![]),
+            SparseAlgo::Sta(w) => (
+                BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(),
+                0.0,
+                vec![],
+            ),
             _ => {
                 let m = BlockMask::alloc(&gpu, bh, nb)?;
-                let t = gpu.time_ms(a.reps + 2, |bt| {
+                let t = gpu.time_ms_inner(a.reps + 2, 10, |bt| {
                     record_estimate_mask(bt, &qt, &kt, grid, algo, &stages, &m)
                 })?;
                 (m, median(&t[2..]), t)
@@ -315,7 +469,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             _ => time_mask_stages(&gpu, &qt, &kt, grid, algo, a.reps)?.to_vec(),
         };
         if !stages_ms.is_empty() {
-            eprintln!("  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms", stages_ms[0], stages_ms[1], stages_ms[2]);
+            eprintln!(
+                "  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms",
+                stages_ms[0], stages_ms[1], stages_ms[2]
+            );
         }
         let density = mask.density(&gpu)?;
         let out = gpu.empty(&shape, dt)?;

@@ -421,8 +421,21 @@ impl Gpu {
     pub fn time_ms(
         &self,
         reps: usize,
+        record: impl FnMut(&mut Batch<'_>) -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        self.time_ms_inner(reps, 1, record)
+    }
+
+    /// Like [`Gpu::time_ms`], but each timed batch records `inner` back-to-back copies of the
+    /// work and the time per copy is returned: short kernels then run with the GPU busy (no
+    /// idle gap, no clock drop between copies), as they do inside a model.
+    pub fn time_ms_inner(
+        &self,
+        reps: usize,
+        inner: usize,
         mut record: impl FnMut(&mut Batch<'_>) -> Result<()>,
     ) -> Result<Vec<f64>> {
+        let inner = inner.max(1);
         if !self.caps.timestamps {
             return Err(Error::Unsupported {
                 adapter: self.caps.name.clone(),
@@ -457,7 +470,9 @@ impl Gpu {
         let mut out = Vec::with_capacity(reps);
         for _ in 0..reps {
             let mut b = Batch::new(self, Some(&qs));
-            record(&mut b)?;
+            for _ in 0..inner {
+                record(&mut b)?;
+            }
             let mut enc = b.finish();
             enc.resolve_query_set(&qs, 0..2, &resolve, 0);
             enc.copy_buffer_to_buffer(&resolve, 0, &ts.buffer, 0, 16);
@@ -465,7 +480,7 @@ impl Gpu {
             let v = self.read_u32(&ts)?;
             let t0 = v[0] as u64 | ((v[1] as u64) << 32);
             let t1 = v[2] as u64 | ((v[3] as u64) << 32);
-            out.push(t1.saturating_sub(t0) as f64 * period / 1e6);
+            out.push(t1.saturating_sub(t0) as f64 * period / 1e6 / inner as f64);
         }
         Ok(out)
     }
@@ -557,7 +572,9 @@ impl<'g> Batch<'g> {
         }
         let align = self.gpu.device.limits().min_storage_buffer_offset_alignment as u64;
         for b in buffers {
-            let resource = if b.offset() == 0 && b.logical_bytes().div_ceil(4) * 4 == b.buffer.size() {
+            let resource = if b.offset() == 0
+                && b.logical_bytes().div_ceil(4) * 4 == b.buffer.size()
+            {
                 b.buffer.as_entire_binding()
             } else {
                 if b.offset() % align != 0 {

@@ -46,7 +46,7 @@ pub fn record_fractal(
         )));
     }
     let row_bytes = shape[1] as u64 * src.dtype().size();
-    if row_bytes % 4 != 0 {
+    if !row_bytes.is_multiple_of(4) {
         return Err(Error::shape(format!(
             "fractal order moves 32-bit words; a row of {} {:?} values is {row_bytes} bytes",
             shape[1],

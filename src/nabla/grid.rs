@@ -27,7 +27,7 @@ impl BlockGrid {
     /// The block grid of a patch-token grid `(F, H, W)`; H and W must be multiples of 8
     /// (the reference crops latent sizes to multiples of 16 to guarantee it).
     pub fn from_tokens(f: usize, h: usize, w: usize) -> Result<BlockGrid> {
-        if h % 8 != 0 || w % 8 != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(8) || !w.is_multiple_of(8) || h == 0 || w == 0 {
             return Err(Error::shape(format!(
                 "token grid {f}x{h}x{w}: H and W must be positive multiples of 8 for 8x8 tiles \
                  (video height and width multiples of 128 pixels)"

@@ -586,11 +586,19 @@ pub fn time_mask_stages(
         v[v.len() / 2]
     };
     let reps = reps.max(1) + 1;
-    let pool = gpu.time_ms(reps, |b| {
+    let pool = gpu.time_ms_inner(reps, 10, |b| {
         record_pool(b, q, &st.qa, bh, s, d)?;
         record_pool(b, k, &st.ka, bh, s, d)
     })?;
-    let scores = gpu.time_ms(reps, |b| record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d))?;
-    let thr = gpu.time_ms(reps, |b| record_threshold(b, &st.probs, &grid, algo, &out, bh, Reduction::Auto))?;
-    Ok([med(pool[1..].to_vec()), med(scores[1..].to_vec()), med(thr[1..].to_vec())])
+    let scores = gpu.time_ms_inner(reps, 10, |b| {
+        record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d)
+    })?;
+    let thr = gpu.time_ms_inner(reps, 10, |b| {
+        record_threshold(b, &st.probs, &grid, algo, &out, bh, Reduction::Auto)
+    })?;
+    Ok([
+        med(pool[1..].to_vec()),
+        med(scores[1..].to_vec()),
+        med(thr[1..].to_vec()),
+    ])
 }

@@ -200,7 +200,7 @@ pub fn record_add(batch: &mut Batch<'_>, a: &Tensor, b: &Tensor, out: &Tensor) -
     let gpu = batch.gpu();
     check_size(gpu, "add", "a", a)?;
     let n = a.numel();
-    let vec4 = n % 4 == 0 && b.numel() % 4 == 0;
+    let vec4 = n.is_multiple_of(4) && b.numel().is_multiple_of(4);
     let nv = if vec4 { n / 4 } else { n };
     let nbv = if vec4 { b.numel() / 4 } else { b.numel() };
     let (key, src) = add_variant(vec4);
@@ -324,7 +324,7 @@ fn record_unary(batch: &mut Batch<'_>, op: Unary, x: &Tensor, out: &Tensor) -> R
     let gpu = batch.gpu();
     check_size(gpu, name, "x", x)?;
     let n = x.numel();
-    let vec4 = n % 4 == 0;
+    let vec4 = n.is_multiple_of(4);
     let nv = if vec4 { n / 4 } else { n };
     let (key, src) = unary_variant(op, vec4);
     let pipe = gpu.pipeline(&key, &src, true)?;

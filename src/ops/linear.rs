@@ -299,11 +299,19 @@ pub fn record_linear_with(
     // buffers): the 14B FFN at 720p has [67 200, 13 824] f32 = 3.7 GB of hidden activations
     let limit = gpu.caps().max_storage_binding;
     if x.logical_bytes() > limit || out.logical_bytes() > limit {
-        let (m, n, k) = (x.numel() / x.shape().last().copied().unwrap_or(1).max(1), out.shape().last().copied().unwrap_or(1), x.shape().last().copied().unwrap_or(1));
+        let (m, n, k) = (
+            x.numel() / x.shape().last().copied().unwrap_or(1).max(1),
+            out.shape().last().copied().unwrap_or(1),
+            x.shape().last().copied().unwrap_or(1),
+        );
         let row_bytes = (n.max(k) * 4) as u64;
         let chunk = ((limit / row_bytes) as usize / 64 * 64).max(64);
-        let x2 = x.reshape(&[m, k]).ok_or_else(|| Error::shape("linear: x is not [M, K]"))?;
-        let o2 = out.reshape(&[m, n]).ok_or_else(|| Error::shape("linear: out is not [M, N]"))?;
+        let x2 = x
+            .reshape(&[m, k])
+            .ok_or_else(|| Error::shape("linear: x is not [M, K]"))?;
+        let o2 = out
+            .reshape(&[m, n])
+            .ok_or_else(|| Error::shape("linear: out is not [M, N]"))?;
         let mut r0 = 0;
         while r0 < m {
             let rc = chunk.min(m - r0);
@@ -354,17 +362,22 @@ pub fn record_linear_with(
     };
     let pipe = match coop {
         Some(sg) => {
-            let src = coop_source(w.dtype(), act, sg)
-                .ok_or_else(|| Error::shape(format!("no linear kernel for {:?} weights", w.dtype())))?;
+            let src = coop_source(w.dtype(), act, sg).ok_or_else(|| {
+                Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
+            })?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
-            let key = format!("{}[coop,sg{sg},checked={checked}]", variant_name(w.dtype(), act));
+            let key = format!(
+                "{}[coop,sg{sg},checked={checked}]",
+                variant_name(w.dtype(), act)
+            );
             gpu.pipeline(&key, &src, checked)?
         }
         None => {
-            let src = source(w.dtype(), act)
-                .ok_or_else(|| Error::shape(format!("no linear kernel for {:?} weights", w.dtype())))?;
+            let src = source(w.dtype(), act).ok_or_else(|| {
+                Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
+            })?;
             gpu.pipeline(&variant_name(w.dtype(), act), &src, true)?
         }
     };

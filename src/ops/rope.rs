@@ -78,7 +78,7 @@ fn column_freqs(head_dim: usize) -> Vec<(usize, f64)> {
 }
 
 fn check_head_dim(head_dim: usize) -> Result<()> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(Error::shape(format!(
             "RoPE head_dim must be a positive even number (channels form pairs), got {head_dim}"
         )));
@@ -198,7 +198,7 @@ pub fn upload_rope_tables(
 /// When `dim` is zero or odd.
 pub fn sinusoidal_embedding(t: f64, dim: usize) -> Vec<f32> {
     assert!(
-        dim > 0 && dim % 2 == 0,
+        dim > 0 && dim.is_multiple_of(2),
         "sinusoidal embedding dim must be a positive even number, got {dim}"
     );
     let half = dim / 2;

@@ -65,7 +65,7 @@ impl WanConfig {
 
     /// Checks internal consistency (head_dim supported by the attention kernel, etc.).
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.dim.is_multiple_of(self.num_heads) {
             return Err(Error::Invalid(format!(
                 "model config: dim {} is not divisible by num_heads {}",
                 self.dim, self.num_heads
@@ -84,7 +84,7 @@ impl WanConfig {
                 self.patch
             )));
         }
-        if self.freq_dim % 2 != 0 || self.freq_dim == 0 {
+        if !self.freq_dim.is_multiple_of(2) || self.freq_dim == 0 {
             return Err(Error::Invalid(format!(
                 "model config: freq_dim {} must be even",
                 self.freq_dim

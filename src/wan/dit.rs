@@ -139,17 +139,77 @@ pub struct Dit<B: Backend> {
     weight_bytes: u64,
 }
 
+/// Where the weights come from: a checkpoint, or random values of the real shapes.
+pub trait WeightSource {
+    /// The tensor `name` (official key) as f32 with its shape.
+    fn get(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)>;
+}
+
+impl WeightSource for Checkpoint {
+    fn get(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (_, shape, _) = self.raw(name)?;
+        Ok((self.f32(name)?, shape))
+    }
+}
+
+/// Random weights of a configuration's real shapes (benchmarks without a download): weights
+/// ~ N(0, 1/fan_in), norms ~ 1, biases and modulation small; deterministic per seed.
+pub struct RandomWeights {
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+    seed: u64,
+}
+
+impl RandomWeights {
+    /// Random weights for `cfg`.
+    pub fn new(cfg: &WanConfig, seed: u64) -> RandomWeights {
+        RandomWeights {
+            shapes: super::expected_tensors(cfg).into_iter().collect(),
+            seed,
+        }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn get(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("no tensor {name:?} in this configuration")))?
+            .clone();
+        let n: usize = shape.iter().product();
+        let salt = name
+            .bytes()
+            .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let (std, mean) = if name.contains("norm") {
+            (0.1, 1.0)
+        } else if name.ends_with("modulation") {
+            (0.1, 0.0)
+        } else if name.ends_with("bias") {
+            (0.02, 0.0)
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            (1.0 / (fan_in.max(1) as f32).sqrt(), 0.0)
+        };
+        let mut v = crate::synth::noise(salt, n, std);
+        if mean != 0.0 {
+            v.iter_mut().for_each(|x| *x += mean);
+        }
+        Ok((v, shape))
+    }
+}
+
 fn load_linear<B: Backend>(
     be: &mut B,
-    ck: &Checkpoint,
+    ck: &dyn WeightSource,
     name: &str,
     dt: DType,
     bytes: &mut u64,
 ) -> Result<Linear<B::T>> {
-    let w = ck.f32(&format!("{name}.weight"))?;
-    let (_, shape, _) = ck.raw(&format!("{name}.weight"))?;
+    let (w, shape) = ck.get(&format!("{name}.weight"))?;
     let (n, k) = (shape[0], shape[1..].iter().product::<usize>());
-    let b = ck.f32(&format!("{name}.bias"))?;
+    let (b, _) = ck.get(&format!("{name}.bias"))?;
     *bytes += (n * k) as u64 * dt.size() + n as u64 * 4;
     Ok(Linear {
         w: be.upload_weight(&w, &[n, k], dt)?,
@@ -159,12 +219,12 @@ fn load_linear<B: Backend>(
 
 fn load_vec<B: Backend>(
     be: &mut B,
-    ck: &Checkpoint,
+    ck: &dyn WeightSource,
     name: &str,
     shape: &[usize],
     bytes: &mut u64,
 ) -> Result<B::T> {
-    let v = ck.f32(name)?;
+    let (v, _) = ck.get(name)?;
     *bytes += v.len() as u64 * 4;
     be.upload(&v, shape)
 }
@@ -174,7 +234,27 @@ impl<B: Backend> Dit<B> {
     /// MLP and the head, as the reference keeps them) stay f32; the block and text GEMM
     /// weights take `precision`.
     pub fn load(be: &mut B, ck: &Checkpoint, precision: WeightPrecision) -> Result<Dit<B>> {
-        let c = ck.config.clone();
+        Dit::from_source(be, &ck.config.clone(), ck, precision)
+    }
+
+    /// A DiT of configuration `cfg` with random weights of the real shapes (benchmarks).
+    pub fn random(
+        be: &mut B,
+        cfg: &WanConfig,
+        precision: WeightPrecision,
+        seed: u64,
+    ) -> Result<Dit<B>> {
+        Dit::from_source(be, cfg, &RandomWeights::new(cfg, seed), precision)
+    }
+
+    /// Uploads the weights of any [`WeightSource`] for configuration `cfg`.
+    pub fn from_source(
+        be: &mut B,
+        cfg: &WanConfig,
+        ck: &dyn WeightSource,
+        precision: WeightPrecision,
+    ) -> Result<Dit<B>> {
+        let c = cfg.clone();
         c.validate()?;
         let big = precision.dtype();
         let f32d = DType::F32;

@@ -13,4 +13,4 @@ pub mod vae;
 pub use backend::{Backend, WgpuBackend};
 pub use checkpoint::{Checkpoint, Layout, expected_tensors, official_name};
 pub use config::WanConfig;
-pub use dit::{Dit, DitInput, Trace, WeightPrecision};
+pub use dit::{Dit, DitInput, RandomWeights, Trace, WeightPrecision, WeightSource};

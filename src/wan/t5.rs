@@ -117,7 +117,7 @@ impl T5Config {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.dim_attn % self.num_heads != 0 {
+        if !self.dim_attn.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "dim_attn {} is not a multiple of num_heads {}",
                 self.dim_attn, self.num_heads

@@ -55,7 +55,7 @@ pub fn attention_bias(
         "attention_bias: q, k, v must be [heads, len, dim]"
     );
     assert!(
-        !table.is_empty() && table.len() % heads == 0,
+        !table.is_empty() && table.len().is_multiple_of(heads),
         "attention_bias: table must be [num_buckets, heads]"
     );
     assert_eq!(buckets.len(), (2 * len).saturating_sub(1), "buckets");

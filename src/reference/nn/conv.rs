@@ -139,7 +139,7 @@ pub fn channel_rms_norm(
     silu: bool,
 ) -> Vec<f32> {
     assert!(
-        c > 0 && x.len() % c == 0,
+        c > 0 && x.len().is_multiple_of(c),
         "channel_rms_norm: x is not [{c}, P]"
     );
     assert_eq!(gamma.len(), c, "channel_rms_norm: gamma length");

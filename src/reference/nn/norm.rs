@@ -5,7 +5,10 @@
 
 /// Each row normalized, `(x − mean)/√(var + eps)` with the biased variance, in f64.
 fn normalized_rows(x: &[f32], cols: usize, eps: f64) -> Vec<f64> {
-    assert!(cols > 0 && x.len() % cols == 0, "x is not [rows, {cols}]");
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "x is not [rows, {cols}]"
+    );
     let mut y = Vec::with_capacity(x.len());
     for row in x.chunks_exact(cols) {
         let n = cols as f64;
@@ -65,7 +68,10 @@ pub fn layer_norm_modulate(
 /// RMSNorm over each full row: `x·(mean(x²) + eps)^(−1/2)·weight` with `weight` of length
 /// `cols` (the DiT's q/k norms, over the whole width).
 pub fn rms_norm(x: &[f32], cols: usize, weight: &[f32], eps: f64) -> Vec<f32> {
-    assert!(cols > 0 && x.len() % cols == 0, "x is not [rows, {cols}]");
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "x is not [rows, {cols}]"
+    );
     assert_eq!(weight.len(), cols, "weight length");
     let mut y = Vec::with_capacity(x.len());
     for row in x.chunks_exact(cols) {
