@@ -29,6 +29,10 @@ if [ "${GEMM:-0}" = 1 ]; then
   echo "== torch gemm"
   python3 benches/torch_gemm.py --json "$OUT/torch_gemm.json" 2>&1 | tee "$OUT/torch_gemm.txt"
 fi
+if [ -n "${DIT:-}" ]; then
+  echo "== nabla bench dit $DIT"
+  $BIN/nabla bench dit $DIT --json "$OUT/dit.json" 2>&1 | tee "$OUT/dit.txt" | grep -v "^error: XDG"
+fi
 ALGOS=${ALGOS:-nabla-0.7,nabla-0.4,nabla-0.6_sta-11-3-3,sta-11-3-3}
 for run in ${RUNS:-wan1.3b-480p:auto}; do
   p=${run%%:*}; k=${run##*:}
