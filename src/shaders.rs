@@ -18,8 +18,8 @@ pub const REDUCE_WG: &str = include_str!("../shaders/nabla/reduce_wg.wgsl");
 /// Subgroup reductions + entry point of the threshold kernel (adapters with SUBGROUP).
 pub const REDUCE_SG: &str = include_str!("../shaders/nabla/reduce_sg.wgsl");
 
-/// Values per thread of the threshold kernel: Nb ≤ 256·K.
-pub const THRESHOLD_K: [u32; 7] = [1, 2, 4, 8, 16, 32, 64];
+/// Values per thread of the threshold kernel: Nb ≤ 256·K (exact up to 8, then powers of two).
+pub const THRESHOLD_K: [u32; 11] = [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64];
 
 /// Source of the threshold kernel for `k` values per thread, with subgroup or workgroup
 /// reductions.

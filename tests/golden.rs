@@ -624,3 +624,50 @@ fn golden_wan_dit() {
         }
     }
 }
+
+/// The fast path (bf16 weights, f16 attention operands, tensor cores where available) against
+/// the same golden outputs with the low-precision bounds the golden README suggests
+/// (rtol = atol = 2e-2), plus a relative L2 bound.
+#[test]
+fn golden_wan_dit_fast_path() {
+    let m = manifest();
+    let g = gpu();
+    for case in m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "wan_dit")
+    {
+        let name = case["name"].as_str().unwrap();
+        let wfile = case["config"]["weights"].as_str().unwrap();
+        let wcase = m["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["file"] == wfile)
+            .expect("weights case");
+        let ck = Checkpoint::open(golden_dir().join(wfile), &config_of(wcase)).unwrap();
+        let mut be = WgpuBackend::new(g);
+        let mut dit = Dit::load(&mut be, &ck, WeightPrecision::BF16).unwrap();
+        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
+        let (x, xs) = f.f32("x").unwrap();
+        let (t, _) = f.f32("t").unwrap();
+        let (ctx, _) = f.f32("context").unwrap();
+        let input = DitInput {
+            latent: &x,
+            shape: (xs[1], xs[2], xs[3]),
+            t: t[0] as f64,
+            context: &ctx,
+        };
+        let out = dit.forward(&mut be, &input, None, None).unwrap();
+        let (want, _) = f.f32("out_dense").unwrap();
+        check(
+            &format!("{name}/out_dense (bf16 fast path)"),
+            &out,
+            &want,
+            (2e-2, 2e-2),
+        );
+        let e = common::rel_l2(&out, &want);
+        assert!(e < 1e-2, "{name}: fast-path relative L2 {e}");
+    }
+}

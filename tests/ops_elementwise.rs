@@ -485,3 +485,40 @@ fn add_broadcasts_one_row() {
     let bt = g.upload_f32(&[0.0; 2], &[1, 2]).unwrap();
     assert!(nabla::ops::elementwise::add(g, &at, &bt).is_err());
 }
+
+/// Split into f16 heads (rounded) and merge back from f16: the fast path's attention operands.
+#[test]
+fn heads_in_f16_round_trip() {
+    let g = gpu();
+    if !g.caps().f16 {
+        eprintln!("no SHADER_F16: f16 heads skipped");
+        return;
+    }
+    let mut rng = Rng::fresh(0x4ead);
+    for (s, h, d) in [(70usize, 3usize, 128usize), (5, 2, 6)] {
+        let x = rng.normals(s * h * d, 1.0);
+        let xt = g.upload_f32(&x, &[s, h * d]).unwrap();
+        let heads = g.empty(&[1, h, s, d], DType::F16).unwrap();
+        let back = g.empty(&[s, h * d], DType::F32).unwrap();
+        g.fill_u32(&back, POISON);
+        let mut b = g.batch();
+        nabla::ops::elementwise::record_split_heads(&mut b, &xt, &heads).unwrap();
+        nabla::ops::elementwise::record_merge_heads(&mut b, &heads, &back).unwrap();
+        b.submit().unwrap();
+        let want_heads: Vec<f32> = reference::split_heads(&x, s, h, d)
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(
+            g.read_f32(&heads).unwrap(),
+            want_heads,
+            "split to f16 {s}x{h}x{d}"
+        );
+        let want_back: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        assert_eq!(
+            g.read_f32(&back).unwrap(),
+            want_back,
+            "merge from f16 {s}x{h}x{d}"
+        );
+    }
+}

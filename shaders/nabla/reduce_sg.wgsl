@@ -3,7 +3,6 @@
 // reduction), and the entry point.
 
 var<workgroup> red: array<f32, 256>;
-var<workgroup> red4: array<vec4<f32>, 1024>;
 var<workgroup> cnt: array<u32, 256>;
 var<workgroup> bcast_f: vec4<f32>;
 var<workgroup> bcast_u: vec4<u32>;
@@ -39,43 +38,6 @@ fn reduce_max(v: f32, lid: u32, sg: u32, lane: u32) -> f32 {
         bcast_f.x = t;
     }
     return workgroupUniformLoad(&bcast_f).x;
-}
-
-fn count_below(v: vec4<f32>, cut: f32) -> u32 {
-    let b = select(vec4<u32>(0u), vec4<u32>(1u), v < vec4<f32>(cut));
-    return b.x + b.y + b.z + b.w;
-}
-
-// Sums the 15 radix-candidate masses over the workgroup (subgroup sums, one partial per
-// subgroup) and returns how many of them stay below the cut (the next radix digit).
-fn radix_digit(f0: vec4<f32>, f1: vec4<f32>, f2: vec4<f32>, f3: vec4<f32>, cut: f32, lid: u32, sg: u32, lane: u32) -> u32 {
-    let s0 = subgroupAdd(f0);
-    let s1 = subgroupAdd(f1);
-    let s2 = subgroupAdd(f2);
-    let s3 = subgroupAdd(f3);
-    if (lane == 0u) {
-        red4[sg * 4u] = s0;
-        red4[sg * 4u + 1u] = s1;
-        red4[sg * 4u + 2u] = s2;
-        red4[sg * 4u + 3u] = s3;
-    }
-    workgroupBarrier();
-    if (lid == 0u) {
-        var t0 = vec4<f32>(0.0);
-        var t1 = vec4<f32>(0.0);
-        var t2 = vec4<f32>(0.0);
-        var t3 = vec4<f32>(0.0);
-        for (var i = 0u; i < n_subgroups; i++) {
-            t0 += red4[i * 4u];
-            t1 += red4[i * 4u + 1u];
-            t2 += red4[i * 4u + 2u];
-            t3 += red4[i * 4u + 3u];
-        }
-        let below = count_below(t0, cut) + count_below(t1, cut) + count_below(t2, cut)
-            + count_below(vec4<f32>(t3.xyz, 3.4e38), cut);
-        bcast_u.x = below;
-    }
-    return workgroupUniformLoad(&bcast_u).x;
 }
 
 // Exclusive prefix count of `flag` over the workgroup and the total: subgroup scans, then the

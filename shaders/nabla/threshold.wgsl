@@ -9,7 +9,7 @@
 // With STA on, keep_j |= (|t_i - t_j| <= rt && |y_i - y_j| <= rh && |x_i - x_j| <= rw).
 // Output: counts[row] and indices[row, 0..count) in ascending key order.
 // The row lives in registers (K named values per thread, unroll blocks expanded by the
-// dispatcher; K = ceil(Nb/256) rounded up to a power of two). reduce_sum / reduce_max and the entry point come from a
+// dispatcher; K = ceil(Nb/256), rounded up to a power of two above 8). reduce_sum / reduce_max and the entry point come from a
 // reduction file prepended by the dispatcher: reduce_wg.wgsl (workgroup tree, any adapter) or
 // reduce_sg.wgsl (subgroup operations, two barriers per reduction).
 
@@ -69,30 +69,28 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     //@end
     pmax = reduce_max(pmax, lid, sg, lane);
 
-    // 2. radix-16 search for the smallest bit pattern lo with F(lo) >= cut, lo <= bits(pmax):
-    // after each pass lo is the start of the 1/16 sub-range holding it
-    let pbits = bitcast<u32>(pmax);
+    // 2. bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax)).
+    // (A radix-16 variant evaluating 15 cuts per reduction needed 4x fewer barriers but ran 2x
+    // slower on the H200: benches/RESULTS.md.)
     var lo = 0u;
-    for (var shift = 28i; shift >= 0i; shift -= 4i) {
-        let step = 1u << u32(shift);
-        // candidate d (1..15) = last pattern of sub-range d-1, clamped to the row maximum
-        let c0 = vec4<f32>(cv(lo, step, 1u, pbits), cv(lo, step, 2u, pbits), cv(lo, step, 3u, pbits), cv(lo, step, 4u, pbits));
-        let c1 = vec4<f32>(cv(lo, step, 5u, pbits), cv(lo, step, 6u, pbits), cv(lo, step, 7u, pbits), cv(lo, step, 8u, pbits));
-        let c2 = vec4<f32>(cv(lo, step, 9u, pbits), cv(lo, step, 10u, pbits), cv(lo, step, 11u, pbits), cv(lo, step, 12u, pbits));
-        let c3 = vec4<f32>(cv(lo, step, 13u, pbits), cv(lo, step, 14u, pbits), cv(lo, step, 15u, pbits), -1.0);
-        var f0 = vec4<f32>(0.0);
-        var f1 = vec4<f32>(0.0);
-        var f2 = vec4<f32>(0.0);
-        var f3 = vec4<f32>(0.0);
+    var hi = bitcast<u32>(pmax);
+    for (var it = 0u; it < 32u; it++) {
+        if (lo >= hi) {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2u;
+        let v = bitcast<f32>(mid);
+        var f = 0.0;
         //@unroll K
-        f0 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c0);
-        f1 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c1);
-        f2 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c2);
-        f3 += select(vec4<f32>(0.0), vec4<f32>(x{t}), vec4<f32>(x{t}) <= c3);
+        f += select(0.0, x{t}, x{t} <= v);
         //@end
-        lo += radix_digit(f0, f1, f2, f3, P.cut, lid, sg, lane) * step;
+        f = reduce_sum(f, lid, sg, lane);
+        if (f >= P.cut) {
+            hi = mid;
+        } else {
+            lo = mid + 1u;
+        }
     }
-    lo = min(lo, pbits);
 
     // 3. keep flags (+ STA) and compaction in ascending key order
     var offset = 0u;
@@ -104,12 +102,6 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     if (lid == 0u) {
         counts[row] = offset;
     }
-}
-
-// Candidate d of a radix pass as a float: the last bit pattern of sub-range d-1, clamped to
-// the row maximum (F is then the row total, which keeps F monotone in d).
-fn cv(lo: u32, step: u32, d: u32, pbits: u32) -> f32 {
-    return bitcast<f32>(min(lo + d * step - 1u, pbits));
 }
 
 // Writes the kept keys of one 256-key chunk after `offset` and returns how many it kept.

@@ -3,7 +3,8 @@
 // i = (wid.x + wid.y * num_workgroups.x) * 256 + lid, so writes are fully coalesced and reads
 // come in contiguous runs of D values.
 //
-// The prelude (src/ops/elementwise.rs) defines `alias V` and `const MERGE: bool`:
+// The prelude (src/ops/elementwise.rs) defines `alias VI` / `alias VO` (input and output element
+// types: f32 both, or f16 on the heads side for the tensor-core attention) and `const MERGE: bool`:
 //   split (MERGE = false): out[h, s, d] = x[s, h*D + d]
 //   merge (MERGE = true):  out[s, h*D + d] = x[h, s, d]
 
@@ -15,8 +16,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read_write> out: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<VI>;
+@group(0) @binding(2) var<storage, read_write> out: array<VO>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -42,5 +43,5 @@ fn main(
         let h = r / P.s;
         src = (s * P.h + h) * P.dv + d;
     }
-    out[i] = x[src];
+    out[i] = VO(x[src]);
 }

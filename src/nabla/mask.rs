@@ -385,7 +385,10 @@ fn record_threshold(
 ) -> Result<()> {
     let gpu = batch.gpu();
     let nb = grid.blocks();
-    let per_thread = nb.div_ceil(256).next_power_of_two() as u32;
+    let per_thread = match nb.div_ceil(256) as u32 {
+        k @ 0..=8 => k.max(1),
+        k => k.next_power_of_two(),
+    };
     let kmax = *shaders::THRESHOLD_K.last().unwrap_or(&1);
     if per_thread > kmax {
         return Err(Error::shape(format!(

@@ -98,16 +98,28 @@ fn unary_variant(op: Unary, vec4: bool) -> (String, String) {
     )
 }
 
-fn heads_variant(merge: bool, vec4: bool) -> (String, String) {
+/// `half`: the heads side (split output, merge input) is f16 storage.
+fn heads_variant(merge: bool, vec4: bool, half: bool) -> (String, String) {
+    let (f, h) = if vec4 {
+        ("vec4<f32>", "vec4<f16>")
+    } else {
+        ("f32", "f16")
+    };
+    let (vi, vo) = match (half, merge) {
+        (false, _) => (f, f),
+        (true, false) => (f, h),
+        (true, true) => (h, f),
+    };
+    let enable = if half { "enable f16;\n" } else { "" };
     (
         format!(
-            "nn/heads[{},{}]",
+            "nn/heads[{},{}{}]",
             if merge { "merge" } else { "split" },
-            width_tag(vec4)
+            width_tag(vec4),
+            if half { ",f16" } else { "" }
         ),
         format!(
-            "{}const MERGE: bool = {merge};\n{HEADS}",
-            width_prelude(vec4)
+            "{enable}alias VI = {vi};\nalias VO = {vo};\nconst MERGE: bool = {merge};\n{HEADS}"
         ),
     )
 }
@@ -124,7 +136,8 @@ pub fn variants() -> Vec<(String, String)> {
             v.push(unary_variant(op, vec4));
         }
         for merge in [false, true] {
-            v.push(heads_variant(merge, vec4));
+            v.push(heads_variant(merge, vec4, false));
+            v.push(heads_variant(merge, vec4, true));
         }
     }
     v
@@ -393,6 +406,19 @@ fn tokens_shape(shape: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
+/// The heads side of a split/merge may be f32 or (with SHADER_F16) f16.
+fn check_half_ok(gpu: &Gpu, what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F16 if gpu.caps().f16 => Ok(()),
+        DType::F16 => Err(Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "SHADER_F16",
+            what: format!("{what} in f16"),
+        }),
+        _ => check_f32(what, t),
+    }
+}
+
 fn record_heads(
     batch: &mut Batch<'_>,
     merge: bool,
@@ -407,7 +433,8 @@ fn record_heads(
     let vec4 = d % 4 == 0;
     let w = if vec4 { 4 } else { 1 };
     let n = h * s * d / w;
-    let (key, src) = heads_variant(merge, vec4);
+    let heads_side = if merge { x } else { out };
+    let (key, src) = heads_variant(merge, vec4, heads_side.dtype() == DType::F16);
     let pipe = gpu.pipeline(&key, &src, true)?;
     let p = Params {
         a: n as u32,
@@ -425,12 +452,13 @@ fn record_heads(
 
 /// Records the split of `x` `[S, H·D]` into heads: `out[h, s, d] = x[s, h·D + d]`. H, S and D
 /// come from `out`, which is `[H, S, D]` or `[1, H, S, D]` (the attention kernels' layout); `x`
-/// may carry a leading batch axis of 1 too. Both f32, `out` its own buffer. Vectorized by 4
+/// may carry a leading batch axis of 1 too. `x` f32; `out` f32 or f16 (rounded, for the
+/// tensor-core attention), its own buffer. Vectorized by 4
 /// when D is a multiple of 4.
 pub fn record_split_heads(batch: &mut Batch<'_>, x: &Tensor, out: &Tensor) -> Result<()> {
     let op = "split_heads";
     check_f32("split_heads: x", x)?;
-    check_f32("split_heads: out", out)?;
+    check_half_ok(batch.gpu(), "split_heads: out", out)?;
     let (h, s, d) = heads_shape(op, "out", out.shape())?;
     if tokens_shape(x.shape()) != Some((s, h * d)) {
         return Err(Error::shape(format!(
@@ -466,11 +494,11 @@ pub fn split_heads(gpu: &Gpu, x: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Records the merge of heads `x` `[H, S, D]` (or `[1, H, S, D]`) into `out` `[S, H·D]` (or
-/// `[1, S, H·D]`): `out[s, h·D + d] = x[h, s, d]`. Both f32, `out` its own buffer. Vectorized by
+/// `[1, S, H·D]`): `out[s, h·D + d] = x[h, s, d]`. `x` f32 or f16, `out` f32, its own buffer. Vectorized by
 /// 4 when D is a multiple of 4.
 pub fn record_merge_heads(batch: &mut Batch<'_>, x: &Tensor, out: &Tensor) -> Result<()> {
     let op = "merge_heads";
-    check_f32("merge_heads: x", x)?;
+    check_half_ok(batch.gpu(), "merge_heads: x", x)?;
     check_f32("merge_heads: out", out)?;
     let (h, s, d) = heads_shape(op, "x", x.shape())?;
     if tokens_shape(out.shape()) != Some((s, h * d)) {

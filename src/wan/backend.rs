@@ -47,6 +47,10 @@ pub trait Backend {
 
     /// A new uninitialised f32 activation tensor.
     fn alloc(&mut self, shape: &[usize]) -> Result<Self::T>;
+    /// A new uninitialised tensor of another storage type (f16 heads for the fast path).
+    fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Self::T>;
+    /// Whether f16 storage is available for activations.
+    fn has_f16(&self) -> bool;
     /// Uploads f32 data.
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Self::T>;
     /// Overwrites an f32 tensor with host data (same element count), ordered before the ops
@@ -100,9 +104,9 @@ pub trait Backend {
         head_dim: usize,
         fractal: bool,
     ) -> Result<(Self::T, Self::T)>;
-    /// `[S, H·D] → [1, H, S, D]`.
+    /// `[S, H·D] → [1, H, S, D]` (the output may be f16: rounded).
     fn split_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
-    /// `[1, H, S, D] → [S, H·D]`.
+    /// `[1, H, S, D] → [S, H·D]` (the input may be f16).
     fn merge_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
     /// Natural ↔ fractal token order of `[S, C]`.
     fn fractal(
@@ -186,6 +190,12 @@ impl<'g> Backend for WgpuBackend<'g> {
 
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)
+    }
+    fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.gpu.empty(shape, dtype)
+    }
+    fn has_f16(&self) -> bool {
+        self.gpu.caps().f16
     }
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         self.gpu.upload_f32(data, shape)

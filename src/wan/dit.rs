@@ -2,9 +2,20 @@
 //! NABLA / STA / NABLA+STA block-sparse self-attention, the whole transformer in fractal order
 //! when sparse (spec §4.2–4.4), masks recomputed in every layer as the reference does.
 //!
-//! Precision of this path: every activation f32; weights in the storage type chosen at load
-//! ([`WeightPrecision`]) and widened to f32 inside the GEMMs; norms, modulation, gates, RoPE
-//! (angles in f64 on the CPU), the time MLP and the head in f32; the sinusoid in f64.
+//! Precision, by path:
+//!
+//! | op | parity path (`WeightPrecision::F32`) | fast path (`BF16` / `F16` weights) |
+//! |---|---|---|
+//! | sinusoid | f64 on the CPU | same |
+//! | time MLP, head, patch embedding | f32 weights, f32 math | same |
+//! | block / text GEMMs | f32 weights, f32 math | 16-bit weights; tensor cores (operands rounded to f16, f32 accumulation) where the adapter has them, else f32 math |
+//! | norms, modulation, gates, residual stream | f32 | f32 |
+//! | RoPE | f64 angles, f32 rotation | same |
+//! | self/cross-attention | f32 q/k/v, f32 softmax/accumulation | q/k/v stored f16 (tensor cores where available), f32 softmax/accumulation |
+//! | NABLA mask (pool, scores, softmax, CDF) | f32 | f32 math on f16 q/k |
+//!
+//! The parity path matches the golden reference to ~1e-5; the fast path to ~3e-3 relative L2
+//! (the reference itself runs in bf16).
 
 use super::backend::{Backend, Mask, Norm};
 use super::{Checkpoint, WanConfig};
@@ -134,6 +145,7 @@ struct Workspace<B: Backend> {
 /// The Wan 2.1 text-to-video transformer on a backend.
 pub struct Dit<B: Backend> {
     cfg: WanConfig,
+    precision: WeightPrecision,
     w: Weights<B::T>,
     ws: Option<Workspace<B>>,
     weight_bytes: u64,
@@ -306,6 +318,7 @@ impl<B: Backend> Dit<B> {
         be.flush()?;
         Ok(Dit {
             cfg: c,
+            precision,
             w,
             ws: None,
             weight_bytes: bytes,
@@ -346,6 +359,13 @@ impl<B: Backend> Dit<B> {
         let s = lat.0 * (lat.1 / 2) * (lat.2 / 2);
         let l = c.text_len;
         let pt = 4 * c.in_dim;
+        // fast path (16-bit weights): attention operands in f16, so the tensor-core attention
+        // runs where the adapter has it; the parity path keeps them f32
+        let hdt = if self.precision != WeightPrecision::F32 && be.has_f16() {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let scratch = if sparse {
             let grid = BlockGrid::from_tokens(lat.0, lat.1 / 2, lat.2 / 2)?;
             Some(be.mask_scratch(h, grid, hd)?)
@@ -360,10 +380,10 @@ impl<B: Backend> Dit<B> {
             q: be.alloc(&[s, d])?,
             k: be.alloc(&[s, d])?,
             v: be.alloc(&[s, d])?,
-            qh: be.alloc(&[1, h, s, hd])?,
-            kh: be.alloc(&[1, h, s, hd])?,
-            vh: be.alloc(&[1, h, s, hd])?,
-            oh: be.alloc(&[1, h, s, hd])?,
+            qh: be.alloc_as(&[1, h, s, hd], hdt)?,
+            kh: be.alloc_as(&[1, h, s, hd], hdt)?,
+            vh: be.alloc_as(&[1, h, s, hd], hdt)?,
+            oh: be.alloc_as(&[1, h, s, hd], hdt)?,
             o: be.alloc(&[s, d])?,
             y: be.alloc(&[s, d])?,
             hidden: be.alloc(&[s, c.ffn_dim])?,
@@ -374,8 +394,8 @@ impl<B: Backend> Dit<B> {
             ctx: be.alloc(&[l, d])?,
             kc: be.alloc(&[l, d])?,
             vc: be.alloc(&[l, d])?,
-            kch: be.alloc(&[1, h, l, hd])?,
-            vch: be.alloc(&[1, h, l, hd])?,
+            kch: be.alloc_as(&[1, h, l, hd], hdt)?,
+            vch: be.alloc_as(&[1, h, l, hd], hdt)?,
             t1: be.alloc(&[1, d])?,
             e: be.alloc(&[1, d])?,
             se: be.alloc(&[1, d])?,
