@@ -18,6 +18,18 @@ pub const REDUCE_WG: &str = include_str!("../shaders/nabla/reduce_wg.wgsl");
 /// Subgroup reductions + entry point of the threshold kernel (adapters with SUBGROUP).
 pub const REDUCE_SG: &str = include_str!("../shaders/nabla/reduce_sg.wgsl");
 
+/// The threshold kernel with one subgroup per row (no workgroup barriers).
+pub const THRESHOLD_ROWS: &str = include_str!("../shaders/nabla/threshold_rows.wgsl");
+
+/// Values per lane of the row-per-subgroup threshold kernel (Nb ≤ KL·SG).
+pub const THRESHOLD_ROWS_KL: [u32; 16] = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
+
+/// Source of the row-per-subgroup threshold kernel.
+pub fn threshold_rows_source(kl: u32, subgroup: u32) -> String {
+    let body = expand_unroll(THRESHOLD_ROWS, &[("KL", kl)]);
+    format!("const KL: u32 = {kl}u;\nconst SG: u32 = {subgroup}u;\n{body}")
+}
+
 /// Values per thread of the threshold kernel: Nb ≤ 256·K (exact up to 8, then powers of two).
 pub const THRESHOLD_K: [u32; 11] = [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64];
 
@@ -129,6 +141,14 @@ pub fn all_variants() -> Vec<(String, String)> {
         }
     }
     v.push(("nabla/scores".into(), SCORES.to_string()));
+    for kl in THRESHOLD_ROWS_KL {
+        for sg in [8, 16, 32, 64] {
+            v.push((
+                format!("nabla/threshold_rows[kl{kl},sg{sg}]"),
+                threshold_rows_source(kl, sg),
+            ));
+        }
+    }
     for k in THRESHOLD_K {
         for sg in [false, true] {
             let tag = if sg { "sg" } else { "wg" };

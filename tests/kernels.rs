@@ -6,14 +6,19 @@ use common::{POISON, Rng, assert_close, gpu};
 use nabla::nabla::{Reduction, estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with};
 use nabla::{BlockGrid, BlockMask, DType, SparseAlgo, reference};
 
-/// Both reduction variants of the threshold kernel where the adapter has subgroups.
-fn reductions() -> Vec<Reduction> {
-    if gpu().caps().subgroups {
-        vec![Reduction::Workgroup, Reduction::Subgroup]
+/// Every reduction variant of the threshold kernel the adapter can run for rows of `nb` keys.
+fn reductions(nb: usize) -> Vec<Reduction> {
+    let c = gpu().caps();
+    let mut v = vec![Reduction::Workgroup];
+    if c.subgroups {
+        v.push(Reduction::Subgroup);
+        if c.subgroup_min == c.subgroup_max && nb <= 64 * c.subgroup_min as usize {
+            v.push(Reduction::RowPerSubgroup);
+        }
     } else {
         eprintln!("no subgroups: only the workgroup reduction is tested");
-        vec![Reduction::Workgroup]
     }
+    v
 }
 
 /// Structured q/k: a smooth field over the block grid plus noise, peakedness varying per head.
@@ -196,7 +201,7 @@ fn mask_from_pooled_large_nb() {
     let qt = g.upload_f32(&qa, &[bh, nb, d]).unwrap();
     let kt = g.upload_f32(&ka, &[bh, nb, d]).unwrap();
     let algo: SparseAlgo = "nabla-0.5_sta-3-3-3".parse().unwrap();
-    for red in reductions() {
+    for red in reductions(nb) {
         let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
         let map = g.read_f32(&probs).unwrap();
         let map_ref = reference::block_map(&qa, &ka, bh, nb, d);
@@ -245,7 +250,7 @@ fn mask_ties_kept_together() {
     let kt = g.upload_f32(&ka, &[1, nb, d]).unwrap();
     for (thr, red) in [0.0, 0.3, 0.5, 0.8, 1.0]
         .into_iter()
-        .flat_map(|t| reductions().into_iter().map(move |r| (t, r)))
+        .flat_map(|t| reductions(nb).into_iter().map(move |r| (t, r)))
     {
         let algo = SparseAlgo::Nabla { thr };
         let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();

@@ -366,12 +366,25 @@ fn record_scores(
 /// How the threshold kernel reduces over a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reduction {
-    /// Subgroup operations where the adapter has them, else the workgroup tree.
+    /// One subgroup per row where the adapter has a fixed subgroup size and the row fits
+    /// (Nb ≤ 64·SG), else the workgroup kernel with subgroup reductions, else the tree.
     Auto,
     /// Workgroup-memory tree (any adapter).
     Workgroup,
-    /// Subgroup operations (needs SUBGROUP).
+    /// One workgroup per row, subgroup reductions (needs SUBGROUP).
     Subgroup,
+    /// One subgroup per row, no workgroup barriers (needs SUBGROUP, Nb ≤ 64·SG).
+    RowPerSubgroup,
+}
+
+/// The values per lane the row-per-subgroup kernel needs for `nb` keys and subgroup size
+/// `sg`, or `None` when the row does not fit.
+fn rows_kl(nb: usize, sg: u32) -> Option<u32> {
+    let need = nb.div_ceil(sg as usize) as u32;
+    shaders::THRESHOLD_ROWS_KL
+        .iter()
+        .copied()
+        .find(|&k| k >= need)
 }
 
 fn record_threshold(
@@ -396,18 +409,24 @@ fn record_threshold(
             256 * kmax
         )));
     }
-    let sg = match reduction {
-        Reduction::Auto => gpu.caps().subgroups,
-        Reduction::Workgroup => false,
-        Reduction::Subgroup if gpu.caps().subgroups => true,
-        Reduction::Subgroup => {
-            return Err(Error::Unsupported {
-                adapter: gpu.caps().name.clone(),
-                feature: "SUBGROUP",
-                what: "the subgroup threshold kernel".into(),
-            });
+    let caps = gpu.caps();
+    let fixed_sg = (caps.subgroups
+        && caps.subgroup_min == caps.subgroup_max
+        && [8, 16, 32, 64].contains(&caps.subgroup_min))
+    .then_some(caps.subgroup_min);
+    let rows_variant = match reduction {
+        Reduction::Auto | Reduction::RowPerSubgroup => {
+            fixed_sg.and_then(|s| rows_kl(nb, s).map(|k| (k, s)))
         }
+        _ => None,
     };
+    if reduction == Reduction::RowPerSubgroup && rows_variant.is_none() {
+        return Err(Error::Unsupported {
+            adapter: caps.name.clone(),
+            feature: "SUBGROUP with a fixed subgroup size (and Nb ≤ 64·subgroup size)",
+            what: "the row-per-subgroup threshold kernel".into(),
+        });
+    }
     let cut = algo
         .cut()
         .ok_or_else(|| Error::Invalid("the CDF threshold needs a NABLA algorithm".into()))?;
@@ -421,6 +440,29 @@ fn record_threshold(
         rt,
         rh,
         rw,
+    };
+    if let Some((kl, sgs)) = rows_variant {
+        let key = format!("nabla/threshold_rows[kl{kl},sg{sgs}]");
+        let pipe = gpu.pipeline(&key, &shaders::threshold_rows_source(kl, sgs), true)?;
+        return batch.dispatch(
+            &pipe,
+            bytemuck::bytes_of(&p),
+            &[probs, &out.counts, &out.indices],
+            [nb.div_ceil(4) as u32, bh as u32, 1],
+        );
+    }
+    let sg = match reduction {
+        Reduction::Auto => gpu.caps().subgroups,
+        Reduction::RowPerSubgroup => true,
+        Reduction::Workgroup => false,
+        Reduction::Subgroup if gpu.caps().subgroups => true,
+        Reduction::Subgroup => {
+            return Err(Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "SUBGROUP",
+                what: "the subgroup threshold kernel".into(),
+            });
+        }
     };
     let key = format!(
         "nabla/threshold[k{per_thread},{}]",

@@ -1,0 +1,121 @@
+// Row softmax + CDF threshold + STA union + compact per-row lists: the same contract and the
+// same rule as threshold.wgsl, with ONE SUBGROUP PER ROW (4 rows per workgroup): the row lives in
+// the subgroup's registers (KL values per lane, key j = lane + t·SG), every reduction and the
+// list compaction are subgroup operations, and there is no workgroup barrier at all. Chosen
+// when the adapter has subgroups and Nb ≤ 64·SG; threshold.wgsl covers the rest.
+// The prelude defines KL and SG; the unroll blocks are expanded by the dispatcher.
+
+struct Params {
+    nb: u32,
+    cut: f32,
+    use_sta: u32,
+    hb: u32,
+    wb: u32,
+    rt: u32,
+    rh: u32,
+    rw: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read_write> probs: array<f32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<u32>;
+@group(0) @binding(3) var<storage, read_write> indices: array<u32>;
+
+fn absdiff(a: u32, b: u32) -> u32 {
+    return select(b - a, a - b, a > b);
+}
+
+fn sta_keep(qi: u32, j: u32) -> bool {
+    let hw = P.hb * P.wb;
+    let ti = qi / hw;
+    let yi = (qi % hw) / P.wb;
+    let xi = qi % P.wb;
+    let tj = j / hw;
+    let yj = (j % hw) / P.wb;
+    let xj = j % P.wb;
+    return absdiff(ti, tj) <= P.rt && absdiff(yi, yj) <= P.rh && absdiff(xi, xj) <= P.rw;
+}
+
+@compute @workgroup_size(4 * SG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(subgroup_id) sg: u32,
+        @builtin(subgroup_invocation_id) lane: u32) {
+    let n = P.nb;
+    // rows past Nb (last workgroup) recompute row Nb-1 and write nothing
+    let qi_raw = wid.x * 4u + sg;
+    let live = qi_raw < n;
+    let qi = min(qi_raw, n - 1u);
+    let row = wid.y * n + qi;
+    let base = row * n;
+
+    var m = -3.4e38;
+    //@unroll KL
+    var x{t} = -3.4e38;
+    if (lane + {t}u * SG < n) {
+        x{t} = probs[base + lane + {t}u * SG];
+    }
+    m = max(m, x{t});
+    //@end
+    m = subgroupMax(m);
+    var s = 0.0;
+    //@unroll KL
+    x{t} = exp(x{t} - m);
+    s += x{t};
+    //@end
+    s = subgroupAdd(s);
+    var pmax = 0.0;
+    //@unroll KL
+    x{t} = x{t} / s;
+    if (lane + {t}u * SG < n) {
+        if (live) {
+            probs[base + lane + {t}u * SG] = x{t};
+        }
+    } else {
+        x{t} = 0.0;
+    }
+    pmax = max(pmax, x{t});
+    //@end
+    pmax = subgroupMax(pmax);
+
+    // bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax))
+    var lo = 0u;
+    var hi = bitcast<u32>(pmax);
+    for (var it = 0u; it < 32u; it++) {
+        if (lo >= hi) {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2u;
+        let v = bitcast<f32>(mid);
+        var f = 0.0;
+        //@unroll KL
+        f += select(0.0, x{t}, x{t} <= v);
+        //@end
+        f = subgroupAdd(f);
+        if (f >= P.cut) {
+            hi = mid;
+        } else {
+            lo = mid + 1u;
+        }
+    }
+
+    // keep flags (+ STA) and compaction in ascending key order, SG keys at a time
+    var offset = 0u;
+    //@unroll KL
+    if ({t}u * SG < n) {
+        let j = lane + {t}u * SG;
+        var keep = j < n && bitcast<u32>(x{t}) >= lo;
+        if (j < n && P.use_sta != 0u) {
+            keep = keep || sta_keep(qi, j);
+        }
+        let flag = select(0u, 1u, keep);
+        let before = subgroupExclusiveAdd(flag);
+        if (keep && live) {
+            indices[base + offset + before] = j;
+        }
+        offset += subgroupAdd(flag);
+    }
+    //@end
+    if (lane == 0u && live) {
+        counts[row] = offset;
+    }
+}
