@@ -361,37 +361,12 @@ impl Checkpoint {
             .collect();
         extra.extend(unknown.iter().cloned());
         extra.sort();
-        if missing.is_empty() && misshaped.is_empty() && bad_dtype.is_empty() && extra.is_empty() {
+        let Some(report) = mismatch_report(&missing, &misshaped, &bad_dtype, &extra) else {
             return Ok(());
-        }
-        let list = |v: &[String]| {
-            let mut s = v.iter().take(12).cloned().collect::<Vec<_>>().join(", ");
-            if v.len() > 12 {
-                s += &format!(", … ({} in all)", v.len());
-            }
-            s
         };
-        let mut parts = Vec::new();
-        if !missing.is_empty() {
-            parts.push(format!("missing tensors: {}", list(&missing)));
-        }
-        if !misshaped.is_empty() {
-            parts.push(format!("wrong shapes: {}", list(&misshaped)));
-        }
-        if !bad_dtype.is_empty() {
-            parts.push(format!(
-                "unsupported dtypes (F32, F16, BF16 are): {}",
-                list(&bad_dtype)
-            ));
-        }
-        if !extra.is_empty() {
-            parts.push(format!("unexpected tensors: {}", list(&extra)));
-        }
         Err(Error::Invalid(format!(
-            "checkpoint does not match a Wan 2.1 DiT of dim {}, {} layers: {}",
-            self.config.dim,
-            self.config.num_layers,
-            parts.join("; ")
+            "checkpoint does not match a Wan 2.1 DiT of dim {}, {} layers: {report}",
+            self.config.dim, self.config.num_layers
         )))
     }
 
@@ -460,4 +435,33 @@ fn expected_prefix(k: &str) -> bool {
                 .iter()
                 .any(|p| t.starts_with(p))
             })
+}
+
+/// The one-line description of what is wrong with a state dict (missing, misshaped, wrongly
+/// typed and unexpected tensors, each list cut at 12 names), or `None` when nothing is.
+pub(crate) fn mismatch_report(
+    missing: &[String],
+    misshaped: &[String],
+    bad_dtype: &[String],
+    extra: &[String],
+) -> Option<String> {
+    let list = |v: &[String]| {
+        let mut s = v.iter().take(12).cloned().collect::<Vec<_>>().join(", ");
+        if v.len() > 12 {
+            s += &format!(", … ({} in all)", v.len());
+        }
+        s
+    };
+    let mut parts = Vec::new();
+    for (what, v) in [
+        ("missing tensors", missing),
+        ("wrong shapes", misshaped),
+        ("unsupported dtypes (F32, F16, BF16 are)", bad_dtype),
+        ("unexpected tensors", extra),
+    ] {
+        if !v.is_empty() {
+            parts.push(format!("{what}: {}", list(v)));
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }

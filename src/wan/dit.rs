@@ -52,6 +52,13 @@ struct Linear<T> {
     b: T,
 }
 
+impl<T> Linear<T> {
+    /// Records `out = act(x·Wᵀ + b)`.
+    fn run<B: Backend<T = T>>(&self, be: &mut B, x: &T, act: Activation, out: &T) -> Result<()> {
+        be.linear(x, &self.w, Some(&self.b), act, out)
+    }
+}
+
 struct BlockWeights<T> {
     modulation: T,
     sa: [Linear<T>; 4],
@@ -471,22 +478,10 @@ impl<B: Backend> Dit<B> {
         // time: the sinusoid in f64 on the CPU, the MLPs in f32
         let sin = sinusoidal_embedding(t, c.freq_dim);
         be.write(&ws.sinus, &sin)?;
-        be.linear(
-            &ws.sinus,
-            &w.time0.w,
-            Some(&w.time0.b),
-            Activation::Silu,
-            &ws.t1,
-        )?;
-        be.linear(
-            &ws.t1,
-            &w.time2.w,
-            Some(&w.time2.b),
-            Activation::None,
-            &ws.e,
-        )?;
+        w.time0.run(be, &ws.sinus, Activation::Silu, &ws.t1)?;
+        w.time2.run(be, &ws.t1, Activation::None, &ws.e)?;
         be.activation(&ws.e, Activation::Silu, &ws.se)?;
-        be.linear(&ws.se, &w.proj.w, Some(&w.proj.b), Activation::None, &ws.e0)?;
+        w.proj.run(be, &ws.se, Activation::None, &ws.e0)?;
         be.add(&w.head_mod, &ws.e, &ws.hmods)?;
         if trace.is_some() {
             let e = be.download(&ws.e)?;
@@ -503,33 +498,15 @@ impl<B: Backend> Dit<B> {
         let mut ctx0 = vec![0f32; c.text_len * c.text_dim];
         ctx0[..context.len()].copy_from_slice(context);
         be.write(&ws.ctx0, &ctx0)?;
-        be.linear(
-            &ws.ctx0,
-            &w.text0.w,
-            Some(&w.text0.b),
-            Activation::GeluTanh,
-            &ws.ctx1,
-        )?;
-        be.linear(
-            &ws.ctx1,
-            &w.text2.w,
-            Some(&w.text2.b),
-            Activation::None,
-            &ws.ctx,
-        )?;
+        w.text0.run(be, &ws.ctx0, Activation::GeluTanh, &ws.ctx1)?;
+        w.text2.run(be, &ws.ctx1, Activation::None, &ws.ctx)?;
         keep(be, &mut trace, "context_emb", &ws.ctx)?;
 
         // patch embedding (natural order), then fractal order when sparse
         be.write(&ws.z, latent)?;
         be.patchify(&ws.z, &ws.tokens)?;
         let x_nat = if grid.is_some() { &ws.x2 } else { &ws.x };
-        be.linear(
-            &ws.tokens,
-            &w.patch.w,
-            Some(&w.patch.b),
-            Activation::None,
-            x_nat,
-        )?;
+        w.patch.run(be, &ws.tokens, Activation::None, x_nat)?;
         keep(be, &mut trace, "patch_embed_out", x_nat)?;
         if grid.is_some() {
             be.fractal(&ws.x2, &ws.x, tok, false)?;
@@ -554,29 +531,11 @@ impl<B: Backend> Dit<B> {
                     scale: 1,
                 },
             )?;
-            be.linear(
-                &ws.a,
-                &bw.sa[0].w,
-                Some(&bw.sa[0].b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.sa[0].run(be, &ws.a, Activation::None, &ws.y)?;
             be.rms_norm(&ws.y, &bw.sa_norm_q, &ws.q, eps)?;
-            be.linear(
-                &ws.a,
-                &bw.sa[1].w,
-                Some(&bw.sa[1].b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.sa[1].run(be, &ws.a, Activation::None, &ws.y)?;
             be.rms_norm(&ws.y, &bw.sa_norm_k, &ws.k, eps)?;
-            be.linear(
-                &ws.a,
-                &bw.sa[2].w,
-                Some(&bw.sa[2].b),
-                Activation::None,
-                &ws.v,
-            )?;
+            bw.sa[2].run(be, &ws.a, Activation::None, &ws.v)?;
             be.rope(&ws.q, &cos, &sinr, heads)?;
             be.rope(&ws.k, &cos, &sinr, heads)?;
             be.split_heads(&ws.q, &ws.qh)?;
@@ -594,13 +553,7 @@ impl<B: Backend> Dit<B> {
             };
             be.attention(&ws.qh, &ws.kh, &ws.vh, &mask, &ws.oh)?;
             be.merge_heads(&ws.oh, &ws.o)?;
-            be.linear(
-                &ws.o,
-                &bw.sa[3].w,
-                Some(&bw.sa[3].b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.sa[3].run(be, &ws.o, Activation::None, &ws.y)?;
             if li == 0 {
                 keep(be, &mut trace, "block0_self_attn_out", &ws.y)?;
             }
@@ -608,41 +561,17 @@ impl<B: Backend> Dit<B> {
 
             // 2. cross-attention over the padded context (no mask, no RoPE, no gate)
             be.layer_norm(&ws.x, &ws.a, eps, Norm::Affine(&bw.norm3_w, &bw.norm3_b))?;
-            be.linear(
-                &ws.a,
-                &bw.ca[0].w,
-                Some(&bw.ca[0].b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.ca[0].run(be, &ws.a, Activation::None, &ws.y)?;
             be.rms_norm(&ws.y, &bw.ca_norm_q, &ws.q, eps)?;
-            be.linear(
-                &ws.ctx,
-                &bw.ca[1].w,
-                Some(&bw.ca[1].b),
-                Activation::None,
-                &ws.ctx1,
-            )?;
+            bw.ca[1].run(be, &ws.ctx, Activation::None, &ws.ctx1)?;
             be.rms_norm(&ws.ctx1, &bw.ca_norm_k, &ws.kc, eps)?;
-            be.linear(
-                &ws.ctx,
-                &bw.ca[2].w,
-                Some(&bw.ca[2].b),
-                Activation::None,
-                &ws.vc,
-            )?;
+            bw.ca[2].run(be, &ws.ctx, Activation::None, &ws.vc)?;
             be.split_heads(&ws.q, &ws.qh)?;
             be.split_heads(&ws.kc, &ws.kch)?;
             be.split_heads(&ws.vc, &ws.vch)?;
             be.attention(&ws.qh, &ws.kch, &ws.vch, &Mask::Dense, &ws.oh)?;
             be.merge_heads(&ws.oh, &ws.o)?;
-            be.linear(
-                &ws.o,
-                &bw.ca[3].w,
-                Some(&bw.ca[3].b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.ca[3].run(be, &ws.o, Activation::None, &ws.y)?;
             if li == 0 {
                 keep(be, &mut trace, "block0_cross_attn_out", &ws.y)?;
             }
@@ -659,20 +588,8 @@ impl<B: Backend> Dit<B> {
                     scale: 4,
                 },
             )?;
-            be.linear(
-                &ws.a,
-                &bw.ffn0.w,
-                Some(&bw.ffn0.b),
-                Activation::GeluTanh,
-                &ws.hidden,
-            )?;
-            be.linear(
-                &ws.hidden,
-                &bw.ffn2.w,
-                Some(&bw.ffn2.b),
-                Activation::None,
-                &ws.y,
-            )?;
+            bw.ffn0.run(be, &ws.a, Activation::GeluTanh, &ws.hidden)?;
+            bw.ffn2.run(be, &ws.hidden, Activation::None, &ws.y)?;
             if li == 0 {
                 keep(be, &mut trace, "block0_ffn_out", &ws.y)?;
             }
@@ -697,13 +614,7 @@ impl<B: Backend> Dit<B> {
                 scale: 1,
             },
         )?;
-        be.linear(
-            &ws.a,
-            &w.head.w,
-            Some(&w.head.b),
-            Activation::None,
-            &ws.head_out,
-        )?;
+        w.head.run(be, &ws.a, Activation::None, &ws.head_out)?;
         let head_nat = if grid.is_some() {
             be.fractal(&ws.head_out, &ws.head_nat, tok, true)?;
             &ws.head_nat

@@ -411,32 +411,11 @@ impl T5Encoder {
         extra.extend(unknown.iter().cloned());
         extra.extend(duplicates.iter().map(|d| format!("{d} (a second copy)")));
         extra.sort();
-        if missing.is_empty() && misshaped.is_empty() && bad_dtype.is_empty() && extra.is_empty() {
+        let Some(report) =
+            super::checkpoint::mismatch_report(&missing, &misshaped, &bad_dtype, &extra)
+        else {
             return Ok(());
-        }
-        let list = |v: &[String]| {
-            let mut s = v.iter().take(12).cloned().collect::<Vec<_>>().join(", ");
-            if v.len() > 12 {
-                s += &format!(", … ({} in all)", v.len());
-            }
-            s
         };
-        let mut parts = Vec::new();
-        if !missing.is_empty() {
-            parts.push(format!("missing tensors: {}", list(&missing)));
-        }
-        if !misshaped.is_empty() {
-            parts.push(format!("wrong shapes: {}", list(&misshaped)));
-        }
-        if !bad_dtype.is_empty() {
-            parts.push(format!(
-                "unsupported dtypes (F32, F16, BF16 are): {}",
-                list(&bad_dtype)
-            ));
-        }
-        if !extra.is_empty() {
-            parts.push(format!("unexpected tensors: {}", list(&extra)));
-        }
         let c = &self.config;
         Err(Error::Invalid(format!(
             "umT5 weights do not match an encoder of dim {}, {} layers, {} heads, FFN {}, {} \
@@ -447,7 +426,7 @@ impl T5Encoder {
             c.dim_ffn,
             c.num_buckets,
             if c.shared_pos { " (shared)" } else { "" },
-            parts.join("; ")
+            report
         )))
     }
 
