@@ -429,3 +429,39 @@ fn fractal_h_not_multiple_of_8() {
         &["32-bit words", "6 bytes"],
     );
 }
+
+/// No adapter matching the filters: a clear error that says how to get one, exit code 1, no panic.
+#[test]
+fn no_matching_adapter_is_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nabla"))
+        .args([
+            "mask",
+            "--grid",
+            "1,8,8",
+            "--heads",
+            "1",
+            "--png",
+            "/dev/null",
+        ])
+        .env("NABLA_ADAPTER", "no-such-gpu-xyz")
+        .output()
+        .expect("run nabla");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("no GPU adapter found"), "{err}");
+    assert!(err.contains("NABLA_ADAPTER=\"no-such-gpu-xyz\""), "{err}");
+    assert!(err.contains("mesa-vulkan-drivers"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // and a bad backend name
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nabla"))
+        .args(["info"])
+        .env("NABLA_BACKEND", "opengl-es")
+        .output()
+        .expect("run nabla");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.contains("NABLA_BACKEND") && err.contains("vulkan, metal, dx12, gl"),
+        "{err}"
+    );
+}
