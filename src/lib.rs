@@ -1,10 +1,12 @@
 //! # nabla
 //!
-//! NABLA sparse attention (Neighborhood Adaptive Block-Level Attention, arXiv 2507.13546) on any
-//! GPU through wgpu and WGSL compute shaders: block masks estimated on the GPU
-//! ([`estimate_mask`]), Sliding Tile Attention windows, the fractal token order, and block-sparse
-//! flash attention ([`block_sparse_attention`]). Every kernel has a CPU reference in
-//! [`reference`] that the tests compare against.
+//! NABLA sparse attention (Neighborhood Adaptive Block-Level Attention, arXiv 2507.13546) and the
+//! Wan 2.1 text-to-video models on any GPU through wgpu and WGSL compute shaders: block masks
+//! estimated on the GPU ([`estimate_mask`]), Sliding Tile Attention windows, the fractal token
+//! order, block-sparse flash attention ([`block_sparse_attention`]), the ops of the Wan models
+//! ([`ops`]) and the models themselves ([`wan`]: DiT, umT5, samplers, VAE), and video output
+//! ([`video`]). Every kernel has a CPU reference in
+//! [`mod@reference`] that the tests compare against.
 //!
 //! ```no_run
 //! use nabla::{Gpu, SparseAlgo, BlockGrid, estimate_mask, block_sparse_attention};
