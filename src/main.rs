@@ -1,4 +1,4 @@
-//! The `nabla` command line: adapter info, NABLA masks, benchmarks.
+//! The `nabla` command line: adapter info, NABLA masks, benchmarks, text-to-video.
 
 mod cli;
 
@@ -26,6 +26,12 @@ enum Cmd {
         #[command(subcommand)]
         which: cli::bench::BenchCmd,
     },
+    /// Text-to-video with a Wan 2.1 checkpoint (umT5, DiT with NABLA sparse attention, VAE)
+    /// into an .mp4.
+    Generate(Box<cli::generate::GenerateArgs>),
+    /// The whole text-to-video pipeline on tiny random-weight models (no download; the video
+    /// is noise-like) into nabla-demo.mp4.
+    Demo(Box<cli::generate::DemoArgs>),
 }
 
 fn main() {
@@ -34,6 +40,8 @@ fn main() {
         Cmd::Info => cli::info::run(),
         Cmd::Mask(a) => cli::mask::run(a),
         Cmd::Bench { which } => cli::bench::run(which),
+        Cmd::Generate(a) => cli::generate::run_generate(*a),
+        Cmd::Demo(a) => cli::generate::run_demo(*a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");

@@ -1,6 +1,7 @@
 //! Subcommands of the `nabla` binary.
 
 pub mod bench;
+pub mod generate;
 pub mod info;
 pub mod mask;
 

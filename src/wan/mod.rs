@@ -4,6 +4,7 @@ pub mod backend;
 mod checkpoint;
 mod config;
 mod dit;
+pub mod pipeline;
 pub mod pth;
 pub mod sampler;
 pub mod t5;

@@ -1,0 +1,191 @@
+//! The `nabla generate` and `nabla demo` commands through the built binary: a tiny demo run
+//! writes an mp4 of the frame count and size asked for, and bad input fails with messages that
+//! name the problem (unknown task, frame count, missing checkpoint files).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn nabla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nabla"))
+        .args(args)
+        .output()
+        .expect("running the nabla binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cli_tests")
+        .join(format!("{}_{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn demo_writes_the_requested_mp4() {
+    let out = tmp_dir("demo").join("tiny.mp4");
+    let o = nabla(&[
+        "demo",
+        "--size",
+        "128*128",
+        "--frame-num",
+        "5",
+        "--sample-steps",
+        "2",
+        "--mask-stats",
+        "--save-file",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "demo failed:\n{err}");
+    assert!(err.contains("RANDOM WEIGHTS") && err.contains("not a trained model"));
+    assert!(err.contains("timings:") && err.contains("decode"), "{err}");
+    assert!(err.contains("memory:"), "{err}");
+    assert!(err.contains("mask density"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("wrote"));
+    let bytes = std::fs::read(&out).expect("the mp4 exists");
+    let reader =
+        mp4::Mp4Reader::read_header(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
+    let track = reader.tracks().values().next().expect("a video track");
+    assert_eq!(track.sample_count(), 5, "frames");
+    assert_eq!((track.width(), track.height()), (128, 128));
+}
+
+#[test]
+fn generate_rejects_bad_input_clearly() {
+    let empty = tmp_dir("empty");
+    let dir = empty.to_str().unwrap();
+
+    let o = nabla(&[
+        "generate",
+        "--task",
+        "t2v-7B",
+        "--ckpt-dir",
+        dir,
+        "--prompt",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("unknown task") && e.contains("t2v-1.3B"), "{e}");
+
+    let o = nabla(&[
+        "generate",
+        "--task",
+        "t2v-1.3B",
+        "--ckpt-dir",
+        dir,
+        "--prompt",
+        "x",
+        "--frame-num",
+        "80",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("4k+1"), "{}", stderr(&o));
+
+    let o = nabla(&[
+        "generate",
+        "--task",
+        "t2v-1.3B",
+        "--ckpt-dir",
+        dir,
+        "--prompt",
+        "x",
+        "--sparse-algo",
+        "nabla-2",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nabla-2"), "{}", stderr(&o));
+
+    // an empty checkpoint directory: every missing file is named
+    let o = nabla(&[
+        "generate",
+        "--task",
+        "t2v-1.3B",
+        "--ckpt-dir",
+        dir,
+        "--prompt",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    for f in [
+        "diffusion_pytorch_model.safetensors",
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "Wan2.1_VAE.pth",
+        "tokenizer.json",
+    ] {
+        assert!(e.contains(f), "{f} not in {e}");
+    }
+
+    let o = nabla(&["generate", "--task", "t2v-1.3B", "--ckpt-dir", dir]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--prompt"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_says_how_the_video_is_written() {
+    for cmd in ["generate", "demo"] {
+        let o = nabla(&[cmd, "--help"]);
+        assert!(o.status.success());
+        let h = String::from_utf8_lossy(&o.stdout);
+        assert!(h.contains("H.264") && h.contains("OpenH264"), "{h}");
+        for flag in [
+            "--size",
+            "--frame-num",
+            "--prompt",
+            "--negative-prompt",
+            "--sparse-algo",
+            "--sample-solver",
+            "--sample-steps",
+            "--sample-shift",
+            "--sample-guide-scale",
+            "--base-seed",
+            "--save-file",
+        ] {
+            assert!(h.contains(flag), "{cmd} --help lacks {flag}");
+        }
+    }
+    let h = String::from_utf8_lossy(&nabla(&["generate", "--help"]).stdout).into_owned();
+    assert!(h.contains("--task") && h.contains("--ckpt-dir"));
+}
+
+#[test]
+fn generate_runs_a_demo_checkpoint_directory() {
+    let dir = tmp_dir("ckpt");
+    let ckpt = dir.join("demo-ckpt");
+    let o = nabla(&["demo", "--write-checkpoint", ckpt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.join("gen.mp4");
+    let o = nabla(&[
+        "generate",
+        "--task",
+        "demo",
+        "--ckpt-dir",
+        ckpt.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--size",
+        "128*128",
+        "--frame-num",
+        "5",
+        "--sample-steps",
+        "1",
+        "--sparse-algo",
+        "none",
+        "--save-file",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("dense attention"), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).expect("the mp4 exists");
+    let reader =
+        mp4::Mp4Reader::read_header(std::io::Cursor::new(&bytes), bytes.len() as u64).unwrap();
+    let track = reader.tracks().values().next().expect("a video track");
+    assert_eq!(track.sample_count(), 5);
+    assert_eq!((track.width(), track.height()), (128, 128));
+}
