@@ -189,3 +189,45 @@ fn generate_runs_a_demo_checkpoint_directory() {
     assert_eq!(track.sample_count(), 5);
     assert_eq!((track.width(), track.height()), (128, 128));
 }
+
+/// `--png-frames` writes every frame and `--mask-heatmaps` one PNG per layer and reported step.
+#[test]
+fn demo_writes_png_frames_and_mask_heatmaps() {
+    let dir = std::env::temp_dir().join(format!("nabla-cli-png-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nabla"))
+        .args([
+            "demo",
+            "--size",
+            "128*128",
+            "--frame-num",
+            "5",
+            "--sample-steps",
+            "2",
+            "--quiet",
+        ])
+        .arg("--save-file")
+        .arg(dir.join("v.mp4"))
+        .arg("--png-frames")
+        .arg(dir.join("frames"))
+        .arg("--mask-heatmaps")
+        .arg(dir.join("masks"))
+        .output()
+        .expect("run nabla demo");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<_> = std::fs::read_dir(dir.join("frames")).unwrap().collect();
+    assert_eq!(frames.len(), 5, "one PNG per frame");
+    let first = dir.join("frames").join("frame_0000.png");
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&first).unwrap(),
+    ));
+    let info = dec.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (128, 128));
+    // two DiT layers x two reported steps (first sparse step and last step)
+    let masks: Vec<_> = std::fs::read_dir(dir.join("masks")).unwrap().collect();
+    assert_eq!(masks.len(), 4, "mask heatmaps");
+}

@@ -61,6 +61,13 @@ pub struct SampleArgs {
     /// the masks and some activations back at those two steps).
     #[arg(long)]
     mask_stats: bool,
+    /// Also write PNG heatmaps of those block masks (one panel per head, white = attended) into
+    /// DIR as mask_step<S>_layer<L>.png (implies --mask-stats).
+    #[arg(long, value_name = "DIR")]
+    mask_heatmaps: Option<PathBuf>,
+    /// Also write every frame as PNG into DIR (frame_0000.png, ...).
+    #[arg(long, value_name = "DIR")]
+    png_frames: Option<PathBuf>,
     /// No progress line (stage lines and the summary are still printed).
     #[arg(long)]
     quiet: bool,
@@ -137,7 +144,8 @@ fn options(task: Task, a: &SampleArgs, demo: bool) -> Result<(GenerateOptions, u
             .unwrap_or(0);
         (t ^ (u64::from(std::process::id()) << 32)) & (i64::MAX as u64)
     };
-    o.mask_stats = a.mask_stats;
+    o.mask_stats = a.mask_stats || a.mask_heatmaps.is_some();
+    o.keep_masks = a.mask_heatmaps.is_some();
     let seed = o.seed;
     Ok((o, seed))
 }
@@ -187,8 +195,9 @@ fn run_pipeline(
     pipe: &mut Pipeline<'_>,
     opts: &GenerateOptions,
     save: &Path,
-    quiet: bool,
+    sample: &SampleArgs,
 ) -> Result<()> {
+    let quiet = sample.quiet;
     let plan = pipe.plan(opts)?;
     let (w, h) = plan.size;
     let (lt, lh, lw) = plan.latent;
@@ -261,6 +270,30 @@ fn run_pipeline(
     })?;
     let tw = Instant::now();
     let info = video.write_mp4(save)?;
+    if let Some(dir) = &sample.png_frames {
+        let files = nabla::video::write_png_frames(
+            dir,
+            &video.data,
+            video.frames,
+            video.height,
+            video.width,
+        )?;
+        eprintln!("wrote {} PNG frames to {}", files.len(), dir.display());
+    }
+    if let Some(dir) = &sample.mask_heatmaps {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir.clone(), e))?;
+        let mut n = 0;
+        for m in &video.mask_stats {
+            for (l, mask) in m.masks.iter().enumerate() {
+                let nb = m.blocks.max(1);
+                let heads = mask.len() / (nb * nb).max(1);
+                let path = dir.join(format!("mask_step{}_layer{l}.png", m.step + 1));
+                crate::cli::mask::write_heatmap(&path, mask, heads, nb)?;
+                n += 1;
+            }
+        }
+        eprintln!("wrote {n} mask heatmaps to {}", dir.display());
+    }
     let write = tw.elapsed();
     for m in &video.mask_stats {
         let d: Vec<String> = m.density.iter().map(|x| format!("{x:.3}")).collect();
@@ -325,7 +358,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         a.ckpt_dir.display()
     );
     let mut pipe = Pipeline::from_checkpoint_dir_with(&gpu, &a.ckpt_dir, task, prec)?;
-    run_pipeline(&mut pipe, &opts, &save, a.sample.quiet)
+    run_pipeline(&mut pipe, &opts, &save, &a.sample)
 }
 
 /// Runs `nabla demo`.
@@ -360,5 +393,5 @@ pub fn run_demo(a: DemoArgs) -> Result<()> {
         gpu.caps().backend
     );
     let mut pipe = Pipeline::demo(&gpu)?;
-    run_pipeline(&mut pipe, &opts, &save, a.sample.quiet)
+    run_pipeline(&mut pipe, &opts, &save, &a.sample)
 }
