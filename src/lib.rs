@@ -30,6 +30,7 @@ pub mod io;
 pub mod nabla;
 pub mod ops;
 pub mod reference;
+pub mod selftest;
 pub mod shaders;
 pub mod synth;
 pub mod video;

@@ -21,6 +21,12 @@ enum Cmd {
     Info,
     /// Estimate a NABLA / STA block mask, print its density per head and write a PNG heatmap.
     Mask(cli::mask::MaskArgs),
+    /// Every kernel variant this adapter offers against the CPU reference (fresh random inputs).
+    Selftest {
+        /// Seed of the inputs (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Benchmarks (GPU time from timestamp queries).
     Bench {
         #[command(subcommand)]
@@ -40,6 +46,7 @@ fn main() {
         Cmd::Info => cli::info::run(),
         Cmd::Mask(a) => cli::mask::run(a),
         Cmd::Bench { which } => cli::bench::run(which),
+        Cmd::Selftest { seed } => cli::selftest::run(seed),
         Cmd::Generate(a) => cli::generate::run_generate(*a),
         Cmd::Demo(a) => cli::generate::run_demo(*a),
     };

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod info;
 pub mod mask;
+pub mod selftest;
 
 /// Median of a list of timings.
 pub fn median(v: &[f64]) -> f64 {

@@ -1,0 +1,319 @@
+//! `nabla selftest`: every kernel variant the current adapter offers, against the CPU reference,
+//! on fresh random inputs (odd and even sizes), as a table of relative errors. The tensor-core
+//! variants are only trustworthy on a GPU once this passes there; CI runs it on the software
+//! driver (portable variants) through `tests/selftest.rs`.
+
+use crate::attention::{Kernel, coop_unavailable, record_attention_with};
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::nabla::{BlockGrid, BlockMask, Reduction, SparseAlgo, mask_from_pooled_with};
+use crate::ops::linear::{Activation, LinearKernel, record_linear_with};
+use crate::reference;
+
+/// One checked variant.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Kernel family.
+    pub kernel: String,
+    /// Variant (storage, reduction, tensor cores, ...).
+    pub variant: String,
+    /// Shape checked.
+    pub shape: String,
+    /// Relative L2 error against the reference (masks: fraction of differing entries).
+    pub rel_err: f64,
+    /// The bound it must stay under.
+    pub bound: f64,
+    /// `None` when run; `Some(reason)` when the adapter lacks the variant.
+    pub skipped: Option<String>,
+}
+
+impl Row {
+    /// Whether the variant ran and met its bound (NaN never passes).
+    pub fn passed(&self) -> bool {
+        self.skipped.is_some() || self.rel_err <= self.bound
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn normal(&mut self) -> f32 {
+        let mut u = || {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (a, b) = (u().max(1e-300), u());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+    fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
+        return f64::NAN;
+    }
+    let n: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let d: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (n / d.max(1e-300)).sqrt()
+}
+
+fn round(dt: DType, x: &[f32]) -> Vec<f32> {
+    match dt {
+        DType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+        _ => x.to_vec(),
+    }
+}
+
+fn upload(gpu: &Gpu, dt: DType, x: &[f32], shape: &[usize]) -> Result<Tensor> {
+    match dt {
+        DType::F16 => gpu.upload_f16(x, shape),
+        DType::BF16 => gpu.upload_bf16(x, shape),
+        _ => gpu.upload_f32(x, shape),
+    }
+}
+
+fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    let variants = [
+        ("portable f32", DType::F32, Kernel::Portable),
+        ("portable f16", DType::F16, Kernel::Portable),
+        ("tensor cores f16", DType::F16, Kernel::Coop),
+    ];
+    for (name, dt, kernel) in variants {
+        for (h, sq, skv, d, density) in [
+            (2usize, 192usize, 192usize, 128usize, 0.5f64),
+            (3, 130, 77, 64, 1.0),
+            (1, 320, 320, 64, 0.3),
+        ] {
+            let shape = format!("h{h} sq{sq} skv{skv} d{d} p{density}");
+            let skip = match (dt, kernel) {
+                (DType::F16, _) if !gpu.caps().f16 => Some("no SHADER_F16".to_string()),
+                (_, Kernel::Coop) => coop_unavailable(gpu, dt, d),
+                _ => None,
+            };
+            let bound = if dt == DType::F16 { 2e-3 } else { 1e-5 };
+            if let Some(why) = skip {
+                out.push(Row {
+                    kernel: "attention".into(),
+                    variant: name.into(),
+                    shape,
+                    rel_err: 0.0,
+                    bound,
+                    skipped: Some(why),
+                });
+                continue;
+            }
+            let q = round(dt, &rng.normals(h * sq * d, 1.5));
+            let k = round(dt, &rng.normals(h * skv * d, 1.5));
+            let v = round(dt, &rng.normals(h * skv * d, 1.0));
+            let (nq, nk) = (sq.div_ceil(64), skv.div_ceil(64));
+            let dense: Vec<u8> = (0..h * nq * nk)
+                .map(|_| ((rng.normal() as f64 * 0.5 + 0.5) < density) as u8)
+                .collect();
+            let mask = BlockMask::from_dense_rect(gpu, &dense, h, nq, nk)?;
+            let (qt, kt, vt) = (
+                upload(gpu, dt, &q, &[1, h, sq, d])?,
+                upload(gpu, dt, &k, &[1, h, skv, d])?,
+                upload(gpu, dt, &v, &[1, h, skv, d])?,
+            );
+            let o = gpu.empty(&[1, h, sq, d], dt)?;
+            gpu.fill_u32(
+                &o,
+                if dt == DType::F16 {
+                    0x7e00_7e00
+                } else {
+                    0x7fc0_0000
+                },
+            );
+            let mut b = gpu.batch();
+            record_attention_with(&mut b, &qt, &kt, &vt, &mask, &o, kernel)?;
+            b.submit()?;
+            let want = reference::block_sparse_attention(&q, &k, &v, &dense, h, (h, sq, skv, d));
+            let e = rel_l2(&gpu.read_f32(&o)?, &want);
+            out.push(Row {
+                kernel: "attention".into(),
+                variant: name.into(),
+                shape,
+                rel_err: e,
+                bound,
+                skipped: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn linear_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    for (kname, kernel) in [
+        ("portable", LinearKernel::Portable),
+        ("tensor cores", LinearKernel::Coop),
+    ] {
+        for wdt in [DType::F32, DType::F16, DType::BF16] {
+            for (m, n, k) in [(65usize, 130usize, 34usize), (300, 64, 256), (1, 3, 2)] {
+                let variant = format!("{kname} {wdt:?} weights");
+                let shape = format!("{m}x{n}x{k}");
+                let coop = kernel == LinearKernel::Coop;
+                let bound = if coop { 1e-4 } else { 1e-5 };
+                if coop && gpu.caps().coop_subgroup().is_none() {
+                    out.push(Row {
+                        kernel: "linear".into(),
+                        variant,
+                        shape,
+                        rel_err: 0.0,
+                        bound,
+                        skipped: Some("no 16x16 cooperative matrices".into()),
+                    });
+                    continue;
+                }
+                let x = rng.normals(m * k, 1.0);
+                let w = round(wdt, &rng.normals(n * k, 0.1));
+                let bias = rng.normals(n, 0.5);
+                let (xt, wt, bt) = (
+                    gpu.upload_f32(&x, &[m, k])?,
+                    upload(gpu, wdt, &w, &[n, k])?,
+                    gpu.upload_f32(&bias, &[n])?,
+                );
+                let o = gpu.empty(&[m, n], DType::F32)?;
+                gpu.fill_u32(&o, 0x7fc0_0000);
+                let mut b = gpu.batch();
+                record_linear_with(
+                    &mut b,
+                    &xt,
+                    &wt,
+                    Some(&bt),
+                    Activation::GeluTanh,
+                    &o,
+                    kernel,
+                )?;
+                b.submit()?;
+                // the tensor-core kernel rounds operands to f16 when staging them
+                let (xr, wr) = if coop {
+                    (round(DType::F16, &x), round(DType::F16, &w))
+                } else {
+                    (x.clone(), w.clone())
+                };
+                let want = reference::nn::linear::linear(
+                    &xr,
+                    &wr,
+                    Some(&bias),
+                    m,
+                    n,
+                    k,
+                    Activation::GeluTanh,
+                );
+                let e = rel_l2(&gpu.read_f32(&o)?, &want);
+                out.push(Row {
+                    kernel: "linear".into(),
+                    variant,
+                    shape,
+                    rel_err: e,
+                    bound,
+                    skipped: None,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    for (rname, red) in [
+        ("workgroup tree", Reduction::Workgroup),
+        ("subgroup reductions", Reduction::Subgroup),
+        ("subgroup per row", Reduction::RowPerSubgroup),
+    ] {
+        for (grid, d, algo) in [
+            ((3usize, 2usize, 5usize), 64usize, "nabla-0.7"),
+            ((2, 3, 7), 128, "nabla-0.4_sta-3-3-3"),
+            ((5, 7, 9), 16, "nabla-0.9"),
+        ] {
+            let g = BlockGrid::new(grid.0, grid.1, grid.2)?;
+            let nb = g.blocks();
+            let shape = format!("grid {}x{}x{} d{d} {algo}", grid.0, grid.1, grid.2);
+            let c = gpu.caps();
+            let skip = match red {
+                Reduction::Subgroup if !c.subgroups => Some("no subgroups".to_string()),
+                Reduction::RowPerSubgroup
+                    if !(c.subgroups
+                        && c.subgroup_min == c.subgroup_max
+                        && nb <= 64 * c.subgroup_min as usize) =>
+                {
+                    Some("no fixed subgroup size for this Nb".to_string())
+                }
+                _ => None,
+            };
+            if let Some(why) = skip {
+                out.push(Row {
+                    kernel: "mask".into(),
+                    variant: rname.into(),
+                    shape,
+                    rel_err: 0.0,
+                    bound: 0.0,
+                    skipped: Some(why),
+                });
+                continue;
+            }
+            let alg: SparseAlgo = algo.parse()?;
+            let qa = rng.normals(2 * nb * d, 0.8);
+            let ka = rng.normals(2 * nb * d, 0.8);
+            let (mask, probs) = mask_from_pooled_with(
+                gpu,
+                &gpu.upload_f32(&qa, &[2, nb, d])?,
+                &gpu.upload_f32(&ka, &[2, nb, d])?,
+                g,
+                &alg,
+                red,
+            )?;
+            let map = gpu.read_f32(&probs)?;
+            let got = mask.to_dense(gpu)?;
+            let (keep, mass) =
+                reference::threshold_mask_ties(&map, 2 * nb, nb, alg.threshold().unwrap_or(1.0));
+            let sta = alg.sta().map(|w| reference::sta_mask(&g, &w));
+            let cut = alg.cut().unwrap_or(0.0) as f64;
+            let mut wrong = 0usize;
+            for (e, (&gv, &kv)) in got.iter().zip(&keep).enumerate() {
+                let want = if sta.as_ref().is_some_and(|s| s[e % (nb * nb)] == 1) {
+                    1
+                } else {
+                    kv
+                };
+                if gv != want && (mass[e] - cut).abs() >= 1e-5 {
+                    wrong += 1;
+                }
+            }
+            let map_ref = reference::block_map(&qa, &ka, 2, nb, d);
+            let e = rel_l2(&map, &map_ref).max(wrong as f64 / got.len() as f64);
+            out.push(Row {
+                kernel: "mask".into(),
+                variant: rname.into(),
+                shape,
+                rel_err: e,
+                bound: 1e-4,
+                skipped: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs every check on `gpu`; inputs are fresh for every `seed`.
+pub fn run(gpu: &Gpu, seed: u64) -> Result<Vec<Row>> {
+    let mut rng = Rng(seed);
+    let mut rows = Vec::new();
+    mask_rows(gpu, &mut rng, &mut rows)?;
+    attention_rows(gpu, &mut rng, &mut rows)?;
+    linear_rows(gpu, &mut rng, &mut rows)?;
+    Ok(rows)
+}

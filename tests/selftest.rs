@@ -1,0 +1,40 @@
+//! `nabla selftest` on this adapter: every variant that runs must agree with the reference, and
+//! the portable variants must all run (the software driver in CI has no tensor cores).
+
+use nabla::Gpu;
+
+#[test]
+fn selftest_passes_on_this_adapter() {
+    let gpu = Gpu::new().expect("a GPU adapter");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(3);
+    let rows = nabla::selftest::run(&gpu, seed).unwrap();
+    for r in &rows {
+        eprintln!(
+            "{} {} {}: {:?} {:.2e}",
+            r.kernel, r.variant, r.shape, r.skipped, r.rel_err
+        );
+        assert!(
+            r.passed(),
+            "{} {} {} (seed {seed}): rel err {:e} > {:e}",
+            r.kernel,
+            r.variant,
+            r.shape,
+            r.rel_err,
+            r.bound
+        );
+    }
+    for (kernel, variant) in [
+        ("attention", "portable f32"),
+        ("linear", "portable F32 weights"),
+        ("mask", "workgroup tree"),
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r.kernel == kernel && r.variant == variant && r.skipped.is_none()),
+            "{kernel} {variant} did not run"
+        );
+    }
+}
