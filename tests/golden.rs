@@ -4,76 +4,18 @@
 
 mod common;
 
+use common::golden::*;
+
 use common::{POISON, gpu};
 use nabla::io::TensorFile;
 use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
 use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WanConfig, WeightPrecision, WgpuBackend};
 use nabla::{BlockGrid, BlockMask, SparseAlgo, StaWindow, reference};
 use serde_json::Value;
-use std::path::PathBuf;
-
-fn golden_dir() -> PathBuf {
-    match std::env::var("NABLA_GOLDEN_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
-    }
-}
-
-fn manifest() -> Value {
-    let p = golden_dir().join("manifest.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (set NABLA_GOLDEN_DIR)", p.display()));
-    let m: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert_eq!(m["format"], "golden-vectors/1", "unknown golden format");
-    m
-}
-
-fn cases(kind: &str) -> Vec<Value> {
-    let m = manifest();
-    let v: Vec<Value> = m["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .filter(|c| c["kind"] == kind)
-        .cloned()
-        .collect();
-    v
-}
 
 fn usize_of(v: &Value, what: &str) -> usize {
     v.as_u64()
         .unwrap_or_else(|| panic!("manifest: {what} is not an integer: {v}")) as usize
-}
-
-/// Elementwise tolerance `(atol, rtol)` of a manifest tensor entry; `exact` gives zeros.
-fn tolerance(t: &Value) -> (f32, f32) {
-    let tol = &t["tolerance"];
-    if tol == "exact" {
-        return (0.0, 0.0);
-    }
-    let atol = tol["atol"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("tolerance of {}: {tol}", t["name"])) as f32;
-    let rtol = tol["rtol"].as_f64().unwrap_or(0.0) as f32;
-    (atol, rtol)
-}
-
-fn check(name: &str, got: &[f32], want: &[f32], tol: (f32, f32)) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let mut worst = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{name}: NaN at {i}");
-        let err = (g - w).abs();
-        assert!(
-            err <= tol.0 + tol.1 * w.abs(),
-            "{name}[{i}]: got {g}, expected {w}, tolerance {tol:?}"
-        );
-        worst = worst.max(err);
-    }
-    eprintln!(
-        "{name}: ok, max abs err {worst:.2e} (tolerance {tol:?}, rel L2 {:.2e})",
-        common::rel_l2(got, want)
-    );
 }
 
 fn tensor_entries(case: &Value) -> Vec<Value> {

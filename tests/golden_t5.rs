@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::golden::*;
+
 use common::gpu;
 use nabla::io::{OwnedTensor, TensorFile, write_safetensors};
 use nabla::ops::linear::Activation;
@@ -15,22 +17,6 @@ use safetensors::Dtype;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-fn golden_dir() -> PathBuf {
-    match std::env::var("NABLA_GOLDEN_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
-    }
-}
-
-fn manifest() -> Value {
-    let p = golden_dir().join("manifest.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (set NABLA_GOLDEN_DIR)", p.display()));
-    let m: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert_eq!(m["format"], "golden-vectors/1", "unknown golden format");
-    m
-}
 
 fn t5_cases() -> Vec<Value> {
     let cs: Vec<Value> = manifest()["cases"]
@@ -47,43 +33,6 @@ fn t5_cases() -> Vec<Value> {
 fn usize_of(v: &Value, what: &str) -> usize {
     v.as_u64()
         .unwrap_or_else(|| panic!("manifest: {what} is not an integer: {v}")) as usize
-}
-
-/// Elementwise tolerance `(atol, rtol)` of a manifest tensor entry; `exact` gives zeros.
-fn tolerance(t: &Value) -> (f32, f32) {
-    let tol = &t["tolerance"];
-    if tol == "exact" {
-        return (0.0, 0.0);
-    }
-    let atol = tol["atol"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("tolerance of {}: {tol}", t["name"])) as f32;
-    (atol, tol["rtol"].as_f64().unwrap_or(0.0) as f32)
-}
-
-/// Asserts `|got − want| ≤ atol + rtol·|want|` elementwise (no NaN); returns the max abs error.
-fn check(name: &str, got: &[f32], want: &[f32], tol: (f32, f32)) -> f32 {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let mut worst = 0f32;
-    let mut worst_ratio = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{name}: NaN at {i}");
-        let err = (g - w).abs();
-        let bound = tol.0 + tol.1 * w.abs();
-        assert!(
-            err <= bound,
-            "{name}[{i}]: got {g}, expected {w}, tolerance {tol:?}"
-        );
-        worst = worst.max(err);
-        worst_ratio = worst_ratio.max(err / bound.max(f32::MIN_POSITIVE));
-    }
-    eprintln!(
-        "{name}: ok, max abs err {worst:.2e} (tolerance {tol:?}, worst error / bound {:.3}, rel \
-         L2 {:.2e})",
-        worst_ratio,
-        common::rel_l2(got, want)
-    );
-    worst
 }
 
 /// The case's encoder, with the manifest's config checked against the one read from the file.

@@ -5,51 +5,14 @@
 
 mod common;
 
+use common::golden::*;
+
 use common::gpu;
 use nabla::io::TensorFile;
 use nabla::wan::vae::{VaeConfig, VaeDecoder, WAN21_LATENT_MEAN, WAN21_LATENT_STD, clamp_video};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-fn golden_dir() -> PathBuf {
-    match std::env::var("NABLA_GOLDEN_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
-    }
-}
-
-fn manifest() -> Value {
-    let p = golden_dir().join("manifest.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (set NABLA_GOLDEN_DIR)", p.display()));
-    let m: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert_eq!(m["format"], "golden-vectors/1", "unknown golden format");
-    m
-}
-
-fn cases(kind: &str) -> Vec<Value> {
-    manifest()["cases"]
-        .as_array()
-        .expect("manifest: cases")
-        .iter()
-        .filter(|c| c["kind"] == kind)
-        .cloned()
-        .collect()
-}
-
-/// Elementwise tolerance `(atol, rtol)` of a manifest tensor entry; `exact` gives zeros.
-fn tolerance(t: &Value) -> (f32, f32) {
-    let tol = &t["tolerance"];
-    if tol == "exact" {
-        return (0.0, 0.0);
-    }
-    let atol = tol["atol"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("tolerance of {}: {tol}", t["name"])) as f32;
-    let rtol = tol["rtol"].as_f64().unwrap_or(0.0) as f32;
-    (atol, rtol)
-}
 
 fn shape_of(t: &Value) -> Vec<usize> {
     t["shape"]
