@@ -368,3 +368,34 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         "the same shader must pass with the capability it declares"
     );
 }
+
+/// The cooperative-matrix kernels' workgroup memory: NVIDIA's cooperative loads round a
+/// misaligned start down (GPU-NOTES.md), so every workgroup variable of those kernels must be a
+/// multiple of 16 bytes (declared back to back, each then starts 16-byte aligned) — checked
+/// from the layout naga computes for every registered variant.
+#[test]
+fn cooperative_kernels_keep_workgroup_memory_16_byte_aligned() {
+    let mut checked = 0;
+    for (name, source) in nabla::shaders::all_variants() {
+        if !uses_coop(&source) {
+            continue;
+        }
+        let module = parse(&name, &source).unwrap_or_else(|e| panic!("{e}"));
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        for (_, var) in module.global_variables.iter() {
+            if var.space != naga::AddressSpace::WorkGroup {
+                continue;
+            }
+            let size = layouter[var.ty].size;
+            assert_eq!(
+                size % 16,
+                0,
+                "{name}: workgroup variable {:?} is {size} bytes, not a multiple of 16",
+                var.name
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no cooperative kernel found");
+}
