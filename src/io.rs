@@ -76,20 +76,13 @@ impl TensorFile {
     /// A float tensor as f32 (F32, F16 and BF16 are converted) with its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let r = self.raw(name)?;
-        let v = match r.dtype {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(r.data),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(r.data)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(r.data)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            d => {
+        let v = match crate::io::float_to_f32(r.dtype, r.data) {
+            Some(v) => v,
+            None => {
+                let d = r.dtype;
                 return Err(Error::file(
                     &self.path,
-                    format!("tensor {name:?} has dtype {d:?}; expected F32, F16 or BF16"),
+                    format!("tensor {name:?} has dtype {d:?}; expected F32, F16, BF16 or F64"),
                 ));
             }
         };
@@ -151,4 +144,25 @@ pub fn write_safetensors(
         })
         .collect::<Result<_>>()?;
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::file(path, e))
+}
+
+/// Little-endian float bytes of a safetensors dtype as f32 (F32, F16, BF16, F64), or `None`
+/// for any other dtype: the one widening every loader uses.
+pub fn float_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(bytes),
+        Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(bytes)
+            .iter()
+            .map(|&x| x as f32)
+            .collect(),
+        _ => return None,
+    })
 }

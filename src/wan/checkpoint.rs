@@ -387,19 +387,12 @@ impl Checkpoint {
     /// A tensor converted to f32.
     pub fn f32(&self, key: &str) -> Result<Vec<f32>> {
         let (dt, _, b) = self.raw(key)?;
-        Ok(match dt {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(b),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(b)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(b)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            d => {
+        Ok(match crate::io::float_to_f32(dt, b) {
+            Some(v) => v,
+            None => {
+                let d = dt;
                 return Err(Error::Invalid(format!(
-                    "tensor {key:?} has dtype {d:?}; F32, F16 or BF16 expected"
+                    "tensor {key:?} has dtype {d:?}; F32, F16, BF16 or F64 expected"
                 )));
             }
         })

@@ -148,21 +148,10 @@ impl PthFile {
     /// A float tensor as f32 (F32, F16, BF16 and F64 are converted) with its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let r = self.raw(name)?;
-        let v = match r.dtype {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(r.data),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(r.data)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(r.data)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(r.data)
-                .iter()
-                .map(|&x| x as f32)
-                .collect(),
-            d => {
+        let v = match crate::io::float_to_f32(r.dtype, r.data) {
+            Some(v) => v,
+            None => {
+                let d = r.dtype;
                 return Err(Error::file(
                     &self.path,
                     format!("tensor {name:?} has dtype {d:?}; expected F32, F16, BF16 or F64"),

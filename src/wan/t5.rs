@@ -644,19 +644,12 @@ fn dtype_size(d: Dtype) -> usize {
 
 /// Little-endian F32 / F16 / BF16 bytes as f32.
 fn widen(name: &str, dtype: Dtype, b: &[u8]) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(b),
-        Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(b)
-            .iter()
-            .map(|x| x.to_f32())
-            .collect(),
-        Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(b)
-            .iter()
-            .map(|x| x.to_f32())
-            .collect(),
-        d => {
+    Ok(match crate::io::float_to_f32(dtype, b) {
+        Some(v) => v,
+        None => {
+            let d = dtype;
             return Err(Error::Invalid(format!(
-                "umT5 tensor {name:?} has dtype {d:?}; F32, F16 or BF16 expected"
+                "umT5 tensor {name:?} has dtype {d:?}; F32, F16, BF16 or F64 expected"
             )));
         }
     })

@@ -403,20 +403,13 @@ impl Source<'_> {
     fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.view(name)?;
         let b = t.data();
-        Ok(match t.dtype() {
-            Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(b),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(b)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(b)
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            d => {
+        Ok(match crate::io::float_to_f32(t.dtype(), b) {
+            Some(v) => v,
+            None => {
+                let d = t.dtype();
                 return Err(Error::file(
                     &self.path,
-                    format!("tensor {name:?} has dtype {d:?}; F32, F16 or BF16 expected"),
+                    format!("tensor {name:?} has dtype {d:?}; F32, F16, BF16 or F64 expected"),
                 ));
             }
         })
