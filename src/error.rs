@@ -87,6 +87,9 @@ pub enum Error {
     /// Bad user input that is not a shape (CLI values and the like).
     #[error("{0}")]
     Invalid(String),
+    /// The CUDA layer failed (driver, NVRTC, cuBLASLt) or is not available.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Result with the crate's [`Error`].

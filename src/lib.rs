@@ -24,6 +24,8 @@
 //! ```
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod gpu;
 pub mod io;
