@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::DType;
 pub mod attention;
 pub mod nabla;
+pub mod sources;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
@@ -40,6 +41,32 @@ pub fn nvrtc_present() -> bool {
 pub fn cublaslt_present() -> bool {
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::cublaslt::sys::is_culib_present() }
+}
+
+/// Compiles CUDA C `src` (module name `module`, for error messages) to PTX for `arch`
+/// (`sm_90`, ...) with NVRTC. Needs only NVRTC, no GPU: the tests compile every kernel source
+/// this way wherever NVRTC is installed.
+pub fn compile_ptx(module: &str, src: &str, arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    if !nvrtc_present() {
+        return Err(Error::Cuda(
+            "NVRTC (libnvrtc.so) was not found: install the CUDA runtime compiler (CUDA 13, e.g. the \
+             nvidia-cuda-nvrtc package) and add its lib folder to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        name: Some(format!("{module}.cu")),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::Cuda(format!(
+            "NVRTC could not compile {module}.cu for {arch}:\n{}",
+            log.to_string_lossy()
+        )),
+        other => cuda_err(&format!("NVRTC on {module}.cu"), other),
+    })
 }
 
 /// One NVIDIA GPU: context, stream, NVRTC module cache.
@@ -173,20 +200,7 @@ impl Cuda {
     }
 
     fn compile(&self, module: &'static str, src: &str) -> Result<Arc<CudaModule>> {
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(self.arch),
-            name: Some(format!("{module}.cu")),
-            options: vec!["--std=c++17".into()],
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| match e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::Cuda(format!(
-                "NVRTC could not compile {module}.cu for {}:\n{}",
-                self.arch,
-                log.to_string_lossy()
-            )),
-            other => cuda_err(&format!("NVRTC on {module}.cu"), other),
-        })?;
+        let ptx = compile_ptx(module, src, self.arch)?;
         self.ctx
             .load_module(ptx)
             .map_err(|e| cuda_err(&format!("loading {module}.cu"), e))
