@@ -113,7 +113,8 @@ fn source(wdt: DType, act: Activation) -> Option<String> {
 /// WGSL source of the cooperative-matrix variant for subgroup size `sg`.
 fn coop_source(wdt: DType, act: Activation, sg: u32) -> Option<String> {
     let w = weight_code(wdt)?;
-    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4)]);
+    // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
+    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
          const SG: u32 = {sg}u;\n{LINEAR_COMMON}{body}",
