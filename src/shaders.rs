@@ -52,11 +52,16 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 
 /// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
-/// per softmax lane: 64 keys over SG/16 lanes per row).
+/// per softmax lane: 64 keys over SG/16 lanes per row) and `KST` (vec4s of a 64-row K/V tile
+/// each of the 4·SG threads stages).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32) -> String {
     let nt = head_dim / 16;
     let kpl4 = 64 / (subgroup / 16) / 4;
-    let body = expand_unroll(body, &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4)]);
+    let kst = 64 * (head_dim / 4) / (4 * subgroup);
+    let body = expand_unroll(
+        body,
+        &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4), ("KST", kst)],
+    );
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
          const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n{body}"

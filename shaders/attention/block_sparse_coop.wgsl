@@ -76,6 +76,22 @@ fn stage(which: u32, bh: u32, row0: u32, len: u32, lid: u32) {
     }
 }
 
+// element e (vec4 index within a 64-row tile) of K (which = 1) or V (2) rows [row0, row0+64),
+// zero past len
+fn ld(which: u32, bh: u32, row0: u32, len: u32, e: u32) -> vec4<f16> {
+    let t = row0 + e / QV;
+    var x = vec4<f16>(0.0h);
+    if (t < len) {
+        let g = (bh * len + t) * QV + e % QV;
+        if (which == 1u) {
+            x = k[g];
+        } else {
+            x = v[g];
+        }
+    }
+    return x;
+}
+
 @compute @workgroup_size(WGS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32,
@@ -107,19 +123,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var seen = false;
     let start = select(0u, qb % max(cnt, 1u), cnt > 0u);
 
+    // Software pipeline over the list: each thread holds KST vec4s of the next K (or V) block in
+    // registers, loaded from storage while the tensor cores work (V during S = Q·Kᵀ, the next K
+    // during P·V); staging is unrolled with a constant trip count so all loads are in flight.
+    var kb = 0u;
+    if (cnt > 0u) {
+        kb = indices[mrow * P.nkb + start];
+    }
+    //@unroll KST
+    var kr{t} = ld(1u, bh, kb * 64u, P.skv, lid + {t}u * WGS);
+    //@end
+    // (this barrier also orders the Q reads above before the first K stage)
+    workgroupBarrier();
+
     for (var n = 0u; n < cnt; n++) {
-        if (lid == 0u) {
-            var idx = n + start;
-            if (idx >= cnt) {
-                idx -= cnt;
-            }
-            wmeta[1] = indices[mrow * P.nkb + idx];
-        }
-        // (this uniform load's barrier also orders the Q reads above before the first K stage)
-        let kb = workgroupUniformLoad(&wmeta[1]);
         let key0 = kb * 64u;
-        stage(1u, bh, key0, P.skv, lid);
+        //@unroll KST
+        kvs[((lid + {t}u * WGS) / QV) * KSV + (lid + {t}u * WGS) % QV] = kr{t};
+        //@end
         workgroupBarrier();
+        //@unroll KST
+        kr{t} = ld(2u, bh, key0, P.skv, lid + {t}u * WGS);
+        //@end
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 64 keys per subgroup
         for (var j = 0u; j < 4u; j++) {
             var acc = coop_mat16x16<f32, C>();
@@ -130,7 +155,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             coopStoreT(acc, &so[orow + j * 16u], OS);
         }
         workgroupBarrier();
-        stage(2u, bh, key0, P.skv, lid);
+        //@unroll KST
+        kvs[((lid + {t}u * WGS) / QV) * KSV + (lid + {t}u * WGS) % QV] = kr{t};
+        //@end
+        if (n + 1u < cnt) {
+            var idx = n + 1u + start;
+            if (idx >= cnt) {
+                idx -= cnt;
+            }
+            kb = indices[mrow * P.nkb + idx];
+            //@unroll KST
+            kr{t} = ld(1u, bh, kb * 64u, P.skv, lid + {t}u * WGS);
+            //@end
+        }
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS + part * KPL;
         let kbase = key0 + part * KPL;
