@@ -40,7 +40,7 @@ pub mod wan;
 
 pub use attention::{block_sparse_attention, dense_attention};
 pub use error::{Error, Result};
-pub use gpu::{Batch, Capabilities, DType, Gpu, Tensor};
+pub use gpu::{Batch, Capabilities, DType, Gpu, KernelTime, Tensor};
 pub use nabla::{
     BlockGrid, BlockMask, MaskStages, SparseAlgo, StaWindow, estimate_mask, from_fractal,
     to_fractal,

@@ -632,3 +632,47 @@ fn activations_over_the_binding_limit_run_in_row_chunks() {
         );
     }
 }
+
+/// A profile names each dispatch by its kernel and times it; results stay correct while
+/// profiling (each dispatch in its own pass), and profiling stops cleanly.
+#[test]
+fn profile_times_each_dispatch_by_kernel() {
+    let g = gpu();
+    if !g.caps().timestamps {
+        eprintln!("no timestamp queries on this adapter: skipped");
+        return;
+    }
+    let (m, n, k) = (33, 20, 24);
+    let mut rng = Rng::fresh(91);
+    let x = rng.normals(m * k, 1.0);
+    let w = rng.normals(n * k, 0.3);
+    let xt = g.upload_f32(&x, &[m, k]).unwrap();
+    let wt = upload_w(&w, n, k, DType::F32);
+    let out = g
+        .upload_f32(&vec![f32::from_bits(POISON); m * n], &[m, n])
+        .unwrap();
+    g.start_profile().unwrap();
+    let mut batch = g.batch();
+    record_linear(&mut batch, &xt, &wt, None, Activation::None, &out).unwrap();
+    record_linear(&mut batch, &xt, &wt, None, Activation::Silu, &out).unwrap();
+    batch.submit().unwrap();
+    let prof = g.stop_profile();
+    let got = g.read_f32(&out).unwrap();
+    let want = reference::nn::linear::linear(&x, &w, None, m, n, k, Activation::Silu);
+    assert!(rel_l2(&got, &want) < 1e-5, "result wrong while profiling");
+    assert_eq!(prof.len(), 2, "one entry per kernel variant: {prof:?}");
+    for (name, t) in &prof {
+        assert!(name.starts_with("linalg/linear["), "kernel named {name}");
+        assert_eq!(t.count, 1, "{name} timed once");
+        assert!(t.ms.is_finite() && t.ms >= 0.0, "{name}: {} ms", t.ms);
+    }
+    assert!(
+        prof.values().any(|t| t.ms > 0.0),
+        "no time measured: {prof:?}"
+    );
+    // not profiling any more: nothing collected
+    let mut batch = g.batch();
+    record_linear(&mut batch, &xt, &wt, None, Activation::None, &out).unwrap();
+    batch.submit().unwrap();
+    assert!(g.stop_profile().is_empty());
+}

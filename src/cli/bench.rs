@@ -145,9 +145,17 @@ fn dit(a: DitArgs) -> Result<()> {
             "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB",
             planned as f64 / 1e9
         );
-        rows.push(
-            json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned}),
-        );
+        let breakdown = if gpu.caps().timestamps {
+            gpu.start_profile()?;
+            let r = model.forward(&mut be, &input, algo.as_ref(), None);
+            let prof = gpu.stop_profile();
+            r?;
+            print_breakdown(&prof)
+        } else {
+            println!("  (no per-op breakdown: this adapter has no timestamp queries)");
+            serde_json::Value::Null
+        };
+        rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "breakdown": breakdown}));
     }
     if let Some(p) = &a.json {
         let doc = json!({"adapter": gpu.caps().name, "model": a.model, "weights": a.weights, "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
@@ -155,6 +163,65 @@ fn dit(a: DitArgs) -> Result<()> {
             .map_err(|e| Error::file(p.clone(), e))?;
     }
     Ok(())
+}
+
+/// The category of a kernel in a per-op breakdown, from its pipeline name.
+fn op_category(kernel: &str) -> &'static str {
+    let base = kernel.split('[').next().unwrap_or(kernel);
+    match base {
+        b if b.starts_with("linalg/") => "GEMM (linear)",
+        b if b.starts_with("attention/") => "attention",
+        "nabla/fractal" => "fractal reorder",
+        b if b.starts_with("nabla/") => "NABLA mask",
+        b if b.contains("rope") => "RoPE",
+        b if b.contains("norm") => "norms + modulation",
+        b if b.contains("patch") => "patch embed / unpatchify",
+        _ => "elementwise + heads",
+    }
+}
+
+/// Prints the GPU time of one profiled forward by category and by kernel; returns it as JSON.
+fn print_breakdown(
+    prof: &std::collections::BTreeMap<String, nabla::KernelTime>,
+) -> serde_json::Value {
+    let total: f64 = prof.values().map(|k| k.ms).sum();
+    let mut cats: Vec<(&str, f64, usize)> = Vec::new();
+    for (name, k) in prof {
+        let c = op_category(name);
+        match cats.iter_mut().find(|x| x.0 == c) {
+            Some(x) => {
+                x.1 += k.ms;
+                x.2 += k.count;
+            }
+            None => cats.push((c, k.ms, k.count)),
+        }
+    }
+    cats.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "  per-op GPU time of one profiled forward (each dispatch timed alone): {total:.1} ms"
+    );
+    for (c, ms, n) in &cats {
+        println!(
+            "    {c:<26} {ms:>10.1} ms  {:>5.1} %  {n:>6} dispatches",
+            100.0 * ms / total.max(1e-9)
+        );
+    }
+    let mut kernels: Vec<_> = prof.iter().collect();
+    kernels.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+    println!("    top kernels:");
+    for (name, k) in kernels.iter().take(6) {
+        println!(
+            "      {name:<48} {:>10.1} ms  {:>6} x {:>8.3} ms",
+            k.ms,
+            k.count,
+            k.ms / k.count.max(1) as f64
+        );
+    }
+    json!({
+        "total_ms": total,
+        "categories": cats.iter().map(|(c, ms, n)| json!({"category": c, "ms": ms, "dispatches": n})).collect::<Vec<_>>(),
+        "kernels": kernels.iter().map(|(name, k)| json!({"kernel": name, "ms": k.ms, "dispatches": k.count})).collect::<Vec<_>>(),
+    })
 }
 
 #[derive(clap::Args)]

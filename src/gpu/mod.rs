@@ -11,7 +11,7 @@ pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -23,7 +23,23 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     shape_cache: Mutex<HashMap<String, Arc<dyn Any + Send + Sync>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Pipeline address → its cache key (the kernel's name in profiles).
+    labels: Mutex<HashMap<usize, String>>,
+    /// Per-kernel GPU time while profiling ([`Gpu::start_profile`]).
+    profile: Mutex<Option<BTreeMap<String, KernelTime>>>,
 }
+
+/// Accumulated GPU time of one kernel variant in a profile.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelTime {
+    /// Total milliseconds.
+    pub ms: f64,
+    /// Dispatches timed.
+    pub count: usize,
+}
+
+/// Dispatches timed per batch while profiling (a DiT block records ~40; more go untimed).
+const PROFILE_SLOTS: u32 = 2048;
 
 /// The backends to search: `NABLA_BACKEND`, or `None` for "primary backends (Vulkan, Metal,
 /// DX12) first, GL only when they find nothing".
@@ -154,6 +170,8 @@ impl Gpu {
             caps,
             pipelines: Mutex::default(),
             shape_cache: Mutex::default(),
+            labels: Mutex::default(),
+            profile: Mutex::default(),
             errors,
         })
     }
@@ -244,6 +262,9 @@ impl Gpu {
         let p = Arc::new(pipeline);
         if let Ok(mut m) = self.pipelines.lock() {
             m.insert(key.to_string(), p.clone());
+        }
+        if let Ok(mut m) = self.labels.lock() {
+            m.insert(Arc::as_ptr(&p) as usize, key.to_string());
         }
         Ok(p)
     }
@@ -486,6 +507,54 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Starts a per-kernel profile: from now on every batch puts each dispatch in a pass of its
+    /// own with timestamps, and waits for the GPU at submit to collect them (slower than a
+    /// normal run: for breakdowns, not for headline timings). Needs TIMESTAMP_QUERY.
+    pub fn start_profile(&self) -> Result<()> {
+        if !self.caps.timestamps {
+            return Err(Error::Unsupported {
+                adapter: self.caps.name.clone(),
+                feature: "TIMESTAMP_QUERY",
+                what: "a per-kernel profile".into(),
+            });
+        }
+        *self
+            .profile
+            .lock()
+            .map_err(|_| Error::Gpu("profile lock poisoned".into()))? = Some(BTreeMap::new());
+        Ok(())
+    }
+
+    /// Ends the profile and returns the GPU time per kernel variant (pipeline name); dispatches
+    /// beyond the per-batch slots are counted under `(untimed)` with zero time.
+    pub fn stop_profile(&self) -> BTreeMap<String, KernelTime> {
+        self.profile
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take())
+            .unwrap_or_default()
+    }
+
+    fn profiling(&self) -> bool {
+        self.profile.lock().is_ok_and(|p| p.is_some())
+    }
+
+    fn label(&self, pipeline: &wgpu::ComputePipeline) -> String {
+        self.labels
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(pipeline as *const _ as usize)).cloned())
+            .unwrap_or_else(|| "(unnamed)".into())
+    }
+}
+
+/// Per-dispatch timestamps of a profiled batch.
+struct BatchProfile {
+    qs: wgpu::QuerySet,
+    labels: Vec<String>,
+}
+
 /// `NABLA_CHECKED=1` keeps runtime bounds checks on in kernels that otherwise skip them
 /// (those whose dispatcher validated every index): for testing the checked variants.
 pub fn checked_override() -> bool {
@@ -504,6 +573,7 @@ pub struct Batch<'g> {
     gpu: &'g Gpu,
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
+    prof: Option<BatchProfile>,
 }
 
 impl<'g> Batch<'g> {
@@ -519,11 +589,57 @@ impl<'g> Batch<'g> {
                 }),
             })
             .forget_lifetime();
+        let prof = (timing.is_none() && gpu.profiling()).then(|| BatchProfile {
+            qs: gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * PROFILE_SLOTS,
+            }),
+            labels: Vec::new(),
+        });
         Batch {
             gpu,
             encoder: Some(encoder),
             pass: Some(pass),
+            prof,
         }
+    }
+
+    /// While profiling: ends the current pass and opens one whose timestamps time the next
+    /// dispatch (labelled), or returns false when the slots are used up.
+    fn profiled_pass(&mut self, pipeline: &wgpu::ComputePipeline) -> bool {
+        let label = match &self.prof {
+            Some(p) if (p.labels.len() as u32) < PROFILE_SLOTS => self.gpu.label(pipeline),
+            Some(_) => {
+                if let Ok(mut m) = self.gpu.profile.lock()
+                    && let Some(m) = m.as_mut()
+                {
+                    m.entry("(untimed)".into()).or_default().count += 1;
+                }
+                return false;
+            }
+            None => return false,
+        };
+        let Some(prof) = self.prof.as_mut() else {
+            return false;
+        };
+        let i = prof.labels.len() as u32;
+        prof.labels.push(label);
+        drop(self.pass.take());
+        if let Some(enc) = self.encoder.as_mut() {
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("nabla-profiled"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &prof.qs,
+                        beginning_of_pass_write_index: Some(2 * i),
+                        end_of_pass_write_index: Some(2 * i + 1),
+                    }),
+                })
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        true
     }
 
     /// The GPU this batch records for.
@@ -600,6 +716,7 @@ impl<'g> Batch<'g> {
                 layout: &layout,
                 entries: &entries,
             });
+        self.profiled_pass(pipeline);
         let pass = self
             .pass
             .as_mut()
@@ -615,11 +732,52 @@ impl<'g> Batch<'g> {
         self.encoder.take().expect("encoder present until finish")
     }
 
-    /// Submits the recorded work (does not wait) and reports any GPU error raised so far.
-    pub fn submit(self) -> Result<()> {
+    /// Submits the recorded work (does not wait, except while profiling) and reports any GPU
+    /// error raised so far.
+    pub fn submit(mut self) -> Result<()> {
         let gpu = self.gpu;
-        let enc = self.finish();
+        let prof = self.prof.take();
+        let mut enc = self.finish();
+        let Some(prof) = prof.filter(|p| !p.labels.is_empty()) else {
+            gpu.queue.submit([enc.finish()]);
+            return gpu.check();
+        };
+        let n = 2 * prof.labels.len() as u32;
+        let bytes = n as u64 * 8;
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile-resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let ts = Tensor::new(
+            Arc::new(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile-copy"),
+                size: bytes,
+                usage: wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })),
+            vec![2 * n as usize],
+            DType::U32,
+        );
+        enc.resolve_query_set(&prof.qs, 0..n, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &ts.buffer, 0, bytes);
         gpu.queue.submit([enc.finish()]);
+        let v = gpu.read_u32(&ts)?;
+        let period = gpu.queue.get_timestamp_period() as f64;
+        if let Ok(mut m) = gpu.profile.lock()
+            && let Some(m) = m.as_mut()
+        {
+            for (i, label) in prof.labels.into_iter().enumerate() {
+                let t0 = v[4 * i] as u64 | ((v[4 * i + 1] as u64) << 32);
+                let t1 = v[4 * i + 2] as u64 | ((v[4 * i + 3] as u64) << 32);
+                let e = m.entry(label).or_default();
+                e.ms += t1.saturating_sub(t0) as f64 * period / 1e6;
+                e.count += 1;
+            }
+        }
         gpu.check()
     }
 }
