@@ -17,6 +17,22 @@ var<workgroup> a_s: array<vec4<f16>, 128u * KAV>;   // x tile [128 rows][32 k]
 var<workgroup> b_s: array<vec4<f16>, 128u * KAV>;   // W tile [128 rows of W][32 k]
 var<workgroup> c_s: array<f32, 1024>;               // per subgroup one 16x16 f32 scratch
 
+// PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
+// bit 1 the matrix products; 0 in every real run.
+fn stage_x(row: u32, k: u32) -> vec4<f16> {
+    if ((PROBE & 1u) != 0u) {
+        return vec4<f16>(f16(row & 7u));
+    }
+    return vec4<f16>(load_x4(row, k));
+}
+
+fn stage_w(row: u32, k: u32) -> vec4<f16> {
+    if ((PROBE & 1u) != 0u) {
+        return vec4<f16>(f16(k & 7u));
+    }
+    return vec4<f16>(load_w4(row, k));
+}
+
 fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) {
     coopStoreT(c, &c_s[sg * 256u], 16u);
     workgroupBarrier();
@@ -68,8 +84,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let sr = lid / 8u;
     let sc = lid % 8u;
     //@unroll ST
-    var xr{t} = vec4<f16>(load_x4(m0 + sr + {t}u * (WGS / 8u), sc * 4u));
-    var wr{t} = vec4<f16>(load_w4(n0 + sr + {t}u * (WGS / 8u), sc * 4u));
+    var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 8u), sc * 4u);
+    var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 8u), sc * 4u);
     //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
         //@unroll ST
@@ -80,11 +96,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let kn = k0 + 32u;
         if (kn < P.k) {
             //@unroll ST
-            xr{t} = vec4<f16>(load_x4(m0 + sr + {t}u * (WGS / 8u), kn + sc * 4u));
-            wr{t} = vec4<f16>(load_w4(n0 + sr + {t}u * (WGS / 8u), kn + sc * 4u));
+            xr{t} = stage_x(m0 + sr + {t}u * (WGS / 8u), kn + sc * 4u);
+            wr{t} = stage_w(n0 + sr + {t}u * (WGS / 8u), kn + sc * 4u);
             //@end
         }
         for (var kk = 0u; kk < 2u; kk++) {
+            if ((PROBE & 2u) != 0u) {
+                break;
+            }
             let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u) * KAV + kk * 4u], KAV);
             let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 16u) * KAV + kk * 4u], KAV);
             let b2 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 32u) * KAV + kk * 4u], KAV);

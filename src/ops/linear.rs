@@ -31,6 +31,8 @@ use crate::gpu::{Batch, DType, Gpu, Tensor, groups_2d};
 const LINEAR: &str = include_str!("../../shaders/linalg/linear.wgsl");
 const LINEAR_COMMON: &str = include_str!("../../shaders/linalg/linear_common.wgsl");
 const LINEAR_COOP: &str = include_str!("../../shaders/linalg/linear_coop.wgsl");
+const LINEAR_LOADS: &str = include_str!("../../shaders/linalg/linear_loads.wgsl");
+const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_vec.wgsl");
 
 /// Which GEMM kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,19 +107,21 @@ fn variant_name(wdt: DType, act: Activation) -> String {
 fn source(wdt: DType, act: Activation) -> Option<String> {
     let w = weight_code(wdt)?;
     Some(format!(
-        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR}",
+        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR_LOADS}{LINEAR}",
         act.code()
     ))
 }
 
-/// WGSL source of the cooperative-matrix variant for subgroup size `sg`.
-fn coop_source(wdt: DType, act: Activation, sg: u32) -> Option<String> {
+/// WGSL source of the cooperative-matrix variant for subgroup size `sg`, with vector loads
+/// (`vec`, K a multiple of 4) or scalar ones; `probe` is a diagnostic (0 in real runs).
+fn coop_source(wdt: DType, act: Activation, sg: u32, vec: bool, probe: u32) -> Option<String> {
     let w = weight_code(wdt)?;
+    let loads = if vec { LINEAR_LOADS_VEC } else { LINEAR_LOADS };
     // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
     let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const SG: u32 = {sg}u;\n{LINEAR_COMMON}{body}",
+         const SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{LINEAR_COMMON}{loads}{body}",
         act.code()
     ))
 }
@@ -131,8 +135,13 @@ pub fn variants() -> Vec<(String, String)> {
                 v.push((variant_name(wdt, act), src));
             }
             for sg in crate::shaders::COOP_SUBGROUP_SIZES {
-                if let Some(src) = coop_source(wdt, act, sg) {
-                    v.push((format!("{}[coop,sg{sg}]", variant_name(wdt, act)), src));
+                for vec in [false, true] {
+                    if let Some(src) = coop_source(wdt, act, sg, vec, 0) {
+                        v.push((
+                            format!("{}[coop,sg{sg},vec={vec}]", variant_name(wdt, act)),
+                            src,
+                        ));
+                    }
                 }
             }
         }
@@ -363,15 +372,28 @@ pub fn record_linear_with(
     };
     let pipe = match coop {
         Some(sg) => {
-            let src = coop_source(w.dtype(), act, sg).ok_or_else(|| {
+            // vector loads need K % 4 == 0 (every DiT shape); NABLA_LINEAR_VEC=0 turns them off
+            let vec = k % 4 == 0 && std::env::var("NABLA_LINEAR_VEC").map_or(true, |v| v != "0");
+            // diagnostics only (wrong results): NABLA_LINEAR_PROBE=1 skips the storage loads,
+            // 2 the matrix products
+            let probe: u32 = std::env::var("NABLA_LINEAR_PROBE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let src = coop_source(w.dtype(), act, sg, vec, probe).ok_or_else(|| {
                 Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
             })?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
-                "{}[coop,sg{sg},checked={checked}]",
-                variant_name(w.dtype(), act)
+                "{}[coop,sg{sg},vec={vec},checked={checked}{}]",
+                variant_name(w.dtype(), act),
+                if probe != 0 {
+                    format!(",probe={probe}")
+                } else {
+                    String::new()
+                }
             );
             gpu.pipeline(&key, &src, checked)?
         }
