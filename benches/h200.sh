@@ -26,8 +26,10 @@ fi
 if [ "${GEMM:-0}" = 1 ]; then
   echo "== nabla bench gemm"
   $BIN/nabla bench gemm --json "$OUT/gemm.json" --reps 10 2>&1 | tee "$OUT/gemm.txt"
-  echo "== torch gemm"
-  python3 benches/torch_gemm.py --json "$OUT/torch_gemm.json" 2>&1 | tee "$OUT/torch_gemm.txt"
+  if [ "${TORCH_GEMM:-1}" = 1 ]; then
+    echo "== torch gemm"
+    python3 benches/torch_gemm.py --json "$OUT/torch_gemm.json" 2>&1 | tee "$OUT/torch_gemm.txt"
+  fi
 fi
 if [ -n "${DIT:-}" ]; then
   echo "== nabla bench dit $DIT"

@@ -54,7 +54,8 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
 /// per softmax lane: 64 keys over SG/16 lanes per row) and `KST` (vec4s of a 64-row K/V tile
 /// each of the 4·SG threads stages).
-pub fn source_coop(body: &str, head_dim: u32, subgroup: u32) -> String {
+/// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
+pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, probe: u32) -> String {
     let nt = head_dim / 16;
     let kpl4 = 64 / (subgroup / 16) / 4;
     let kst = 64 * (head_dim / 4) / (4 * subgroup);
@@ -64,7 +65,7 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32) -> String {
     );
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
-         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n{body}"
+         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\nconst PROBE: u32 = {probe}u;\n{body}"
     )
 }
 
@@ -141,7 +142,7 @@ pub fn all_variants() -> Vec<(String, String)> {
         for sg in COOP_SUBGROUP_SIZES {
             v.push((
                 format!("attention/block_sparse_coop[d{hd},sg{sg}]"),
-                source_coop(BLOCK_SPARSE_COOP, hd, sg),
+                source_coop(BLOCK_SPARSE_COOP, hd, sg, 0),
             ));
         }
     }

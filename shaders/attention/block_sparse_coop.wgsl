@@ -79,6 +79,10 @@ fn stage(which: u32, bh: u32, row0: u32, len: u32, lid: u32) {
 // element e (vec4 index within a 64-row tile) of K (which = 1) or V (2) rows [row0, row0+64),
 // zero past len
 fn ld(which: u32, bh: u32, row0: u32, len: u32, e: u32) -> vec4<f16> {
+    // PROBE (diagnostics of the bench, wrong results): bit 0 skips these loads, bit 2 the MMAs
+    if ((PROBE & 1u) != 0u) {
+        return vec4<f16>(f16(e & 3u));
+    }
     let t = row0 + e / QV;
     var x = vec4<f16>(0.0h);
     if (t < len) {
@@ -148,6 +152,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 64 keys per subgroup
         for (var j = 0u; j < 4u; j++) {
             var acc = coop_mat16x16<f32, C>();
+            if ((PROBE & 4u) != 0u) {
+                coopStoreT(acc, &so[orow + j * 16u], OS);
+                continue;
+            }
             //@unroll NT
             acc = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), acc);
             //@end
@@ -228,6 +236,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         // O += P V
         for (var j = 0u; j < 4u; j++) {
+            if ((PROBE & 4u) != 0u) {
+                break;
+            }
             let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow + j * 4u], PSV);
             //@unroll NT
             o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), o{t});

@@ -207,11 +207,22 @@ pub fn record_attention_with(
     let pipe = match choose(gpu, q.dtype(), d, kernel)? {
         Kernel::Coop => {
             let sg = gpu.caps().subgroup_min;
-            let key = format!("attention/block_sparse_coop[d{d},sg{sg}]");
+            // `check` validated the shapes and the mask's dimensions, and mask lists hold only
+            // indices < Nkb (checked at upload, by construction on the GPU): no runtime bounds
+            // checks (NABLA_CHECKED=1 keeps them, for the checked variant's test)
+            let checked = crate::gpu::checked_override();
+            // diagnostics only (wrong results): NABLA_ATTN_PROBE=1 skips the K/V storage
+            // loads, 4 the matrix products
+            let probe: u32 = std::env::var("NABLA_ATTN_PROBE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let key =
+                format!("attention/block_sparse_coop[d{d},sg{sg},checked={checked},probe={probe}]");
             gpu.pipeline(
                 &key,
-                &shaders::source_coop(shaders::BLOCK_SPARSE_COOP, d as u32, sg),
-                true,
+                &shaders::source_coop(shaders::BLOCK_SPARSE_COOP, d as u32, sg, probe),
+                checked,
             )?
         }
         _ => {
