@@ -26,6 +26,10 @@ enum Cmd {
         /// Seed of the inputs (default: from the clock).
         #[arg(long)]
         seed: Option<u64>,
+        /// Device layer: wgpu (this adapter's WGSL variants), cuda (the CUDA kernels), or auto
+        /// (both where the CUDA layer is built in and a device opens).
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: cli::layer::BackendArg,
     },
     /// Benchmarks (GPU time from timestamp queries).
     Bench {
@@ -46,7 +50,7 @@ fn main() {
         Cmd::Info => cli::info::run(),
         Cmd::Mask(a) => cli::mask::run(a),
         Cmd::Bench { which } => cli::bench::run(which),
-        Cmd::Selftest { seed } => cli::selftest::run(seed),
+        Cmd::Selftest { seed, backend } => cli::selftest::run(seed, backend),
         Cmd::Generate(a) => cli::generate::run_generate(*a),
         Cmd::Demo(a) => cli::generate::run_demo(*a),
     };

@@ -317,3 +317,204 @@ pub fn run(gpu: &Gpu, seed: u64) -> Result<Vec<Row>> {
     linear_rows(gpu, &mut rng, &mut rows)?;
     Ok(rows)
 }
+
+/// The CUDA layer's kernels against the same CPU references (`nabla selftest --backend cuda`).
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::{Rng, Row, rel_l2, round};
+    use crate::cuda::{Cuda, CudaTensor, attention, gemm, nabla};
+    use crate::error::Result;
+    use crate::gpu::DType;
+    use crate::nabla::{BlockGrid, SparseAlgo};
+    use crate::ops::linear::Activation;
+    use crate::reference;
+
+    fn up(c: &Cuda, dt: DType, x: &[f32], shape: &[usize]) -> Result<CudaTensor> {
+        let bytes: Vec<u8> = match dt {
+            DType::F16 => bytemuck::cast_slice(
+                &x.iter()
+                    .map(|&v| half::f16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            )
+            .to_vec(),
+            DType::BF16 => bytemuck::cast_slice(
+                &x.iter()
+                    .map(|&v| half::bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            )
+            .to_vec(),
+            _ => bytemuck::cast_slice(x).to_vec(),
+        };
+        c.upload_bytes(&bytes, shape, dt)
+    }
+
+    /// A NaN-poisoned output (an element the kernel does not write fails the check).
+    fn poisoned(c: &Cuda, shape: &[usize], dt: DType) -> Result<CudaTensor> {
+        let t = c.empty(shape, dt)?;
+        let word: u32 = if dt == DType::F32 {
+            0x7fc0_0000
+        } else {
+            0x7e00_7e00
+        };
+        let n = t.bytes().div_ceil(4);
+        let bytes: Vec<u8> = std::iter::repeat_n(word.to_le_bytes(), n)
+            .flatten()
+            .collect();
+        c.write_bytes(&t, &bytes[..t.bytes()])?;
+        Ok(t)
+    }
+
+    fn linear_rows(c: &Cuda, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+        for wdt in [DType::F32, DType::F16, DType::BF16] {
+            for (m, n, k) in [(65usize, 130usize, 40usize), (300, 64, 256), (1, 3, 8)] {
+                for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
+                    let x = rng.normals(m * k, 1.0);
+                    let w = round(wdt, &rng.normals(n * k, 0.1));
+                    let bias = rng.normals(n, 0.5);
+                    let o = poisoned(c, &[m, n], DType::F32)?;
+                    gemm::linear(
+                        c,
+                        &c.upload_f32(&x, &[m, k])?,
+                        &up(c, wdt, &w, &[n, k])?,
+                        Some(&c.upload_f32(&bias, &[n])?),
+                        act,
+                        &o,
+                    )?;
+                    // 16-bit weights: cuBLASLt multiplies x rounded to the weight's type
+                    let xr = if wdt == DType::F32 {
+                        x.clone()
+                    } else {
+                        round(wdt, &x)
+                    };
+                    let want = reference::nn::linear::linear(&xr, &w, Some(&bias), m, n, k, act);
+                    out.push(Row {
+                        kernel: "cuda linear".into(),
+                        variant: format!("cuBLASLt {wdt:?} {}", act.name()),
+                        shape: format!("{m}x{n}x{k}"),
+                        rel_err: rel_l2(&c.download_f32(&o)?, &want),
+                        bound: if wdt == DType::F32 { 1e-5 } else { 1e-4 },
+                        skipped: None,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention_rows(c: &Cuda, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+        for dt in [DType::F16, DType::BF16, DType::F32] {
+            for (h, sq, skv, d, density) in [
+                (2usize, 192usize, 192usize, 128usize, 0.5f64),
+                (3, 130, 77, 64, 1.0),
+                (1, 320, 320, 64, 0.3),
+                (2, 256, 512, 128, 2.0),
+            ] {
+                let q = round(dt, &rng.normals(h * sq * d, 1.5));
+                let k = round(dt, &rng.normals(h * skv * d, 1.5));
+                let v = round(dt, &rng.normals(h * skv * d, 1.0));
+                let (nq, nk) = (sq.div_ceil(64), skv.div_ceil(64));
+                // density > 1: no mask (dense attention)
+                let dense: Vec<u8> = (0..h * nq * nk)
+                    .map(|_| ((rng.normal() as f64 * 0.5 + 0.5) < density) as u8)
+                    .collect();
+                let mask = (density <= 1.0)
+                    .then(|| nabla::CudaMask::from_dense(c, &dense, h, nq, nk))
+                    .transpose()?;
+                let o = poisoned(c, &[1, h, sq, d], dt)?;
+                attention::attention(
+                    c,
+                    &up(c, dt, &q, &[1, h, sq, d])?,
+                    &up(c, dt, &k, &[1, h, skv, d])?,
+                    &up(c, dt, &v, &[1, h, skv, d])?,
+                    mask.as_ref(),
+                    &o,
+                )?;
+                let want =
+                    reference::block_sparse_attention(&q, &k, &v, &dense, h, (h, sq, skv, d));
+                let bound = match dt {
+                    DType::F16 => 2e-3,
+                    DType::BF16 => 1e-2,
+                    _ => 1e-5,
+                };
+                out.push(Row {
+                    kernel: "cuda attention".into(),
+                    variant: format!("{dt:?}{}", if mask.is_none() { " dense" } else { "" }),
+                    shape: format!("h{h} sq{sq} skv{skv} d{d} p{}", density.min(1.0)),
+                    rel_err: rel_l2(&c.download_f32(&o)?, &want),
+                    bound,
+                    skipped: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn mask_rows(c: &Cuda, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+        for (grid, d, algo) in [
+            ((3usize, 2usize, 5usize), 64usize, "nabla-0.7"),
+            ((2, 3, 7), 128, "nabla-0.4_sta-3-3-3"),
+            ((5, 7, 9), 128, "nabla-0.9"),
+            ((3, 4, 4), 64, "nabla-1"),
+            ((3, 4, 4), 64, "nabla-0"),
+        ] {
+            let g = BlockGrid::new(grid.0, grid.1, grid.2)?;
+            let (nb, h, s) = (g.blocks(), 2usize, g.tokens());
+            let alg: SparseAlgo = algo.parse()?;
+            let q = round(DType::F16, &rng.normals(h * s * d, 1.0));
+            let k = round(DType::F16, &rng.normals(h * s * d, 1.0));
+            let scratch = nabla::MaskScratch::alloc(c, h, nb, d)?;
+            let mask = nabla::estimate_mask(
+                c,
+                &up(c, DType::F16, &q, &[1, h, s, d])?,
+                &up(c, DType::F16, &k, &[1, h, s, d])?,
+                g,
+                &alg,
+                &scratch,
+            )?;
+            let got = mask.to_dense(c)?;
+            let qa = reference::pool(&q, h, s, d);
+            let ka = reference::pool(&k, h, s, d);
+            let map = reference::block_map(&qa, &ka, h, nb, d);
+            let (keep, mass) =
+                reference::threshold_mask_ties(&map, h * nb, nb, alg.threshold().unwrap_or(1.0));
+            let sta = alg.sta().map(|w| reference::sta_mask(&g, &w));
+            let cut = alg.cut().unwrap_or(0.0) as f64;
+            let wrong = got
+                .iter()
+                .zip(&keep)
+                .enumerate()
+                .filter(|(e, (gv, kv))| {
+                    let want = if sta.as_ref().is_some_and(|s| s[e % (nb * nb)] == 1) {
+                        1
+                    } else {
+                        **kv
+                    };
+                    **gv != want && (mass[*e] - cut).abs() >= 1e-4
+                })
+                .count();
+            out.push(Row {
+                kernel: "cuda mask".into(),
+                variant: "pool+scores+CDF+lists".into(),
+                shape: format!("grid {}x{}x{} d{d} {algo}", grid.0, grid.1, grid.2),
+                rel_err: if got.len() == keep.len() {
+                    wrong as f64 / got.len() as f64
+                } else {
+                    f64::NAN
+                },
+                bound: 0.0,
+                skipped: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs every CUDA check; inputs are fresh for every `seed`.
+    pub fn run(c: &Cuda, seed: u64) -> Result<Vec<Row>> {
+        let mut rng = Rng(seed);
+        let mut rows = Vec::new();
+        mask_rows(c, &mut rng, &mut rows)?;
+        attention_rows(c, &mut rng, &mut rows)?;
+        linear_rows(c, &mut rng, &mut rows)?;
+        Ok(rows)
+    }
+}

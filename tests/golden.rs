@@ -9,7 +9,7 @@ use common::golden::*;
 use common::{POISON, gpu};
 use nabla::io::TensorFile;
 use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
-use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WanConfig, WeightPrecision, WgpuBackend};
+use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WeightPrecision, WgpuBackend};
 use nabla::{BlockGrid, BlockMask, SparseAlgo, StaWindow, reference};
 use serde_json::Value;
 
@@ -435,34 +435,6 @@ fn golden_time_embedding() {
                 tolerance(entry),
             );
         }
-    }
-}
-
-/// The config a weights case describes, over the 1.3B defaults.
-fn config_of(weights_case: &Value) -> WanConfig {
-    let c = &weights_case["config"];
-    let u = |k: &str| {
-        c[k].as_u64()
-            .unwrap_or_else(|| panic!("weights config lacks {k}")) as usize
-    };
-    let p: Vec<usize> = c["patch_size"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    WanConfig {
-        dim: u("dim"),
-        ffn_dim: u("ffn_dim"),
-        freq_dim: u("freq_dim"),
-        num_heads: u("num_heads"),
-        num_layers: u("num_layers"),
-        text_len: u("text_len"),
-        text_dim: u("text_dim"),
-        in_dim: u("in_dim"),
-        out_dim: u("out_dim"),
-        eps: c["eps"].as_f64().unwrap(),
-        patch: (p[0], p[1], p[2]),
     }
 }
 

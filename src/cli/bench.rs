@@ -1,7 +1,7 @@
 //! `nabla bench attention`: mask estimation, sparse and dense attention timed with timestamp
 //! queries on the chosen adapter; a table on stdout, optional JSON and the masks for PyTorch.
 
-use super::median;
+use super::{layer, median};
 use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
 use nabla::io::write_safetensors;
 use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask, time_mask_stages};
@@ -44,10 +44,104 @@ pub struct DitArgs {
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Device layer: auto (CUDA where built with it and available), wgpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: layer::BackendArg,
+}
+
+/// GPU time per kernel of a profiled run.
+type Profile = std::collections::BTreeMap<String, nabla::KernelTime>;
+/// Starts a per-op profile on a backend.
+type StartProfile<'a, B> = Box<dyn Fn(&mut B) -> Result<()> + 'a>;
+/// Stops it and returns the profile.
+type StopProfile<'a, B> = Box<dyn Fn(&mut B) -> Result<Profile> + 'a>;
+
+/// Starts and stops a per-op profile on a backend.
+struct Profiler<'a, B> {
+    start: StartProfile<'a, B>,
+    stop: StopProfile<'a, B>,
+}
+
+/// One `bench dit` configuration, run on any backend.
+struct DitRun<'a> {
+    cfg: &'a nabla::wan::WanConfig,
+    precision: nabla::wan::WeightPrecision,
+    input: &'a nabla::wan::DitInput<'a>,
+    algos: &'a [Option<SparseAlgo>],
+    reps: usize,
+    model: &'a str,
+}
+
+impl DitRun<'_> {
+    /// Random weights on `be`, then per algorithm: a warm-up forward, `reps` timed forwards
+    /// and (wgpu, when `gpu` is given) one profiled forward for the per-op breakdown.
+    fn rows<B: nabla::wan::Backend>(
+        &self,
+        be: &mut B,
+        profiler: Option<&Profiler<B>>,
+    ) -> Result<Vec<serde_json::Value>> {
+        use nabla::wan::Dit;
+        let cfg = self.cfg;
+        let (t, lh, lw) = self.input.shape;
+        eprintln!(
+            "uploading random {} weights ({:?}) ...",
+            self.model, self.precision
+        );
+        let t0 = std::time::Instant::now();
+        let mut model = Dit::random(be, cfg, self.precision, 0)?;
+        eprintln!(
+            "  {:.1} s, {:.2} GB of weights",
+            t0.elapsed().as_secs_f64(),
+            model.weight_bytes() as f64 / 1e9
+        );
+        println!(
+            "model    Wan 2.1 {} (dim {}, {} layers), {:?} weights | latent {t}x{lh}x{lw}, {} tokens",
+            self.model,
+            cfg.dim,
+            cfg.num_layers,
+            self.precision,
+            t * lh * lw / 4
+        );
+        let mut rows = Vec::new();
+        for algo in self.algos {
+            let name = algo
+                .map(|x| x.to_string())
+                .unwrap_or_else(|| "dense".into());
+            let planned =
+                model.weight_bytes() + model.activation_bytes((t, lh, lw), algo.is_some());
+            model.forward(be, self.input, algo.as_ref(), None)?;
+            let mut times = Vec::new();
+            for _ in 0..self.reps.max(1) {
+                let t0 = std::time::Instant::now();
+                model.forward(be, self.input, algo.as_ref(), None)?;
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            let ms = median(&times);
+            println!(
+                "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB",
+                planned as f64 / 1e9
+            );
+            let breakdown = match profiler {
+                Some(p) => {
+                    (p.start)(be)?;
+                    let r = model.forward(be, self.input, algo.as_ref(), None);
+                    let prof = (p.stop)(be);
+                    r?;
+                    print_breakdown(&prof?)
+                }
+                None => {
+                    println!("  (no per-op breakdown: this adapter has no timestamp queries)");
+                    serde_json::Value::Null
+                }
+            };
+            rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "breakdown": breakdown}));
+        }
+        Ok(rows)
+    }
 }
 
 fn dit(a: DitArgs) -> Result<()> {
-    use nabla::wan::{Dit, DitInput, WanConfig, WeightPrecision, WgpuBackend};
+    use nabla::wan::{DitInput, WanConfig, WeightPrecision, WgpuBackend};
     let cfg = match a.model.as_str() {
         "1.3b" | "1.3B" => WanConfig::t2v_1_3b(),
         "14b" | "14B" => WanConfig::t2v_14b(),
@@ -92,16 +186,7 @@ fn dit(a: DitArgs) -> Result<()> {
         (lh, lw) = (ch, cw);
     }
     let t = (a.frames - 1) / 4 + 1;
-    let gpu = Gpu::new()?;
-    let mut be = WgpuBackend::new(&gpu);
-    eprintln!("uploading random {} weights ({:?}) ...", a.model, precision);
-    let t0 = std::time::Instant::now();
-    let mut model = Dit::random(&mut be, &cfg, precision, 0)?;
-    eprintln!(
-        "  {:.1} s, {:.2} GB of weights",
-        t0.elapsed().as_secs_f64(),
-        model.weight_bytes() as f64 / 1e9
-    );
+    let cuda = layer::open(a.backend)?;
     let latent = nabla::synth::noise(1, cfg.in_dim * t * lh * lw, 1.0);
     let context = nabla::synth::noise(2, cfg.text_len * cfg.text_dim, 0.5);
     let input = DitInput {
@@ -111,54 +196,56 @@ fn dit(a: DitArgs) -> Result<()> {
         context: &context,
     };
     let tokens = t * lh * lw / 4;
-    println!(
-        "adapter  {} ({} {})",
-        gpu.caps().name,
-        gpu.caps().driver,
-        gpu.caps().driver_info
-    );
-    println!(
-        "model    Wan 2.1 {} (dim {}, {} layers), {:?} weights | video {}x{} x {} frames -> latent {t}x{lh}x{lw}, {tokens} tokens",
-        a.model,
-        cfg.dim,
-        cfg.num_layers,
+    let run = DitRun {
+        cfg: &cfg,
         precision,
-        lw * 8,
-        lh * 8,
-        a.frames
-    );
-    let mut rows = Vec::new();
-    for algo in &algos {
-        let name = algo
-            .map(|x| x.to_string())
-            .unwrap_or_else(|| "dense".into());
-        let planned = model.weight_bytes() + model.activation_bytes((t, lh, lw), algo.is_some());
-        model.forward(&mut be, &input, algo.as_ref(), None)?;
-        let mut times = Vec::new();
-        for _ in 0..a.reps.max(1) {
-            let t0 = std::time::Instant::now();
-            model.forward(&mut be, &input, algo.as_ref(), None)?;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        input: &input,
+        algos: &algos,
+        reps: a.reps,
+        model: &a.model,
+    };
+    let (device, rows) = match &cuda {
+        #[cfg(feature = "cuda")]
+        Some(c) => {
+            let device = format!(
+                "{} (CUDA, sm_{}{})",
+                c.name(),
+                c.compute_capability().0,
+                c.compute_capability().1
+            );
+            println!("device   {device}");
+            let mut be = nabla::cuda::CudaBackend::new(c);
+            let prof = Profiler {
+                start: Box::new(|b: &mut nabla::cuda::CudaBackend<'_>| {
+                    b.start_profile();
+                    Ok(())
+                }),
+                stop: Box::new(|b: &mut nabla::cuda::CudaBackend<'_>| b.stop_profile()),
+            };
+            (device, run.rows(&mut be, Some(&prof))?)
         }
-        let ms = median(&times);
-        println!(
-            "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB",
-            planned as f64 / 1e9
-        );
-        let breakdown = if gpu.caps().timestamps {
-            gpu.start_profile()?;
-            let r = model.forward(&mut be, &input, algo.as_ref(), None);
-            let prof = gpu.stop_profile();
-            r?;
-            print_breakdown(&prof)
-        } else {
-            println!("  (no per-op breakdown: this adapter has no timestamp queries)");
-            serde_json::Value::Null
-        };
-        rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "breakdown": breakdown}));
-    }
+        #[cfg(not(feature = "cuda"))]
+        Some(never) => match *never {},
+        None => {
+            let gpu = Gpu::new()?;
+            let device = format!(
+                "{} ({} {})",
+                gpu.caps().name,
+                gpu.caps().driver,
+                gpu.caps().driver_info
+            );
+            println!("adapter  {device}");
+            let mut be = WgpuBackend::new(&gpu);
+            let prof = Profiler {
+                start: Box::new(|_: &mut WgpuBackend<'_>| gpu.start_profile()),
+                stop: Box::new(|_: &mut WgpuBackend<'_>| Ok(gpu.stop_profile())),
+            };
+            let prof = gpu.caps().timestamps.then_some(&prof);
+            (device, run.rows(&mut be, prof)?)
+        }
+    };
     if let Some(p) = &a.json {
-        let doc = json!({"adapter": gpu.caps().name, "model": a.model, "weights": a.weights, "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
+        let doc = json!({"adapter": device, "backend": if cuda.is_some() { "cuda" } else { "wgpu" }, "model": a.model, "weights": a.weights, "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| Error::file(p.clone(), e))?;
     }
@@ -337,43 +424,47 @@ fn gemm(a: GemmArgs) -> Result<()> {
 pub struct AttnArgs {
     /// A preset (wan14b-720p, wan1.3b-480p, tiny) or B,H,S,D (grid then S/64 x 1 x 1 blocks).
     #[arg(long, default_value = "wan1.3b-480p")]
-    shape: String,
+    pub(super) shape: String,
     /// One or more algorithms, comma separated (e.g. nabla-0.7,nabla-0.4,nabla-0.6_sta-11-3-3).
     #[arg(long, default_value = "nabla-0.7")]
-    sparse_algo: String,
+    pub(super) sparse_algo: String,
     /// Storage of q/k/v: auto (f16 where the adapter has SHADER_F16), f16 or f32.
     #[arg(long, default_value = "auto")]
-    dtype: String,
+    pub(super) dtype: String,
     /// Timed repetitions for masks and sparse attention (median reported).
     #[arg(long, default_value_t = 10)]
-    reps: usize,
+    pub(super) reps: usize,
     /// Timed repetitions of dense attention (0 skips dense and the error column).
     #[arg(long, default_value_t = 3)]
-    dense_reps: usize,
+    pub(super) dense_reps: usize,
     /// Attention kernel: auto (tensor cores where available), portable or coop.
     #[arg(long, default_value = "auto")]
-    kernel: String,
+    pub(super) kernel: String,
     /// Write the results as JSON.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(super) json: Option<PathBuf>,
     /// Write the masks used ([H, Nb, Nb] u8 per algorithm) for benches/torch_attention.py.
     #[arg(long)]
-    masks_out: Option<PathBuf>,
+    pub(super) masks_out: Option<PathBuf>,
     /// Seed of the synthetic inputs.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(super) seed: u64,
+    /// Device layer: wgpu (default) or cuda (the CUDA kernels; --dtype auto means f16 there,
+    /// bf16 is accepted too).
+    #[arg(long, value_enum, default_value = "wgpu")]
+    pub(super) backend: layer::BackendArg,
 }
 
-struct Shape {
-    name: String,
-    b: usize,
-    h: usize,
-    d: usize,
-    grid: BlockGrid,
-    token_grid: Option<(usize, usize, usize)>,
+pub(super) struct Shape {
+    pub(super) name: String,
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) d: usize,
+    pub(super) grid: BlockGrid,
+    pub(super) token_grid: Option<(usize, usize, usize)>,
 }
 
-fn parse_shape(s: &str) -> Result<Shape> {
+pub(super) fn parse_shape(s: &str) -> Result<Shape> {
     let preset = |name: &str, h, d, f, th, tw| -> Result<Shape> {
         Ok(Shape {
             name: name.into(),
@@ -427,7 +518,7 @@ fn upload(gpu: &Gpu, x: &[f32], shape: &[usize], dt: DType) -> Result<Tensor> {
     }
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+pub(super) fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let (mut n, mut d) = (0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
         n += (*x as f64 - *y as f64).powi(2);
@@ -448,6 +539,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_>>()?;
+    if let Some(_cuda) = layer::open(a.backend)? {
+        #[cfg(feature = "cuda")]
+        return super::bench_cuda::attention(&_cuda, &a, &sh, &algos);
+    }
     let gpu = Gpu::new()?;
     let caps = gpu.caps().clone();
     let dt = match a.dtype.as_str() {

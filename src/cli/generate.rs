@@ -48,6 +48,10 @@ pub struct SampleArgs {
     /// Sigma shift.
     #[arg(long, default_value_t = 5.0)]
     sample_shift: f64,
+    /// Device layer of the DiT: auto (CUDA where this binary has it and an NVIDIA GPU opens),
+    /// wgpu or cuda. The text encoder and the VAE run on wgpu.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: super::layer::BackendArg,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0)]
     sample_guide_scale: f32,
@@ -337,6 +341,17 @@ fn run_pipeline(
     Ok(())
 }
 
+/// ", DiT on CUDA (<device>)" when the DiT runs on the CUDA layer.
+fn dit_on(cuda: &Option<super::layer::CudaDev>) -> String {
+    match cuda {
+        #[cfg(feature = "cuda")]
+        Some(c) => format!(", DiT on CUDA ({})", c.name()),
+        #[cfg(not(feature = "cuda"))]
+        Some(never) => match *never {},
+        None => String::new(),
+    }
+}
+
 /// Runs `nabla generate`.
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let task: Task = a.task.parse()?;
@@ -351,13 +366,16 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         PathBuf::from(format!("{task}_{w}x{h}_{seed}.mp4"))
     });
     let gpu = Gpu::new()?;
+    let cuda = super::layer::open(a.sample.backend)?;
     eprintln!(
-        "adapter: {} ({}); loading {task} from {} ...",
+        "adapter: {} ({}){}; loading {task} from {} ...",
         gpu.caps().name,
         gpu.caps().backend,
+        dit_on(&cuda),
         a.ckpt_dir.display()
     );
-    let mut pipe = Pipeline::from_checkpoint_dir_with(&gpu, &a.ckpt_dir, task, prec)?;
+    let layer = super::layer::dit_layer(&cuda);
+    let mut pipe = Pipeline::from_checkpoint_dir_on(&gpu, layer, &a.ckpt_dir, task, prec)?;
     run_pipeline(&mut pipe, &opts, &save, &a.sample)
 }
 
@@ -387,11 +405,13 @@ pub fn run_demo(a: DemoArgs) -> Result<()> {
          trained model: the video will look like noise. For real videos use `nabla generate \
          --ckpt-dir <Wan2.1 checkpoint>`."
     );
+    let cuda = super::layer::open(a.sample.backend)?;
     eprintln!(
-        "adapter: {} ({}); building the demo models ...",
+        "adapter: {} ({}){}; building the demo models ...",
         gpu.caps().name,
-        gpu.caps().backend
+        gpu.caps().backend,
+        dit_on(&cuda)
     );
-    let mut pipe = Pipeline::demo(&gpu)?;
+    let mut pipe = Pipeline::demo_on(&gpu, super::layer::dit_layer(&cuda))?;
     run_pipeline(&mut pipe, &opts, &save, &a.sample)
 }

@@ -29,5 +29,50 @@ pub fn run() -> Result<()> {
         }
     }
     println!("Choose with NABLA_ADAPTER=<name substring> and NABLA_BACKEND=vulkan|metal|dx12|gl.");
+    cuda_info();
     Ok(())
+}
+
+/// The CUDA layer: libraries found, devices, memory.
+#[cfg(feature = "cuda")]
+fn cuda_info() {
+    use nabla::cuda::{Cuda, cublaslt_present, driver_present, nvrtc_present};
+    let yes = |b: bool| if b { "found" } else { "NOT found" };
+    println!("\n== CUDA layer (built in)");
+    println!(
+        "libcuda {} | NVRTC {} | cuBLASLt {}",
+        yes(driver_present()),
+        yes(nvrtc_present()),
+        yes(cublaslt_present())
+    );
+    match Cuda::new() {
+        Ok(c) => {
+            let (cc_major, cc_minor) = c.compute_capability();
+            let mem = c
+                .memory()
+                .map(|(free, total)| {
+                    format!(
+                        "{:.1} GiB free of {:.1} GiB",
+                        free as f64 / 1073741824.0,
+                        total as f64 / 1073741824.0
+                    )
+                })
+                .unwrap_or_else(|e| format!("memory unknown: {e}"));
+            println!(
+                "device: {} (sm_{cc_major}{cc_minor}), {mem}; kernels compiled by NVRTC for {}",
+                c.name(),
+                c.arch()
+            );
+            println!(
+                "`--backend auto` runs the DiT and the NABLA kernels here; `--backend wgpu` forces wgpu."
+            );
+        }
+        Err(e) => println!("not usable: {e}\n`--backend auto` falls back to wgpu."),
+    }
+}
+
+/// The CUDA layer is not in this build.
+#[cfg(not(feature = "cuda"))]
+fn cuda_info() {
+    println!("\n== CUDA layer: not in this build (rebuild with `--features cuda` for NVIDIA GPUs)");
 }

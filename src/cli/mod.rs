@@ -1,8 +1,11 @@
 //! Subcommands of the `nabla` binary.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod bench_cuda;
 pub mod generate;
 pub mod info;
+pub mod layer;
 pub mod mask;
 pub mod selftest;
 

@@ -1,29 +1,61 @@
 //! `nabla selftest`: every kernel variant of this adapter against the CPU reference.
 
+use super::layer::{self, BackendArg};
+use nabla::selftest::Row;
 use nabla::{Error, Gpu, Result};
 
-pub fn run(seed: Option<u64>) -> Result<()> {
-    let gpu = Gpu::new()?;
+pub fn run(seed: Option<u64>, backend: BackendArg) -> Result<()> {
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
-    println!(
-        "adapter {} ({}, {} {}) | seed {seed}",
-        gpu.caps().name,
-        gpu.caps().backend,
-        gpu.caps().driver,
-        gpu.caps().driver_info
-    );
-    let rows = nabla::selftest::run(&gpu, seed)?;
+    let mut failed = 0;
+    if backend != BackendArg::Cuda {
+        let gpu = Gpu::new()?;
+        println!(
+            "adapter {} ({}, {} {}) | seed {seed}",
+            gpu.caps().name,
+            gpu.caps().backend,
+            gpu.caps().driver,
+            gpu.caps().driver_info
+        );
+        failed += table(&nabla::selftest::run(&gpu, seed)?);
+    }
+    if backend != BackendArg::Wgpu {
+        match layer::open(backend)? {
+            #[cfg(feature = "cuda")]
+            Some(c) => {
+                println!(
+                    "\nCUDA device {} (sm_{}{}) | seed {seed}",
+                    c.name(),
+                    c.compute_capability().0,
+                    c.compute_capability().1
+                );
+                failed += table(&nabla::selftest::cuda::run(&c, seed)?);
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(never) => match never {},
+            None => {}
+        }
+    }
+    if failed > 0 {
+        return Err(Error::Gpu(format!(
+            "{failed} kernel variant(s) disagree with the CPU reference on this device"
+        )));
+    }
+    Ok(())
+}
+
+/// Prints the rows; returns how many failed.
+fn table(rows: &[Row]) -> usize {
     println!(
         "{:<10} {:<24} {:<36} {:>10} {:>9}  result",
         "kernel", "variant", "shape", "rel err", "bound"
     );
     let mut failed = 0;
-    for r in &rows {
+    for r in rows {
         let result = match &r.skipped {
             Some(why) => format!("skipped ({why})"),
             None if r.passed() => "pass".to_string(),
@@ -48,10 +80,5 @@ pub fn run(seed: Option<u64>) -> Result<()> {
         ran - failed,
         rows.len() - ran
     );
-    if failed > 0 {
-        return Err(Error::Gpu(format!(
-            "{failed} kernel variant(s) disagree with the CPU reference on this adapter"
-        )));
-    }
-    Ok(())
+    failed
 }

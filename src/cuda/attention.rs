@@ -1,18 +1,398 @@
-//! Block-sparse flash attention on CUDA tensor cores (interface fixed; kernel being written).
+//! Block-sparse flash attention on CUDA tensor cores (`src/cuda/kernels/attention.cu`).
+//!
+//! One CTA computes one 64-row query block (one mask row) of one head with 4 warps × 16 rows:
+//! Q is held in registers, the listed 64-key blocks stream through a ring of shared-memory
+//! stages by `cp.async` (block n + stages − 1 in flight while block n is computed),
+//! `S = QKᵀ` and `O += PV` run on `mma.sync.m16n8k16` (f16 or bf16 operands, f32 accumulators,
+//! fragments by `ldmatrix`), the softmax is online in base 2 with f32 statistics. Ragged tails
+//! are handled (keys ≥ Skv masked, query rows ≥ Sq not written), a mask may have one shared head
+//! or one per head (B·H), and an empty list gives 0. f32 inputs run a plain f32 kernel (for
+//! parity work, not tuned).
+//!
+//! | dtype | head dim | kernel | shared memory |
+//! |---|---|---|---|
+//! | f16, bf16 | 64, 128 | tensor cores, 4 warps × 16 rows, 2 stages (default) or 3 | stages · 2 · 64 · D · 2 B (D = 128: 64 / 96 KiB) |
+//! | f16, bf16 | 64, 128 | tensor cores, 2 warps × 32 rows, 2 stages | (64 · D + 2 · 2 · 64 · D) · 2 B (D = 128: 80 KiB) |
+//! | f32 | 64, 128 | f32 SIMT, 16-key tiles | 16 · D · 8 B |
+//!
+//! The 32-row form feeds every K/V fragment read from shared memory to two `mma` (the 16-row
+//! form re-reads the whole K and V tiles per 16 rows, which bounds it by shared-memory bandwidth
+//! on Hopper) at the cost of 255 registers per thread and Q re-read from shared memory; which is
+//! faster is for the benchmark to say (`NABLA_CUDA_ATTN_ROWS=32`).
+//!
+//! Each CTA walks its list starting at entry `query block mod count` (wrapping around), so the
+//! CTAs of a head do not all stream the same K/V block at once (order does not change the result
+//! beyond rounding).
+//!
+//! [`attention`] reads its [`AttentionOptions`] from the environment
+//! (`NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1`, `NABLA_CUDA_ATTN_ROWS=16|32`);
+//! [`attention_with`] takes them as an argument (benchmarks).
 
-use super::nabla::CudaMask;
-use super::{Cuda, CudaTensor};
+use super::nabla::{Arg, CudaMask, check_aligned, check_arch, launch, max_shared_bytes, u32_of};
+use super::{Cuda, CudaTensor, cuda_err};
 use crate::error::{Error, Result};
+use crate::gpu::DType;
+use crate::nabla::BLOCK;
+use cudarc::driver::LaunchConfig;
+use cudarc::driver::sys::CUevent_flags;
+
+/// The NVRTC module of these kernels.
+const MODULE: &str = "attention";
+
+/// Validates q, k, v, out and the mask; returns (B·H, Sq, Skv, D).
+fn check(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    mask: Option<&CudaMask>,
+    out: &CudaTensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let op = "attention";
+    let sh = &q.shape;
+    if sh.len() != 4 {
+        return Err(Error::shape(format!(
+            "{op}: q must be [B, H, Sq, D], got {sh:?}"
+        )));
+    }
+    let ks = &k.shape;
+    if ks.len() != 4 || ks[0] != sh[0] || ks[1] != sh[1] || ks[3] != sh[3] {
+        return Err(Error::shape(format!(
+            "{op}: k {ks:?} must be [B, H, Skv, D] with q's B, H and D ({sh:?})"
+        )));
+    }
+    for (name, t, want) in [("k", k, ks), ("v", v, ks), ("out", out, sh)] {
+        if &t.shape != want || t.dtype != q.dtype {
+            return Err(Error::shape(format!(
+                "{op}: {name} is {:?} {:?}, expected {want:?} {:?}",
+                t.shape, t.dtype, q.dtype
+            )));
+        }
+    }
+    if q.dtype == DType::U32 {
+        return Err(Error::shape(format!(
+            "{op}: q, k, v must be f16, bf16 or f32, got u32"
+        )));
+    }
+    let (b, h, sq, d) = (sh[0], sh[1], sh[2], sh[3]);
+    let skv = ks[2];
+    if d != 64 && d != 128 {
+        return Err(Error::shape(format!(
+            "{op}: head_dim {d} is not supported; use 64 or 128"
+        )));
+    }
+    if b * h == 0 || sq == 0 || skv == 0 {
+        return Err(Error::shape(format!(
+            "{op}: needs at least one head, one query and one key (got {sh:?} and {ks:?})"
+        )));
+    }
+    if b * h > 65535 {
+        return Err(Error::shape(format!(
+            "{op}: {} heads (B·H) exceed the 65535 of one CUDA grid axis; split the call",
+            b * h
+        )));
+    }
+    u32_of(op, "Sq", sq)?;
+    u32_of(op, "Skv", skv)?;
+    let (nq, nkv) = (sq.div_ceil(BLOCK), skv.div_ceil(BLOCK));
+    if let Some(m) = mask {
+        m.check()?;
+        if m.nq != nq || m.nkv != nkv {
+            return Err(Error::shape(format!(
+                "{op}: block mask is {}x{} blocks, but {sq} queries and {skv} keys make {nq}x{nkv} \
+                 blocks of {BLOCK}",
+                m.nq, m.nkv
+            )));
+        }
+        if m.heads != 1 && m.heads != b * h {
+            return Err(Error::shape(format!(
+                "{op}: block mask has {} heads; expected 1 (shared) or B·H = {}",
+                m.heads,
+                b * h
+            )));
+        }
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_aligned(op, name, t)?;
+    }
+    Ok((b * h, sq, skv, d))
+}
+
+/// Tuning knobs of the tensor-core attention kernels (the f32 kernel ignores `stages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionOptions {
+    /// K/V pipeline stages in shared memory: 3 (default; D = 128: 96 KiB, 2 CTAs per SM) or 2
+    /// (64 KiB, 3 CTAs per SM). On the H200 at wan14b-720p, 3 stages ran 5 % faster (dense
+    /// 316 vs 333 ms, nabla-0.4 53.4 vs 56.5 ms); 32 rows per warp ran 20 % slower.
+    pub stages: usize,
+    /// Start each query block's walk at entry `qb mod count` (default) instead of entry 0.
+    pub rotate: bool,
+    /// Query rows per warp: 16 (4 warps per 64-row block, default) or 32 (2 warps; 2 stages
+    /// only).
+    pub rows_per_warp: usize,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions {
+            stages: 3,
+            rotate: true,
+            rows_per_warp: 16,
+        }
+    }
+}
+
+impl AttentionOptions {
+    /// The defaults, overridden by `NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1`
+    /// and `NABLA_CUDA_ATTN_ROWS=16|32`.
+    pub fn from_env() -> Result<AttentionOptions> {
+        let mut o = AttentionOptions::default();
+        if let Ok(v) = std::env::var("NABLA_CUDA_ATTN_STAGES") {
+            o.stages = match v.trim() {
+                "2" => 2,
+                "3" => 3,
+                _ => {
+                    return Err(Error::BadEnv {
+                        var: "NABLA_CUDA_ATTN_STAGES",
+                        value: v,
+                        expected: "2 or 3 (K/V pipeline stages of the tensor-core attention)",
+                    });
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("NABLA_CUDA_ATTN_ROTATE") {
+            o.rotate = match v.trim() {
+                "0" => false,
+                "1" => true,
+                _ => {
+                    return Err(Error::BadEnv {
+                        var: "NABLA_CUDA_ATTN_ROTATE",
+                        value: v,
+                        expected: "0 or 1 (rotate each query block's key-block walk)",
+                    });
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("NABLA_CUDA_ATTN_ROWS") {
+            o.rows_per_warp = match v.trim() {
+                "16" => 16,
+                "32" => 32,
+                _ => {
+                    return Err(Error::BadEnv {
+                        var: "NABLA_CUDA_ATTN_ROWS",
+                        value: v,
+                        expected: "16 or 32 (query rows per warp of the tensor-core attention)",
+                    });
+                }
+            };
+        }
+        Ok(o)
+    }
+}
 
 /// `out = softmax(q·kᵀ/√D)·v` over the listed key blocks of each 64-row query block (`mask`), or
-/// over every key (`None`). q, out `[1, H, Sq, D]`; k, v `[1, H, Skv, D]`; f16, bf16 or f32.
+/// over every key (`None`). q, out `[B, H, Sq, D]`; k, v `[B, H, Skv, D]`; f16, bf16 or f32
+/// (all the same); D = 64 or 128; the mask has `ceil(Sq/64) × ceil(Skv/64)` blocks and 1 or
+/// B·H heads. Enqueued on the stream; `out` must not overlap the inputs. Options from the
+/// environment ([`AttentionOptions::from_env`]).
 pub fn attention(
-    _cuda: &Cuda,
-    _q: &CudaTensor,
-    _k: &CudaTensor,
-    _v: &CudaTensor,
-    _mask: Option<&CudaMask>,
-    _out: &CudaTensor,
+    cuda: &Cuda,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    mask: Option<&CudaMask>,
+    out: &CudaTensor,
 ) -> Result<()> {
-    Err(Error::Cuda("attention on CUDA is not written yet".into()))
+    attention_with(cuda, q, k, v, mask, out, AttentionOptions::from_env()?)
+}
+
+/// [`attention`] with explicit [`AttentionOptions`].
+pub fn attention_with(
+    cuda: &Cuda,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    mask: Option<&CudaMask>,
+    out: &CudaTensor,
+    opts: AttentionOptions,
+) -> Result<()> {
+    check_arch(cuda, "attention on CUDA")?;
+    let (bh, sq, skv, d) = check(q, k, v, mask, out)?;
+    let stages = opts.stages;
+    if stages != 2 && stages != 3 {
+        return Err(Error::Invalid(format!(
+            "attention: {stages} pipeline stages; use 2 or 3"
+        )));
+    }
+    let wide = match opts.rows_per_warp {
+        16 => false,
+        32 if stages == 2 => true,
+        32 => {
+            return Err(Error::Invalid(
+                "attention: 32 query rows per warp run with 2 pipeline stages only".into(),
+            ));
+        }
+        r => {
+            return Err(Error::Invalid(format!(
+                "attention: {r} query rows per warp; use 16 or 32"
+            )));
+        }
+    };
+    let (nq, nkv) = (sq.div_ceil(BLOCK), skv.div_ceil(BLOCK));
+    let ty = match q.dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::U32 => return Err(Error::shape("attention: q, k, v must not be u32")),
+    };
+    let (name, threads, smem) = if q.dtype == DType::F32 {
+        (format!("attn_f32_d{d}"), 256, 0usize)
+    } else if wide {
+        (
+            format!("attn2_{ty}_d{d}_s{stages}"),
+            64,
+            (64 * d + stages * 2 * 64 * d) * 2 + 16,
+        )
+    } else {
+        (
+            format!("attn_{ty}_d{d}_s{stages}"),
+            128,
+            stages * 2 * 64 * d * 2 + 16,
+        )
+    };
+    let limit = max_shared_bytes(cuda)?;
+    if smem > limit {
+        return Err(Error::Unsupported {
+            adapter: cuda.name().to_string(),
+            feature: "enough shared memory per block",
+            what: format!(
+                "the {stages}-stage attention kernel for head_dim {d} ({smem} bytes, the device \
+                 allows {limit}); use 2 stages"
+            ),
+        });
+    }
+    let (counts, indices, heads) =
+        mask.map_or((0, 0, 1), |m| (m.counts.ptr(), m.indices.ptr(), m.heads));
+    let sl2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    launch(
+        cuda,
+        MODULE,
+        super::sources::ATTENTION,
+        &name,
+        LaunchConfig {
+            grid_dim: (u32_of("attention", "query blocks", nq)?, bh as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        },
+        &[
+            Arg::U64(q.ptr()),
+            Arg::U64(k.ptr()),
+            Arg::U64(v.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::U64(counts),
+            Arg::U64(indices),
+            Arg::U32(sq as u32),
+            Arg::U32(skv as u32),
+            Arg::U32(nq as u32),
+            Arg::U32(nkv as u32),
+            Arg::U32(heads as u32),
+            Arg::F32(sl2),
+            Arg::U32(opts.rotate as u32),
+        ],
+    )
+}
+
+/// GPU time of `f` in milliseconds by CUDA events, `reps` times after `warmup` untimed calls:
+/// one value per rep (each bracketed by its own pair of events on the stream). Waits for the
+/// stream.
+pub fn time_ms(
+    cuda: &Cuda,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    let ctx = cuda.context();
+    let ev = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating a CUDA event", e))
+    };
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut pairs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (a, b) = (ev()?, ev()?);
+        a.record(cuda.stream())
+            .map_err(|e| cuda_err("recording an event", e))?;
+        f()?;
+        b.record(cuda.stream())
+            .map_err(|e| cuda_err("recording an event", e))?;
+        pairs.push((a, b));
+    }
+    cuda.synchronize()?;
+    pairs
+        .iter()
+        .map(|(a, b)| {
+            a.elapsed_ms(b)
+                .map(|ms| ms as f64)
+                .map_err(|e| cuda_err("reading event times", e))
+        })
+        .collect()
+}
+
+/// Timing of [`attention`] by [`bench_attention`].
+#[derive(Clone, Debug)]
+pub struct AttentionTiming {
+    /// Median GPU time of one call, ms.
+    pub median_ms: f64,
+    /// Fastest call, ms.
+    pub min_ms: f64,
+    /// FLOPs of one call counting the listed 64 × 64 blocks: `4 · 64 · 64 · D` per (head, query
+    /// block, listed key block) — the "effective" count FlexAttention benchmarks use.
+    pub flops: f64,
+    /// Fraction of (head, query block, key block) triples listed.
+    pub density: f64,
+    /// `flops / median`, TFLOP/s.
+    pub tflops: f64,
+}
+
+/// Times [`attention_with`] (`reps` calls after 2 warm-ups, CUDA events) on the given tensors;
+/// reads the mask's counts once (host sync) to count FLOPs.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_attention(
+    cuda: &Cuda,
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    mask: Option<&CudaMask>,
+    out: &CudaTensor,
+    opts: AttentionOptions,
+    reps: usize,
+) -> Result<AttentionTiming> {
+    let (bh, sq, skv, d) = check(q, k, v, mask, out)?;
+    let (nq, nkv) = (sq.div_ceil(BLOCK), skv.div_ceil(BLOCK));
+    let listed: f64 = match mask {
+        None => (bh * nq * nkv) as f64,
+        Some(m) => {
+            let c: Vec<u32> = bytemuck::pod_collect_to_vec(&cuda.download_bytes(&m.counts)?);
+            let per_head = c.iter().map(|&x| x.min(nkv as u32) as f64).sum::<f64>();
+            if m.heads == 1 {
+                per_head * bh as f64
+            } else {
+                per_head
+            }
+        }
+    };
+    let mut t = time_ms(cuda, 2, reps.max(1), || {
+        attention_with(cuda, q, k, v, mask, out, opts)
+    })?;
+    t.sort_by(|a, b| a.total_cmp(b));
+    let median_ms = t[t.len() / 2];
+    let flops = listed * 4.0 * (BLOCK * BLOCK * d) as f64;
+    Ok(AttentionTiming {
+        median_ms,
+        min_ms: t[0],
+        flops,
+        density: listed / (bh * nq * nkv) as f64,
+        tflops: flops / (median_ms * 1e-3) / 1e12,
+    })
 }

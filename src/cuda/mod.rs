@@ -13,12 +13,17 @@
 use crate::error::{Error, Result};
 use crate::gpu::DType;
 pub mod attention;
+pub mod backend;
+pub mod gemm;
 pub mod nabla;
+pub mod ops;
 pub mod sources;
+
+pub use backend::CudaBackend;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A CUDA error as the crate's error.
 pub(crate) fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -77,6 +82,8 @@ pub struct Cuda {
     cc: (i32, i32),
     arch: &'static str,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// cuBLASLt handle, workspace and heuristic cache, created by the first linear.
+    blas: OnceLock<gemm::Blas>,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -127,6 +134,7 @@ impl Cuda {
             cc,
             arch,
             modules: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
         })
     }
 
@@ -259,6 +267,10 @@ impl Cuda {
         if data.is_empty() {
             return Ok(());
         }
+        // the raw copy needs the context current on this thread (a fresh thread has none)
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         // SAFETY: the destination range lies inside the buffer (checked above via bytes()).
         unsafe {
             cudarc::driver::result::memcpy_htod_async(t.ptr(), data, self.stream.cu_stream())
@@ -274,6 +286,9 @@ impl Cuda {
         if out.is_empty() {
             return Ok(out);
         }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))?;
         // SAFETY: the source range lies inside the buffer.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(&mut out, t.ptr(), self.stream.cu_stream())

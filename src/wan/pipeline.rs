@@ -434,11 +434,117 @@ impl Drop for ScratchDir {
     }
 }
 
+/// The device layer the DiT runs on (the text encoder and the VAE run on wgpu).
+#[derive(Clone, Copy, Debug)]
+pub enum DitLayer<'g> {
+    /// wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+    /// The CUDA layer (cargo feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda(&'g crate::cuda::Cuda),
+    #[doc(hidden)]
+    #[cfg(not(feature = "cuda"))]
+    _Phantom(std::marker::PhantomData<&'g ()>),
+}
+
+/// The DiT with its backend, on one layer: the model code is the same [`Dit`] on either.
+/// (Built once per pipeline: the variants' size difference does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum DitOn<'g> {
+    Wgpu(WgpuBackend<'g>, Dit<WgpuBackend<'g>>),
+    #[cfg(feature = "cuda")]
+    Cuda(
+        crate::cuda::CudaBackend<'g>,
+        Dit<crate::cuda::CudaBackend<'g>>,
+    ),
+}
+
+impl<'g> DitOn<'g> {
+    /// Builds the DiT on `layer` with `make` (load or random weights).
+    fn build(gpu: &'g Gpu, layer: DitLayer<'g>, load: impl DitSource) -> Result<DitOn<'g>> {
+        match layer {
+            DitLayer::Wgpu => {
+                let mut be = WgpuBackend::new(gpu);
+                let dit = load.build(&mut be)?;
+                Ok(DitOn::Wgpu(be, dit))
+            }
+            #[cfg(feature = "cuda")]
+            DitLayer::Cuda(cuda) => {
+                let mut be = crate::cuda::CudaBackend::new(cuda);
+                let dit = load.build(&mut be)?;
+                Ok(DitOn::Cuda(be, dit))
+            }
+            #[cfg(not(feature = "cuda"))]
+            DitLayer::_Phantom(_) => Err(Error::Invalid("no such device layer".into())),
+        }
+    }
+    fn config(&self) -> &WanConfig {
+        match self {
+            DitOn::Wgpu(_, d) => d.config(),
+            #[cfg(feature = "cuda")]
+            DitOn::Cuda(_, d) => d.config(),
+        }
+    }
+    fn weight_bytes(&self) -> u64 {
+        match self {
+            DitOn::Wgpu(_, d) => d.weight_bytes(),
+            #[cfg(feature = "cuda")]
+            DitOn::Cuda(_, d) => d.weight_bytes(),
+        }
+    }
+    fn activation_bytes(&self, latent: (usize, usize, usize), sparse: bool) -> u64 {
+        match self {
+            DitOn::Wgpu(_, d) => d.activation_bytes(latent, sparse),
+            #[cfg(feature = "cuda")]
+            DitOn::Cuda(_, d) => d.activation_bytes(latent, sparse),
+        }
+    }
+    fn forward(
+        &mut self,
+        input: &DitInput<'_>,
+        sparse: Option<&SparseAlgo>,
+        trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            DitOn::Wgpu(be, d) => d.forward(be, input, sparse, trace),
+            #[cfg(feature = "cuda")]
+            DitOn::Cuda(be, d) => d.forward(be, input, sparse, trace),
+        }
+    }
+    fn layer_name(&self) -> &'static str {
+        match self {
+            DitOn::Wgpu(..) => "wgpu",
+            #[cfg(feature = "cuda")]
+            DitOn::Cuda(..) => "cuda",
+        }
+    }
+}
+
+/// Where a DiT's weights come from.
+trait DitSource {
+    fn build<B: super::Backend>(self, be: &mut B) -> Result<Dit<B>>;
+}
+
+struct FromCheckpoint<'a>(&'a Checkpoint, WeightPrecision);
+
+impl DitSource for FromCheckpoint<'_> {
+    fn build<B: super::Backend>(self, be: &mut B) -> Result<Dit<B>> {
+        Dit::load(be, self.0, self.1)
+    }
+}
+
+struct Random<'a>(&'a WanConfig, WeightPrecision, u64);
+
+impl DitSource for Random<'_> {
+    fn build<B: super::Backend>(self, be: &mut B) -> Result<Dit<B>> {
+        Dit::random(be, self.0, self.1, self.2)
+    }
+}
+
 /// The text-to-video pipeline with every model loaded.
 pub struct Pipeline<'g> {
     gpu: &'g Gpu,
-    be: WgpuBackend<'g>,
-    dit: Dit<WgpuBackend<'g>>,
+    dit: DitOn<'g>,
     t5: T5Encoder,
     tokenizer: T5Tokenizer,
     vae: VaeDecoder,
@@ -820,6 +926,18 @@ impl<'g> Pipeline<'g> {
         task: Task,
         precision: WeightPrecision,
     ) -> Result<Pipeline<'g>> {
+        Pipeline::from_checkpoint_dir_on(gpu, DitLayer::Wgpu, dir, task, precision)
+    }
+
+    /// [`Pipeline::from_checkpoint_dir_with`] with the DiT on `layer` (the umT5 encoder and
+    /// the VAE stay on wgpu).
+    pub fn from_checkpoint_dir_on(
+        gpu: &'g Gpu,
+        layer: DitLayer<'g>,
+        dir: impl AsRef<Path>,
+        task: Task,
+        precision: WeightPrecision,
+    ) -> Result<Pipeline<'g>> {
         let dir = dir.as_ref();
         check_checkpoint_dir(dir)?;
         let t0 = Instant::now();
@@ -836,8 +954,7 @@ impl<'g> Pipeline<'g> {
                 ),
             ));
         }
-        let mut be = WgpuBackend::new(gpu);
-        let dit = Dit::load(&mut be, &ck, precision)?;
+        let dit = DitOn::build(gpu, layer, FromCheckpoint(&ck, precision))?;
         drop(ck);
         let t5 = open_t5(dir)?;
         if t5.config().dim != dit.config().text_dim {
@@ -848,7 +965,7 @@ impl<'g> Pipeline<'g> {
             )));
         }
         let vae = open_vae(gpu, dir)?;
-        Pipeline::assemble(gpu, be, dit, t5, tokenizer, vae, task, t0, None)
+        Pipeline::assemble(gpu, dit, t5, tokenizer, vae, task, t0, None)
     }
 
     /// The demo pipeline: a tiny DiT ([`demo_dit_config`]), umT5 ([`demo_t5_config`]), VAE
@@ -858,6 +975,11 @@ impl<'g> Pipeline<'g> {
     /// since the weights are not a trained model. The tokenizer and encoder files live in a
     /// temporary directory removed when the pipeline is dropped.
     pub fn demo(gpu: &'g Gpu) -> Result<Pipeline<'g>> {
+        Pipeline::demo_on(gpu, DitLayer::Wgpu)
+    }
+
+    /// [`Pipeline::demo`] with the DiT on `layer`.
+    pub fn demo_on(gpu: &'g Gpu, layer: DitLayer<'g>) -> Result<Pipeline<'g>> {
         let t0 = Instant::now();
         let scratch = scratch_dir()?;
         let tok_path = scratch.0.join("tokenizer.json");
@@ -884,26 +1006,14 @@ impl<'g> Pipeline<'g> {
             .map_err(|e| Error::Invalid(format!("demo VAE: {e}")))?;
         let vae = VaeDecoder::from_bytes(gpu, &bytes)?;
 
-        let mut be = WgpuBackend::new(gpu);
-        let dit = Dit::random(&mut be, &cfg, WeightPrecision::F32, DEMO_SEEDS.0)?;
-        Pipeline::assemble(
-            gpu,
-            be,
-            dit,
-            t5,
-            tokenizer,
-            vae,
-            Task::Demo,
-            t0,
-            Some(scratch),
-        )
+        let dit = DitOn::build(gpu, layer, Random(&cfg, WeightPrecision::F32, DEMO_SEEDS.0))?;
+        Pipeline::assemble(gpu, dit, t5, tokenizer, vae, Task::Demo, t0, Some(scratch))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         gpu: &'g Gpu,
-        be: WgpuBackend<'g>,
-        dit: Dit<WgpuBackend<'g>>,
+        dit: DitOn<'g>,
         t5: T5Encoder,
         tokenizer: T5Tokenizer,
         vae: VaeDecoder,
@@ -922,7 +1032,6 @@ impl<'g> Pipeline<'g> {
         gpu.check()?;
         Ok(Pipeline {
             gpu,
-            be,
             dit,
             t5,
             tokenizer,
@@ -946,6 +1055,11 @@ impl<'g> Pipeline<'g> {
     /// The DiT configuration.
     pub fn dit_config(&self) -> &WanConfig {
         self.dit.config()
+    }
+
+    /// The device layer the DiT runs on: `"wgpu"` or `"cuda"`.
+    pub fn dit_layer(&self) -> &'static str {
+        self.dit.layer_name()
     }
 
     /// The shapes [`Pipeline::generate`] would use for `opts` (errors for bad options).
@@ -1044,7 +1158,6 @@ impl<'g> Pipeline<'g> {
                 && (Some(i) == first_sparse || i + 1 == opts.steps);
             let mut trace = want_stats.then(Trace::default);
             let cond = self.dit.forward(
-                &mut self.be,
                 &DitInput {
                     latent: &z,
                     shape: plan.latent,
@@ -1055,7 +1168,6 @@ impl<'g> Pipeline<'g> {
                 trace.as_mut(),
             )?;
             let uncond = self.dit.forward(
-                &mut self.be,
                 &DitInput {
                     latent: &z,
                     shape: plan.latent,

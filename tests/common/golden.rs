@@ -1,6 +1,7 @@
 //! Reading the golden set: its directory (`NABLA_GOLDEN_DIR`, default `../shared/golden`), the
 //! manifest, cases by kind, tolerances, and the elementwise comparison every golden test uses.
 
+use nabla::wan::WanConfig;
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -65,4 +66,32 @@ pub fn check(name: &str, got: &[f32], want: &[f32], tol: (f32, f32)) -> f32 {
         super::rel_l2(got, want)
     );
     worst
+}
+
+/// The config a weights case describes, over the 1.3B defaults.
+pub fn config_of(weights_case: &Value) -> WanConfig {
+    let c = &weights_case["config"];
+    let u = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("weights config lacks {k}")) as usize
+    };
+    let p: Vec<usize> = c["patch_size"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    WanConfig {
+        dim: u("dim"),
+        ffn_dim: u("ffn_dim"),
+        freq_dim: u("freq_dim"),
+        num_heads: u("num_heads"),
+        num_layers: u("num_layers"),
+        text_len: u("text_len"),
+        text_dim: u("text_dim"),
+        in_dim: u("in_dim"),
+        out_dim: u("out_dim"),
+        eps: c["eps"].as_f64().unwrap(),
+        patch: (p[0], p[1], p[2]),
+    }
 }

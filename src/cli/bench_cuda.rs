@@ -1,0 +1,176 @@
+//! `nabla bench attention --backend cuda`: the CUDA layer's NABLA masks and block-sparse
+//! attention on the same synthetic inputs as the wgpu bench, with the same table, JSON and
+//! mask dump (for `benches/torch_attention.py`).
+
+use super::bench::{AttnArgs, Shape, rel_err};
+use super::median;
+use nabla::cuda::{Cuda, CudaTensor, attention, nabla as cnabla};
+use nabla::io::write_safetensors;
+use nabla::synth::{Role, structured};
+use nabla::{DType, Error, Result, SparseAlgo};
+use serde_json::json;
+use std::collections::HashMap;
+
+fn upload(c: &Cuda, x: &[f32], shape: &[usize], dt: DType) -> Result<CudaTensor> {
+    let bytes: Vec<u8> = match dt {
+        DType::F16 => bytemuck::cast_slice(
+            &x.iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect::<Vec<_>>(),
+        )
+        .to_vec(),
+        DType::BF16 => bytemuck::cast_slice(
+            &x.iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect::<Vec<_>>(),
+        )
+        .to_vec(),
+        _ => bytemuck::cast_slice(x).to_vec(),
+    };
+    c.upload_bytes(&bytes, shape, dt)
+}
+
+/// Runs the attention bench on the CUDA layer.
+pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]) -> Result<()> {
+    let dt = match a.dtype.as_str() {
+        "auto" | "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        o => {
+            return Err(Error::Invalid(format!(
+                "--dtype {o:?}: use auto, f16, bf16 or f32"
+            )));
+        }
+    };
+    let opts = attention::AttentionOptions::from_env()?;
+    let (b, h, d, grid) = (sh.b, sh.h, sh.d, sh.grid);
+    let (s, nb, bh) = (grid.tokens(), grid.blocks(), b * h);
+    let shape = [b, h, s, d];
+    eprintln!("generating inputs [{b}, {h}, {s}, {d}] ...");
+    let q = structured(&grid, bh, d, Role::Query, a.seed);
+    let k = structured(&grid, bh, d, Role::Key, a.seed);
+    let v = structured(&grid, bh, d, Role::Value, a.seed);
+    let (qt, kt, vt) = (
+        upload(c, &q, &shape, dt)?,
+        upload(c, &k, &shape, dt)?,
+        upload(c, &v, &shape, dt)?,
+    );
+    drop((q, k, v));
+    let flop_dense = 4.0 * (s as f64).powi(2) * d as f64 * bh as f64;
+    let mut dense_ms = f64::NAN;
+    let mut dense_out = None;
+    if a.dense_reps > 0 {
+        eprintln!("dense attention ...");
+        let out = c.empty(&shape, dt)?;
+        let t = attention::bench_attention(c, &qt, &kt, &vt, None, &out, opts, a.dense_reps)?;
+        dense_ms = t.median_ms;
+        dense_out = Some(c.download_f32(&out)?);
+    }
+    let scratch = cnabla::MaskScratch::alloc(c, bh, nb, d)?;
+    let mut rows = Vec::new();
+    let mut masks_dump = Vec::new();
+    for algo in algos {
+        eprintln!("{algo} ...");
+        let (mask, mask_ms, stages_ms) = match algo {
+            SparseAlgo::Sta(w) => (cnabla::sta_mask(c, grid, *w)?, 0.0, vec![]),
+            _ => {
+                let mut m = None;
+                let t = attention::time_ms(c, 2, a.reps.max(1), || {
+                    m = Some(cnabla::estimate_mask(c, &qt, &kt, grid, algo, &scratch)?);
+                    Ok(())
+                })?;
+                let st = cnabla::time_mask_stages(c, &qt, &kt, grid, algo, &scratch, a.reps)?;
+                eprintln!(
+                    "  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms",
+                    st[0], st[1], st[2]
+                );
+                let m = m.ok_or_else(|| Error::Invalid("no mask estimated".into()))?;
+                (m, median(&t), st.to_vec())
+            }
+        };
+        let out = c.empty(&shape, dt)?;
+        let t = attention::bench_attention(c, &qt, &kt, &vt, Some(&mask), &out, opts, a.reps)?;
+        let err = match &dense_out {
+            Some(dref) => rel_err(&c.download_f32(&out)?, dref),
+            None => f64::NAN,
+        };
+        let mask_gbs = (2 * bh * s * d) as f64 * dt.size() as f64 / (mask_ms * 1e-3) / 1e9;
+        rows.push(json!({
+            "algo": algo.to_string(), "density": t.density, "mask_ms": mask_ms, "sparse_ms": t.median_ms,
+            "dense_ms": dense_ms, "speedup": dense_ms / t.median_ms, "effective_tflops": t.tflops,
+            "mask_read_gbs": mask_gbs, "rel_err_vs_dense": err, "mask_stage_ms": stages_ms,
+        }));
+        if a.masks_out.is_some() {
+            let mut dense = mask.to_dense(c)?;
+            if mask.heads == 1 {
+                dense = dense.repeat(bh);
+            }
+            masks_dump.push((
+                format!("mask_{algo}"),
+                safetensors::Dtype::U8,
+                vec![bh, nb, nb],
+                dense,
+            ));
+        }
+    }
+    let dense_tflops = flop_dense / (dense_ms * 1e-3) / 1e12;
+    let (ccmaj, ccmin) = c.compute_capability();
+    println!();
+    println!("device   {} (CUDA, sm_{ccmaj}{ccmin})", c.name());
+    println!(
+        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64 | storage {dt:?}, kernel mma.sync ({} stages)",
+        sh.name, opts.stages
+    );
+    println!(
+        "dense    {dense_ms:.3} ms ({dense_tflops:.1} TFLOP/s, {:.1} TFLOP)",
+        flop_dense / 1e12
+    );
+    println!();
+    println!(
+        "{:<24} {:>8} {:>10} {:>11} {:>9} {:>12} {:>11} {:>10}",
+        "algo",
+        "density",
+        "mask ms",
+        "sparse ms",
+        "speed-up",
+        "eff TFLOP/s",
+        "mask GB/s",
+        "rel err"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>8.4} {:>10.3} {:>11.3} {:>9.2} {:>12.1} {:>11.0} {:>10.2e}",
+            r["algo"].as_str().unwrap_or(""),
+            r["density"].as_f64().unwrap_or(f64::NAN),
+            r["mask_ms"].as_f64().unwrap_or(f64::NAN),
+            r["sparse_ms"].as_f64().unwrap_or(f64::NAN),
+            r["speedup"].as_f64().unwrap_or(f64::NAN),
+            r["effective_tflops"].as_f64().unwrap_or(f64::NAN),
+            r["mask_read_gbs"].as_f64().unwrap_or(f64::NAN),
+            r["rel_err_vs_dense"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    if let Some(p) = &a.json {
+        let doc = json!({
+            "adapter": c.name(), "backend": "cuda", "shape": sh.name, "kernel": "mma.sync",
+            "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
+            "dense_ms": dense_ms, "dense_tflops": dense_tflops, "rows": rows,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
+            .map_err(|e| Error::file(p.clone(), e))?;
+    }
+    if let Some(p) = &a.masks_out {
+        let mut meta = HashMap::new();
+        meta.insert("heads".to_string(), bh.to_string());
+        meta.insert("head_dim".to_string(), d.to_string());
+        meta.insert("tokens".to_string(), s.to_string());
+        meta.insert(
+            "grid".to_string(),
+            format!("{},{},{}", grid.t, grid.hb, grid.wb),
+        );
+        meta.insert("preset".to_string(), sh.name.clone());
+        write_safetensors(p, &masks_dump, meta)?;
+        eprintln!("masks written to {}", p.display());
+    }
+    Ok(())
+}

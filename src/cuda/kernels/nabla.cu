@@ -1,0 +1,518 @@
+// NABLA block-mask estimation on CUDA (compiled by NVRTC; no headers).
+//
+// Pipeline (all kernels on one stream, no host round trip):
+//   1. nabla_pool_{f32,f16,bf16}: block average pooling of q or k [BH, S, D] -> qa [BH, Nb, D] f32
+//      (mean over the block's rows, summed in f32; a ragged last block averages its own rows).
+//      The same CTA splits each pooled row for the tensor-core scores: with a per-row power of two
+//      2^k (k = 13 - floor(log2 max|row|)), hi = f16(x 2^k), lo = f16(x 2^k - hi), so
+//      x = (hi + lo) 2^-k to ~2^-22 relative, and inv[row] = 2^-k.
+//      nabla_split does the split alone for already pooled rows.
+//   2. nabla_scores: logits[bh, i, j] = (qa_i . ka_j) / sqrt(D) on tensor cores (mma.m16n8k16 f16
+//      -> f32) as hi.hi + hi.lo + lo.hi (the "3-product split": ~f32 accuracy); each k16 step is
+//      accumulated from zero (small products first) and added to an f32 register total, so the
+//      tensor core's truncating accumulation only rounds at the scale of one 16-long chunk.
+//   3. nabla_sta_bits: the STA window as a bitmask [Nb, ceil(Nb/32)] u32 (bit l of word w of row i
+//      = key block 32w + l allowed), built once per (grid, window).
+//   4. nabla_threshold: ONE WARP PER ROW, the row in shared memory: softmax (f32, written back as
+//      probabilities when asked), the CDF cut, STA union and the compact per-row list.
+//
+// The CDF rule (same as threshold.wgsl / reference::threshold_mask_ties): with F(v) = sum of the
+// row's p <= v and cut = f32(1 - thr), keep j iff bits(p_j) >= lo where lo is the smallest bit
+// pattern in [0, bits(pmax)] with F(lo) >= cut (bits(pmax) if none). Non-negative floats are
+// ordered like their bit patterns, so ties are kept or dropped together, cut <= 0 keeps every
+// block and the row maximum is always kept. lo is found in two levels instead of a 31-pass
+// bisection over the whole row:
+//   a. a 32-bucket histogram of the row mass by binade (bucket b = min(127 - exponent, 31), so
+//      bucket 31 collects everything below 2^-30): each lane sums its own values into its own
+//      shared-memory column (deterministic), lane b then sums bucket b, and a suffix scan over
+//      the lanes gives F at every binade top. The cut falls in binade b* (the highest b whose
+//      suffix mass reaches cut); Fbelow = mass of all smaller binades.
+//   b. the values of binade b* are compacted into a candidate list and a bisection over the
+//      binade's bit range evaluates F(v) = Fbelow + sum(candidates <= v) (<= 23 passes over the
+//      few candidates; 30 for the catch-all bucket).
+// F is evaluated with another summation order than a single pass, so near-cut decisions can
+// differ from the f64 reference within f32 rounding of the cumulative mass (the tests skip
+// entries within 1e-5 of the cut, as for the wgpu kernels).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+
+// <ptx-primitives>  (the only inline PTX of this file; fragment layouts documented in attention.cu)
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// 16-byte global -> shared copy; bytes beyond `src_bytes` (0 or 16) are zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; afterwards lane L
+// holds in r[m] the elements (row L/4, cols 2(L%4), 2(L%4)+1) of matrix m.
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+// d += A(16x16 f16, row) * B(16x8 f16, col), f32 accumulate.
+__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// </ptx-primitives>
+
+__device__ __forceinline__ float warp_sum(float v) {
+    // xor butterfly: every lane ends with the bit-identical total
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+__device__ __forceinline__ u32 lanemask_lt(u32 lane) {
+    return (1u << lane) - 1u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. pooling and the hi/lo split
+
+// dtype codes: 0 = f32, 1 = f16, 2 = bf16
+template <int DT>
+__device__ __forceinline__ void acc16(float* a, uint4 v) {
+    if constexpr (DT == 0) {
+        a[0] += __uint_as_float(v.x);
+        a[1] += __uint_as_float(v.y);
+        a[2] += __uint_as_float(v.z);
+        a[3] += __uint_as_float(v.w);
+    } else {
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if constexpr (DT == 1) {
+                a[2 * i] += f16_to_f32((u16)(w[i] & 0xffffu));
+                a[2 * i + 1] += f16_to_f32((u16)(w[i] >> 16));
+            } else {
+                a[2 * i] += __uint_as_float(w[i] << 16);
+                a[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+            }
+        }
+    }
+}
+
+// 2^k as a float, k in [-126, 127].
+__device__ __forceinline__ float pow2i(int k) {
+    return __int_as_float((k + 127) << 23);
+}
+
+// The split exponent k of a row with max |x| = mx: mx 2^k in [2^13, 2^14).
+__device__ __forceinline__ int split_exp(float mx) {
+    if (!(mx > 0.f)) return 0;
+    const int e = (int)(__float_as_uint(mx) >> 23) - 127;  // floor(log2 mx) (-127: subnormal)
+    return max(-120, min(120, 13 - e));
+}
+
+// Finishes one pooled row held as up to 4 values per thread (channel t = tid + 128 u): the
+// block-wide max, the split into hi/lo f16 and inv = 2^-k. 128 threads, all must call it.
+__device__ __forceinline__ void split_row(const float (&mv)[4], u32 D, size_t row, u16* __restrict__ hi,
+                                          u16* __restrict__ lo, float* __restrict__ inv,
+                                          float* red) {
+    const u32 tid = threadIdx.x;
+    float mx = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+        if (tid + 128u * u < D) mx = fmaxf(mx, fabsf(mv[u]));
+    mx = warp_max(mx);
+    if ((tid & 31u) == 0) red[tid >> 5] = mx;
+    __syncthreads();
+    mx = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    const int k = split_exp(mx);
+    const float sc = pow2i(k);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const u32 t = tid + 128u * u;
+        if (t < D) {
+            const float xs = mv[u] * sc;
+            const u16 h = f32_to_f16(xs);
+            const float r = xs - f16_to_f32(h);
+            hi[row * D + t] = h;
+            lo[row * D + t] = f32_to_f16(r);
+        }
+    }
+    if (tid == 0) inv[row] = pow2i(-k);
+}
+
+// x [BH, S, D] (dtype DT) -> out [BH, Nb, D] f32, Nb = ceil(S / 64); hi, lo [BH, Nb, D] f16;
+// inv [BH, Nb] f32 (hi == null: no split). Grid (Nb, BH), 128 threads. D * sizeof(elem) must be
+// a multiple of 16 and D <= 512; x 16-byte aligned.
+template <int DT>
+__device__ __forceinline__ void pool_body(const unsigned char* __restrict__ x, float* __restrict__ out,
+                                          u16* __restrict__ hi, u16* __restrict__ lo,
+                                          float* __restrict__ inv, u32 S, u32 D, u32 nb) {
+    constexpr u32 ES = DT == 0 ? 4u : 2u;  // bytes per element
+    constexpr u32 E = 16u / ES;           // elements per 16-byte vector
+    __shared__ float part[128 * E];
+    __shared__ float red[4];
+    const u32 tid = threadIdx.x;
+    const u32 blk = blockIdx.x, bh = blockIdx.y;
+    const u32 V = D / E;    // vectors per row
+    const u32 G = 128u / V; // row groups (V <= 128)
+    const u32 c = tid % V, g = tid / V;
+    const u32 row0 = blk * 64u;
+    const u32 rows = min(64u, S - row0);
+    float a[E];
+#pragma unroll
+    for (u32 e = 0; e < E; ++e) a[e] = 0.f;
+    if (g < G) {
+        const uint4* p = reinterpret_cast<const uint4*>(x + ((size_t)bh * S + row0) * D * ES) + c;
+#pragma unroll 8
+        for (u32 r = g; r < rows; r += G) acc16<DT>(a, __ldg(p + (size_t)r * V));
+#pragma unroll
+        for (u32 e = 0; e < E; ++e) part[g * D + c * E + e] = a[e];
+    }
+    __syncthreads();
+    const size_t orow = (size_t)bh * nb + blk;
+    float mv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const u32 t = tid + 128u * u;
+        mv[u] = 0.f;
+        if (t < D) {
+            float s = 0.f;
+            for (u32 gg = 0; gg < G; ++gg) s += part[gg * D + t];
+            mv[u] = s / (float)rows;
+            out[orow * D + t] = mv[u];
+        }
+    }
+    if (hi != nullptr) split_row(mv, D, orow, hi, lo, inv, red);  // uniform branch
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_pool_f32(const unsigned char* __restrict__ x, float* __restrict__ out, u16* __restrict__ hi,
+                   u16* __restrict__ lo, float* __restrict__ inv, u32 S, u32 D, u32 nb) {
+    pool_body<0>(x, out, hi, lo, inv, S, D, nb);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_pool_f16(const unsigned char* __restrict__ x, float* __restrict__ out, u16* __restrict__ hi,
+                   u16* __restrict__ lo, float* __restrict__ inv, u32 S, u32 D, u32 nb) {
+    pool_body<1>(x, out, hi, lo, inv, S, D, nb);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_pool_bf16(const unsigned char* __restrict__ x, float* __restrict__ out,
+                    u16* __restrict__ hi, u16* __restrict__ lo, float* __restrict__ inv, u32 S,
+                    u32 D, u32 nb) {
+    pool_body<2>(x, out, hi, lo, inv, S, D, nb);
+}
+
+// Split already pooled rows: xa [BH, Nb, D] f32 -> hi, lo, inv. Grid (Nb, BH), 128 threads.
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_split(const float* __restrict__ xa, u16* __restrict__ hi, u16* __restrict__ lo,
+                float* __restrict__ inv, u32 D, u32 nb) {
+    __shared__ float red[4];
+    const size_t row = (size_t)blockIdx.y * nb + blockIdx.x;
+    float mv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const u32 t = threadIdx.x + 128u * u;
+        mv[u] = t < D ? xa[row * D + t] : 0.f;
+    }
+    split_row(mv, D, row, hi, lo, inv, red);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. block scores on tensor cores
+//
+// One CTA = a 64 (query blocks) x 64 (key blocks) tile of one head, 4 warps as 2 x 2, each warp
+// 32 x 32 = 2 m16 tiles x 4 n8 tiles. k (= D) is staged 64 at a time: four f16 arrays (q hi/lo,
+// k hi/lo) of 64 rows x 64 halfs in shared memory (8 KB each, 32 KB), rows of 8 16-byte chunks
+// with chunk c of row r stored at chunk (c ^ (r & 7)) so ldmatrix's 8 row reads hit 8 different
+// bank groups. Columns >= D and rows >= Nb are zero-filled by cp.async.
+
+__device__ __forceinline__ u32 swz64(u32 row, u32 chunk) {  // half index in a 64-half row tile
+    return row * 64u + ((chunk ^ (row & 7u)) << 3);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_scores(const u16* __restrict__ qhi, const u16* __restrict__ qlo,
+                 const u16* __restrict__ khi, const u16* __restrict__ klo,
+                 const float* __restrict__ qinv, const float* __restrict__ kinv,
+                 float* __restrict__ out, u32 nb, u32 D, float rsd) {
+    __shared__ __align__(128) u16 sm[4][64 * 64];
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 bh = blockIdx.z, i0 = blockIdx.y * 64u, j0 = blockIdx.x * 64u;
+    const u32 wr = warp >> 1, wc = warp & 1u;
+    const u16* src[4] = {qhi, qlo, khi, klo};
+    float acc[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    for (u32 kc = 0; kc < D; kc += 64u) {
+        // 4 arrays x 64 rows x 8 chunks = 2048 chunks, 16 per thread
+#pragma unroll
+        for (u32 it = 0; it < 16u; ++it) {
+            const u32 arr = it >> 2;                  // 512 chunks per array
+            const u32 rem = (it & 3u) * 128u + tid;   // chunk within the array
+            const u32 row = rem >> 3, ch = rem & 7u;
+            const u32 grow = (arr < 2u ? i0 : j0) + row;
+            const u32 col = kc + ch * 8u;
+            const bool ok = grow < nb && col < D;
+            const u16* g = src[arr] + ((size_t)bh * nb + (ok ? grow : 0u)) * D + (ok ? col : 0u);
+            cp_async16(&sm[arr][swz64(row, ch)], g, ok ? 16u : 0u);
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+#pragma unroll
+        for (u32 ks = 0; ks < 4u; ++ks) {
+            u32 ahi[2][4], alo[2][4], bhi[2][4], blo[2][4];
+#pragma unroll
+            for (u32 mt = 0; mt < 2u; ++mt) {
+                // A (16 x 16): lanes 0-15 rows 0-15 at k chunk 0, lanes 16-31 rows 0-15 at chunk 1
+                const u32 r = wr * 32u + mt * 16u + (lane & 15u);
+                const u32 c = ks * 2u + (lane >> 4);
+                ldsm_x4(ahi[mt], &sm[0][swz64(r, c)]);
+                ldsm_x4(alo[mt], &sm[1][swz64(r, c)]);
+            }
+#pragma unroll
+            for (u32 np = 0; np < 2u; ++np) {
+                // B for two n8 tiles: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+                // (n 8-15, k 8-15) -> b0, b1 of n tile 2np and b0, b1 of n tile 2np+1
+                const u32 r = wc * 32u + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+                const u32 c = ks * 2u + ((lane >> 3) & 1u);
+                ldsm_x4(bhi[np], &sm[2][swz64(r, c)]);
+                ldsm_x4(blo[np], &sm[3][swz64(r, c)]);
+            }
+#pragma unroll
+            for (u32 mt = 0; mt < 2u; ++mt)
+#pragma unroll
+                for (u32 nt = 0; nt < 4u; ++nt) {
+                    const u32 np = nt >> 1, h = (nt & 1u) * 2u;
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_f16(t, alo[mt], bhi[np][h], bhi[np][h + 1]);
+                    mma_f16(t, ahi[mt], blo[np][h], blo[np][h + 1]);
+                    mma_f16(t, ahi[mt], bhi[np][h], bhi[np][h + 1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
+                }
+        }
+        __syncthreads();
+    }
+
+    // C fragment: c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols)
+    const u32 g = lane >> 2, tg = lane & 3u;
+#pragma unroll
+    for (u32 mt = 0; mt < 2u; ++mt)
+#pragma unroll
+        for (u32 hr = 0; hr < 2u; ++hr) {
+            const u32 i = i0 + wr * 32u + mt * 16u + g + hr * 8u;
+            if (i >= nb) continue;
+            const float si = qinv[(size_t)bh * nb + i] * rsd;
+            float* orow = out + ((size_t)bh * nb + i) * nb;
+#pragma unroll
+            for (u32 nt = 0; nt < 4u; ++nt)
+#pragma unroll
+                for (u32 e = 0; e < 2u; ++e) {
+                    const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg + e;
+                    if (j < nb) orow[j] = acc[mt][nt][hr * 2u + e] * si * kinv[(size_t)bh * nb + j];
+                }
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. STA bitmask: out [Nb, W] u32, W = ceil(Nb / 32). One thread per word.
+
+extern "C" __global__ void __launch_bounds__(256)
+    nabla_sta_bits(u32* __restrict__ out, u32 nb, u32 W, u32 hb, u32 wb, u32 rt, u32 rh, u32 rw) {
+    const u32 id = blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= nb * W) return;
+    const u32 i = id / W, w = id % W;
+    const u32 hw = hb * wb;
+    const u32 ti = i / hw, yi = (i % hw) / wb, xi = i % wb;
+    u32 bits = 0;
+    for (u32 l = 0; l < 32u; ++l) {
+        const u32 j = w * 32u + l;
+        if (j >= nb) break;
+        const u32 tj = j / hw, yj = (j % hw) / wb, xj = j % wb;
+        const u32 dt = ti > tj ? ti - tj : tj - ti;
+        const u32 dy = yi > yj ? yi - yj : yj - yi;
+        const u32 dx = xi > xj ? xi - xj : xj - xi;
+        if (dt <= rt && dy <= rh && dx <= rw) bits |= 1u << l;
+    }
+    out[id] = bits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. softmax + CDF threshold + STA union + lists, one warp per row.
+//
+// logits [rows, Nb] f32 (rows = BH * Nb); probs (nullable; may be `logits`: a warp reads its whole
+// row before writing it) receives the softmax; counts [rows],
+// indices [rows, Nb]; sta (nullable) the bitmask of nabla_sta_bits. Dynamic shared memory per
+// warp: the row (stride floats) and max(stride, 32 x 33) floats holding first the histogram, then
+// the candidates. Block = 32 * warps threads; grid = ceil(rows / warps).
+
+__device__ __forceinline__ u32 bucket_of(float p) {
+    const int e = (int)(__float_as_uint(p) >> 23);
+    return (u32)max(0, min(31, 127 - e));
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_threshold(const float* logits, float* probs,  // may alias (in place): no __restrict__
+                    u32* __restrict__ counts, u32* __restrict__ indices,
+                    const u32* __restrict__ sta, u32 rows, u32 nb, float cut, u32 stride) {
+    extern __shared__ __align__(16) float tsm[];
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 nwarps = blockDim.x >> 5;
+    const u32 r = blockIdx.x * nwarps + warp;
+    if (r >= rows) return;  // whole warps only; no block-wide barrier in this kernel
+    float* rowbuf = tsm + (size_t)warp * (stride + max(stride, 32u * 33u));
+    float* hist = rowbuf + stride;  // the histogram, then (same memory) the candidates
+    float* cand = hist;
+    const u32 qi = r % nb;
+    const size_t base = (size_t)r * nb;
+
+    // softmax: max, exp, sum (every lane ends with the same totals)
+    float m = -3.402823466e38f;
+    for (u32 j = lane; j < nb; j += 32u) {
+        const float x = logits[base + j];
+        rowbuf[j] = x;
+        m = fmaxf(m, x);
+    }
+    m = warp_max(m);
+    float s = 0.f;
+    for (u32 j = lane; j < nb; j += 32u) {
+        const float e = exp2f((rowbuf[j] - m) * 1.4426950408889634f);
+        rowbuf[j] = e;
+        s += e;
+    }
+    s = warp_sum(s);
+    const float inv = 1.f / s;
+    // the maximum has e = exp2(0) = 1 exactly, so pmax = inv
+    const u32 pmax_bits = __float_as_uint(inv);
+
+    // normalize, write probabilities, per-lane binade histogram (column `lane`)
+#pragma unroll
+    for (u32 b = 0; b < 32u; ++b) hist[b * 33u + lane] = 0.f;
+    for (u32 j = lane; j < nb; j += 32u) {
+        const float p = rowbuf[j] * inv;
+        rowbuf[j] = p;
+        if (probs) probs[base + j] = p;
+        hist[bucket_of(p) * 33u + lane] += p;
+    }
+    __syncwarp();
+
+    u32 lo = 0;  // keep j iff bits(p_j) >= lo
+    if (cut > 0.f) {
+        float T = 0.f;  // mass of bucket `lane`
+        for (u32 i = 0; i < 32u; ++i) T += hist[lane * 33u + i];
+        // suffix sums: v = mass of buckets lane..31 = F at the top of binade `lane`
+        float v = T;
+#pragma unroll
+        for (u32 off = 1; off < 32u; off <<= 1) {
+            const float u = __shfl_down_sync(FULL_MASK, v, off);
+            if (lane + off < 32u) v += u;
+        }
+        const u32 ball = __ballot_sync(FULL_MASK, v >= cut);
+        if (ball == 0u) {
+            lo = pmax_bits;  // the total mass stays below the cut: keep the maximum (and its ties)
+        } else {
+            const u32 bs = 31u - (u32)__clz(ball);
+            float fbelow = __shfl_sync(FULL_MASK, v, min(bs + 1u, 31u));
+            if (bs == 31u) fbelow = 0.f;
+            u32 lo_b, hi_b;
+            if (bs < 31u) {
+                const u32 e = 127u - bs;
+                lo_b = e << 23;
+                hi_b = (e + 1u) << 23;
+            } else {
+                lo_b = 0u;
+                hi_b = 97u << 23;  // bucket 31: everything below 2^-30
+            }
+            hi_b = min(hi_b, pmax_bits);
+            lo_b = min(lo_b, hi_b);
+            __syncwarp();  // every lane has read the histogram: its memory takes the candidates
+            // candidates: the values of binade bs
+            u32 n = 0;
+            for (u32 j0 = 0; j0 < nb; j0 += 32u) {
+                const u32 j = j0 + lane;
+                float p = 0.f;
+                bool c = false;
+                if (j < nb) {
+                    p = rowbuf[j];
+                    c = bucket_of(p) == bs;
+                }
+                const u32 bal = __ballot_sync(FULL_MASK, c);
+                if (c) cand[n + __popc(bal & lanemask_lt(lane))] = p;
+                n += __popc(bal);
+            }
+            __syncwarp();
+            // bisection: smallest u in [lo_b, hi_b] with Fbelow + sum(cand <= u) >= cut
+            // (only u < hi_b is ever evaluated; hi_b itself is the answer when none qualifies)
+            u32 a = lo_b, z = hi_b;
+            if (n <= 32u) {
+                const float x = lane < n ? cand[lane] : 0.f;  // 0 adds nothing
+                while (a < z) {
+                    const u32 mid = a + ((z - a) >> 1);
+                    const float vv = __uint_as_float(mid);
+                    const float f = warp_sum(x <= vv ? x : 0.f);
+                    if (fbelow + f >= cut) z = mid; else a = mid + 1u;
+                }
+            } else {
+                while (a < z) {
+                    const u32 mid = a + ((z - a) >> 1);
+                    const float vv = __uint_as_float(mid);
+                    float f = 0.f;
+                    for (u32 ci = lane; ci < n; ci += 32u) {
+                        const float x = cand[ci];
+                        f += x <= vv ? x : 0.f;
+                    }
+                    f = warp_sum(f);
+                    if (fbelow + f >= cut) z = mid; else a = mid + 1u;
+                }
+            }
+            lo = a;
+        }
+    }
+
+    // keep flags (+ STA) and compaction in ascending key order
+    const u32 W = (nb + 31u) >> 5;
+    const u32* srow = sta ? sta + (size_t)qi * W : nullptr;
+    u32 off = 0;
+    for (u32 t = 0; t < W; ++t) {
+        const u32 j = t * 32u + lane;
+        bool keep = false;
+        if (j < nb) {
+            keep = __float_as_uint(rowbuf[j]) >= lo;
+            if (srow) keep = keep || ((srow[t] >> lane) & 1u);
+        }
+        const u32 bal = __ballot_sync(FULL_MASK, keep);
+        if (keep) indices[base + off + __popc(bal & lanemask_lt(lane))] = j;
+        off += __popc(bal);
+    }
+    if (lane == 0) counts[r] = off;
+}
