@@ -330,22 +330,7 @@ pub mod cuda {
     use crate::reference;
 
     fn up(c: &Cuda, dt: DType, x: &[f32], shape: &[usize]) -> Result<CudaTensor> {
-        let bytes: Vec<u8> = match dt {
-            DType::F16 => bytemuck::cast_slice(
-                &x.iter()
-                    .map(|&v| half::f16::from_f32(v))
-                    .collect::<Vec<_>>(),
-            )
-            .to_vec(),
-            DType::BF16 => bytemuck::cast_slice(
-                &x.iter()
-                    .map(|&v| half::bf16::from_f32(v))
-                    .collect::<Vec<_>>(),
-            )
-            .to_vec(),
-            _ => bytemuck::cast_slice(x).to_vec(),
-        };
-        c.upload_bytes(&bytes, shape, dt)
+        c.upload_as(x, shape, dt)
     }
 
     /// A NaN-poisoned output (an element the kernel does not write fails the check).

@@ -518,6 +518,34 @@ fn upload(gpu: &Gpu, x: &[f32], shape: &[usize], dt: DType) -> Result<Tensor> {
     }
 }
 
+/// The per-algorithm table of `bench attention` (both layers).
+pub(super) fn print_attention_rows(rows: &[serde_json::Value]) {
+    println!(
+        "{:<24} {:>8} {:>10} {:>11} {:>9} {:>12} {:>11} {:>10}",
+        "algo",
+        "density",
+        "mask ms",
+        "sparse ms",
+        "speed-up",
+        "eff TFLOP/s",
+        "mask GB/s",
+        "rel err"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>8.4} {:>10.3} {:>11.3} {:>9.2} {:>12.1} {:>11.0} {:>10.2e}",
+            r["algo"].as_str().unwrap_or(""),
+            r["density"].as_f64().unwrap_or(f64::NAN),
+            r["mask_ms"].as_f64().unwrap_or(f64::NAN),
+            r["sparse_ms"].as_f64().unwrap_or(f64::NAN),
+            r["speedup"].as_f64().unwrap_or(f64::NAN),
+            r["effective_tflops"].as_f64().unwrap_or(f64::NAN),
+            r["mask_read_gbs"].as_f64().unwrap_or(f64::NAN),
+            r["rel_err_vs_dense"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+}
+
 pub(super) fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let (mut n, mut d) = (0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
@@ -687,30 +715,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         flop_dense / 1e12
     );
     println!();
-    println!(
-        "{:<24} {:>8} {:>10} {:>11} {:>9} {:>12} {:>11} {:>10}",
-        "algo",
-        "density",
-        "mask ms",
-        "sparse ms",
-        "speed-up",
-        "eff TFLOP/s",
-        "mask GB/s",
-        "rel err"
-    );
-    for r in &rows {
-        println!(
-            "{:<24} {:>8.4} {:>10.3} {:>11.3} {:>9.2} {:>12.1} {:>11.0} {:>10.2e}",
-            r["algo"].as_str().unwrap_or(""),
-            r["density"].as_f64().unwrap_or(f64::NAN),
-            r["mask_ms"].as_f64().unwrap_or(f64::NAN),
-            r["sparse_ms"].as_f64().unwrap_or(f64::NAN),
-            r["speedup"].as_f64().unwrap_or(f64::NAN),
-            r["effective_tflops"].as_f64().unwrap_or(f64::NAN),
-            r["mask_read_gbs"].as_f64().unwrap_or(f64::NAN),
-            r["rel_err_vs_dense"].as_f64().unwrap_or(f64::NAN),
-        );
-    }
+    print_attention_rows(&rows);
     if let Some(p) = &a.json {
         let doc = json!({
             "adapter": caps.name, "backend": caps.backend, "driver": format!("{} {}", caps.driver, caps.driver_info),

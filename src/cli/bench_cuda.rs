@@ -2,7 +2,7 @@
 //! attention on the same synthetic inputs as the wgpu bench, with the same table, JSON and
 //! mask dump (for `benches/torch_attention.py`).
 
-use super::bench::{AttnArgs, Shape, rel_err};
+use super::bench::{AttnArgs, Shape, print_attention_rows, rel_err};
 use super::median;
 use nabla::cuda::{Cuda, CudaTensor, attention, nabla as cnabla};
 use nabla::io::write_safetensors;
@@ -12,22 +12,7 @@ use serde_json::json;
 use std::collections::HashMap;
 
 fn upload(c: &Cuda, x: &[f32], shape: &[usize], dt: DType) -> Result<CudaTensor> {
-    let bytes: Vec<u8> = match dt {
-        DType::F16 => bytemuck::cast_slice(
-            &x.iter()
-                .map(|&v| half::f16::from_f32(v))
-                .collect::<Vec<_>>(),
-        )
-        .to_vec(),
-        DType::BF16 => bytemuck::cast_slice(
-            &x.iter()
-                .map(|&v| half::bf16::from_f32(v))
-                .collect::<Vec<_>>(),
-        )
-        .to_vec(),
-        _ => bytemuck::cast_slice(x).to_vec(),
-    };
-    c.upload_bytes(&bytes, shape, dt)
+    c.upload_as(x, shape, dt)
 }
 
 /// Runs the attention bench on the CUDA layer.
@@ -126,30 +111,7 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
         flop_dense / 1e12
     );
     println!();
-    println!(
-        "{:<24} {:>8} {:>10} {:>11} {:>9} {:>12} {:>11} {:>10}",
-        "algo",
-        "density",
-        "mask ms",
-        "sparse ms",
-        "speed-up",
-        "eff TFLOP/s",
-        "mask GB/s",
-        "rel err"
-    );
-    for r in &rows {
-        println!(
-            "{:<24} {:>8.4} {:>10.3} {:>11.3} {:>9.2} {:>12.1} {:>11.0} {:>10.2e}",
-            r["algo"].as_str().unwrap_or(""),
-            r["density"].as_f64().unwrap_or(f64::NAN),
-            r["mask_ms"].as_f64().unwrap_or(f64::NAN),
-            r["sparse_ms"].as_f64().unwrap_or(f64::NAN),
-            r["speedup"].as_f64().unwrap_or(f64::NAN),
-            r["effective_tflops"].as_f64().unwrap_or(f64::NAN),
-            r["mask_read_gbs"].as_f64().unwrap_or(f64::NAN),
-            r["rel_err_vs_dense"].as_f64().unwrap_or(f64::NAN),
-        );
-    }
+    print_attention_rows(&rows);
     if let Some(p) = &a.json {
         let doc = json!({
             "adapter": c.name(), "backend": "cuda", "shape": sh.name, "kernel": "mma.sync",

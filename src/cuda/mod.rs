@@ -253,6 +253,23 @@ impl Cuda {
         self.upload_bytes(bytemuck::cast_slice(data), shape, DType::F32)
     }
 
+    /// Uploads f32 data stored as `dtype` (F32, or F16 / BF16 rounded to nearest even on the
+    /// host).
+    pub fn upload_as(&self, data: &[f32], shape: &[usize], dtype: DType) -> Result<CudaTensor> {
+        match dtype {
+            DType::F32 => self.upload_f32(data, shape),
+            DType::F16 => {
+                let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                self.upload_bytes(bytemuck::cast_slice(&v), shape, dtype)
+            }
+            DType::BF16 => {
+                let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                self.upload_bytes(bytemuck::cast_slice(&v), shape, dtype)
+            }
+            DType::U32 => Err(Error::shape("upload_as: u32 is not a float storage type")),
+        }
+    }
+
     /// Overwrites a tensor's bytes (same size), in stream order.
     pub fn write_bytes(&self, t: &CudaTensor, data: &[u8]) -> Result<()> {
         if data.len() != t.bytes() {
