@@ -32,9 +32,10 @@ const OPS_KERNELS: &[&str] = &[
     "add_f32",
     "gated_residual_f32",
     "unary_f32",
-    "bias_act_f32",
+    "bias_act_any",
     "convert_f32",
     "rope_any",
+    "rope_split_heads_any",
     "split_heads_any",
     "merge_heads_any",
     "gather_rows_u32",
@@ -686,7 +687,7 @@ fn run_linear(
     let out = poisoned(c, &[m, n], DType::F32);
     match fuse {
         None => gemm::linear(c, &xt, &wt, bt.as_ref(), act, &out),
-        Some(f) => gemm::linear_with(c, &xt, &wt, bt.as_ref(), act, &out, f),
+        Some(f) => gemm::linear_with(c, &xt, &wt, bt.as_ref(), act, &out, f).map(|_| ()),
     }
     .unwrap_or_else(|e| panic!("linear {m}x{n}x{k} {dtype:?} {act:?}: {e}"));
     read(c, &out)
@@ -838,6 +839,23 @@ fn linear_rejects_bad_operands() {
         &["[4, 6]"],
     );
     expect_shape_err(
+        "f16 output of bf16 weights",
+        gemm::linear(c, &x, &w, None, none, &z(&[4, 6], DType::F16)),
+        &["output must be", "weight's type"],
+    );
+    expect_shape_err(
+        "bf16 input of f32 weights",
+        gemm::linear(
+            c,
+            &z(&[4, 8], DType::BF16),
+            &z(&[6, 8], DType::F32),
+            None,
+            none,
+            &out,
+        ),
+        &["input must be f32"],
+    );
+    expect_shape_err(
         "u32 weight",
         gemm::linear(c, &x, &z(&[6, 8], DType::U32), None, none, &out),
         &["f32, f16 or bf16"],
@@ -900,6 +918,33 @@ fn ops_reject_bad_shapes() {
         "split heads",
         ops::split_heads(c, &x, &z(&[1, 3, 4, 2], DType::F16)),
         &["[S, H·D]"],
+    );
+    expect_shape_err(
+        "rms norm 16-bit out",
+        ops::rms_norm(c, &x, &z(&[8], DType::F32), &z(&[4, 8], DType::BF16), EPS),
+        &["out must be f32"],
+    );
+    expect_shape_err(
+        "rope split layout",
+        ops::rope_split_heads(
+            c,
+            &z(&[4, 16], DType::F32),
+            &z(&[4, 4], DType::F32),
+            &z(&[4, 4], DType::F32),
+            &z(&[1, 2, 4, 6], DType::F16),
+        ),
+        &["[S, H·D]"],
+    );
+    expect_shape_err(
+        "rope split tables",
+        ops::rope_split_heads(
+            c,
+            &z(&[4, 16], DType::F32),
+            &z(&[4, 3], DType::F32),
+            &z(&[4, 3], DType::F32),
+            &z(&[1, 2, 4, 8], DType::F16),
+        ),
+        &["cos", "[4, 4]"],
     );
     expect_shape_err(
         "merge heads u32",
@@ -1153,5 +1198,408 @@ fn golden_wan_dit_sparse() {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit GEMM-boundary activations (the CUDA fast path: Backend::gemm_input_dtype)
+// ---------------------------------------------------------------------------------------------
+
+/// `(atol, rtol)` of one rounding to `dtype` on top of an f32 result: one ulp (2⁻⁸ relative for
+/// bf16, 2⁻¹¹ for f16, with headroom for a flip at a near-tie) plus the f32 error.
+fn ulp_tol(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::BF16 => (1e-6, 8e-3),
+        DType::F16 => (1e-7, 1e-3),
+        _ => (1e-6, 1e-5),
+    }
+}
+
+#[test]
+fn backend_gemm_input_dtype_is_the_weights_16_bit_type() {
+    let c = device!();
+    let be = CudaBackend::new(c);
+    assert_eq!(be.gemm_input_dtype(DType::BF16), DType::BF16);
+    assert_eq!(be.gemm_input_dtype(DType::F16), DType::F16);
+    assert_eq!(be.gemm_input_dtype(DType::F32), DType::F32);
+}
+
+#[test]
+fn layer_norm_writes_16_bit_outputs_rounded_once() {
+    // the 16-bit output is the f32 output rounded to nearest even, bit for bit (the f32 output is
+    // checked against the CPU reference in norms_match_reference)
+    let c = device!();
+    let mut rng = Rng::fresh(0xe1);
+    for &(m, cols) in &[(1, 1), (7, 5), (67, 1536), (3, 5120)] {
+        let x = rng.normals(m * cols, 2.0);
+        let xt = up(c, &x, &[m, cols]);
+        let w = up(c, &rng.normals(cols, 1.0), &[cols]);
+        let b = up(c, &rng.normals(cols, 0.5), &[cols]);
+        let mods = up(c, &rng.normals(6 * cols, 0.5), &[6, cols]);
+        let modes = [
+            ("plain", Norm::Plain),
+            ("affine", Norm::Affine(&w, &b)),
+            (
+                "modulate",
+                Norm::Modulate {
+                    mods: &mods,
+                    shift: 3,
+                    scale: 4,
+                },
+            ),
+        ];
+        for (name, mode) in &modes {
+            let o32 = poisoned(c, &[m, cols], DType::F32);
+            ops::layer_norm(c, &xt, &o32, EPS, mode).unwrap();
+            let f = read(c, &o32);
+            assert!(f.iter().all(|v| !v.is_nan()), "{name}: f32 output has NaN");
+            for dtype in [DType::F16, DType::BF16] {
+                let o16 = poisoned(c, &[m, cols], dtype);
+                ops::layer_norm(c, &xt, &o16, EPS, mode).unwrap();
+                assert_eq!(
+                    bits(&read(c, &o16)),
+                    bits(&round_to(&f, dtype)),
+                    "layer_norm {name} [{m}, {cols}] into {dtype:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn merge_heads_writes_every_storage() {
+    let c = device!();
+    let mut rng = Rng::fresh(0xe2);
+    for &(s, h, d) in &[(1, 1, 1), (7, 3, 5), (67, 2, 64), (192, 12, 128)] {
+        let x = rng.normals(s * h * d, 1.0);
+        for hdt in [DType::F32, DType::F16, DType::BF16] {
+            let xr = round_to(&x, hdt);
+            let heads = upload(c, &xr, &[1, h, s, d], hdt);
+            let merged = rnn::elementwise::merge_heads(&xr, h, s, d);
+            for odt in [DType::F32, DType::F16, DType::BF16] {
+                let out = poisoned(c, &[s, h * d], odt);
+                ops::merge_heads(c, &heads, &out).unwrap();
+                assert_eq!(
+                    bits(&read(c, &out)),
+                    bits(&round_to(&merged, odt)),
+                    "merge_heads {hdt:?} -> {odt:?} s{s} h{h} d{d}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_activation_in_16_bit_storage() {
+    let c = device!();
+    let mut rng = Rng::fresh(0xe3);
+    for &(m, n) in &SHAPES {
+        let y: Vec<f32> = activation_inputs(&mut rng, m * n)
+            .into_iter()
+            .map(|v| v.clamp(-1e4, 1e4))
+            .collect();
+        let b = rng.normals(n, 0.5);
+        for dtype in [DType::F16, DType::BF16] {
+            let yr = round_to(&y, dtype);
+            let (atol, rtol) = ulp_tol(dtype);
+            for act in Activation::ALL {
+                for bias in [false, true] {
+                    let yt = upload(c, &yr, &[m, n], dtype);
+                    let bt = bias.then(|| up(c, &b, &[n]));
+                    ops::bias_activation(c, &yt, bt.as_ref(), act).unwrap();
+                    let want: Vec<f32> = yr
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| {
+                            let v = v as f64 + if bias { b[i % n] as f64 } else { 0.0 };
+                            rnn::linear::activate(v, act) as f32
+                        })
+                        .collect();
+                    assert_close(
+                        &format!("bias_activation {dtype:?} {act:?} bias={bias} [{m}, {n}]"),
+                        &read(c, &yt),
+                        &round_to(&want, dtype),
+                        atol,
+                        rtol,
+                        rtol as f64,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_split_heads_matches_rope_then_split() {
+    let c = device!();
+    let mut rng = Rng::fresh(0xe4);
+    for (grid, d, heads, fractal) in [
+        ((2, 3, 5), 128, 3, false),
+        ((3, 7, 9), 64, 1, false),
+        ((2, 8, 16), 32, 2, true),
+        ((1, 1, 1), 6, 1, false),
+    ] {
+        let s = grid.0 * grid.1 * grid.2;
+        let (cos, sin) = nabla::ops::rope::rope_tables(grid, d, fractal);
+        let (ct, st) = ops::rope_tables(c, grid, d, fractal).unwrap();
+        let x = rng.normals(s * heads * d, 1.0);
+        let roped = rnn::rope::rope(&x, &cos, &sin, heads, d);
+        let split = rnn::elementwise::split_heads(&roped, s, heads, d);
+        for (dtype, atol, rtol) in [
+            (DType::F32, 2e-6f32, 1e-5f32),
+            (DType::F16, 1e-4, 2e-3),
+            (DType::BF16, 1e-6, 1e-2),
+        ] {
+            for xshape in [vec![s, heads * d], vec![1, s, heads * d]] {
+                let xt = up(c, &x, &xshape);
+                let out = poisoned(c, &[1, heads, s, d], dtype);
+                ops::rope_split_heads(c, &xt, &ct, &st, &out).unwrap();
+                assert_close(
+                    &format!("rope_split_heads {dtype:?} {grid:?} d{d} h{heads} {xshape:?}"),
+                    &read(c, &out),
+                    &round_to(&split, dtype),
+                    atol,
+                    rtol,
+                    rtol as f64,
+                );
+                assert_eq!(bits(&read(c, &xt)), bits(&x), "x must stay untouched");
+            }
+            // the backend method (what the DiT calls) is the fused kernel
+            let mut be = CudaBackend::new(c);
+            let xt = up(c, &x, &[s, heads * d]);
+            let out = poisoned(c, &[1, heads, s, d], dtype);
+            be.rope_split_heads(&xt, &ct, &st, heads, &out).unwrap();
+            assert_close(
+                &format!("CudaBackend::rope_split_heads {dtype:?} {grid:?}"),
+                &be.download(&out).unwrap(),
+                &round_to(&split, dtype),
+                atol,
+                rtol,
+                rtol as f64,
+            );
+            assert!(
+                be.rope_split_heads(&xt, &ct, &st, heads + 1, &out).is_err(),
+                "a head count that does not match out must be refused"
+            );
+        }
+    }
+}
+
+/// The linear with x already in the weights' 16-bit type (no conversion pass) and with a 16-bit
+/// output (cuBLASLt D of the weights' type, then our activation kernel on the rounded result):
+/// the reference rounds where the device does (x and W to the type; the pre-activation to the
+/// type when the output is 16-bit and there is an activation; the result to the type).
+fn check_linear_16bit_activations(tag: u64, dtype: DType) {
+    let c = device!();
+    let mut rng = Rng::fresh(tag);
+    let (tol, l2) = tolerance_of(dtype);
+    let (uatol, urtol) = ulp_tol(dtype);
+    for &(m, n, k) in &LINEAR_SHAPES {
+        if k == 0 {
+            continue;
+        }
+        let (x, w, b) = operands(&mut rng, m, n, k);
+        let (xr, wr) = (round_to(&x, dtype), round_to(&w, dtype));
+        let xt = upload(c, &xr, &[m, k], dtype);
+        let wt = upload(c, &wr, &[n, k], dtype);
+        let bt = up(c, &b, &[n]);
+        for act in Activation::ALL {
+            for bias in [false, true] {
+                let bb = bias.then_some(b.as_slice());
+                let what = format!("{dtype:?} x {m}x{n}x{k} {act:?} bias={bias}");
+                // f32 out
+                let want = rnn::linear::linear(&xr, &wr, bb, m, n, k, act);
+                let out = poisoned(c, &[m, n], DType::F32);
+                gemm::linear(c, &xt, &wt, bias.then_some(&bt), act, &out)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_close(
+                    &format!("{what} -> f32"),
+                    &read(c, &out),
+                    &want,
+                    tol,
+                    tol,
+                    l2,
+                );
+                // 16-bit out: round(act(round(x·Wᵀ + b)))
+                let pre = rnn::linear::linear(&xr, &wr, bb, m, n, k, Activation::None);
+                let want16: Vec<f32> = round_to(&pre, dtype)
+                    .iter()
+                    .map(|&v| rnn::linear::activate(v as f64, act) as f32)
+                    .collect();
+                let want16 = round_to(&want16, dtype);
+                for fuse in [false, true] {
+                    if fuse && act != Activation::GeluTanh {
+                        continue;
+                    }
+                    let out = poisoned(c, &[m, n], dtype);
+                    let fused =
+                        gemm::linear_with(c, &xt, &wt, bias.then_some(&bt), act, &out, fuse)
+                            .unwrap_or_else(|e| panic!("{what} -> 16-bit: {e}"));
+                    // one ulp of the output, one of the rounded pre-activation, the GEMM's
+                    // accumulation; a fused GELU rounds once (no inner rounding) and may differ
+                    // from the tanh form by cuBLASLt's formula (see the epilogue test)
+                    let extra = if fused { 1e-3 } else { 0.0 };
+                    assert_close(
+                        &format!("{what} -> {dtype:?} (fused GELU: {fused})"),
+                        &read(c, &out),
+                        &want16,
+                        uatol + 2.0 * tol + extra,
+                        2.0 * urtol,
+                        2.0 * urtol as f64,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_bf16_activations() {
+    check_linear_16bit_activations(0xe5, DType::BF16);
+}
+
+#[test]
+fn linear_f16_activations() {
+    check_linear_16bit_activations(0xe6, DType::F16);
+}
+
+/// Whether cuBLASLt's GELU epilogue computes the tanh form of GELU (the DiT's) or the erf form,
+/// which differ by up to 4.7e-4 at |x| ≈ 2.7 (4.4e-4 at 2.5, 4.1e-4 at 3). The pre-activations
+/// are exact (f32 weights: one weight of 1 per output, zero bias, a K-term sum with a single
+/// non-zero product), so the output is cuBLASLt's GELU of known f32 inputs. Passes when the
+/// epilogue matches the tanh form to 5e-5 over [−4, 4] (only then may the fast path fuse GELU
+/// into cuBLASLt: flip `fuse_gelu` in `gemm::linear`); fails, printing both distances, when it is
+/// the erf form or a tanh approximation coarser than that; passes with a note when cuBLASLt
+/// offers no GELU_BIAS epilogue here.
+#[test]
+fn cublaslt_gelu_epilogue_is_the_tanh_form() {
+    let c = device!();
+    let (m, n, k) = (1024usize, 16usize, 16usize);
+    let mut rng = Rng::fresh(0xe7);
+    let mut x = rng.normals(m * k, 1.0);
+    let pre: Vec<f32> = (0..m).map(|i| -4.0 + 8.0 * i as f32 / m as f32).collect();
+    for i in 0..m {
+        x[i * k] = pre[i];
+    }
+    let mut w = vec![0f32; n * k];
+    for j in 0..n {
+        w[j * k] = 1.0;
+    }
+    let b = vec![0f32; n];
+    let xt = up(c, &x, &[m, k]);
+    let wt = up(c, &w, &[n, k]);
+    let bt = up(c, &b, &[n]);
+    let out = poisoned(c, &[m, n], DType::F32);
+    let fused = gemm::linear_with(c, &xt, &wt, Some(&bt), Activation::GeluTanh, &out, true)
+        .expect("linear with a fused GELU");
+    let got = read(c, &out);
+    if !fused {
+        eprintln!(
+            "cuBLASLt offers no GELU_BIAS epilogue for this configuration: nothing to decide, \
+             the fast path keeps our GELU kernel"
+        );
+        return;
+    }
+    let tanh = |v: f64| {
+        0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+    };
+    let erf = |v: f64| 0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2));
+    let (mut dt, mut de) = (0f64, 0f64);
+    for i in 0..m {
+        let v = pre[i] as f64;
+        for j in 0..n {
+            let g = got[i * n + j] as f64;
+            assert!(!g.is_nan(), "NaN at ({i}, {j})");
+            dt = dt.max((g - tanh(v)).abs());
+            de = de.max((g - erf(v)).abs());
+        }
+    }
+    eprintln!(
+        "cuBLASLt GELU epilogue: max |got − GELU_tanh| = {dt:.3e}, max |got − GELU_erf| = {de:.3e}"
+    );
+    assert!(
+        dt < 5e-5,
+        "cuBLASLt's GELU epilogue is not the tanh form to 5e-5 (max |got − tanh| {dt:.3e}, \
+         |got − erf| {de:.3e}): keep GELU in our kernel"
+    );
+}
+
+/// erf in f64 to ~1e-13 (Maclaurin series below 2.5, the continued fraction of erfc above):
+/// plenty to separate the two GELU forms, 4.7e-4 apart (Abramowitz–Stegun 7.1.26, 1.5e-7, would
+/// do too, but this one is checked against exact values in `erf_helper_is_accurate`).
+fn libm_erf(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 2.5 {
+        // Maclaurin series: erf(a) = 2/√π Σ (−1)ⁿ a^(2n+1) / (n! (2n+1))
+        let mut term = a;
+        let mut sum = a;
+        let mut n = 0f64;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -a * a / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
+    } else {
+        // continued fraction of erfc (Lentz), converges fast for a ≥ 2.5
+        let mut f = a;
+        let (mut cc, mut d) = (a, 0f64);
+        for i in 1..200 {
+            let an = i as f64 / 2.0;
+            d = a + an * d;
+            d = 1.0 / d;
+            cc = a + an / cc;
+            let delta = cc * d;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
+    };
+    r.copysign(x)
+}
+
+#[test]
+fn erf_helper_is_accurate() {
+    // no device needed: the helper that separates the two GELU forms above
+    for (x, want) in [
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (2.0, 0.995_322_265_018_952_7),
+        (2.7, 0.999_865_667_260_059_4),
+        (3.0, 0.999_977_909_503_001_4),
+        (-1.9, -0.992_790_429_235_257_5),
+    ] {
+        assert!(
+            (libm_erf(x) - want).abs() < 1e-12,
+            "erf({x}) = {}",
+            libm_erf(x)
+        );
+    }
+}
+
+/// The CUDA fast path with f16 weights (f16 GEMM-boundary activations) against the f32 golden.
+#[test]
+fn golden_wan_dit_fast_path_f16() {
+    let c = device!();
+    for (case, wcase) in dit_cases() {
+        let (d, ck) = DitCase::load(&case, &wcase);
+        let name = &d.name;
+        let mut be = CudaBackend::new(c);
+        let mut dit = Dit::load(&mut be, &ck, WeightPrecision::F16).unwrap();
+        let out = dit
+            .forward(&mut be, &d.input(), None, None)
+            .unwrap_or_else(|e| panic!("{name}: f16 DiT forward on CUDA failed: {e}"));
+        let (want, _) = d.f.f32("out_dense").unwrap();
+        let e = rel_l2(&out, &want);
+        eprintln!("{name}: CUDA f16 fast-path relative L2 {e:.3e}");
+        check(
+            &format!("{name}/out_dense (CUDA f16 fast path)"),
+            &out,
+            &want,
+            (2e-2, 2e-2),
+        );
+        assert!(e < 1e-2, "{name}: CUDA f16 fast-path relative L2 {e}");
     }
 }

@@ -153,6 +153,14 @@ impl Backend for CudaBackend<'_> {
     fn has_f16(&self) -> bool {
         true
     }
+    fn gemm_input_dtype(&self, weights: DType) -> DType {
+        // 16-bit weights: cuBLASLt reads x and writes out in the weight's type (no conversion
+        // pass, half the bytes); f32 weights (the parity path) keep f32 activations
+        match weights {
+            DType::BF16 | DType::F16 => weights,
+            _ => DType::F32,
+        }
+    }
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         self.cuda.upload_f32(data, shape)
     }
@@ -255,6 +263,27 @@ impl Backend for CudaBackend<'_> {
         let t = ops::rope_tables(self.cuda, grid, head_dim, fractal)?;
         self.rope.insert(key, t.clone());
         Ok(t)
+    }
+    fn rope_split_heads(
+        &mut self,
+        x: &CudaTensor,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        heads: usize,
+        out: &CudaTensor,
+    ) -> Result<()> {
+        // the fused kernel reads H from out; a mismatch with `heads` is a caller error
+        let h = match *out.shape.as_slice() {
+            [h, _, _] | [1, h, _, _] => h,
+            _ => 0,
+        };
+        if h != heads {
+            return Err(Error::shape(format!(
+                "rope_split_heads: {heads} heads requested, but out {:?} is not [1, {heads}, S, D]",
+                out.shape
+            )));
+        }
+        self.timed("nn/rope", |c| ops::rope_split_heads(c, x, cos, sin, out))
     }
     fn split_heads(&mut self, x: &CudaTensor, out: &CudaTensor) -> Result<()> {
         self.timed("nn/heads[split]", |c| ops::split_heads(c, x, out))

@@ -1,17 +1,23 @@
 //! The linear layer `out = act(x·Wᵀ + b)` on CUDA through cuBLASLt.
 //!
-//! Layout is PyTorch's `nn.Linear`, row-major: `x [.., K]` f32, `W [N, K]` stored f32, bf16 or
-//! f16, `b [N]` f32, `out [.., N]` f32. cuBLAS is column-major, so the call computes
+//! Layout is PyTorch's `nn.Linear`, row-major: `x [.., K]` f32 (or the weight's 16-bit type),
+//! `W [N, K]` stored f32, bf16 or f16, `b [N]` f32, `out [.., N]` f32 (or the weight's 16-bit
+//! type). cuBLAS is column-major, so the call computes
 //! `outᵀ = W·xᵀ`: A = W seen as a column-major `[K, N]` matrix, transposed (`op(A) = N×K`);
 //! B = x seen as a column-major `[K, M]` matrix (`xᵀ`), not transposed; D = `outᵀ`, a
 //! column-major `[N, M]` matrix with leading dimension N — exactly `out` row-major. The bias is
 //! then a vector over D's rows (the N output features), which is what cuBLASLt's bias epilogue
 //! broadcasts.
 //!
-//! | weights | x fed to cuBLASLt | compute | epilogue |
-//! |---|---|---|---|
-//! | f32 (parity path) | f32 | `CUBLAS_COMPUTE_32F` (no TF32) | bias fused (`CUBLASLT_EPILOGUE_BIAS`) |
-//! | bf16 / f16 (fast path) | rounded to the weight's type (nearest even) into a reusable workspace | `CUBLAS_COMPUTE_32F`: f32 accumulation, f32 output | bias fused |
+//! | weights | x fed to cuBLASLt | compute | output (D) | epilogue |
+//! |---|---|---|---|---|
+//! | f32 (parity path) | f32 | `CUBLAS_COMPUTE_32F` (no TF32) | f32 | bias fused (`CUBLASLT_EPILOGUE_BIAS`) |
+//! | bf16 / f16, x f32 | rounded to the weight's type (nearest even) into a reusable workspace | `CUBLAS_COMPUTE_32F`: f32 accumulation | f32 | bias fused |
+//! | bf16 / f16, x of the weight's type (the DiT fast path) | x itself, no conversion pass | same | f32, or the weight's type when `out` is (f32 accumulator + f32 bias, rounded to nearest even once) | bias fused (f32 bias: `CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE` = `CUDA_R_32F`) |
+//!
+//! With a 16-bit `out` and an activation, the activation kernel reads the rounded GEMM result and
+//! writes the rounded activation (the two roundings of PyTorch's bf16 autocast: `Linear` output
+//! in bf16, GELU of it rounded to bf16).
 //!
 //! GELU-tanh and SiLU run in our kernel ([`super::ops::bias_activation`]), which computes them
 //! exactly as the wgpu linear does (`shaders/linalg/linear_common.wgsl`). cuBLASLt documents its
@@ -40,8 +46,9 @@ use std::sync::Mutex;
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
 
-/// Heuristic cache key: (M, N, K, weight dtype, epilogue, alignment of A, B, D, bias).
-type AlgoKey = (usize, usize, usize, u8, u32, u32, u32, u32, u32);
+/// Heuristic cache key: (M, N, K, weight dtype, output dtype, epilogue, alignment of A, B, D,
+/// bias).
+type AlgoKey = (usize, usize, usize, u8, u8, u32, u32, u32, u32, u32);
 
 struct BlasState {
     /// The 16-bit copy of x (grown as needed; reused by every linear in stream order).
@@ -149,16 +156,16 @@ fn check(
     }
     let lead = &xs[..xs.len() - 1];
     let m: usize = lead.iter().product();
-    if x.dtype != DType::F32 {
-        return Err(Error::shape(format!(
-            "linear input must be f32, got {:?}",
-            x.dtype
-        )));
-    }
     if w.dtype == DType::U32 {
         return Err(Error::shape(format!(
             "linear weight must be f32, f16 or bf16, got {:?}",
             w.dtype
+        )));
+    }
+    if x.dtype != DType::F32 && x.dtype != w.dtype {
+        return Err(Error::shape(format!(
+            "linear input must be f32 or of the weight's type {:?}, got {:?}",
+            w.dtype, x.dtype
         )));
     }
     if let Some(b) = b
@@ -172,11 +179,11 @@ fn check(
     }
     let mut want = lead.to_vec();
     want.push(n);
-    if out.shape != want || out.dtype != DType::F32 {
+    if out.shape != want || (out.dtype != DType::F32 && out.dtype != w.dtype) {
         return Err(Error::shape(format!(
-            "linear output must be f32 {want:?} (input {xs:?} with K = {k} replaced by N = {n}), \
-             got {:?} {:?}",
-            out.dtype, out.shape
+            "linear output must be {want:?} (input {xs:?} with K = {k} replaced by N = {n}), \
+             f32 or of the weight's type {:?}, got {:?} {:?}",
+            w.dtype, out.dtype, out.shape
         )));
     }
     let (o0, o1) = (out.ptr(), out.ptr() + out.bytes() as u64);
@@ -293,6 +300,7 @@ unsafe fn set_pref<T>(
 fn plan(
     (m, n, k): (usize, usize, usize),
     ab: sys::cudaDataType,
+    dt: sys::cudaDataType,
     epi: sys::cublasLtEpilogue_t,
     bias: u64,
 ) -> std::result::Result<Plan, lt::CublasError> {
@@ -301,14 +309,17 @@ fn plan(
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         sys::cudaDataType_t::CUDA_R_32F,
     )?);
-    // SAFETY: each value has the C type of its attribute (cublasOperation_t and
-    // cublasLtEpilogue_t are 32-bit enums, the bias pointer a CUdeviceptr).
+    // SAFETY: each value has the C type of its attribute (cublasOperation_t,
+    // cublasLtEpilogue_t and cudaDataType_t are 32-bit enums, the bias pointer a CUdeviceptr).
     unsafe {
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &OP_T)?;
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &OP_N)?;
         set_desc(&desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epi as u32))?;
         if bias != 0 {
             set_desc(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            // our biases are f32; unset, cuBLASLt would read them as D's type
+            let bt = sys::cudaDataType_t::CUDA_R_32F as i32;
+            set_desc(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
         }
     }
     let (m, n, k) = (m as u64, n as u64, k as u64);
@@ -317,13 +328,8 @@ fn plan(
         a: Layout(lt::create_matrix_layout(ab, k, n, k as i64)?),
         // x row-major [M, K] = column-major [K, M] = xᵀ, ld K
         b: Layout(lt::create_matrix_layout(ab, k, m, k as i64)?),
-        // out row-major [M, N] = column-major [N, M] = outᵀ, ld N
-        d: Layout(lt::create_matrix_layout(
-            sys::cudaDataType_t::CUDA_R_32F,
-            n,
-            m,
-            n as i64,
-        )?),
+        // out row-major [M, N] = column-major [N, M] = outᵀ, ld N (f32, or the weight's type)
+        d: Layout(lt::create_matrix_layout(dt, n, m, n as i64)?),
         desc,
     })
 }
@@ -373,11 +379,12 @@ fn heuristic(
     }
 }
 
-/// `out = act(x·Wᵀ + b)` (see the module docs): x `[.., K]` f32, W `[N, K]` f32 / bf16 / f16,
-/// b optional f32 `[N]`, out `[.., N]` f32 not overlapping an input. 16-bit weights round x to
-/// their type (f32 accumulation and output); f32 weights compute in plain f32 (no TF32). The
-/// bias is fused into cuBLASLt's epilogue, the activation runs in our kernel. Enqueued on the
-/// stream, not waited for.
+/// `out = act(x·Wᵀ + b)` (see the module docs): x `[.., K]` f32 or of W's type, W `[N, K]` f32 /
+/// bf16 / f16, b optional f32 `[N]`, out `[.., N]` f32 or of W's type, not overlapping an input.
+/// 16-bit weights round an f32 x to their type (f32 accumulation; a 16-bit out is rounded once
+/// from the f32 result); f32 weights compute in plain f32 (no TF32). The bias is fused into
+/// cuBLASLt's epilogue, the activation runs in our kernel. Enqueued on the stream, not waited
+/// for.
 pub fn linear(
     cuda: &Cuda,
     x: &CudaTensor,
@@ -386,12 +393,13 @@ pub fn linear(
     act: Activation,
     out: &CudaTensor,
 ) -> Result<()> {
-    linear_with(cuda, x, w, b, act, out, false)
+    linear_with(cuda, x, w, b, act, out, false).map(|_| ())
 }
 
 /// [`linear`] choosing where GELU-tanh runs: `fuse_gelu` uses cuBLASLt's GELU epilogue (when it
 /// offers one for the shape; its formula is cuBLASLt's), otherwise our kernel computes it as the
-/// wgpu linear does. The bias is fused either way; SiLU always runs in our kernel.
+/// wgpu linear does. The bias is fused either way; SiLU always runs in our kernel. Returns whether
+/// the activation ran in cuBLASLt's epilogue (false: our kernel, or no activation).
 pub fn linear_with(
     cuda: &Cuda,
     x: &CudaTensor,
@@ -400,10 +408,10 @@ pub fn linear_with(
     act: Activation,
     out: &CudaTensor,
     fuse_gelu: bool,
-) -> Result<()> {
+) -> Result<bool> {
     let (m, n, k) = check(x, w, b, out)?;
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let what = || {
         format!(
@@ -427,7 +435,7 @@ pub fn linear_with(
             )
         }
         .map_err(|e| cuda_err(&format!("clearing the output of {}", what()), e))?;
-        return super::ops::bias_activation(cuda, out, b, act);
+        return super::ops::bias_activation(cuda, out, b, act).map(|_| false);
     }
     let blas = Blas::of(cuda)?;
     let (ab, wcode, mode) = match w.dtype {
@@ -439,8 +447,9 @@ pub fn linear_with(
         .state
         .lock()
         .map_err(|_| Error::Cuda("the cuBLASLt state lock is poisoned".into()))?;
-    // B operand: x itself (f32 weights) or x rounded to the weight's type in the workspace
-    let xb = if mode == 0 {
+    // B operand: x itself (f32 weights, or x already of the weight's type) or x rounded to the
+    // weight's type in the workspace
+    let xb = if mode == 0 || x.dtype == w.dtype {
         x.ptr()
     } else {
         let need = m * k * 2;
@@ -468,6 +477,12 @@ pub fn linear_with(
         super::ops::convert_raw(cuda, x.ptr(), p, (m * k) as u64, mode)?;
         p
     };
+    // D: f32, or the weight's type (check() allows nothing else)
+    let (dt, ocode) = if out.dtype == DType::F32 {
+        (sys::cudaDataType_t::CUDA_R_32F, 0u8)
+    } else {
+        (ab, wcode)
+    };
     let bias = b.map_or(0, |t| t.ptr());
     let gelu_fused = fuse_gelu && act == Activation::GeluTanh;
     let align = (alignment(w.ptr()), alignment(xb), alignment(out.ptr()));
@@ -484,7 +499,9 @@ pub fn linear_with(
         let op = Matmul {
             shape: (m, n, k),
             ab,
+            dt,
             wcode,
+            ocode,
             w: w.ptr(),
             x: xb,
             out: out.ptr(),
@@ -497,7 +514,8 @@ pub fn linear_with(
                 drop(state);
                 let rest_bias = if fuse_bias { None } else { b };
                 let rest_act = if fuse_act { Activation::None } else { act };
-                return super::ops::bias_activation(cuda, out, rest_bias, rest_act);
+                super::ops::bias_activation(cuda, out, rest_bias, rest_act)?;
+                return Ok(fuse_act);
             }
             Ok(false) => refused.push(format!("{:?}: no algorithm", op.epi)),
             Err(e) if i < last => refused.push(format!("{:?}: {e:?}", op.epi)),
@@ -519,7 +537,11 @@ pub fn linear_with(
 struct Matmul {
     shape: (usize, usize, usize),
     ab: sys::cudaDataType,
+    /// D's type (f32 or `ab`).
+    dt: sys::cudaDataType,
     wcode: u8,
+    /// D's dtype code (0 f32, else `wcode`).
+    ocode: u8,
     w: u64,
     x: u64,
     out: u64,
@@ -539,12 +561,13 @@ impl Matmul {
         state: &mut BlasState,
     ) -> std::result::Result<bool, lt::CublasError> {
         let (m, n, k) = self.shape;
-        let p = plan(self.shape, self.ab, self.epi, self.bias)?;
+        let p = plan(self.shape, self.ab, self.dt, self.epi, self.bias)?;
         let key: AlgoKey = (
             m,
             n,
             k,
             self.wcode,
+            self.ocode,
             self.epi as u32,
             self.align.0,
             self.align.1,
@@ -573,8 +596,8 @@ impl Matmul {
             p
         };
         // SAFETY: the layouts describe exactly the operands the caller checked (W [N, K], the B
-        // operand [M, K] of the weight's type, out [M, N] f32); C = D = out with beta = 0 (C is
-        // not read); the workspace is ours and at least the algorithm's size.
+        // operand [M, K] of the weight's type, out [M, N] of D's type); C = D = out with
+        // beta = 0 (C is not read); the workspace is ours and at least the algorithm's size.
         unsafe {
             lt::matmul(
                 blas.handle,

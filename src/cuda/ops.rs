@@ -10,9 +10,12 @@
 //! | op | storage | math |
 //! |---|---|---|
 //! | [`layer_norm`], [`rms_norm`] | f32 | f32, two-pass with a pivot (as `shaders/nn/norm.wgsl`) |
-//! | [`add`], [`gated_residual`], [`activation`], [`bias_activation`] | f32 | f32 |
+//! | [`layer_norm`] output | f32 / f16 / bf16 (the fast path's GEMM inputs) | f32, rounded once at the store |
+//! | [`add`], [`gated_residual`], [`activation`] | f32 | f32 |
+//! | [`bias_activation`] | y f32 / f16 / bf16, bias f32 | f32, 16-bit results rounded to nearest even |
 //! | [`rope`] | x f32 / f16 / bf16, tables f32 | f32, 16-bit results rounded to nearest even |
-//! | [`split_heads`], [`merge_heads`] | tokens f32, heads f32 / f16 / bf16 | rounding only |
+//! | [`rope_split_heads`] | x f32, heads f32 / f16 / bf16, tables f32 | f32, rounded once at the store |
+//! | [`split_heads`], [`merge_heads`] | tokens f32 (merge: or f16 / bf16), heads f32 / f16 / bf16 | rounding only |
 //! | [`permute_rows`], [`fractal`], [`patchify`], [`unpatchify`] | any 2- or 4-byte type | bit copies |
 //! | [`convert`] | f32 → f16 / bf16 | round to nearest even |
 
@@ -133,10 +136,22 @@ fn check_distinct(op: &str, a: (&str, &CudaTensor), b: (&str, &CudaTensor)) -> R
     Ok(())
 }
 
-/// Validates `x` `[…, C]` and `out` of a norm; returns `(rows, C)`.
-fn norm_rows(op: &str, x: &CudaTensor, out: &CudaTensor, eps: f32) -> Result<(usize, usize)> {
+/// Validates `x` `[…, C]` (f32) and `out` of a norm (f32, or with `any_out` also f16 / bf16);
+/// returns `(rows, C, out's storage mode)`.
+fn norm_rows(
+    op: &str,
+    x: &CudaTensor,
+    out: &CudaTensor,
+    eps: f32,
+    any_out: bool,
+) -> Result<(usize, usize, u32)> {
     check_f32(op, "x", x)?;
-    check_f32(op, "out", out)?;
+    let out_mode = if any_out {
+        storage_mode(op, "out", out)?
+    } else {
+        check_f32(op, "out", out)?;
+        0
+    };
     let cols = match x.shape.last() {
         Some(&c) if c > 0 => c,
         _ => {
@@ -159,7 +174,7 @@ fn norm_rows(op: &str, x: &CudaTensor, out: &CudaTensor, eps: f32) -> Result<(us
         )));
     }
     u32_of(op, "the row width C", cols)?;
-    Ok((x.numel() / cols, cols))
+    Ok((x.numel() / cols, cols, out_mode))
 }
 
 /// Fails unless `t` is an f32 `[cols]` vector.
@@ -190,7 +205,8 @@ fn check_table(op: &str, what: &str, t: &CudaTensor, x: &CudaTensor, cols: usize
 /// row's first value, as `shaders/nn/norm.wgsl`) into `out` (x's shape, not overlapping x),
 /// followed by `mode`'s affine (`weight`, `bias` f32 `[C]`) or modulation step
 /// (`y·(1 + mods[scale]) + mods[shift]` with `mods` an f32 `[R, C]` table). `eps` must be finite
-/// and non-negative.
+/// and non-negative. `out` is f32, or f16 / bf16 (the f32 result rounded to nearest even: the
+/// GEMM inputs of the CUDA fast path).
 pub fn layer_norm(
     cuda: &Cuda,
     x: &CudaTensor,
@@ -199,7 +215,7 @@ pub fn layer_norm(
     mode: &Norm<'_, CudaTensor>,
 ) -> Result<()> {
     let op = "layer_norm";
-    let (rows, cols) = norm_rows(op, x, out, eps)?;
+    let (rows, cols, out_mode) = norm_rows(op, x, out, eps, true)?;
     let (kind, p0, p1, shift, scale) = match *mode {
         Norm::Plain => (0u32, 0u64, 0u64, 0u32, 0u32),
         Norm::Affine(w, b) => {
@@ -239,6 +255,7 @@ pub fn layer_norm(
             Arg::U32(kind),
             Arg::U32(shift),
             Arg::U32(scale),
+            Arg::U32(out_mode),
         ],
     )
 }
@@ -254,7 +271,7 @@ pub fn rms_norm(
     eps: f32,
 ) -> Result<()> {
     let op = "rms_norm";
-    let (rows, cols) = norm_rows(op, x, out, eps)?;
+    let (rows, cols, _) = norm_rows(op, x, out, eps, false)?;
     check_vector(op, "weight", weight, x, cols)?;
     if rows == 0 {
         return Ok(());
@@ -272,6 +289,7 @@ pub fn rms_norm(
             Arg::U32(cols as u32),
             Arg::F32(eps),
             Arg::U32(3),
+            Arg::U32(0),
             Arg::U32(0),
             Arg::U32(0),
         ],
@@ -423,8 +441,8 @@ pub fn activation(cuda: &Cuda, x: &CudaTensor, act: Activation, out: &CudaTensor
     )
 }
 
-/// The linear layer's epilogue in place on `y` `[…, N]` (f32): `y = act(y + bias)` with `bias`
-/// an optional f32 `[N]`, the activation as `shaders/linalg/linear_common.wgsl` computes it
+/// The linear layer's epilogue in place on `y` `[…, N]` (f32, f16 or bf16; f32 math, 16-bit
+/// results rounded to nearest even): `y = act(y + bias)` with `bias` an optional f32 `[N]`, the activation as `shaders/linalg/linear_common.wgsl` computes it
 /// (GELU-tanh `0.5·v·(1 + tanh(t))` with `t` clamped to `[−15, 15]`; SiLU
 /// `v / (1 + exp(min(−v, 80)))`). Used by [`super::gemm::linear`] where cuBLASLt does not fuse
 /// the step.
@@ -435,7 +453,7 @@ pub fn bias_activation(
     act: Activation,
 ) -> Result<()> {
     let op = "bias_activation";
-    check_f32(op, "y", y)?;
+    let mode = storage_mode(op, "y", y)?;
     let cols = y.shape.last().copied().unwrap_or(1);
     if let Some(b) = bias {
         check_vector(op, "bias", b, y, cols)?;
@@ -452,7 +470,7 @@ pub fn bias_activation(
     }
     launch(
         cuda,
-        "bias_act_f32",
+        "bias_act_any",
         flat(n),
         &[
             Arg::U64(y.ptr()),
@@ -460,6 +478,7 @@ pub fn bias_activation(
             Arg::U64(n),
             Arg::U32(u32_of(op, "the row width N", cols.max(1))?),
             Arg::U32(code),
+            Arg::U32(mode),
         ],
     )
 }
@@ -635,6 +654,7 @@ fn heads_move(
     x: &CudaTensor,
     out: &CudaTensor,
     mode: u32,
+    out_mode: u32,
     (h, s, d): (usize, usize, usize),
 ) -> Result<()> {
     let op = if merge { "merge_heads" } else { "split_heads" };
@@ -643,21 +663,83 @@ fn heads_move(
     if n == 0 {
         return Ok(());
     }
+    let mut args = vec![
+        Arg::U64(x.ptr()),
+        Arg::U64(out.ptr()),
+        Arg::U64(n),
+        Arg::U32(u32_of(op, "S", s)?),
+        Arg::U32(u32_of(op, "H", h)?),
+        Arg::U32(u32_of(op, "D", d)?),
+        Arg::U32(mode),
+    ];
+    let name = if merge {
+        // merge_heads_any also takes the output's storage mode
+        args.push(Arg::U32(out_mode));
+        "merge_heads_any"
+    } else {
+        "split_heads_any"
+    };
+    launch(cuda, name, flat(n), &args)
+}
+
+/// RoPE fused with the head split: `out[h, s, :] = RoPE(x[s, h·D .. (h+1)·D])` with per-token
+/// tables `cos`, `sin` (f32 `[S, D/2]`, the rotation of [`rope`], f32 math). `x` is f32
+/// `[S, H·D]` (or `[1, S, H·D]`) and is not modified; `out` is `[H, S, D]` or `[1, H, S, D]`,
+/// stored f32, f16 or bf16 (rounded once, to nearest even), not overlapping `x`. Equals
+/// [`rope`] in f32 followed by [`split_heads`], in one pass.
+pub fn rope_split_heads(
+    cuda: &Cuda,
+    x: &CudaTensor,
+    cos: &CudaTensor,
+    sin: &CudaTensor,
+    out: &CudaTensor,
+) -> Result<()> {
+    let op = "rope_split_heads";
+    check_f32(op, "x", x)?;
+    let mode = storage_mode(op, "out", out)?;
+    let (h, s, d) = heads_shape(op, "out", &out.shape)?;
+    if tokens_shape(&x.shape) != Some((s, h * d)) {
+        return Err(Error::shape(format!(
+            "{op}: x {:?} must be [S, H·D] = [{s}, {}] for out {:?} (H = {h}, S = {s}, D = {d})",
+            x.shape,
+            h * d,
+            out.shape
+        )));
+    }
+    if d == 0 || !d.is_multiple_of(2) {
+        return Err(Error::shape(format!(
+            "{op}: head dim D = {d} must be positive and even (channels form pairs)"
+        )));
+    }
+    for (what, t) in [("cos", cos), ("sin", sin)] {
+        if t.dtype != DType::F32 || t.shape != [s, d / 2] {
+            return Err(Error::shape(format!(
+                "{op}: RoPE {what} table must be f32 [S, D/2] = [{s}, {}], got {:?} {:?}",
+                d / 2,
+                t.shape,
+                t.dtype
+            )));
+        }
+        check_distinct(op, (what, t), ("out", out))?;
+    }
+    check_distinct(op, ("x", x), ("out", out))?;
+    let pairs = (h * s * d / 2) as u64;
+    if pairs == 0 {
+        return Ok(());
+    }
     launch(
         cuda,
-        if merge {
-            "merge_heads_any"
-        } else {
-            "split_heads_any"
-        },
-        flat(n),
+        "rope_split_heads_any",
+        flat(pairs),
         &[
             Arg::U64(x.ptr()),
+            Arg::U64(cos.ptr()),
+            Arg::U64(sin.ptr()),
             Arg::U64(out.ptr()),
-            Arg::U64(n),
+            Arg::U64(pairs),
             Arg::U32(u32_of(op, "S", s)?),
             Arg::U32(u32_of(op, "H", h)?),
-            Arg::U32(u32_of(op, "D", d)?),
+            Arg::U32((d / 2) as u32),
             Arg::U32(mode),
         ],
     )
@@ -679,15 +761,16 @@ pub fn split_heads(cuda: &Cuda, x: &CudaTensor, out: &CudaTensor) -> Result<()> 
             out.shape
         )));
     }
-    heads_move(cuda, false, x, out, mode, (h, s, d))
+    heads_move(cuda, false, x, out, mode, 0, (h, s, d))
 }
 
 /// Merges heads `x` `[H, S, D]` (or `[1, H, S, D]`; f32, f16 or bf16) into `out` `[S, H·D]` (or
-/// `[1, S, H·D]`, f32): `out[s, h·D + d] = x[h, s, d]`; `out` must not overlap `x`.
+/// `[1, S, H·D]`; f32, f16 or bf16, rounded to nearest even where narrower than x):
+/// `out[s, h·D + d] = x[h, s, d]`; `out` must not overlap `x`.
 pub fn merge_heads(cuda: &Cuda, x: &CudaTensor, out: &CudaTensor) -> Result<()> {
     let op = "merge_heads";
     let mode = storage_mode(op, "x", x)?;
-    check_f32(op, "out", out)?;
+    let out_mode = storage_mode(op, "out", out)?;
     let (h, s, d) = heads_shape(op, "x", &x.shape)?;
     if tokens_shape(&out.shape) != Some((s, h * d)) {
         return Err(Error::shape(format!(
@@ -697,7 +780,7 @@ pub fn merge_heads(cuda: &Cuda, x: &CudaTensor, out: &CudaTensor) -> Result<()> 
             x.shape
         )));
     }
-    heads_move(cuda, true, x, out, mode, (h, s, d))
+    heads_move(cuda, true, x, out, mode, out_mode, (h, s, d))
 }
 
 /// Validates a fractal grid `(F, H, W)` (H, W positive multiples of 8); returns `S = F·H·W`.

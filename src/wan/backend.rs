@@ -51,6 +51,15 @@ pub trait Backend {
     fn alloc_as(&mut self, shape: &[usize], dtype: DType) -> Result<Self::T>;
     /// Whether f16 storage is available for activations.
     fn has_f16(&self) -> bool;
+    /// The storage type of activations that only feed GEMMs whose weights are stored as
+    /// `weights` (norm outputs, merged attention heads, the FFN hidden): the backend's
+    /// [`Backend::linear`] then takes `x`, and writes `out`, in that type. The default (and the
+    /// wgpu layer) is F32; the CUDA layer answers the weight's type for 16-bit weights, as the
+    /// reference's bf16 autocast keeps GEMM activations in bf16 (spec §2.10).
+    fn gemm_input_dtype(&self, weights: DType) -> DType {
+        let _ = weights;
+        DType::F32
+    }
     /// Uploads f32 data.
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Self::T>;
     /// Overwrites an f32 tensor with host data (same element count), ordered before the ops
@@ -106,6 +115,20 @@ pub trait Backend {
     ) -> Result<(Self::T, Self::T)>;
     /// `[S, H·D] → [1, H, S, D]` (the output may be f16: rounded).
     fn split_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
+    /// RoPE of `x` `[S, heads·D]` (f32) written as heads `out` `[1, H, S, D]` (may be 16-bit:
+    /// rounded). `x` may be left rotated or untouched. The default is [`Backend::rope`] in place
+    /// then [`Backend::split_heads`]; a backend may fuse the two.
+    fn rope_split_heads(
+        &mut self,
+        x: &Self::T,
+        cos: &Self::T,
+        sin: &Self::T,
+        heads: usize,
+        out: &Self::T,
+    ) -> Result<()> {
+        self.rope(x, cos, sin, heads)?;
+        self.split_heads(x, out)
+    }
     /// `[1, H, S, D] → [S, H·D]` (the input may be f16).
     fn merge_heads(&mut self, x: &Self::T, out: &Self::T) -> Result<()>;
     /// Natural ↔ fractal token order of `[S, C]`.

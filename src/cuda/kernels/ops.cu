@@ -108,15 +108,17 @@ __device__ float block_sum(float v) {
     return red[0];
 }
 
-extern "C" __global__ void norm_rows(const float* x, float* out, const float* p0, const float* p1,
+// out_mode: the output's storage (MODE_*); the f32 result is rounded to nearest even for 16-bit
+// outputs (the GEMM-feeding norms of the CUDA fast path).
+extern "C" __global__ void norm_rows(const float* x, void* out, const float* p0, const float* p1,
                                      u32 rows, u32 cols, float eps, u32 mode, u32 shift_off,
-                                     u32 scale_off) {
+                                     u32 scale_off, u32 out_mode) {
     const u32 row = blockIdx.x;
     if (row >= rows) {
         return;
     }
     const float* xr = x + (u64)row * cols;
-    float* yr = out + (u64)row * cols;
+    const u64 yr = (u64)row * cols;
     const float fc = (float)cols;
     float pivot = 0.0f;
     float mu = 0.0f;
@@ -146,7 +148,7 @@ extern "C" __global__ void norm_rows(const float* x, float* out, const float* p0
         } else {
             o = y;
         }
-        yr[c] = o;
+        store_any(out, yr + c, o, out_mode);
     }
 }
 
@@ -205,15 +207,17 @@ __device__ __forceinline__ float activate_linear(float v, u32 act) {
     return v;
 }
 
-// In place on y [rows, cols]: y = act(y + bias[col]) (bias may be null). act: 0 none,
-// 1 GELU_tanh, 2 SiLU (the linear epilogue when cuBLASLt does not fuse it).
-extern "C" __global__ void bias_act_f32(float* y, const float* bias, u64 n, u32 cols, u32 act) {
+// In place on y [rows, cols] of storage `mode`: y = act(y + bias[col]) (bias f32, may be null;
+// f32 math, 16-bit results rounded to nearest even). act: 0 none, 1 GELU_tanh, 2 SiLU (the
+// linear epilogue when cuBLASLt does not fuse it).
+extern "C" __global__ void bias_act_any(void* y, const float* bias, u64 n, u32 cols, u32 act,
+                                        u32 mode) {
     FOR_EACH(i, n) {
-        float v = y[i];
+        float v = load_any(y, i, mode);
         if (bias != nullptr) {
             v += bias[i % cols];
         }
-        y[i] = activate_linear(v, act);
+        store_any(y, i, activate_linear(v, act), mode);
     }
 }
 
@@ -243,10 +247,32 @@ extern "C" __global__ void rope_any(void* x, const float* cos_t, const float* si
     }
 }
 
+// RoPE fused with the head split: x [S, H*D] f32 (not modified), out [H, S, D] of storage
+// `mode`, one thread per output pair (h, s, j):
+//   out[h, s, 2j] = x0 cos - x1 sin,  out[h, s, 2j+1] = x0 sin + x1 cos,
+//   (x0, x1) = x[s, h*D + 2j], x[s, h*D + 2j + 1];  cos / sin = table[s, j]   (f32 math)
+extern "C" __global__ void rope_split_heads_any(const float* x, const float* cos_t,
+                                                const float* sin_t, void* out, u64 pairs, u32 s,
+                                                u32 h, u32 half_d, u32 mode) {
+    FOR_EACH(p, pairs) {
+        const u64 j = p % half_d;
+        const u64 r = p / half_d; // hi * S + si
+        const u64 si = r % s;
+        const u64 hi = r / s;
+        const u64 src = (si * h + hi) * half_d + j; // pair index in x
+        const float c = cos_t[si * half_d + j];
+        const float sn = sin_t[si * half_d + j];
+        const float a = x[2 * src];
+        const float b = x[2 * src + 1];
+        store_any(out, 2 * p, a * c - b * sn, mode);
+        store_any(out, 2 * p + 1, a * sn + b * c, mode);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Head layout moves (shaders/nn/heads.wgsl), one output element per thread:
 //   split: out[h, s, d] = x[s, h*D + d]  (x f32, out of storage `mode`, rounded)
-//   merge: out[s, h*D + d] = x[h, s, d]  (x of storage `mode`, out f32)
+//   merge: out[s, h*D + d] = x[h, s, d]  (x of storage `mode`, out of storage `out_mode`)
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void split_heads_any(const float* x, void* out, u64 n, u32 s, u32 h, u32 d,
                                            u32 mode) {
@@ -259,14 +285,14 @@ extern "C" __global__ void split_heads_any(const float* x, void* out, u64 n, u32
     }
 }
 
-extern "C" __global__ void merge_heads_any(const void* x, float* out, u64 n, u32 s, u32 h, u32 d,
-                                           u32 mode) {
+extern "C" __global__ void merge_heads_any(const void* x, void* out, u64 n, u32 s, u32 h, u32 d,
+                                           u32 mode, u32 out_mode) {
     FOR_EACH(i, n) {
         const u64 di = i % d;
         const u64 r = i / d; // s * H + h
         const u64 hi = r % h;
         const u64 si = r / h;
-        out[i] = load_any(x, (hi * s + si) * d + di, mode);
+        store_any(out, i, load_any(x, (hi * s + si) * d + di, mode), out_mode);
     }
 }
 
