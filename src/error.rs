@@ -87,6 +87,23 @@ pub enum Error {
     /// Bad user input that is not a shape (CLI values and the like).
     #[error("{0}")]
     Invalid(String),
+    /// A computation needs more device memory than the device has (or could allocate).
+    #[error(
+        "{what} needs {:.2} GB of GPU memory, but {device} {}; use a smaller --size or fewer \
+         --frames, bf16 weights instead of f32, or a GPU with more memory",
+        *needed as f64 / 1e9,
+        match available { Some(a) => format!("has {:.2} GB free", *a as f64 / 1e9), None => "could not allocate it".to_string() }
+    )]
+    OutOfMemory {
+        /// What was being set up.
+        what: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes free on the device, when the layer can tell.
+        available: Option<u64>,
+        /// The device's name.
+        device: String,
+    },
     /// The CUDA layer failed (driver, NVRTC, cuBLASLt) or is not available.
     #[error("CUDA: {0}")]
     Cuda(String),

@@ -1603,3 +1603,43 @@ fn golden_wan_dit_fast_path_f16() {
         assert!(e < 1e-2, "{name}: CUDA f16 fast-path relative L2 {e}");
     }
 }
+
+/// A forward whose activations cannot fit the device is refused before anything is allocated,
+/// with an error that names what it needs and what the device has.
+#[test]
+fn forward_too_large_for_the_device_is_refused() {
+    let c = device!();
+    let cfg = nabla::wan::pipeline::demo_dit_config();
+    let mut be = CudaBackend::new(c);
+    let mut dit = Dit::random(&mut be, &cfg, WeightPrecision::BF16, 7).unwrap();
+    // 5.3 M tokens, 82 944 blocks: ~200 GB of activations and block maps
+    let lat = (81usize, 512usize, 512usize);
+    let need = dit.activation_bytes(lat, true);
+    let (free, _) = c.memory().unwrap();
+    assert!(
+        need > free as u64,
+        "the test shape must exceed the device ({need} bytes)"
+    );
+    let n = cfg.in_dim * lat.0 * lat.1 * lat.2;
+    let latent = vec![0.0f32; n];
+    let context = vec![0.0f32; cfg.text_len * cfg.text_dim];
+    let input = DitInput {
+        latent: &latent,
+        shape: lat,
+        t: 500.0,
+        context: &context,
+    };
+    let algo: SparseAlgo = "nabla-0.7".parse().unwrap();
+    match dit.forward(&mut be, &input, Some(&algo), None) {
+        Err(Error::OutOfMemory {
+            needed, available, ..
+        }) => {
+            assert_eq!(needed, need);
+            assert!(available.is_some_and(|a| a < need));
+        }
+        other => panic!("expected OutOfMemory, got {:?}", other.map(|v| v.len())),
+    }
+    // the backend still works afterwards
+    let t = be.upload(&[1.0, 2.0], &[2]).unwrap();
+    assert_eq!(be.download(&t).unwrap(), vec![1.0, 2.0]);
+}

@@ -153,6 +153,15 @@ impl Backend for CudaBackend<'_> {
     fn has_f16(&self) -> bool {
         true
     }
+    fn memory_info(&self) -> Option<(u64, u64)> {
+        self.cuda
+            .memory()
+            .ok()
+            .map(|(free, total)| (free as u64, total as u64))
+    }
+    fn device_name(&self) -> String {
+        self.cuda.name().to_string()
+    }
     fn gemm_input_dtype(&self, weights: DType) -> DType {
         // 16-bit weights: cuBLASLt reads x and writes out in the weight's type (no conversion
         // pass, half the bytes); f32 weights (the parity path) keep f32 activations

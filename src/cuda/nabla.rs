@@ -275,12 +275,36 @@ impl CudaMask {
         CudaMask::from_lists(cuda, &counts, &idx, 1, nq, nkv)
     }
 
-    /// Reads the lists back: `(counts, indices)` (waits for the stream).
+    /// Reads the lists back: `(counts, indices)` (waits for the stream). Entries of `indices`
+    /// past a row's count are unspecified (the kernels never write them: the device buffers
+    /// come uninitialised from the allocator and are reused); compare masks with
+    /// [`CudaMask::read_rows`] or [`CudaMask::to_dense`].
     pub fn read_lists(&self, cuda: &Cuda) -> Result<(Vec<u32>, Vec<u32>)> {
         self.check()?;
         let counts: Vec<u32> = bytemuck::pod_collect_to_vec(&cuda.download_bytes(&self.counts)?);
         let idx: Vec<u32> = bytemuck::pod_collect_to_vec(&cuda.download_bytes(&self.indices)?);
         Ok((counts, idx))
+    }
+
+    /// Each row's listed key blocks (the first `counts[r]` entries of row `r`, heads × nq rows):
+    /// the content of the mask, without the unspecified entries past the counts (waits for the
+    /// stream).
+    pub fn read_rows(&self, cuda: &Cuda) -> Result<Vec<Vec<u32>>> {
+        let (counts, idx) = self.read_lists(cuda)?;
+        let nkv = self.nkv;
+        counts
+            .iter()
+            .enumerate()
+            .map(|(r, &c)| {
+                let c = c as usize;
+                if c > nkv {
+                    return Err(Error::Cuda(format!(
+                        "mask row {r} has count {c} > {nkv} key blocks"
+                    )));
+                }
+                Ok(idx[r * nkv..r * nkv + c].to_vec())
+            })
+            .collect()
     }
 
     /// The dense `[heads, nq, nkv]` 0/1 form. Fails on a malformed list (a count above `nkv`, an
@@ -319,8 +343,14 @@ impl CudaMask {
 
 /// Scratch reused by [`estimate_mask`] between layers: pooled q/k (f32 and the f16 split), the
 /// `[heads, Nb, Nb]` block logits (which hold the block map after [`estimate_mask_with_map`] or
-/// [`mask_from_pooled`]) and the STA bitmask. One estimation at a time per scratch (they share
-/// these buffers; stream order keeps consecutive calls apart).
+/// [`mask_from_pooled`]), the STA bitmask and the output lists. One estimation at a time per
+/// scratch (they share these buffers; stream order keeps consecutive calls apart).
+///
+/// The mask that [`estimate_mask`] / [`estimate_mask_with_map`] return is a view of the
+/// scratch's lists (no allocation per call): it stays valid until the next estimation with the
+/// same scratch, which overwrites it in stream order (work already enqueued on the stream, such
+/// as an attention launch reading the previous mask, still sees the previous lists). Keep a copy
+/// ([`CudaMask::read_rows`], or a second scratch) to hold two masks at once.
 pub struct MaskScratch {
     heads: usize,
     nb: usize,
@@ -335,6 +365,8 @@ pub struct MaskScratch {
     kinv: CudaTensor,
     map: CudaTensor,
     sta_bits: CudaTensor,
+    /// The lists the estimations write (returned as views).
+    lists: CudaMask,
     /// The (grid, window) whose bitmask `sta_bits` holds (enqueued).
     sta_key: Mutex<Option<(BlockGrid, StaWindow)>>,
     /// The last STA-only mask (grid, window, lists).
@@ -392,6 +424,7 @@ impl MaskScratch {
             kinv: cuda.empty(&[heads, nb], DType::F32)?,
             map: cuda.empty(&[heads, nb, nb], DType::F32)?,
             sta_bits: cuda.empty(&[nb, words], DType::U32)?,
+            lists: CudaMask::alloc(cuda, heads, nb, nb)?,
             sta_key: Mutex::new(None),
             sta_mask: Mutex::new(None),
         })
@@ -730,15 +763,19 @@ fn estimate(
         d,
     )?;
     record_scores(cuda, sc)?;
-    let out = CudaMask::alloc(cuda, bh, sc.nb, sc.nb)?;
-    record_threshold(cuda, sc, grid, algo, &out, write_map)?;
-    Ok(out)
+    debug_assert_eq!((sc.lists.heads, sc.lists.nq), (bh, sc.nb));
+    record_threshold(cuda, sc, grid, algo, &sc.lists, write_map)?;
+    Ok(sc.lists.clone())
 }
 
 /// Estimates the mask of `algo` from `q`, `k` `[B, H, S, D]` (f32, f16 or bf16, fractal order,
 /// `S = grid.tokens()`): one mask head per attention head (B·H), Nb × Nb blocks. Everything is
 /// enqueued on the stream (no synchronization). STA-only algorithms return the (cached) shared
 /// STA mask. `scratch` must come from [`MaskScratch::alloc`] with (B·H, Nb, D).
+///
+/// The returned mask views the scratch's list buffers (nothing is allocated per call): it is
+/// valid until the next `estimate_mask` / [`estimate_mask_with_map`] with the same `scratch`
+/// (see [`MaskScratch`]).
 pub fn estimate_mask(
     cuda: &Cuda,
     q: &CudaTensor,
@@ -766,7 +803,8 @@ pub fn estimate_mask_with_map(
 
 /// The mask of a NABLA `algo` from already pooled `qa`, `ka` `[heads, Nb, D]` f32 (the golden
 /// files' form): split, scores, softmax, threshold (∪ STA), lists. The block map is left in
-/// [`MaskScratch::map`].
+/// [`MaskScratch::map`]. The lists are freshly allocated (not the scratch's: this path is for
+/// tests and golden files, where several masks may be held at once).
 pub fn mask_from_pooled(
     cuda: &Cuda,
     qa: &CudaTensor,
@@ -854,7 +892,8 @@ pub fn sta_mask(cuda: &Cuda, grid: BlockGrid, w: StaWindow) -> Result<CudaMask> 
 
 /// GPU time (median ms over `reps`, after one warm-up) of each stage of [`estimate_mask`] on its
 /// own: pooling of q and k, block scores, and softmax + threshold + lists (the last without
-/// writing the map, as in the fast path). For benchmarks.
+/// writing the map, as in the fast path). For benchmarks. Overwrites the scratch's lists (a
+/// mask returned by [`estimate_mask`] with this scratch then holds this run's lists).
 pub fn time_mask_stages(
     cuda: &Cuda,
     q: &CudaTensor,
@@ -868,7 +907,7 @@ pub fn time_mask_stages(
     let (bh, s, d) = check_qk(q, k, &grid, scratch)?;
     cut_of(algo)?;
     let sc = scratch;
-    let out = CudaMask::alloc(cuda, bh, sc.nb, sc.nb)?;
+    let out = &sc.lists;
     let med = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -897,7 +936,7 @@ pub fn time_mask_stages(
     let scores = super::attention::time_ms(cuda, 1, reps, || record_scores(cuda, sc))?;
     // without the map write the threshold kernel leaves the logits as they are: repeatable
     let thr = super::attention::time_ms(cuda, 1, reps, || {
-        record_threshold(cuda, sc, grid, algo, &out, false)
+        record_threshold(cuda, sc, grid, algo, out, false)
     })?;
     Ok([med(pool), med(scores), med(thr)])
 }

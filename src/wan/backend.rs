@@ -60,6 +60,16 @@ pub trait Backend {
         let _ = weights;
         DType::F32
     }
+    /// `(free, total)` device memory in bytes where the layer can tell (CUDA), `None` where it
+    /// cannot (wgpu exposes no memory size): the DiT refuses a forward whose workspace cannot
+    /// fit before allocating anything.
+    fn memory_info(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// The device's name, for messages.
+    fn device_name(&self) -> String {
+        "the GPU".into()
+    }
     /// Uploads f32 data.
     fn upload(&mut self, data: &[f32], shape: &[usize]) -> Result<Self::T>;
     /// Overwrites an f32 tensor with host data (same element count), ordered before the ops
@@ -211,6 +221,9 @@ impl<'g> Backend for WgpuBackend<'g> {
     type M = WgpuMask;
     type MaskScratch = WgpuMaskScratch;
 
+    fn device_name(&self) -> String {
+        self.gpu.caps().name.clone()
+    }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)
     }

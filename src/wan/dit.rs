@@ -368,6 +368,48 @@ impl<B: Backend> Dit<B> {
             return Ok(());
         }
         self.ws = None;
+        // refuse before allocating what cannot fit (where the layer can tell its free memory)
+        let need = self.activation_bytes(lat, sparse);
+        let what = || {
+            format!(
+                "the DiT forward on a {}x{}x{} latent{} (its activations)",
+                lat.0,
+                lat.1,
+                lat.2,
+                if sparse { " with sparse attention" } else { "" }
+            )
+        };
+        if let Some((free, _)) = be.memory_info()
+            && need > free
+        {
+            return Err(Error::OutOfMemory {
+                what: what(),
+                needed: need,
+                available: Some(free),
+                device: be.device_name(),
+            });
+        }
+        let r = self.alloc_workspace(be, lat, sparse, key);
+        if let Err(e) = &r
+            && e.to_string().contains("out of GPU memory")
+        {
+            return Err(Error::OutOfMemory {
+                what: what(),
+                needed: need,
+                available: None,
+                device: be.device_name(),
+            });
+        }
+        r
+    }
+
+    fn alloc_workspace(
+        &mut self,
+        be: &mut B,
+        lat: (usize, usize, usize),
+        sparse: bool,
+        key: (usize, usize, usize, bool),
+    ) -> Result<()> {
         let c = &self.cfg;
         let (d, h, hd) = (c.dim, c.num_heads, c.head_dim());
         let s = lat.0 * (lat.1 / 2) * (lat.2 / 2);

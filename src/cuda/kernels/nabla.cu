@@ -27,9 +27,11 @@
 //      shared-memory column (deterministic), lane b then sums bucket b, and a suffix scan over
 //      the lanes gives F at every binade top. The cut falls in binade b* (the highest b whose
 //      suffix mass reaches cut); Fbelow = mass of all smaller binades.
-//   b. the values of binade b* are compacted into a candidate list and a bisection over the
-//      binade's bit range evaluates F(v) = Fbelow + sum(candidates <= v) (<= 23 passes over the
-//      few candidates; 30 for the catch-all bucket).
+//   b. the values of binade b* are compacted into a candidate list; with <= 32 candidates each
+//      lane evaluates F(x) = Fbelow + sum(candidates <= x) at its own candidate (32 shuffles) and
+//      lo = the smallest candidate with F >= cut; with more, a bisection over the binade's bit
+//      range (<= 23 passes over the candidates; 30 for the catch-all bucket).
+// Entries of `indices` past a row's count are never written (unspecified).
 // F is evaluated with another summation order than a single pass, so near-cut decisions can
 // differ from the f64 reference within f32 rounding of the cumulative mass (the tests skip
 // entries within 1e-5 of the cut, as for the wgpu kernels).
@@ -397,11 +399,23 @@ extern "C" __global__ void __launch_bounds__(128)
     const size_t base = (size_t)r * nb;
 
     // softmax: max, exp, sum (every lane ends with the same totals)
+    // the row is read TPB values per lane at a time, all loads issued before any is used (the
+    // pass used to wait for one global load per 32 keys)
+    constexpr u32 TPB = 12u;
     float m = -3.402823466e38f;
-    for (u32 j = lane; j < nb; j += 32u) {
-        const float x = logits[base + j];
-        rowbuf[j] = x;
-        m = fmaxf(m, x);
+    for (u32 j0 = 0; j0 < nb; j0 += 32u * TPB) {
+        float x[TPB];
+#pragma unroll
+        for (u32 u = 0; u < TPB; ++u) {
+            const u32 j = j0 + 32u * u + lane;
+            x[u] = j < nb ? logits[base + j] : -3.402823466e38f;
+        }
+#pragma unroll
+        for (u32 u = 0; u < TPB; ++u) {
+            const u32 j = j0 + 32u * u + lane;
+            if (j < nb) rowbuf[j] = x[u];
+            m = fmaxf(m, x[u]);
+        }
     }
     m = warp_max(m);
     float s = 0.f;
@@ -475,13 +489,22 @@ extern "C" __global__ void __launch_bounds__(128)
             // (only u < hi_b is ever evaluated; hi_b itself is the answer when none qualifies)
             u32 a = lo_b, z = hi_b;
             if (n <= 32u) {
-                const float x = lane < n ? cand[lane] : 0.f;  // 0 adds nothing
-                while (a < z) {
-                    const u32 mid = a + ((z - a) >> 1);
-                    const float vv = __uint_as_float(mid);
-                    const float f = warp_sum(x <= vv ? x : 0.f);
-                    if (fbelow + f >= cut) z = mid; else a = mid + 1u;
+                // F only steps at candidate values, and F(lo_b) >= cut needs a candidate equal to
+                // lo_b (Fbelow < cut): the answer is the smallest candidate x with F(x) >= cut,
+                // else hi_b. Each lane evaluates F at its own candidate, all lanes at once: the
+                // candidates <= x summed in lane order (a fixed order, so F is monotone in x).
+                const bool has = lane < n;
+                const float x = has ? cand[lane] : 0.f;
+                float f = 0.f;
+#pragma unroll
+                for (u32 l = 0; l < 32u; ++l) {
+                    const float y = __shfl_sync(FULL_MASK, x, l);
+                    f += (l < n && y <= x) ? y : 0.f;
                 }
+                u32 best = has && fbelow + f >= cut ? __float_as_uint(x) : z;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(FULL_MASK, best, o));
+                a = best;
             } else {
                 while (a < z) {
                     const u32 mid = a + ((z - a) >> 1);
@@ -503,16 +526,19 @@ extern "C" __global__ void __launch_bounds__(128)
     const u32 W = (nb + 31u) >> 5;
     const u32* srow = sta ? sta + (size_t)qi * W : nullptr;
     u32 off = 0;
-    for (u32 t = 0; t < W; ++t) {
-        const u32 j = t * 32u + lane;
-        bool keep = false;
-        if (j < nb) {
-            keep = __float_as_uint(rowbuf[j]) >= lo;
-            if (srow) keep = keep || ((srow[t] >> lane) & 1u);
+    for (u32 t0 = 0; t0 < W; t0 += 32u) {
+        // lane l holds STA word t0 + l (one load per 32 words instead of one per word)
+        const u32 myw = srow && t0 + lane < W ? srow[t0 + lane] : 0u;
+        const u32 tn = min(32u, W - t0);
+#pragma unroll 4
+        for (u32 tt = 0; tt < tn; ++tt) {
+            const u32 j = (t0 + tt) * 32u + lane;
+            const u32 sw = __shfl_sync(FULL_MASK, myw, tt);
+            const bool keep = j < nb && (__float_as_uint(rowbuf[j]) >= lo || ((sw >> lane) & 1u));
+            const u32 bal = __ballot_sync(FULL_MASK, keep);
+            if (keep) indices[base + off + __popc(bal & lanemask_lt(lane))] = j;
+            off += __popc(bal);
         }
-        const u32 bal = __ballot_sync(FULL_MASK, keep);
-        if (keep) indices[base + off + __popc(bal & lanemask_lt(lane))] = j;
-        off += __popc(bal);
     }
     if (lane == 0) counts[r] = off;
 }

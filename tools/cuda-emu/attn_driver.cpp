@@ -1,0 +1,52 @@
+#include "emu.h"
+#include "attn_emu.cpp"
+#include <string>
+static std::vector<char> rd(const std::string& p) {
+    FILE* f = fopen(p.c_str(), "rb"); if (!f) { perror(p.c_str()); exit(1); }
+    fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
+    std::vector<char> v(n + 16); if (n) fread(v.data(), 1, n, f); fclose(f); return v;
+}
+int main(int argc, char** argv) {
+    std::string d = argv[1];
+    unsigned BH, Sq, Skv, D, DT, ST, has_mask, MH, nq, nkv, rot = 0, w2 = 0;
+    FILE* f = fopen((d + "/params.txt").c_str(), "r");
+    fscanf(f, "%u %u %u %u %u %u %u %u %u %u %u %u", &BH, &Sq, &Skv, &D, &DT, &ST, &has_mask, &MH, &nq, &nkv, &rot, &w2);
+    fclose(f);
+    // 16-byte aligned copies
+    auto q = rd(d + "/q.bin"), k = rd(d + "/k.bin"), v = rd(d + "/v.bin");
+    std::vector<u32> counts, idx;
+    if (has_mask) {
+        auto c = rd(d + "/counts.bin"), i = rd(d + "/indices.bin");
+        counts.resize(MH * nq); idx.resize((size_t)MH * nq * nkv);
+        memcpy(counts.data(), c.data(), counts.size() * 4); memcpy(idx.data(), i.data(), idx.size() * 4);
+    }
+    size_t es = DT == 0 ? 4 : 2;
+    std::vector<char> qa(q.size() + 64), ka(k.size() + 64), va(v.size() + 64);
+    char* qp = (char*)(((uintptr_t)qa.data() + 15) & ~15ull); memcpy(qp, q.data(), q.size());
+    char* kp = (char*)(((uintptr_t)ka.data() + 15) & ~15ull); memcpy(kp, k.data(), k.size());
+    char* vp = (char*)(((uintptr_t)va.data() + 15) & ~15ull); memcpy(vp, v.data(), v.size());
+    size_t on = (size_t)BH * Sq * D * es;
+    std::vector<char> oa(on + 64);
+    char* op = (char*)(((uintptr_t)oa.data() + 15) & ~15ull); memset(op, 0xff, on);
+    float sl2 = (float)(1.0 / std::sqrt((double)D) * 1.4426950408889634);
+    const u32* cp = has_mask ? counts.data() : nullptr;
+    const u32* ip = has_mask ? idx.data() : nullptr;
+    std::memset(smem_raw, 0xff, sizeof(smem_raw));  // garbage in shared memory
+#define TC(NAME) launch(dim3{nq, BH, 1}, dim3{128, 1, 1}, [&] { NAME((const u16*)qp, (const u16*)kp, (const u16*)vp, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+#define F32(NAME) launch(dim3{nq, BH, 1}, dim3{256, 1, 1}, [&] { NAME((const float*)qp, (const float*)kp, (const float*)vp, (float*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+#define TC2(NAME) launch(dim3{nq, BH, 1}, dim3{64, 1, 1}, [&] { NAME((const u16*)qp, (const u16*)kp, (const u16*)vp, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+    if (w2 && DT != 0) {
+        if (DT == 1) { if (D == 64) TC2(attn2_f16_d64_s2); else TC2(attn2_f16_d128_s2); }
+        else { if (D == 64) TC2(attn2_bf16_d64_s2); else TC2(attn2_bf16_d128_s2); }
+    } else
+    if (DT == 0) { if (D == 64) F32(attn_f32_d64); else F32(attn_f32_d128); }
+    else if (DT == 1) {
+        if (D == 64) { if (ST == 2) TC(attn_f16_d64_s2); else TC(attn_f16_d64_s3); }
+        else { if (ST == 2) TC(attn_f16_d128_s2); else TC(attn_f16_d128_s3); }
+    } else {
+        if (D == 64) { if (ST == 2) TC(attn_bf16_d64_s2); else TC(attn_bf16_d64_s3); }
+        else { if (ST == 2) TC(attn_bf16_d128_s2); else TC(attn_bf16_d128_s3); }
+    }
+    FILE* o = fopen((d + "/out.bin").c_str(), "wb"); fwrite(op, 1, on, o); fclose(o);
+    return 0;
+}
