@@ -382,9 +382,12 @@ fn heuristic(
 /// `out = act(x·Wᵀ + b)` (see the module docs): x `[.., K]` f32 or of W's type, W `[N, K]` f32 /
 /// bf16 / f16, b optional f32 `[N]`, out `[.., N]` f32 or of W's type, not overlapping an input.
 /// 16-bit weights round an f32 x to their type (f32 accumulation; a 16-bit out is rounded once
-/// from the f32 result); f32 weights compute in plain f32 (no TF32). The bias is fused into
-/// cuBLASLt's epilogue, the activation runs in our kernel. Enqueued on the stream, not waited
-/// for.
+/// from the f32 result, and cuBLASLt adds the bias rounded to the out type, as the reference's
+/// autocast does); f32 weights compute in plain f32 (no TF32). The bias is fused into cuBLASLt's
+/// epilogue, and so is GELU-tanh for 16-bit weights (cuBLASLt's GELU epilogue is the tanh form:
+/// within 5e-5 of it on the H200, `cublaslt_gelu_epilogue_is_the_tanh_form`; f32 weights keep
+/// our kernel's exact form); SiLU runs in our kernel. Enqueued on the
+/// stream, not waited for.
 pub fn linear(
     cuda: &Cuda,
     x: &CudaTensor,
@@ -393,7 +396,10 @@ pub fn linear(
     act: Activation,
     out: &CudaTensor,
 ) -> Result<()> {
-    linear_with(cuda, x, w, b, act, out, false).map(|_| ())
+    // fused GELU on the fast path (16-bit weights); the parity path (f32 weights) keeps our
+    // kernel's exact tanh form
+    let fuse = w.dtype != DType::F32;
+    linear_with(cuda, x, w, b, act, out, fuse).map(|_| ())
 }
 
 /// [`linear`] choosing where GELU-tanh runs: `fuse_gelu` uses cuBLASLt's GELU epilogue (when it
