@@ -231,3 +231,51 @@ fn demo_writes_png_frames_and_mask_heatmaps() {
     let masks: Vec<_> = std::fs::read_dir(dir.join("masks")).unwrap().collect();
     assert_eq!(masks.len(), 4, "mask heatmaps");
 }
+
+/// `nabla mask`: densities per head, a shared STA mask, the heatmap, and `--backend cuda` in a
+/// build without the CUDA layer refused with a message that says how to get it.
+#[test]
+fn mask_command_prints_densities_and_writes_a_heatmap() {
+    let dir = tmp_dir("mask");
+    for (algo, shared) in [("nabla-0.7", false), ("sta-3-3-3", true)] {
+        let png = dir.join(format!("{algo}.png"));
+        let o = nabla(&[
+            "mask",
+            "--grid",
+            "3,16,24",
+            "--heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--sparse-algo",
+            algo,
+            "--backend",
+            "wgpu",
+            "--png",
+            png.to_str().unwrap(),
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{algo}: {}", stderr(&o));
+        assert!(out.contains("= 18 blocks"), "{out}");
+        let heads = out.lines().filter(|l| l.starts_with("head ")).count();
+        assert_eq!(heads, if shared { 1 } else { 2 }, "{out}");
+        assert_eq!(
+            out.contains("one mask shared by all 2 heads"),
+            shared,
+            "{out}"
+        );
+        let mean: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("mean density "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("mean density line");
+        assert!(mean > 0.0 && mean <= 1.0, "{out}");
+        assert!(std::fs::metadata(&png).unwrap().len() > 0);
+    }
+    if !cfg!(feature = "cuda") {
+        let o = nabla(&["mask", "--grid", "3,16,24", "--backend", "cuda"]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
+    }
+}

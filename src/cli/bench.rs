@@ -313,7 +313,8 @@ fn print_breakdown(
 
 #[derive(clap::Args)]
 pub struct GemmArgs {
-    /// Kernels to time, comma separated: portable, coop.
+    /// Kernels to time, comma separated: portable, coop (wgpu), cublaslt (the CUDA layer, in a
+    /// `--features cuda` build).
     #[arg(long, default_value = "portable,coop")]
     kernels: String,
     /// Weight storage: bf16, f16 or f32.
@@ -330,21 +331,57 @@ pub struct GemmArgs {
     json: Option<PathBuf>,
 }
 
+/// Times cuBLASLt on the CUDA layer as the DiT's fast path calls it: x already in the weights'
+/// type (f32 for f32 weights), f32 output with the bias fused. Returns the times (first one a
+/// warm-up) and the output.
+#[cfg(feature = "cuda")]
+fn cublaslt_linear(
+    c: &nabla::cuda::Cuda,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    dtype: &str,
+    reps: usize,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    use nabla::ops::linear::Activation;
+    let dt = match dtype {
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        _ => DType::BF16,
+    };
+    let xt = c.upload_as(x, &[m, k], dt)?;
+    let wt = c.upload_as(w, &[n, k], dt)?;
+    let bt = c.upload_f32(b, &[n])?;
+    let out = c.empty(&[m, n], DType::F32)?;
+    let t = nabla::cuda::attention::time_ms(c, 0, reps + 1, || {
+        nabla::cuda::gemm::linear(c, &xt, &wt, Some(&bt), Activation::None, &out)
+    })?;
+    Ok((t, c.download_f32(&out)?))
+}
+
 fn gemm(a: GemmArgs) -> Result<()> {
     use nabla::ops::linear::{Activation, LinearKernel, record_linear_with};
     let gpu = Gpu::new()?;
     let caps = gpu.caps().clone();
-    let kernels: Vec<(String, LinearKernel)> = a
+    // None: cuBLASLt on the CUDA layer
+    let kernels: Vec<(String, Option<LinearKernel>)> = a
         .kernels
         .split(',')
         .map(|k| match k.trim() {
-            "portable" => Ok(("portable".to_string(), LinearKernel::Portable)),
-            "coop" => Ok(("coop".to_string(), LinearKernel::Coop)),
+            "portable" => Ok(("portable".to_string(), Some(LinearKernel::Portable))),
+            "coop" => Ok(("coop".to_string(), Some(LinearKernel::Coop))),
+            "cublaslt" => Ok(("cublaslt".to_string(), None)),
             o => Err(Error::Invalid(format!(
-                "--kernels: {o:?} is not portable or coop"
+                "--kernels: {o:?} is not portable, coop or cublaslt"
             ))),
         })
         .collect::<Result<_>>()?;
+    let cuda = if kernels.iter().any(|k| k.1.is_none()) {
+        layer::open(layer::BackendArg::Cuda)?
+    } else {
+        None
+    };
     let m = a.tokens;
     let shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("square 4096", 4096, 4096, 4096),
@@ -385,22 +422,41 @@ fn gemm(a: GemmArgs) -> Result<()> {
             _ => gpu.upload_bf16(&wv, &[n, k])?,
         };
         drop(wv);
-        let b = gpu.upload_f32(&rnd(n, 1.0), &[n])?;
+        let bv = rnd(n, 1.0);
+        let b = gpu.upload_f32(&bv, &[n])?;
         let mut first: Option<Vec<f32>> = None;
         for (kn, kernel) in &kernels {
-            let out = gpu.empty(&[m, n], DType::F32)?;
-            let t = match gpu.time_ms(a.reps + 1, |bt| {
-                record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)
-            }) {
-                Ok(t) => t,
-                Err(e) => {
-                    println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: {e}");
-                    continue;
+            let (t, y) = match kernel {
+                Some(kernel) => {
+                    let out = gpu.empty(&[m, n], DType::F32)?;
+                    match gpu.time_ms(a.reps + 1, |bt| {
+                        record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)
+                    }) {
+                        Ok(t) => (t, gpu.read_f32(&out)?),
+                        Err(e) => {
+                            println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: {e}");
+                            continue;
+                        }
+                    }
                 }
+                None => match &cuda {
+                    #[cfg(feature = "cuda")]
+                    Some(c) => cublaslt_linear(
+                        c,
+                        &gpu.read_f32(&x)?,
+                        &gpu.read_f32(&w)?,
+                        &bv,
+                        (m, n, k),
+                        &a.dtype,
+                        a.reps,
+                    )?,
+                    #[cfg(not(feature = "cuda"))]
+                    Some(never) => match *never {},
+                    None => continue,
+                },
             };
             let ms = median(&t[1..]);
             let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-            let y = gpu.read_f32(&out)?;
             let err = match &first {
                 Some(f) => rel_err(&y, f),
                 None => {

@@ -29,6 +29,9 @@ pub struct MaskArgs {
     /// Seed of the synthetic Q/K.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Device layer: auto (CUDA where built in and available), wgpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: super::layer::BackendArg,
 }
 
 fn parse_grid(s: &str) -> Result<(usize, usize, usize)> {
@@ -45,7 +48,10 @@ fn parse_grid(s: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
-fn load_qk(gpu: &Gpu, path: &PathBuf) -> Result<(Tensor, Tensor)> {
+/// Q and K on the host: `(q, k, shape [B, H, S, D])`.
+type HostQk = (Vec<f32>, Vec<f32>, Vec<usize>);
+
+fn load_qk(path: &PathBuf) -> Result<HostQk> {
     let f = TensorFile::open(path)?;
     let mut out = Vec::new();
     for name in ["q", "k"] {
@@ -59,53 +65,96 @@ fn load_qk(gpu: &Gpu, path: &PathBuf) -> Result<(Tensor, Tensor)> {
                 format!("{name} must be [B, H, S, D] or [H, S, D], got {shape:?}"),
             ));
         }
-        out.push(gpu.upload_f32(&v, &shape)?);
+        out.push((v, shape));
     }
-    let k = out.pop().expect("k");
-    let q = out.pop().expect("q");
-    Ok((q, k))
+    let (k, ks) = out.pop().expect("k");
+    let (q, qs) = out.pop().expect("q");
+    if ks != qs {
+        return Err(Error::file(
+            path.clone(),
+            format!("q {qs:?} and k {ks:?} must have the same shape"),
+        ));
+    }
+    Ok((q, k, qs))
+}
+
+/// The dense `[mask heads, Nb, Nb]` mask and its head count, on the wgpu layer.
+fn mask_wgpu(qk: &HostQk, grid: BlockGrid, algo: &SparseAlgo) -> Result<(Vec<u8>, usize, String)> {
+    let gpu = Gpu::new()?;
+    let q: Tensor = gpu.upload_f32(&qk.0, &qk.2)?;
+    let k: Tensor = gpu.upload_f32(&qk.1, &qk.2)?;
+    let mask = estimate_mask(&gpu, &q, &k, grid, algo)?;
+    Ok((mask.to_dense(&gpu)?, mask.heads(), gpu.caps().name.clone()))
+}
+
+/// The same on the CUDA layer.
+#[cfg(feature = "cuda")]
+fn mask_cuda(
+    c: &nabla::cuda::Cuda,
+    qk: &HostQk,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+) -> Result<(Vec<u8>, usize, String)> {
+    use nabla::cuda::nabla as cn;
+    let mask = match algo {
+        SparseAlgo::Sta(w) => cn::sta_mask(c, grid, *w)?,
+        _ => {
+            let shape = &qk.2;
+            let q = c.upload_as(&qk.0, shape, nabla::DType::F32)?;
+            let k = c.upload_as(&qk.1, shape, nabla::DType::F32)?;
+            let scratch = cn::MaskScratch::alloc(c, shape[0] * shape[1], grid.blocks(), shape[3])?;
+            cn::estimate_mask(c, &q, &k, grid, algo, &scratch)?
+        }
+    };
+    Ok((
+        mask.to_dense(c)?,
+        mask.heads,
+        format!("{} (CUDA)", c.name()),
+    ))
 }
 
 pub fn run(a: MaskArgs) -> Result<()> {
     let algo: SparseAlgo = a.sparse_algo.parse()?;
     let (f, h, w) = parse_grid(&a.grid)?;
     let grid = BlockGrid::from_tokens(f, h, w)?;
-    let gpu = Gpu::new()?;
-    let (q, k) = match &a.qk {
-        Some(p) => load_qk(&gpu, p)?,
+    let qk = match &a.qk {
+        Some(p) => load_qk(p)?,
         None => {
             let s = grid.tokens();
-            let shape = [1, a.heads, s, a.head_dim];
             let q = structured(&grid, a.heads, a.head_dim, Role::Query, a.seed);
             let k = structured(&grid, a.heads, a.head_dim, Role::Key, a.seed);
-            (gpu.upload_f32(&q, &shape)?, gpu.upload_f32(&k, &shape)?)
+            (q, k, vec![1, a.heads, s, a.head_dim])
         }
     };
+    let cuda = super::layer::open(a.backend)?;
     let t0 = std::time::Instant::now();
-    let mask = estimate_mask(&gpu, &q, &k, grid, &algo)?;
-    let dense = mask.to_dense(&gpu)?;
+    let (dense, mask_heads, device) = match &cuda {
+        #[cfg(feature = "cuda")]
+        Some(c) => mask_cuda(c, &qk, grid, &algo)?,
+        #[cfg(not(feature = "cuda"))]
+        Some(never) => match *never {},
+        None => mask_wgpu(&qk, grid, &algo)?,
+    };
     let wall = t0.elapsed().as_secs_f64() * 1e3;
     let nb = grid.blocks();
     println!(
-        "adapter {} | grid {f}x{h}x{w} tokens -> {}x{}x{} = {nb} blocks | {algo}",
-        gpu.caps().name,
-        grid.t,
-        grid.hb,
-        grid.wb
+        "device {device} | grid {f}x{h}x{w} tokens -> {}x{}x{} = {nb} blocks | {algo}",
+        grid.t, grid.hb, grid.wb
     );
-    let dens = mask.density_per_head(&gpu)?;
-    for (i, d) in dens.iter().enumerate() {
+    let per_head: Vec<f64> = dense
+        .chunks(nb * nb)
+        .map(|m| m.iter().filter(|&&b| b != 0).count() as f64 / (nb * nb) as f64)
+        .collect();
+    for (i, d) in per_head.iter().enumerate() {
         println!("head {i:>3}  density {d:.4}");
     }
-    let heads_in = q.shape()[0] * q.shape()[1];
-    if mask.heads() == 1 && heads_in > 1 {
+    let heads_in = qk.2[0] * qk.2[1];
+    if mask_heads == 1 && heads_in > 1 {
         println!("(one mask shared by all {heads_in} heads)");
     }
-    println!(
-        "mean density {:.4}  (estimated + read back in {wall:.1} ms)",
-        mask.density(&gpu)?
-    );
-    write_heatmap(&a.png, &dense, mask.heads(), nb)?;
+    let mean = per_head.iter().sum::<f64>() / per_head.len().max(1) as f64;
+    println!("mean density {mean:.4}  (uploaded, estimated and read back in {wall:.1} ms)");
+    write_heatmap(&a.png, &dense, mask_heads, nb)?;
     println!("heatmap: {}", a.png.display());
     Ok(())
 }
