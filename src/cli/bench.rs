@@ -117,9 +117,17 @@ impl DitRun<'_> {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             let ms = median(&times);
+            // the workspace is allocated once and reused: what is in use after a forward is
+            // its peak (where the layer can tell: CUDA)
+            let in_use = be
+                .memory_info()
+                .map(|(free, total)| total.saturating_sub(free));
             println!(
-                "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB",
-                planned as f64 / 1e9
+                "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB{}",
+                planned as f64 / 1e9,
+                in_use
+                    .map(|u| format!(", device memory in use {:.2} GB", u as f64 / 1e9))
+                    .unwrap_or_default()
             );
             let breakdown = match profiler {
                 Some(p) => {
@@ -134,7 +142,7 @@ impl DitRun<'_> {
                     serde_json::Value::Null
                 }
             };
-            rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "breakdown": breakdown}));
+            rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "device_bytes_in_use": in_use, "breakdown": breakdown}));
         }
         Ok(rows)
     }
