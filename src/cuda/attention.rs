@@ -28,7 +28,8 @@
 //! (`NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1`, `NABLA_CUDA_ATTN_ROWS=16|32`);
 //! [`attention_with`] takes them as an argument (benchmarks).
 
-use super::nabla::{Arg, CudaMask, check_aligned, check_arch, launch, max_shared_bytes, u32_of};
+use super::launch::{Arg, launch, max_shared_bytes};
+use super::nabla::{CudaMask, check_aligned, check_arch, u32_of};
 use super::{Cuda, CudaTensor, cuda_err};
 use crate::error::{Error, Result};
 use crate::gpu::DType;

@@ -15,6 +15,7 @@ use crate::gpu::DType;
 pub mod attention;
 pub mod backend;
 pub mod gemm;
+pub(crate) mod launch;
 pub mod nabla;
 pub mod ops;
 pub mod sources;

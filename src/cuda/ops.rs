@@ -19,12 +19,13 @@
 //! | [`permute_rows`], [`fractal`], [`patchify`], [`unpatchify`] | any 2- or 4-byte type | bit copies |
 //! | [`convert`] | f32 → f16 / bf16 | round to nearest even |
 
-use super::{Cuda, CudaTensor, cuda_err};
+use super::launch::Arg;
+use super::{Cuda, CudaTensor};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
 use crate::ops::linear::Activation;
 use crate::wan::backend::Norm;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 /// The NVRTC module of these kernels.
 const MODULE: &str = "ops";
@@ -35,31 +36,9 @@ const THREADS: u32 = 256;
 /// Upper bound on the blocks of a grid-stride launch (the kernels loop over the rest).
 const MAX_BLOCKS: u64 = 1 << 22;
 
-/// A kernel argument: device addresses and `u64` counts, `u32` sizes, `f32` scalars.
-enum Arg {
-    U64(u64),
-    U32(u32),
-    F32(f32),
-}
-
 /// Launches `name` of `ops.cu` with `args` (in the kernel's parameter order) on the stream.
 fn launch(cuda: &Cuda, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let f = cuda.function(MODULE, super::sources::OPS, name)?;
-    let stream = cuda.stream();
-    let mut b = stream.launch_builder(&f);
-    for a in args {
-        match a {
-            Arg::U64(v) => b.arg(v),
-            Arg::U32(v) => b.arg(v),
-            Arg::F32(v) => b.arg(v),
-        };
-    }
-    // SAFETY: every call site passes the arguments in the order and with the types of the
-    // kernel's signature in ops.cu, and has checked that each tensor covers the elements the
-    // kernel touches.
-    unsafe { b.launch(cfg) }
-        .map(|_| ())
-        .map_err(|e| cuda_err(&format!("launching kernel {name} of ops.cu"), e))
+    super::launch::launch(cuda, MODULE, super::sources::OPS, name, cfg, args)
 }
 
 /// A grid-stride launch over `n` elements.
