@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::cuda::{round_to, upload};
+
 use common::golden::{check, config_of, golden_dir, manifest, tolerance};
 use common::{POISON, Rng, assert_close, rel_l2};
 use nabla::cuda::{Cuda, CudaBackend, CudaTensor, gemm, ops};
@@ -20,7 +22,6 @@ use nabla::wan::backend::{Backend, Norm};
 use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WeightPrecision};
 use nabla::{DType, Error, SparseAlgo, reference};
 use serde_json::Value;
-use std::sync::OnceLock;
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC (no device)
@@ -85,68 +86,6 @@ fn every_source_compiles_with_nvrtc() {
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------
-
-/// The device of this test binary, or `None` without a driver or a GPU.
-fn cuda() -> Option<&'static Cuda> {
-    static CUDA: OnceLock<Option<Cuda>> = OnceLock::new();
-    CUDA.get_or_init(|| {
-        if !nabla::cuda::driver_present() {
-            return None;
-        }
-        match Cuda::new() {
-            Ok(c) => {
-                eprintln!("CUDA device: {c:?}");
-                Some(c)
-            }
-            Err(e) => {
-                eprintln!("CUDA device did not open: {e}");
-                None
-            }
-        }
-    })
-    .as_ref()
-}
-
-/// The device, or return from the test with a note.
-macro_rules! device {
-    () => {
-        match cuda() {
-            Some(c) => c,
-            None => {
-                eprintln!("no CUDA device: skipped");
-                return;
-            }
-        }
-    };
-}
-
-fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-        DType::BF16 => v
-            .iter()
-            .map(|&x| half::bf16::from_f32(x).to_f32())
-            .collect(),
-        _ => v.to_vec(),
-    }
-}
-
-/// Uploads f32 data stored as `dtype` (rounded on the host, nearest even).
-fn upload(c: &Cuda, data: &[f32], shape: &[usize], dtype: DType) -> CudaTensor {
-    let bytes: Vec<u8> = match dtype {
-        DType::F32 => bytemuck::cast_slice(data).to_vec(),
-        DType::F16 => data
-            .iter()
-            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::BF16 => data
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::U32 => panic!("upload of f32 data as u32"),
-    };
-    c.upload_bytes(&bytes, shape, dtype).unwrap()
-}
 
 fn up(c: &Cuda, data: &[f32], shape: &[usize]) -> CudaTensor {
     c.upload_f32(data, shape).unwrap()

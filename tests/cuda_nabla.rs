@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::cuda::{round_to, upload};
+
 use common::golden::{cases, check, golden_dir, tolerance};
 use common::{Rng, assert_close};
 use nabla::cuda::attention::{AttentionOptions, attention, attention_with, bench_attention};
@@ -28,7 +30,6 @@ use nabla::cuda::{Cuda, CudaTensor};
 use nabla::io::TensorFile;
 use nabla::{BlockGrid, DType, SparseAlgo, StaWindow, reference};
 use serde_json::Value;
-use std::sync::OnceLock;
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC (no device)
@@ -183,69 +184,6 @@ fn kernels_assemble_to_sass_without_spills() {
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------
-
-/// The device of this test binary, or `None` without a driver or a GPU.
-fn cuda() -> Option<&'static Cuda> {
-    static CUDA: OnceLock<Option<Cuda>> = OnceLock::new();
-    CUDA.get_or_init(|| {
-        if !nabla::cuda::driver_present() {
-            return None;
-        }
-        match Cuda::new() {
-            Ok(c) => {
-                eprintln!("CUDA device: {c:?}");
-                Some(c)
-            }
-            Err(e) => {
-                eprintln!("CUDA device did not open: {e}");
-                None
-            }
-        }
-    })
-    .as_ref()
-}
-
-/// The device, or return from the test with a note.
-macro_rules! device {
-    () => {
-        match cuda() {
-            Some(c) => c,
-            None => {
-                eprintln!("no CUDA device: skipped");
-                return;
-            }
-        }
-    };
-}
-
-/// The values the device sees after storing `v` as `dtype`.
-fn round_to(v: &[f32], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-        DType::BF16 => v
-            .iter()
-            .map(|&x| half::bf16::from_f32(x).to_f32())
-            .collect(),
-        _ => v.to_vec(),
-    }
-}
-
-fn upload(c: &Cuda, v: &[f32], shape: &[usize], dtype: DType) -> CudaTensor {
-    match dtype {
-        DType::F32 => c.upload_f32(v, shape).unwrap(),
-        DType::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            c.upload_bytes(bytemuck::cast_slice(&h), shape, dtype)
-                .unwrap()
-        }
-        DType::BF16 => {
-            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-            c.upload_bytes(bytemuck::cast_slice(&h), shape, dtype)
-                .unwrap()
-        }
-        DType::U32 => panic!("u32 upload"),
-    }
-}
 
 /// A tensor filled with NaN (every dtype's quiet-NaN pattern).
 fn poisoned(c: &Cuda, shape: &[usize], dtype: DType) -> CudaTensor {

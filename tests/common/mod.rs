@@ -1,6 +1,8 @@
 //! Shared test helpers: one GPU per test binary, seeded random inputs, comparisons that fail on NaN.
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod golden;
 
 use nabla::Gpu;
