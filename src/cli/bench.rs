@@ -582,6 +582,32 @@ fn upload(gpu: &Gpu, x: &[f32], shape: &[usize], dt: DType) -> Result<Tensor> {
     }
 }
 
+/// A mask dump of `bench attention` for `benches/torch_attention.py`: `[BH, Nb, Nb]` u8 masks
+/// with the shape in the metadata.
+pub(super) type MaskDump = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Writes a mask dump (`(heads, head_dim, tokens)` and the block grid in the metadata).
+pub(super) fn write_masks(
+    p: &std::path::Path,
+    masks: &MaskDump,
+    (bh, d, s): (usize, usize, usize),
+    grid: BlockGrid,
+    preset: &str,
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("heads".to_string(), bh.to_string());
+    meta.insert("head_dim".to_string(), d.to_string());
+    meta.insert("tokens".to_string(), s.to_string());
+    meta.insert(
+        "grid".to_string(),
+        format!("{},{},{}", grid.t, grid.hb, grid.wb),
+    );
+    meta.insert("preset".to_string(), preset.to_string());
+    write_safetensors(p, masks, meta)?;
+    eprintln!("masks written to {}", p.display());
+    Ok(())
+}
+
 /// The per-algorithm table of `bench attention` (both layers).
 pub(super) fn print_attention_rows(rows: &[serde_json::Value]) {
     println!(
@@ -790,17 +816,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             .map_err(|e| Error::file(p.clone(), e))?;
     }
     if let Some(p) = &a.masks_out {
-        let mut meta = HashMap::new();
-        meta.insert("heads".to_string(), bh.to_string());
-        meta.insert("head_dim".to_string(), d.to_string());
-        meta.insert("tokens".to_string(), s.to_string());
-        meta.insert(
-            "grid".to_string(),
-            format!("{},{},{}", grid.t, grid.hb, grid.wb),
-        );
-        meta.insert("preset".to_string(), sh.name.clone());
-        write_safetensors(p, &masks_dump, meta)?;
-        eprintln!("masks written to {}", p.display());
+        write_masks(p, &masks_dump, (bh, d, s), grid, &sh.name)?;
     }
     Ok(())
 }

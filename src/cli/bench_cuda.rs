@@ -2,14 +2,12 @@
 //! attention on the same synthetic inputs as the wgpu bench, with the same table, JSON and
 //! mask dump (for `benches/torch_attention.py`).
 
-use super::bench::{AttnArgs, Shape, print_attention_rows, rel_err};
+use super::bench::{AttnArgs, Shape, print_attention_rows, rel_err, write_masks};
 use super::median;
 use nabla::cuda::{Cuda, CudaTensor, attention, nabla as cnabla};
-use nabla::io::write_safetensors;
 use nabla::synth::{Role, structured};
 use nabla::{DType, Error, Result, SparseAlgo};
 use serde_json::json;
-use std::collections::HashMap;
 
 fn upload(c: &Cuda, x: &[f32], shape: &[usize], dt: DType) -> Result<CudaTensor> {
     c.upload_as(x, shape, dt)
@@ -53,7 +51,7 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
     }
     let scratch = cnabla::MaskScratch::alloc(c, bh, nb, d)?;
     let mut rows = Vec::new();
-    let mut masks_dump = Vec::new();
+    let mut masks_dump: super::bench::MaskDump = Vec::new();
     for algo in algos {
         eprintln!("{algo} ...");
         let (mask, mask_ms, stages_ms) = match algo {
@@ -122,17 +120,7 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
             .map_err(|e| Error::file(p.clone(), e))?;
     }
     if let Some(p) = &a.masks_out {
-        let mut meta = HashMap::new();
-        meta.insert("heads".to_string(), bh.to_string());
-        meta.insert("head_dim".to_string(), d.to_string());
-        meta.insert("tokens".to_string(), s.to_string());
-        meta.insert(
-            "grid".to_string(),
-            format!("{},{},{}", grid.t, grid.hb, grid.wb),
-        );
-        meta.insert("preset".to_string(), sh.name.clone());
-        write_safetensors(p, &masks_dump, meta)?;
-        eprintln!("masks written to {}", p.display());
+        write_masks(p, &masks_dump, (bh, d, s), grid, &sh.name)?;
     }
     Ok(())
 }

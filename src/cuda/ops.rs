@@ -507,18 +507,7 @@ fn check_rope_grid(head_dim: usize, grid: (usize, usize, usize), fractal: bool) 
             "RoPE head_dim must be a positive even number (channels form pairs), got {head_dim}"
         )));
     }
-    let (f, h, w) = grid;
-    if f == 0 || h == 0 || w == 0 {
-        return Err(Error::shape(format!(
-            "RoPE grid {f}x{h}x{w} has an empty axis"
-        )));
-    }
-    if fractal && (h % 8 != 0 || w % 8 != 0) {
-        return Err(Error::shape(format!(
-            "fractal RoPE tables need H and W multiples of 8, got grid {f}x{h}x{w}"
-        )));
-    }
-    Ok(())
+    crate::ops::rope::check_grid(grid, fractal)
 }
 
 /// The per-token RoPE tables `(cos, sin)`, f32 `[S, head_dim/2]`, of a patch grid `(F, H, W)` in

@@ -86,7 +86,8 @@ fn check_head_dim(head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_grid(grid: (usize, usize, usize), fractal: bool) -> Result<()> {
+/// Validates a RoPE patch grid (no empty axis; H and W multiples of 8 in fractal order).
+pub(crate) fn check_grid(grid: (usize, usize, usize), fractal: bool) -> Result<()> {
     let (f, h, w) = grid;
     if f == 0 || h == 0 || w == 0 {
         return Err(Error::shape(format!(
