@@ -194,7 +194,10 @@ impl Cuda {
         function: &str,
     ) -> Result<CudaFunction> {
         let m = {
-            let mut cache = self.modules.lock().expect("module cache poisoned");
+            let mut cache = self
+                .modules
+                .lock()
+                .map_err(|_| Error::Cuda("the module cache was poisoned by a panic".into()))?;
             match cache.get(module) {
                 Some(m) => m.clone(),
                 None => {

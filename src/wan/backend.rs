@@ -82,6 +82,8 @@ pub trait Backend {
     /// Runs everything recorded so far.
     fn flush(&mut self) -> Result<()>;
     /// The same tensor seen with another shape.
+    /// (A different element count returns the tensor unchanged: the next op's shape check then
+    /// reports the mismatch.)
     fn reshape(&self, t: &Self::T, shape: &[usize]) -> Self::T;
 
     /// `out = act(x·Wᵀ + b)`.
