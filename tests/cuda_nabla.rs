@@ -20,7 +20,7 @@ mod common;
 use common::cuda::{round_to, upload};
 
 use common::golden::{cases, check, golden_dir, tolerance};
-use common::{Rng, assert_close};
+use common::{Rng, assert_close, check_mask_against_reference, structured_qk};
 use nabla::cuda::attention::{AttentionOptions, attention, attention_with, bench_attention};
 use nabla::cuda::nabla::{
     CudaMask, MaskScratch, estimate_mask, estimate_mask_with_map, mask_from_pooled, pool, sta_mask,
@@ -200,82 +200,6 @@ fn poisoned(c: &Cuda, shape: &[usize], dtype: DType) -> CudaTensor {
 // Masks against the CPU reference
 // ---------------------------------------------------------------------------------------------
 
-/// Structured q/k: a smooth field over the blocks plus noise, peakedness varying per head.
-fn structured_qk(rng: &mut Rng, grid: BlockGrid, heads: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
-    let s = grid.tokens();
-    let centers: Vec<f32> = rng.normals(grid.blocks() * d, 1.0);
-    let mut q = vec![0f32; heads * s * d];
-    let mut k = vec![0f32; heads * s * d];
-    for h in 0..heads {
-        let sharp = 0.5 + 1.5 * h as f32;
-        for t in 0..s {
-            let b = t / 64;
-            for c in 0..d {
-                let base = centers[b * d + c] * sharp;
-                q[(h * s + t) * d + c] = base + rng.normal() * 0.7;
-                k[(h * s + t) * d + c] = base + rng.normal() * 0.7;
-            }
-        }
-    }
-    (q, k)
-}
-
-/// The device mask against the tie-aware reference rule on the device's own block map: STA
-/// entries kept, entries whose cumulative mass is within 1e-5 of the cut skipped, the row
-/// maximum kept, tied entries kept or dropped together.
-fn check_mask(
-    what: &str,
-    mask: &[u8],
-    map: &[f32],
-    rows: usize,
-    nb: usize,
-    algo: &SparseAlgo,
-    grid: &BlockGrid,
-) {
-    let thr = algo.threshold().expect("nabla algo");
-    let (keep, mass) = reference::threshold_mask_ties(map, rows, nb, thr);
-    let cut = (1.0 - thr) as f32 as f64;
-    let sta = algo.sta().map(|w| reference::sta_mask(grid, &w));
-    let mut skipped = 0;
-    for r in 0..rows {
-        for j in 0..nb {
-            let e = r * nb + j;
-            if sta.as_ref().is_some_and(|m| m[(r % nb) * nb + j] == 1) {
-                assert_eq!(mask[e], 1, "{what}: STA entry row {r} col {j} must be kept");
-                continue;
-            }
-            if (mass[e] - cut).abs() < 1e-5 {
-                skipped += 1;
-                continue;
-            }
-            assert_eq!(
-                mask[e], keep[e],
-                "{what}: row {r} col {j}: mass {} cut {cut}",
-                mass[e]
-            );
-        }
-        let row = &map[r * nb..(r + 1) * nb];
-        let jm = (0..nb)
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-            .unwrap_or(0);
-        assert_eq!(mask[r * nb + jm], 1, "{what}: row {r} lost its maximum");
-        if sta.is_none() {
-            for a in 0..nb {
-                for b in a + 1..nb {
-                    if row[a] == row[b] {
-                        assert_eq!(
-                            mask[r * nb + a],
-                            mask[r * nb + b],
-                            "{what}: tie split in row {r} ({a}, {b})"
-                        );
-                    }
-                }
-            }
-        }
-    }
-    eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
-}
-
 fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&str], dt: DType) {
     let c = device!();
     let mut rng = Rng::fresh(tag);
@@ -305,7 +229,7 @@ fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&st
         let map = c.download_f32(scratch.map()).unwrap();
         let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
         assert_close(&format!("{what} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
-        check_mask(&what, &dense, &map, heads * nb, nb, &algo, &grid);
+        check_mask_against_reference(&what, &dense, &map, heads * nb, nb, &algo, &grid);
         // the fast path (no map written) gives the same lists. Only the listed entries are
         // compared: entries past a row's count are never written (uninitialised device memory,
         // which is what made a whole-buffer comparison fail on the H200). The masks view the
@@ -486,7 +410,7 @@ fn mask_ties_kept_together() {
     for thr in [0.0, 0.3, 0.5, 0.8, 1.0] {
         let algo = SparseAlgo::Nabla { thr };
         let (dense, map, _) = from_pooled(c, &qa, &ka, 1, grid, d, &algo);
-        check_mask(
+        check_mask_against_reference(
             &format!("ties thr {thr}"),
             &dense,
             &map,
@@ -509,7 +433,7 @@ fn mask_flat_rows() {
     for thr in [0.0, 0.5, 1.0] {
         let algo = SparseAlgo::Nabla { thr };
         let (dense, map, _) = from_pooled(c, &zeros, &zeros, 1, grid, d, &algo);
-        check_mask(
+        check_mask_against_reference(
             &format!("uniform thr {thr}"),
             &dense,
             &map,
@@ -529,7 +453,7 @@ fn mask_flat_rows() {
     for thr in [0.0, 0.5, 0.9] {
         let algo = SparseAlgo::Nabla { thr };
         let (dense, map, _) = from_pooled(c, &qa, &ka, 1, grid, d, &algo);
-        check_mask(
+        check_mask_against_reference(
             &format!("flat thr {thr}"),
             &dense,
             &map,
@@ -576,7 +500,7 @@ fn mask_extreme_magnitudes() {
     let (dense, map, _) = from_pooled(c, &qa, &ka, 1, grid, d, &algo);
     let map_ref = reference::block_map(&qa, &ka, 1, nb, d);
     assert_close("extreme map", &map, &map_ref, 1e-6, 1e-4, 1e-5);
-    check_mask("extreme", &dense, &map, nb, nb, &algo, &grid);
+    check_mask_against_reference("extreme", &dense, &map, nb, nb, &algo, &grid);
 }
 
 /// One scratch, two grids with the same Nb: the cached STA bitmask follows the grid.
@@ -613,7 +537,7 @@ fn mask_scratch_reuse_across_grids() {
             );
         } else {
             let map = c.download_f32(scratch.map()).unwrap();
-            check_mask(
+            check_mask_against_reference(
                 &format!("{a} {grid:?}"),
                 &dense,
                 &map,

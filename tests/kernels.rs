@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{POISON, Rng, assert_close, gpu};
+use common::{POISON, Rng, assert_close, check_mask_against_reference, gpu, structured_qk};
 use nabla::nabla::{Reduction, estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with};
 use nabla::{BlockGrid, BlockMask, DType, SparseAlgo, reference};
 
@@ -19,74 +19,6 @@ fn reductions(nb: usize) -> Vec<Reduction> {
         eprintln!("no subgroups: only the workgroup reduction is tested");
     }
     v
-}
-
-/// Structured q/k: a smooth field over the block grid plus noise, peakedness varying per head.
-fn structured_qk(rng: &mut Rng, grid: BlockGrid, heads: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
-    let s = grid.tokens();
-    let centers: Vec<f32> = rng.normals(grid.blocks() * d, 1.0);
-    let mut q = vec![0f32; heads * s * d];
-    let mut k = vec![0f32; heads * s * d];
-    for h in 0..heads {
-        let sharp = 0.5 + 1.5 * h as f32;
-        for t in 0..s {
-            let b = t / 64;
-            for c in 0..d {
-                let base = centers[b * d + c] * sharp;
-                q[(h * s + t) * d + c] = base + rng.normal() * 0.7;
-                k[(h * s + t) * d + c] = base + rng.normal() * 0.7;
-            }
-        }
-    }
-    (q, k)
-}
-
-fn check_mask_against_reference(
-    what: &str,
-    gpu_mask: &[u8],
-    map: &[f32],
-    rows: usize,
-    nb: usize,
-    algo: &SparseAlgo,
-    grid: &BlockGrid,
-) {
-    let thr = algo.threshold().expect("nabla algo");
-    let (keep, mass) = reference::threshold_mask_ties(map, rows, nb, thr);
-    let cut = (1.0 - thr) as f32 as f64;
-    let sta = algo.sta().map(|w| reference::sta_mask(grid, &w));
-    let mut skipped = 0;
-    for r in 0..rows {
-        for j in 0..nb {
-            let e = r * nb + j;
-            let sta_on = sta
-                .as_ref()
-                .map(|m| m[(r % nb) * nb + j] == 1)
-                .unwrap_or(false);
-            if sta_on {
-                assert_eq!(
-                    gpu_mask[e], 1,
-                    "{what}: STA entry row {r} col {j} must be kept"
-                );
-                continue;
-            }
-            if (mass[e] - cut).abs() < 1e-5 {
-                skipped += 1;
-                continue;
-            }
-            assert_eq!(
-                gpu_mask[e], keep[e],
-                "{what}: row {r} col {j}: mass {} cut {cut}",
-                mass[e]
-            );
-        }
-        // the row maximum is always kept
-        let row = &map[r * nb..(r + 1) * nb];
-        let jm = (0..nb)
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-            .unwrap_or(0);
-        assert_eq!(gpu_mask[r * nb + jm], 1, "{what}: row {r} lost its maximum");
-    }
-    eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
 }
 
 fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&str], f16: bool) {

@@ -5,7 +5,7 @@
 pub mod cuda;
 pub mod golden;
 
-use nabla::Gpu;
+use nabla::{BlockGrid, Gpu, SparseAlgo, reference};
 use std::sync::OnceLock;
 
 /// The GPU for this test binary (the software driver in CI).
@@ -96,4 +96,85 @@ pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32, l2: 
         "{what}: rel L2 {e:.2e}, max abs {:.2e} at {}",
         worst.1, worst.0
     );
+}
+
+/// Structured q/k: a smooth field over the blocks plus noise, peakedness varying per head.
+pub fn structured_qk(
+    rng: &mut Rng,
+    grid: BlockGrid,
+    heads: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let s = grid.tokens();
+    let centers: Vec<f32> = rng.normals(grid.blocks() * d, 1.0);
+    let mut q = vec![0f32; heads * s * d];
+    let mut k = vec![0f32; heads * s * d];
+    for h in 0..heads {
+        let sharp = 0.5 + 1.5 * h as f32;
+        for t in 0..s {
+            let b = t / 64;
+            for c in 0..d {
+                let base = centers[b * d + c] * sharp;
+                q[(h * s + t) * d + c] = base + rng.normal() * 0.7;
+                k[(h * s + t) * d + c] = base + rng.normal() * 0.7;
+            }
+        }
+    }
+    (q, k)
+}
+
+/// The device mask against the tie-aware reference rule on the device's own block map: STA
+/// entries kept, entries whose cumulative mass is within 1e-5 of the cut skipped, the row
+/// maximum kept, tied entries kept or dropped together.
+pub fn check_mask_against_reference(
+    what: &str,
+    mask: &[u8],
+    map: &[f32],
+    rows: usize,
+    nb: usize,
+    algo: &SparseAlgo,
+    grid: &BlockGrid,
+) {
+    let thr = algo.threshold().expect("nabla algo");
+    let (keep, mass) = reference::threshold_mask_ties(map, rows, nb, thr);
+    let cut = (1.0 - thr) as f32 as f64;
+    let sta = algo.sta().map(|w| reference::sta_mask(grid, &w));
+    let mut skipped = 0;
+    for r in 0..rows {
+        for j in 0..nb {
+            let e = r * nb + j;
+            if sta.as_ref().is_some_and(|m| m[(r % nb) * nb + j] == 1) {
+                assert_eq!(mask[e], 1, "{what}: STA entry row {r} col {j} must be kept");
+                continue;
+            }
+            if (mass[e] - cut).abs() < 1e-5 {
+                skipped += 1;
+                continue;
+            }
+            assert_eq!(
+                mask[e], keep[e],
+                "{what}: row {r} col {j}: mass {} cut {cut}",
+                mass[e]
+            );
+        }
+        let row = &map[r * nb..(r + 1) * nb];
+        let jm = (0..nb)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap_or(0);
+        assert_eq!(mask[r * nb + jm], 1, "{what}: row {r} lost its maximum");
+        if sta.is_none() {
+            for a in 0..nb {
+                for b in a + 1..nb {
+                    if row[a] == row[b] {
+                        assert_eq!(
+                            mask[r * nb + a],
+                            mask[r * nb + b],
+                            "{what}: tie split in row {r} ({a}, {b})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
 }
