@@ -524,6 +524,14 @@ fn golden_wan_dit() {
                     let (want, _) = f.u8(n).unwrap();
                     let got = &tr.masks[&format!("layer{layer}")];
                     assert_eq!(got, &want, "{name}/{n}: block mask of layer {layer}");
+                    // the density the trace reads from the lists' counts is the dense mask's
+                    let ones = got.iter().filter(|&&b| b != 0).count() as f64;
+                    let d = tr.densities[&format!("layer{layer}")];
+                    assert!(
+                        (d - ones / got.len() as f64).abs() < 1e-12,
+                        "{name}/{n}: density {d} of layer {layer} vs {} from the mask",
+                        ones / got.len() as f64
+                    );
                     eprintln!("{name}/{n}: exact");
                 } else if n.starts_with("out_") {
                     check(

@@ -109,7 +109,10 @@ impl DitRun<'_> {
                 .unwrap_or_else(|| "dense".into());
             let planned =
                 model.weight_bytes() + model.activation_bytes((t, lh, lw), algo.is_some());
-            model.forward(be, self.input, algo.as_ref(), None)?;
+            // the warm-up forward also reads back each layer's mask density (counts only)
+            let mut tr = nabla::wan::Trace::densities_only();
+            model.forward(be, self.input, algo.as_ref(), Some(&mut tr))?;
+            let density = tr.mean_density();
             let mut times = Vec::new();
             for _ in 0..self.reps.max(1) {
                 let t0 = std::time::Instant::now();
@@ -123,7 +126,10 @@ impl DitRun<'_> {
                 .memory_info()
                 .map(|(free, total)| total.saturating_sub(free));
             println!(
-                "{name:<24} forward {ms:>10.1} ms   planned memory {:.2} GB{}",
+                "{name:<24} forward {ms:>10.1} ms{}   planned memory {:.2} GB{}",
+                density
+                    .map(|d| format!("   mask density {d:.3} (mean of the layers)"))
+                    .unwrap_or_default(),
                 planned as f64 / 1e9,
                 in_use
                     .map(|u| format!(", device memory in use {:.2} GB", u as f64 / 1e9))
@@ -142,7 +148,7 @@ impl DitRun<'_> {
                     serde_json::Value::Null
                 }
             };
-            rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "device_bytes_in_use": in_use, "breakdown": breakdown}));
+            rows.push(json!({"algo": name, "forward_ms": ms, "samples_ms": times, "planned_bytes": planned, "device_bytes_in_use": in_use, "density": density, "layer_densities": tr.densities, "breakdown": breakdown}));
         }
         Ok(rows)
     }

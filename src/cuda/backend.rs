@@ -344,6 +344,9 @@ impl Backend for CudaBackend<'_> {
     fn mask_dense(&mut self, m: &CudaMask) -> Result<Vec<u8>> {
         m.to_dense(self.cuda)
     }
+    fn mask_density(&mut self, m: &CudaMask) -> Result<f64> {
+        m.density(self.cuda)
+    }
     fn attention(
         &mut self,
         q: &CudaTensor,

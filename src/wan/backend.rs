@@ -174,6 +174,8 @@ pub trait Backend {
     ) -> Result<Self::M>;
     /// The dense `[heads, Nb, Nb]` 0/1 form of a mask (for inspection).
     fn mask_dense(&mut self, m: &Self::M) -> Result<Vec<u8>>;
+    /// The fraction of blocks a mask lists (reads back only its per-row counts).
+    fn mask_density(&mut self, m: &Self::M) -> Result<f64>;
     /// Attention of `q` `[1, H, Sq, D]` over `k`, `v` `[1, H, Skv, D]` (dense or block-sparse).
     fn attention(
         &mut self,
@@ -387,6 +389,10 @@ impl<'g> Backend for WgpuBackend<'g> {
     fn mask_dense(&mut self, m: &WgpuMask) -> Result<Vec<u8>> {
         self.flush()?;
         m.0.to_dense(self.gpu)
+    }
+    fn mask_density(&mut self, m: &WgpuMask) -> Result<f64> {
+        self.flush()?;
+        m.0.density(self.gpu)
     }
     fn attention(
         &mut self,

@@ -102,6 +102,27 @@ pub struct Trace {
     pub tensors: BTreeMap<String, Vec<f32>>,
     /// Block masks per layer (`layer{l}`), dense `[heads, Nb, Nb]` 0/1.
     pub masks: BTreeMap<String, Vec<u8>>,
+    /// Mask density per layer (`layer{l}`): listed blocks over all blocks of all mask heads.
+    pub densities: BTreeMap<String, f64>,
+    /// Collect only [`Trace::densities`] (a count read-back per layer), no tensors or dense
+    /// masks: cheap enough for benchmarks of the real shapes.
+    pub densities_only: bool,
+}
+
+impl Trace {
+    /// A trace that records only the mask density of every layer.
+    pub fn densities_only() -> Trace {
+        Trace {
+            densities_only: true,
+            ..Trace::default()
+        }
+    }
+
+    /// The mean of the per-layer densities (`None` without sparse layers).
+    pub fn mean_density(&self) -> Option<f64> {
+        (!self.densities.is_empty())
+            .then(|| self.densities.values().sum::<f64>() / self.densities.len() as f64)
+    }
 }
 
 /// The inputs of one DiT forward.
@@ -537,7 +558,7 @@ impl<B: Backend> Dit<B> {
         be.activation(&ws.e, Activation::Silu, &ws.se)?;
         w.proj.run(be, &ws.se, Activation::None, &ws.e0)?;
         be.add(&w.head_mod, &ws.e, &ws.hmods)?;
-        if trace.is_some() {
+        if trace.as_ref().is_some_and(|t| !t.densities_only) {
             let e = be.download(&ws.e)?;
             let e0 = be.download(&ws.e0)?;
             let tr = trace
@@ -597,7 +618,11 @@ impl<B: Backend> Dit<B> {
                 (Some(algo), Some(g), Some(scr)) => {
                     let m = be.estimate_mask(&ws.qh, &ws.kh, g, algo, scr)?;
                     if let Some(tr) = trace.as_deref_mut() {
-                        tr.masks.insert(format!("layer{li}"), be.mask_dense(&m)?);
+                        tr.densities
+                            .insert(format!("layer{li}"), be.mask_density(&m)?);
+                        if !tr.densities_only {
+                            tr.masks.insert(format!("layer{li}"), be.mask_dense(&m)?);
+                        }
                     }
                     Mask::Sparse(m)
                 }
@@ -687,7 +712,9 @@ fn keep<B: Backend>(
     name: &str,
     t: &B::T,
 ) -> Result<()> {
-    if let Some(tr) = trace.as_deref_mut() {
+    if let Some(tr) = trace.as_deref_mut()
+        && !tr.densities_only
+    {
         let v = be.download(t)?;
         tr.tensors.insert(name.to_string(), v);
     }
