@@ -329,10 +329,6 @@ pub mod cuda {
     use crate::ops::linear::Activation;
     use crate::reference;
 
-    fn up(c: &Cuda, dt: DType, x: &[f32], shape: &[usize]) -> Result<CudaTensor> {
-        c.upload_as(x, shape, dt)
-    }
-
     /// A NaN-poisoned output (an element the kernel does not write fails the check).
     fn poisoned(c: &Cuda, shape: &[usize], dt: DType) -> Result<CudaTensor> {
         let t = c.empty(shape, dt)?;
@@ -360,7 +356,7 @@ pub mod cuda {
                     gemm::linear(
                         c,
                         &c.upload_f32(&x, &[m, k])?,
-                        &up(c, wdt, &w, &[n, k])?,
+                        &c.upload_as(&w, &[n, k], wdt)?,
                         Some(&c.upload_f32(&bias, &[n])?),
                         act,
                         &o,
@@ -408,9 +404,9 @@ pub mod cuda {
                 let o = poisoned(c, &[1, h, sq, d], dt)?;
                 attention::attention(
                     c,
-                    &up(c, dt, &q, &[1, h, sq, d])?,
-                    &up(c, dt, &k, &[1, h, skv, d])?,
-                    &up(c, dt, &v, &[1, h, skv, d])?,
+                    &c.upload_as(&q, &[1, h, sq, d], dt)?,
+                    &c.upload_as(&k, &[1, h, skv, d], dt)?,
+                    &c.upload_as(&v, &[1, h, skv, d], dt)?,
                     mask.as_ref(),
                     &o,
                 )?;
@@ -450,8 +446,8 @@ pub mod cuda {
             let scratch = nabla::MaskScratch::alloc(c, h, nb, d)?;
             let mask = nabla::estimate_mask(
                 c,
-                &up(c, DType::F16, &q, &[1, h, s, d])?,
-                &up(c, DType::F16, &k, &[1, h, s, d])?,
+                &c.upload_as(&q, &[1, h, s, d], DType::F16)?,
+                &c.upload_as(&k, &[1, h, s, d], DType::F16)?,
                 g,
                 &alg,
                 &scratch,

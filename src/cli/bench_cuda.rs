@@ -4,14 +4,10 @@
 
 use super::bench::{AttnArgs, Shape, print_attention_rows, rel_err, write_masks};
 use super::median;
-use nabla::cuda::{Cuda, CudaTensor, attention, nabla as cnabla};
+use nabla::cuda::{Cuda, attention, nabla as cnabla};
 use nabla::synth::{Role, structured};
 use nabla::{DType, Error, Result, SparseAlgo};
 use serde_json::json;
-
-fn upload(c: &Cuda, x: &[f32], shape: &[usize], dt: DType) -> Result<CudaTensor> {
-    c.upload_as(x, shape, dt)
-}
 
 /// Runs the attention bench on the CUDA layer.
 pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]) -> Result<()> {
@@ -34,9 +30,9 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
     let k = structured(&grid, bh, d, Role::Key, a.seed);
     let v = structured(&grid, bh, d, Role::Value, a.seed);
     let (qt, kt, vt) = (
-        upload(c, &q, &shape, dt)?,
-        upload(c, &k, &shape, dt)?,
-        upload(c, &v, &shape, dt)?,
+        c.upload_as(&q, &shape, dt)?,
+        c.upload_as(&k, &shape, dt)?,
+        c.upload_as(&v, &shape, dt)?,
     );
     drop((q, k, v));
     let flop_dense = 4.0 * (s as f64).powi(2) * d as f64 * bh as f64;

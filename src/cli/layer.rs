@@ -1,7 +1,9 @@
 //! `--backend wgpu|cuda|auto`: which device layer a command computes on.
 
+#[cfg(not(feature = "cuda"))]
+use nabla::Error;
+use nabla::Result;
 use nabla::wan::pipeline::DitLayer;
-use nabla::{Error, Result};
 
 /// The device layer asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -61,15 +63,4 @@ pub fn dit_layer(cuda: &Option<CudaDev>) -> DitLayer<'_> {
         Some(never) => match *never {},
         None => DitLayer::Wgpu,
     }
-}
-
-/// Refuses `cuda` for a command that has no CUDA path yet.
-#[allow(dead_code)]
-pub fn wgpu_only(arg: BackendArg, what: &str) -> Result<()> {
-    if arg == BackendArg::Cuda {
-        return Err(Error::Invalid(format!(
-            "--backend cuda: {what} runs on wgpu only; use --backend wgpu"
-        )));
-    }
-    Ok(())
 }
