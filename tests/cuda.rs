@@ -66,7 +66,7 @@ fn every_source_compiles_with_nvrtc() {
         "the ops module is registered"
     );
     for (name, src) in sources {
-        for arch in ["sm_80", "sm_90"] {
+        for &arch in nabla::cuda::sources::archs(name) {
             let ptx = nabla::cuda::compile_ptx(name, src, arch)
                 .unwrap_or_else(|e| panic!("{name}.cu for {arch}: {e}"));
             let text = ptx.to_src();

@@ -21,7 +21,9 @@ use common::cuda::{round_to, upload};
 
 use common::golden::{cases, check, golden_dir, tolerance};
 use common::{Rng, assert_close, check_mask_against_reference, structured_qk};
-use nabla::cuda::attention::{AttentionOptions, attention, attention_with, bench_attention};
+use nabla::cuda::attention::{
+    AttentionOptions, AttnKernel, attention, attention_with, bench_attention,
+};
 use nabla::cuda::nabla::{
     CudaMask, MaskScratch, estimate_mask, estimate_mask_with_map, mask_from_pooled, pool, sta_mask,
     time_mask_stages,
@@ -68,6 +70,15 @@ const KERNELS: &[(&str, &[&str])] = &[
             "attn_f32_d128",
         ],
     ),
+    (
+        "attention_sm90a",
+        &[
+            "attn_wg_f16_d64",
+            "attn_wg_f16_d128",
+            "attn_wg_bf16_d64",
+            "attn_wg_bf16_d128",
+        ],
+    ),
 ];
 
 /// Whether NVRTC tests should run; panics when NVRTC is missing and skipping was not asked for.
@@ -100,7 +111,7 @@ fn nabla_and_attention_compile_with_nvrtc() {
         return;
     }
     for (name, kernels) in KERNELS {
-        for arch in ["sm_80", "sm_90"] {
+        for &arch in nabla::cuda::sources::archs(name) {
             let ptx = nabla::cuda::compile_ptx(name, source(name), arch)
                 .unwrap_or_else(|e| panic!("{name}.cu for {arch}: {e}"));
             let text = ptx.to_src();
@@ -115,59 +126,28 @@ fn nabla_and_attention_compile_with_nvrtc() {
     }
 }
 
-/// NVRTC with a real architecture runs ptxas: compiles `src` to SASS and returns the log of
-/// `-Xptxas -v` (registers, spills), or the compile log as the error.
-fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<String, String> {
-    use cudarc::nvrtc::{result, sys};
-    let csrc = std::ffi::CString::new(src).map_err(|e| e.to_string())?;
-    let cname = std::ffi::CString::new(format!("{name}.cu")).map_err(|e| e.to_string())?;
-    let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| format!("{e:?}"))?;
-    let opts = [
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".to_string(),
-        "-Xptxas=-v".to_string(),
-    ];
-    // SAFETY: `prog` was just created and is destroyed once below.
-    let compiled = unsafe { result::compile_program(prog, &opts) };
-    // SAFETY: as above.
-    let log = unsafe { result::get_program_log(prog) }.map_err(|e| format!("{e:?}"))?;
-    let log: Vec<u8> = log
-        .iter()
-        .map(|&c| c as u8)
-        .take_while(|&c| c != 0)
-        .collect();
-    let log = String::from_utf8_lossy(&log).into_owned();
-    let mut size = 0usize;
-    // SAFETY: as above; `size` outlives the call.
-    let cubin = compiled.is_ok()
-        && unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
-            .result()
-            .is_ok();
-    // SAFETY: as above.
-    let _ = unsafe { result::destroy_program(prog) };
-    match compiled {
-        Ok(()) if cubin && size > 0 => Ok(log),
-        Ok(()) => Err(format!("no cubin was produced:\n{log}")),
-        Err(e) => Err(format!("{e:?}:\n{log}")),
-    }
-}
-
 #[test]
 fn kernels_assemble_to_sass_without_spills() {
     if !nvrtc_or_skip() {
         return;
     }
     for (name, _) in KERNELS {
-        for arch in ["sm_80", "sm_90"] {
-            let log = compile_cubin(name, source(name), arch)
+        for &arch in nabla::cuda::sources::archs(name) {
+            let log = nabla::cuda::compile_cubin(name, source(name), arch)
                 .unwrap_or_else(|e| panic!("ptxas on {name}.cu for {arch}: {e}"));
+            // ptxas serializes wgmma it cannot keep in flight (a silent 2x); never accept it
+            assert!(
+                !log.contains("serialized"),
+                "ptxas serialized wgmma in {name}.cu for {arch}:\n{log}"
+            );
             // "Function properties for K" is followed by "... N bytes spill stores, ..."
             let mut current = String::new();
             for line in log.lines() {
                 if let Some(f) = line.split("Function properties for ").nth(1) {
                     current = f.trim().to_string();
                 }
-                if line.contains("spill stores") && *name == "attention" && arch == "sm_90" {
+                if line.contains("spill stores") && name.starts_with("attention") && arch != "sm_80"
+                {
                     assert!(
                         line.contains(" 0 bytes spill stores"),
                         "{name}.cu {current} spills registers on {arch}: {line}"
@@ -796,9 +776,11 @@ fn golden_nabla_masks_cuda() {
 // Attention against the CPU reference
 // ---------------------------------------------------------------------------------------------
 
-/// Kernel options: `stages`, query rows per warp, rotated walk.
+/// Options of the mma.sync kernel: `stages`, query rows per warp, rotated walk. `run_attention`
+/// also runs every 16-row case through the wgmma kernel on a compute-capability-9.0 device.
 fn o(stages: usize, rows_per_warp: usize, rotate: bool) -> AttentionOptions {
     AttentionOptions {
+        kernel: AttnKernel::MmaSync,
         stages,
         rotate,
         rows_per_warp,
@@ -863,21 +845,31 @@ fn run_attention(
     let qt = upload(c, &q, &[b, h, sq, d], dt);
     let kt = upload(c, &k, &[b, h, skv, d], dt);
     let vt = upload(c, &v, &[b, h, skv, d], dt);
-    let out = poisoned(c, &[b, h, sq, d], dt);
-    attention_with(c, &qt, &kt, &vt, cm.as_ref(), &out, opts).unwrap();
-    let got = c.download_f32(&out).unwrap();
     let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (bh, sq, skv, d));
     let (atol, rtol, l2) = attn_tol(dt);
-    assert_close(
-        &format!(
-            "attention {dt:?} b{b} h{h} sq{sq} skv{skv} d{d} mask {mask:?} {opts:?} boost={boost}"
-        ),
-        &got,
-        &want,
-        atol,
-        rtol,
-        l2,
-    );
+    let mut variants = vec![opts];
+    if c.compute_capability() == (9, 0) && opts.rows_per_warp == 16 && dt != DType::F32 {
+        variants.push(AttentionOptions {
+            kernel: AttnKernel::Wgmma,
+            ..opts
+        });
+    }
+    for opts in variants {
+        let out = poisoned(c, &[b, h, sq, d], dt);
+        attention_with(c, &qt, &kt, &vt, cm.as_ref(), &out, opts).unwrap();
+        let got = c.download_f32(&out).unwrap();
+        assert_close(
+            &format!(
+                "attention {dt:?} b{b} h{h} sq{sq} skv{skv} d{d} mask {mask:?} {opts:?} \
+                 boost={boost}"
+            ),
+            &got,
+            &want,
+            atol,
+            rtol,
+            l2,
+        );
+    }
 }
 
 #[test]
@@ -1375,4 +1367,34 @@ fn timing_helpers_report_positive_times() {
         }
     }
     assert!(mask.density(c).unwrap() > 0.0);
+}
+
+/// The kernel choice needs no GPU: `Auto` is wgmma exactly on compute capability 9.0, and asking
+/// for wgmma elsewhere is an error naming the fallback.
+#[test]
+fn attention_kernel_choice_by_architecture() {
+    for (cc, want) in [
+        ((8, 0), AttnKernel::MmaSync),
+        ((8, 9), AttnKernel::MmaSync),
+        ((9, 0), AttnKernel::Wgmma),
+        ((10, 0), AttnKernel::MmaSync),
+    ] {
+        assert_eq!(AttnKernel::Auto.resolve(cc, "gpu").unwrap(), want, "{cc:?}");
+        assert_eq!(
+            AttnKernel::MmaSync.resolve(cc, "gpu").unwrap(),
+            AttnKernel::MmaSync
+        );
+    }
+    assert_eq!(
+        AttnKernel::Wgmma.resolve((9, 0), "H200").unwrap(),
+        AttnKernel::Wgmma
+    );
+    let e = AttnKernel::Wgmma
+        .resolve((8, 6), "RTX 3090")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("RTX 3090") && e.contains("8.6") && e.contains("NABLA_CUDA_ATTN_KERNEL=mma"),
+        "{e}"
+    );
 }

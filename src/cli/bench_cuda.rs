@@ -94,11 +94,18 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
     }
     let dense_tflops = flop_dense / (dense_ms * 1e-3) / 1e12;
     let (ccmaj, ccmin) = c.compute_capability();
+    let kernel = opts.kernel.resolve(c.compute_capability(), c.name())?;
     println!();
     println!("device   {} (CUDA, sm_{ccmaj}{ccmin})", c.name());
     println!(
-        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64 | storage {dt:?}, kernel mma.sync ({} stages)",
-        sh.name, opts.stages
+        "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64 | storage {dt:?}, kernel {} ({} stages)",
+        sh.name,
+        kernel.label(),
+        if kernel == attention::AttnKernel::Wgmma {
+            2
+        } else {
+            opts.stages
+        }
     );
     println!(
         "dense    {dense_ms:.3} ms ({dense_tflops:.1} TFLOP/s, {:.1} TFLOP)",

@@ -1,32 +1,39 @@
-//! Block-sparse flash attention on CUDA tensor cores (`src/cuda/kernels/attention.cu`).
+//! Block-sparse flash attention on CUDA tensor cores (`src/cuda/kernels/attention.cu`, and
+//! `attention_sm90a.cu` on Hopper).
 //!
-//! One CTA computes one 64-row query block (one mask row) of one head with 4 warps × 16 rows:
-//! Q is held in registers, the listed 64-key blocks stream through a ring of shared-memory
-//! stages by `cp.async` (block n + stages − 1 in flight while block n is computed),
-//! `S = QKᵀ` and `O += PV` run on `mma.sync.m16n8k16` (f16 or bf16 operands, f32 accumulators,
-//! fragments by `ldmatrix`), the softmax is online in base 2 with f32 statistics. Ragged tails
-//! are handled (keys ≥ Skv masked, query rows ≥ Sq not written), a mask may have one shared head
-//! or one per head (B·H), and an empty list gives 0. f32 inputs run a plain f32 kernel (for
-//! parity work, not tuned).
+//! One CTA computes one 64-row query block (one mask row) of one head: the listed 64-key blocks
+//! stream through shared memory by `cp.async`, `S = QKᵀ` and `O += PV` run on tensor cores (f16 or
+//! bf16 operands, f32 accumulators), the softmax is online in base 2 with f32 statistics and a
+//! lazy rescale. Ragged tails are handled (keys ≥ Skv masked, query rows ≥ Sq not written), a
+//! mask may have one shared head or one per head (B·H), and an empty list gives 0. f32 inputs run
+//! a plain f32 kernel (for parity work, not tuned).
 //!
 //! | dtype | head dim | kernel | shared memory |
 //! |---|---|---|---|
-//! | f16, bf16 | 64, 128 | tensor cores, 4 warps × 16 rows, 2 stages (default) or 3 | stages · 2 · 64 · D · 2 B (D = 128: 64 / 96 KiB) |
-//! | f16, bf16 | 64, 128 | tensor cores, 2 warps × 32 rows, 2 stages | (64 · D + 2 · 2 · 64 · D) · 2 B (D = 128: 80 KiB) |
+//! | f16, bf16 | 64, 128 | `wgmma` (sm_90a; default on compute capability 9.0): one warpgroup, Q + 2 stages of K and V tiles in the 128-byte swizzle | 1 KiB + 5 · 64 · D · 2 B (D = 128: 81 KiB) |
+//! | f16, bf16 | 64, 128 | `mma.sync.m16n8k16` (default elsewhere), 4 warps × 16 rows, 3 stages (default) or 2 | stages · 2 · 64 · D · 2 B (D = 128: 96 / 64 KiB) |
+//! | f16, bf16 | 64, 128 | `mma.sync`, 2 warps × 32 rows, 2 stages | (64 · D + 2 · 2 · 64 · D) · 2 B (D = 128: 80 KiB) |
 //! | f32 | 64, 128 | f32 SIMT, 16-key tiles | 16 · D · 8 B |
 //!
-//! The 32-row form feeds every K/V fragment read from shared memory to two `mma` (the 16-row
-//! form re-reads the whole K and V tiles per 16 rows, which bounds it by shared-memory bandwidth
-//! on Hopper) at the cost of 255 registers per thread and Q re-read from shared memory; which is
-//! faster is for the benchmark to say (`NABLA_CUDA_ATTN_ROWS=32`).
+//! The `wgmma` kernel runs `S = QKᵀ` as `wgmma.m64n64k16` with Q and K from shared memory and
+//! `O += PV` as `wgmma.m64n{D}k16` with P from registers and V read transposed from shared
+//! memory; P·V of block n is left running while block n + 1's copies are waited for and its S
+//! issued. On the H200 at wan14b-720p it runs 1.35–1.4× the `mma.sync` kernel (dense 226–236 ms,
+//! sparse ~400 effective TFLOP/s, FlexAttention's rate); the other forms measured are listed in
+//! `attention_sm90a.cu`.
+//!
+//! The 32-row `mma.sync` form feeds every K/V fragment read from shared memory to two `mma` (the
+//! 16-row form re-reads the whole K and V tiles per 16 rows) at the cost of 255 registers per
+//! thread; it ran 20 % slower on the H200 (`NABLA_CUDA_ATTN_ROWS=32`).
 //!
 //! Each CTA walks its list starting at entry `query block mod count` (wrapping around), so the
 //! CTAs of a head do not all stream the same K/V block at once (order does not change the result
 //! beyond rounding).
 //!
 //! [`attention`] reads its [`AttentionOptions`] from the environment
-//! (`NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1`, `NABLA_CUDA_ATTN_ROWS=16|32`);
-//! [`attention_with`] takes them as an argument (benchmarks).
+//! (`NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma`, `NABLA_CUDA_ATTN_STAGES=2|3`,
+//! `NABLA_CUDA_ATTN_ROTATE=0|1`, `NABLA_CUDA_ATTN_ROWS=16|32`); [`attention_with`] takes them as
+//! an argument (benchmarks).
 
 use super::launch::{Arg, launch, max_shared_bytes};
 use super::nabla::{CudaMask, check_aligned, check_arch, u32_of};
@@ -37,8 +44,10 @@ use crate::nabla::BLOCK;
 use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUevent_flags;
 
-/// The NVRTC module of these kernels.
+/// The NVRTC module of the mma.sync and f32 kernels.
 const MODULE: &str = "attention";
+/// The NVRTC module of the wgmma kernels (sm_90a).
+const MODULE_SM90A: &str = "attention_sm90a";
 
 /// Validates q, k, v, out and the mask; returns (B·H, Sq, Skv, D).
 fn check(
@@ -118,23 +127,68 @@ fn check(
     Ok((b * h, sq, skv, d))
 }
 
-/// Tuning knobs of the tensor-core attention kernels (the f32 kernel ignores `stages`).
+/// Which tensor-core attention kernel runs (f16 / bf16 inputs; f32 always runs the f32 kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `wgmma` on Hopper (compute capability 9.0), `mma.sync` elsewhere.
+    Auto,
+    /// `mma.sync.m16n8k16` (`attention.cu`; every architecture from sm_80).
+    MmaSync,
+    /// Warpgroup MMA (`attention_sm90a.cu`; compute capability 9.0 only).
+    Wgmma,
+}
+
+impl AttnKernel {
+    /// The kernel that runs on a device of compute capability `cc`, or an error when `Wgmma`
+    /// is asked for elsewhere than 9.0.
+    pub fn resolve(self, cc: (i32, i32), device: &str) -> Result<AttnKernel> {
+        match self {
+            AttnKernel::Auto if cc == (9, 0) => Ok(AttnKernel::Wgmma),
+            AttnKernel::Auto => Ok(AttnKernel::MmaSync),
+            AttnKernel::Wgmma if cc != (9, 0) => Err(Error::Unsupported {
+                adapter: device.to_string(),
+                feature: "wgmma (compute capability 9.0)",
+                what: format!(
+                    "the warpgroup-MMA attention kernel on compute capability {}.{}; use the \
+                     mma.sync kernel (NABLA_CUDA_ATTN_KERNEL=mma or auto)",
+                    cc.0, cc.1
+                ),
+            }),
+            k => Ok(k),
+        }
+    }
+
+    /// Short name for tables: `mma.sync` or `wgmma`.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttnKernel::Auto => "auto",
+            AttnKernel::MmaSync => "mma.sync",
+            AttnKernel::Wgmma => "wgmma",
+        }
+    }
+}
+
+/// Tuning knobs of the tensor-core attention kernels (`stages` and `rows_per_warp` apply to the
+/// `mma.sync` kernel only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionOptions {
+    /// Which tensor-core kernel (default [`AttnKernel::Auto`]).
+    pub kernel: AttnKernel,
     /// K/V pipeline stages in shared memory: 3 (default; D = 128: 96 KiB, 2 CTAs per SM) or 2
     /// (64 KiB, 3 CTAs per SM). On the H200 at wan14b-720p, 3 stages ran 5 % faster (dense
     /// 316 vs 333 ms, nabla-0.4 53.4 vs 56.5 ms); 32 rows per warp ran 20 % slower.
     pub stages: usize,
     /// Start each query block's walk at entry `qb mod count` (default) instead of entry 0.
     pub rotate: bool,
-    /// Query rows per warp: 16 (4 warps per 64-row block, default) or 32 (2 warps; 2 stages
-    /// only).
+    /// Query rows per warp of the `mma.sync` kernel: 16 (4 warps per 64-row block, default) or
+    /// 32 (2 warps; 2 stages only). The `wgmma` kernel always runs one warpgroup per block.
     pub rows_per_warp: usize,
 }
 
 impl Default for AttentionOptions {
     fn default() -> Self {
         AttentionOptions {
+            kernel: AttnKernel::Auto,
             stages: 3,
             rotate: true,
             rows_per_warp: 16,
@@ -143,10 +197,24 @@ impl Default for AttentionOptions {
 }
 
 impl AttentionOptions {
-    /// The defaults, overridden by `NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1`
-    /// and `NABLA_CUDA_ATTN_ROWS=16|32`.
+    /// The defaults, overridden by `NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma`,
+    /// `NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1` and `NABLA_CUDA_ATTN_ROWS=16|32`.
     pub fn from_env() -> Result<AttentionOptions> {
         let mut o = AttentionOptions::default();
+        if let Ok(v) = std::env::var("NABLA_CUDA_ATTN_KERNEL") {
+            o.kernel = match v.trim() {
+                "auto" => AttnKernel::Auto,
+                "mma" => AttnKernel::MmaSync,
+                "wgmma" => AttnKernel::Wgmma,
+                _ => {
+                    return Err(Error::BadEnv {
+                        var: "NABLA_CUDA_ATTN_KERNEL",
+                        value: v,
+                        expected: "auto, mma or wgmma (the tensor-core attention kernel)",
+                    });
+                }
+            };
+        }
         if let Ok(v) = std::env::var("NABLA_CUDA_ATTN_STAGES") {
             o.stages = match v.trim() {
                 "2" => 2,
@@ -224,7 +292,12 @@ pub fn attention_with(
             "attention: {stages} pipeline stages; use 2 or 3"
         )));
     }
+    let kernel = opts
+        .kernel
+        .resolve(cuda.compute_capability(), cuda.name())?;
+    let wg = kernel == AttnKernel::Wgmma && q.dtype != DType::F32;
     let wide = match opts.rows_per_warp {
+        _ if wg => false,
         16 => false,
         32 if stages == 2 => true,
         32 => {
@@ -247,6 +320,14 @@ pub fn attention_with(
     };
     let (name, threads, smem) = if q.dtype == DType::F32 {
         (format!("attn_f32_d{d}"), 256, 0usize)
+    } else if wg {
+        // 1024 bytes to align the tiles for the 128-byte swizzle, Q, two K/V stages, the stage
+        // table
+        (
+            format!("attn_wg_{ty}_d{d}"),
+            128,
+            1024 + 5 * 64 * d * 2 + 16,
+        )
     } else if wide {
         (
             format!("attn2_{ty}_d{d}_s{stages}"),
@@ -274,31 +355,37 @@ pub fn attention_with(
     let (counts, indices, heads) =
         mask.map_or((0, 0, 1), |m| (m.counts.ptr(), m.indices.ptr(), m.heads));
     let sl2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    let (module, src) = if wg {
+        (MODULE_SM90A, super::sources::ATTENTION_SM90A)
+    } else {
+        (MODULE, super::sources::ATTENTION)
+    };
+    let args = [
+        Arg::U64(q.ptr()),
+        Arg::U64(k.ptr()),
+        Arg::U64(v.ptr()),
+        Arg::U64(out.ptr()),
+        Arg::U64(counts),
+        Arg::U64(indices),
+        Arg::U32(sq as u32),
+        Arg::U32(skv as u32),
+        Arg::U32(nq as u32),
+        Arg::U32(nkv as u32),
+        Arg::U32(heads as u32),
+        Arg::F32(sl2),
+        Arg::U32(opts.rotate as u32),
+    ];
     launch(
         cuda,
-        MODULE,
-        super::sources::ATTENTION,
+        module,
+        src,
         &name,
         LaunchConfig {
             grid_dim: (u32_of("attention", "query blocks", nq)?, bh as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         },
-        &[
-            Arg::U64(q.ptr()),
-            Arg::U64(k.ptr()),
-            Arg::U64(v.ptr()),
-            Arg::U64(out.ptr()),
-            Arg::U64(counts),
-            Arg::U64(indices),
-            Arg::U32(sq as u32),
-            Arg::U32(skv as u32),
-            Arg::U32(nq as u32),
-            Arg::U32(nkv as u32),
-            Arg::U32(heads as u32),
-            Arg::F32(sl2),
-            Arg::U32(opts.rotate as u32),
-        ],
+        &args,
     )
 }
 

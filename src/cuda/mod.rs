@@ -75,6 +75,60 @@ pub fn compile_ptx(module: &str, src: &str, arch: &'static str) -> Result<cudarc
     })
 }
 
+/// Compiles CUDA C `src` all the way to a cubin for `arch` (NVRTC runs ptxas), returning
+/// ptxas's verbose log (registers, spills, and warnings such as serialized
+/// `wgmma`). Needs only NVRTC, no GPU: lets the tests check what PTX alone cannot (operand
+/// forms ptxas rejects, spills) wherever NVRTC is installed.
+pub fn compile_cubin(module: &str, src: &str, arch: &str) -> Result<String> {
+    use cudarc::nvrtc::{result, sys};
+    if !nvrtc_present() {
+        return Err(Error::Cuda(
+            "NVRTC (libnvrtc.so) was not found: install the CUDA runtime compiler (CUDA 13, e.g. the \
+             nvidia-cuda-nvrtc package) and add its lib folder to LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let csrc = std::ffi::CString::new(src)
+        .map_err(|_| Error::Cuda(format!("{module}.cu contains a NUL byte")))?;
+    let name = std::ffi::CString::new(format!("{module}.cu"))
+        .map_err(|_| Error::Cuda(format!("module name {module:?} contains a NUL byte")))?;
+    let prog = result::create_program(&csrc, Some(&name))
+        .map_err(|e| cuda_err(&format!("NVRTC program for {module}.cu"), e))?;
+    let opts = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--ptxas-options=-v".to_string(),
+    ];
+    // SAFETY: `prog` was created above and is destroyed once, at the end; the buffers passed to
+    // NVRTC are sized by the sizes NVRTC reports.
+    unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog)
+            .map(|l| {
+                let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        let out = match compiled {
+            Err(_) => Err(Error::Cuda(format!(
+                "NVRTC could not compile {module}.cu to a cubin for {arch}:\n{log}"
+            ))),
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Ok(()) if size > 0 => Ok(log),
+                    Ok(()) => Err(Error::Cuda(format!(
+                        "NVRTC produced no cubin for {module}.cu on {arch}:\n{log}"
+                    ))),
+                    Err(e) => Err(cuda_err("nvrtcGetCUBINSize", e)),
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
 /// One NVIDIA GPU: context, stream, NVRTC module cache.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
@@ -186,7 +240,7 @@ impl Cuda {
     }
 
     /// Kernel `function` of module `module` (CUDA C `src`), compiled by NVRTC at first use for
-    /// this device's architecture and cached.
+    /// this device's architecture (`sm_90a` for the Hopper-only `*_sm90a` modules) and cached.
     pub fn function(
         &self,
         module: &'static str,
@@ -212,7 +266,13 @@ impl Cuda {
     }
 
     fn compile(&self, module: &'static str, src: &str) -> Result<Arc<CudaModule>> {
-        let ptx = compile_ptx(module, src, self.arch)?;
+        // Hopper-only modules (`*_sm90a`, see sources::archs) target the arch-specific sm_90a.
+        let arch = if module.ends_with("_sm90a") {
+            "sm_90a"
+        } else {
+            self.arch
+        };
+        let ptx = compile_ptx(module, src, arch)?;
         self.ctx
             .load_module(ptx)
             .map_err(|e| cuda_err(&format!("loading {module}.cu"), e))

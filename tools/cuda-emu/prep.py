@@ -1,7 +1,9 @@
-# Turns a .cu kernel file into C++ for the emulator: PTX primitives replaced, CUDA keywords mapped.
-import re, sys
+# Turns a .cu kernel file into C++ for the emulator: common.cuh prepended (as src/cuda/sources.rs
+# does), its PTX primitives replaced by prims.h, CUDA keywords mapped.
+import os, re, sys
 src, prims, out = sys.argv[1:4]
-s = open(src).read()
+common = os.path.join(os.path.dirname(os.path.abspath(src)), 'common.cuh')
+s = open(common).read() + open(src).read()
 a = s.index('// <ptx-primitives>'); b = s.index('// </ptx-primitives>')
 s = s[:a] + '#include "' + prims + '"\n' + s[b:]
 s = s.replace('extern "C" __global__', '__global__')

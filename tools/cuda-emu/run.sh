@@ -10,9 +10,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 export EMU_BUILD="${EMU_BUILD:-/tmp/cuda-emu}"
 mkdir -p "$EMU_BUILD"
-cp "$here"/emu.h "$here"/prims_*.h "$here"/*_driver.cpp "$EMU_BUILD"/
-python3 "$here/prep.py" "$root/src/cuda/kernels/attention.cu" prims_attn.h "$EMU_BUILD/attn_emu.cpp"
-python3 "$here/prep.py" "$root/src/cuda/kernels/nabla.cu" prims_nabla.h "$EMU_BUILD/nabla_emu.cpp"
+cp "$here"/emu.h "$here"/prims.h "$here"/*_driver.cpp "$EMU_BUILD"/
+python3 "$here/prep.py" "$root/src/cuda/kernels/attention.cu" prims.h "$EMU_BUILD/attn_emu.cpp"
+python3 "$here/prep.py" "$root/src/cuda/kernels/nabla.cu" prims.h "$EMU_BUILD/nabla_emu.cpp"
 (cd "$EMU_BUILD" && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o attn_driver attn_driver.cpp \
   && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o nabla_driver nabla_driver.cpp)
 what="${1:-all}"

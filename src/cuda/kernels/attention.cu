@@ -26,16 +26,7 @@
 //     addresses of every ldmatrix phase fall into 8 different bank groups.
 //   Shared memory: STAGES * 2 * 64 * D * 2 bytes + 16 (D = 128: 64 KB for 2 stages, 96 KB for 3).
 //
-// Fragment layouts (PTX ISA, mma.m16n8k16 with .f16/.bf16 operands and .f32 accumulators;
-// lane L, g = L / 4, t = L % 4; a 32-bit register holds two 16-bit elements, the lower column
-// index in the lower half):
-//   A (16 x 16, row major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1],
-//                           a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
-//   B (16 x 8, K x N, "col"): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
-//   C, D (16 x 8 f32):       c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
-// ldmatrix.m8n8.x4 (.b16): lanes 8m..8m+7 give the addresses of rows 0..7 of matrix m; lane L
-//   receives in r[m] the elements (row g, cols 2t, 2t+1) of matrix m; with .trans it receives
-//   (rows 2t, 2t+1 ; col g) instead.
+// Fragment layouts of mma.m16n8k16 and ldmatrix: common.cuh (prepended to this file).
 // Hence: Q (rows x d, row major in shared memory) -> A by ldmatrix.x4 with matrices
 //   (rows 0-7, d 0-7), (rows 8-15, d 0-7), (rows 0-7, d 8-15), (rows 8-15, d 8-15);
 //   K (keys x d, row major) is B = K^T in "col" layout directly: matrices (keys 0-7, d 0-7),
@@ -51,76 +42,6 @@
 // attn_f32_d{64,128}: f32 inputs, a plain f32 kernel (4 threads per query row, keys staged 16 at a
 // time in shared memory) for parity work; not tuned.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
-
-#define FULL_MASK 0xffffffffu
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-// <ptx-primitives>
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-// 16-byte global -> shared copy (L2 only); bytes beyond `src_bytes` (0 or 16) are zero-filled.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, u32 src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's committed groups are still pending.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-// d += A * B; DT 1 = f16, 2 = bf16 operands, f32 accumulators.
-template <int DT>
-__device__ __forceinline__ void mma16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    if constexpr (DT == 1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-}
-// Two f32 -> one register of two 16-bit values (round to nearest even): `lo` in bits 0-15.
-template <int DT>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r;
-    if constexpr (DT == 1) {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    } else {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    }
-    return r;
-}
-// 2^x (approximate, ~2 ulp; 2^-inf = 0).
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-// </ptx-primitives>
 
 // Half index of (row, 16-byte chunk) in a tile of rows of D halfs, XOR-swizzled.
 template <int D>
@@ -151,20 +72,8 @@ __device__ __forceinline__ void attn_tc(const u16* __restrict__ q, const u16* __
     const u16* kh = k + (size_t)bh * Skv * D;
     const u16* vh = v + (size_t)bh * Skv * D;
 
-    u32 count = nkv;
-    const u32* list = nullptr;
-    if (counts != nullptr) {
-        const size_t mrow = (size_t)(mask_heads == 1u ? 0u : bh) * nq + qb;
-        count = min(counts[mrow], nkv);
-        list = indices + mrow * nkv;
-    }
-    const u32 rot = (rotate != 0u && count > 0u) ? qb % count : 0u;
-    // key block of the n-th visited entry (clamped: a corrupt list cannot read out of bounds)
-    auto kb_at = [&](u32 n) -> u32 {
-        u32 p = n + rot;
-        if (p >= count) p -= count;
-        return list != nullptr ? min(list[p], nkv - 1u) : p;
-    };
+    const BlockWalk walk(counts, indices, mask_heads, bh, nq, qb, nkv, rotate);
+    const u32 count = walk.count;
     auto load_kv = [&](u32 kb, u32 st) {
         u16* ks = sm + st * STAGE;
         u16* vs = ks + TILE;
@@ -195,10 +104,10 @@ __device__ __forceinline__ void attn_tc(const u16* __restrict__ q, const u16* __
     cp_async_commit();
 #pragma unroll
     for (u32 s = 0; s + 1u < (u32)STAGES; ++s) {
-        if (s < count) load_kv(kb_at(s), s);
+        if (s < count) load_kv(walk.at(s), s);
         cp_async_commit();
     }
-    u32 kb_next = (u32)(STAGES - 1) < count ? kb_at(STAGES - 1) : 0u;
+    u32 kb_next = (u32)(STAGES - 1) < count ? walk.at(STAGES - 1) : 0u;
     cp_async_wait<STAGES - 1>();  // the Q group is complete
     __syncthreads();
 
@@ -227,7 +136,7 @@ __device__ __forceinline__ void attn_tc(const u16* __restrict__ q, const u16* __
             const u32 nn = n + STAGES - 1;
             if (nn < count) {
                 load_kv(kb_next, nn % STAGES);
-                kb_next = nn + 1u < count ? kb_at(nn + 1u) : 0u;
+                kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
             }
             cp_async_commit();  // possibly empty: keeps the group count uniform
         }
@@ -250,66 +159,15 @@ __device__ __forceinline__ void attn_tc(const u16* __restrict__ q, const u16* __
                 mma16816<DT>(s[2 * np + 1], qf[kk], b[2], b[3]);
             }
         }
-        if (kb * 64u + 64u > Skv) {  // ragged last block: keys >= Skv get -inf
-#pragma unroll
-            for (u32 t = 0; t < 8u; ++t)
-#pragma unroll
-                for (u32 e = 0; e < 4u; ++e)
-                    if (kb * 64u + t * 8u + 2u * tg + (e & 1u) >= Skv) s[t][e] = NEG_INF;
-        }
-
-        // online softmax (rows g: s[.][0..1], g + 8: s[.][2..3]; a row lives in a lane quad)
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (u32 t = 0; t < 8u; ++t) {
-            mx0 = fmaxf(mx0, fmaxf(s[t][0], s[t][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[t][2], s[t][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-        const float c0 = mx0 * sl2, c1 = mx1 * sl2;
-        const bool up0 = c0 > m0 + 8.f, up1 = c1 > m1 + 8.f;
-        if (__any_sync(FULL_MASK, up0 || up1)) {
-            float a0 = 1.f, a1 = 1.f;
-            if (up0) {
-                a0 = ex2(m0 - c0);
-                m0 = c0;
-            }
-            if (up1) {
-                a1 = ex2(m1 - c1);
-                m1 = c1;
-            }
-            l0 *= a0;
-            l1 *= a1;
-#pragma unroll
-            for (u32 t = 0; t < D / 8u; ++t) {
-                o[t][0] *= a0;
-                o[t][1] *= a0;
-                o[t][2] *= a1;
-                o[t][3] *= a1;
-            }
-        }
-        const float mm0 = m0 == NEG_INF ? 0.f : m0, mm1 = m1 == NEG_INF ? 0.f : m1;
-#pragma unroll
-        for (u32 t = 0; t < 8u; ++t) {
-            s[t][0] = ex2(fmaf(s[t][0], sl2, -mm0));
-            s[t][1] = ex2(fmaf(s[t][1], sl2, -mm0));
-            s[t][2] = ex2(fmaf(s[t][2], sl2, -mm1));
-            s[t][3] = ex2(fmaf(s[t][3], sl2, -mm1));
-            l0 += s[t][0] + s[t][1];
-            l1 += s[t][2] + s[t][3];
-        }
+        float(&s32)[32] = reinterpret_cast<float(&)[32]>(s);
+        mask_ragged_keys(s32, kb, Skv, tg);
+        softmax_step<D>(s32, reinterpret_cast<float(&)[D / 2]>(o), sl2, m0, m1, l0, l1);
 
         // O += P V
 #pragma unroll
         for (u32 j = 0; j < 4u; ++j) {
             u32 a[4];
-            a[0] = pack2<DT>(s[2 * j][0], s[2 * j][1]);
-            a[1] = pack2<DT>(s[2 * j][2], s[2 * j][3]);
-            a[2] = pack2<DT>(s[2 * j + 1][0], s[2 * j + 1][1]);
-            a[3] = pack2<DT>(s[2 * j + 1][2], s[2 * j + 1][3]);
+            p_fragment<DT>(s32, j, a);
 #pragma unroll
             for (u32 dp = 0; dp < D / 16u; ++dp) {
                 u32 b[4];
@@ -320,21 +178,8 @@ __device__ __forceinline__ void attn_tc(const u16* __restrict__ q, const u16* __
         }
     }
 
-    l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
-    l0 += __shfl_xor_sync(FULL_MASK, l0, 2);
-    l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
-    l1 += __shfl_xor_sync(FULL_MASK, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const u32 r0 = qb * 64u + warp * 16u + g, r1 = r0 + 8u;
-    u16* oh = out + (size_t)bh * Sq * D;
-#pragma unroll
-    for (u32 t = 0; t < D / 8u; ++t) {
-        const u32 col = t * 8u + 2u * tg;
-        if (r0 < Sq)
-            *reinterpret_cast<u32*>(oh + (size_t)r0 * D + col) = pack2<DT>(o[t][0] * i0, o[t][1] * i0);
-        if (r1 < Sq)
-            *reinterpret_cast<u32*>(oh + (size_t)r1 * D + col) = pack2<DT>(o[t][2] * i1, o[t][3] * i1);
-    }
+    store_rows<D, DT>(reinterpret_cast<float(&)[D / 2]>(o), l0, l1, out + (size_t)bh * Sq * D,
+                      qb * 64u + warp * 16u + g, Sq, tg);
 }
 
 #define ATTN_TC(NAME, D, DT, ST, MINB)                                                            \
@@ -389,19 +234,8 @@ __device__ __forceinline__ void attn_tc2(const u16* __restrict__ q, const u16* _
     const u16* kh = k + (size_t)bh * Skv * D;
     const u16* vh = v + (size_t)bh * Skv * D;
 
-    u32 count = nkv;
-    const u32* list = nullptr;
-    if (counts != nullptr) {
-        const size_t mrow = (size_t)(mask_heads == 1u ? 0u : bh) * nq + qb;
-        count = min(counts[mrow], nkv);
-        list = indices + mrow * nkv;
-    }
-    const u32 rot = (rotate != 0u && count > 0u) ? qb % count : 0u;
-    auto kb_at = [&](u32 n) -> u32 {
-        u32 p = n + rot;
-        if (p >= count) p -= count;
-        return list != nullptr ? min(list[p], nkv - 1u) : p;
-    };
+    const BlockWalk walk(counts, indices, mask_heads, bh, nq, qb, nkv, rotate);
+    const u32 count = walk.count;
     auto load_kv = [&](u32 kb, u32 st) {
         u16* ks = sm + st * STAGE;
         u16* vs = ks + TILE;
@@ -430,10 +264,10 @@ __device__ __forceinline__ void attn_tc2(const u16* __restrict__ q, const u16* _
     cp_async_commit();
 #pragma unroll
     for (u32 s = 0; s + 1u < (u32)STAGES; ++s) {
-        if (s < count) load_kv(kb_at(s), s);
+        if (s < count) load_kv(walk.at(s), s);
         cp_async_commit();
     }
-    u32 kb_next = (u32)(STAGES - 1) < count ? kb_at(STAGES - 1) : 0u;
+    u32 kb_next = (u32)(STAGES - 1) < count ? walk.at(STAGES - 1) : 0u;
 
     float o[2][D / 8][4];
 #pragma unroll
@@ -457,7 +291,7 @@ __device__ __forceinline__ void attn_tc2(const u16* __restrict__ q, const u16* _
             const u32 nn = n + STAGES - 1;
             if (nn < count) {
                 load_kv(kb_next, nn % STAGES);
-                kb_next = nn + 1u < count ? kb_at(nn + 1u) : 0u;
+                kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
             }
             cp_async_commit();
         }
@@ -486,75 +320,22 @@ __device__ __forceinline__ void attn_tc2(const u16* __restrict__ q, const u16* _
                 mma16816<DT>(s[1][2 * np + 1], a1, b[2], b[3]);
             }
         }
-        if (kb * 64u + 64u > Skv) {
+        // online softmax per m16 tile: rows warp*32 + 16 mt + g (+ 8)
 #pragma unroll
-            for (u32 mt = 0; mt < 2u; ++mt)
-#pragma unroll
-                for (u32 t = 0; t < 8u; ++t)
-#pragma unroll
-                    for (u32 e = 0; e < 4u; ++e)
-                        if (kb * 64u + t * 8u + 2u * tg + (e & 1u) >= Skv) s[mt][t][e] = NEG_INF;
+        for (u32 mt = 0; mt < 2u; ++mt) {
+            mask_ragged_keys(reinterpret_cast<float(&)[32]>(s[mt]), kb, Skv, tg);
+            softmax_step<D>(reinterpret_cast<float(&)[32]>(s[mt]),
+                            reinterpret_cast<float(&)[D / 2]>(o[mt]), sl2, mrun[mt][0],
+                            mrun[mt][1], lsum[mt][0], lsum[mt][1]);
         }
-
-        // online softmax: rows (mt, hr) = warp*32 + 16 mt + g + 8 hr, values s[mt][.][2 hr + {0,1}]
-        float cmax[2][2];
-        bool up[2][2];
-        bool any = false;
-#pragma unroll
-        for (u32 mt = 0; mt < 2u; ++mt)
-#pragma unroll
-            for (u32 hr = 0; hr < 2u; ++hr) {
-                float mx = NEG_INF;
-#pragma unroll
-                for (u32 t = 0; t < 8u; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * hr], s[mt][t][2 * hr + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-                cmax[mt][hr] = mx * sl2;
-                up[mt][hr] = cmax[mt][hr] > mrun[mt][hr] + 8.f;
-                any = any || up[mt][hr];
-            }
-        if (__any_sync(FULL_MASK, any)) {
-#pragma unroll
-            for (u32 mt = 0; mt < 2u; ++mt)
-#pragma unroll
-                for (u32 hr = 0; hr < 2u; ++hr) {
-                    float a = 1.f;
-                    if (up[mt][hr]) {
-                        a = ex2(mrun[mt][hr] - cmax[mt][hr]);
-                        mrun[mt][hr] = cmax[mt][hr];
-                    }
-                    lsum[mt][hr] *= a;
-#pragma unroll
-                    for (u32 t = 0; t < D / 8u; ++t) {
-                        o[mt][t][2 * hr] *= a;
-                        o[mt][t][2 * hr + 1] *= a;
-                    }
-                }
-        }
-#pragma unroll
-        for (u32 mt = 0; mt < 2u; ++mt)
-#pragma unroll
-            for (u32 hr = 0; hr < 2u; ++hr) {
-                const float mm = mrun[mt][hr] == NEG_INF ? 0.f : mrun[mt][hr];
-#pragma unroll
-                for (u32 t = 0; t < 8u; ++t) {
-                    s[mt][t][2 * hr] = ex2(fmaf(s[mt][t][2 * hr], sl2, -mm));
-                    s[mt][t][2 * hr + 1] = ex2(fmaf(s[mt][t][2 * hr + 1], sl2, -mm));
-                    lsum[mt][hr] += s[mt][t][2 * hr] + s[mt][t][2 * hr + 1];
-                }
-            }
 
         // O += P V
 #pragma unroll
         for (u32 j = 0; j < 4u; ++j) {
             u32 a[2][4];
 #pragma unroll
-            for (u32 mt = 0; mt < 2u; ++mt) {
-                a[mt][0] = pack2<DT>(s[mt][2 * j][0], s[mt][2 * j][1]);
-                a[mt][1] = pack2<DT>(s[mt][2 * j][2], s[mt][2 * j][3]);
-                a[mt][2] = pack2<DT>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
-                a[mt][3] = pack2<DT>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
-            }
+            for (u32 mt = 0; mt < 2u; ++mt)
+                p_fragment<DT>(reinterpret_cast<const float(&)[32]>(s[mt]), j, a[mt]);
 #pragma unroll
             for (u32 dp = 0; dp < D / 16u; ++dp) {
                 u32 b[4];
@@ -568,23 +349,10 @@ __device__ __forceinline__ void attn_tc2(const u16* __restrict__ q, const u16* _
     }
     cp_async_wait<0>();  // nothing may be in flight at exit (count == 0: the Q group)
 
-    u16* oh = out + (size_t)bh * Sq * D;
 #pragma unroll
     for (u32 mt = 0; mt < 2u; ++mt)
-#pragma unroll
-        for (u32 hr = 0; hr < 2u; ++hr) {
-            float l = lsum[mt][hr];
-            l += __shfl_xor_sync(FULL_MASK, l, 1);
-            l += __shfl_xor_sync(FULL_MASK, l, 2);
-            const float il = l > 0.f ? 1.f / l : 0.f;
-            const u32 r = qb * 64u + warp * 32u + mt * 16u + g + hr * 8u;
-            if (r < Sq) {
-#pragma unroll
-                for (u32 t = 0; t < D / 8u; ++t)
-                    *reinterpret_cast<u32*>(oh + (size_t)r * D + t * 8u + 2u * tg) =
-                        pack2<DT>(o[mt][t][2 * hr] * il, o[mt][t][2 * hr + 1] * il);
-            }
-        }
+        store_rows<D, DT>(reinterpret_cast<float(&)[D / 2]>(o[mt]), lsum[mt][0], lsum[mt][1],
+                          out + (size_t)bh * Sq * D, qb * 64u + warp * 32u + mt * 16u + g, Sq, tg);
 }
 
 #define ATTN_TC2(NAME, D, DT, ST, MINB)                                                           \
@@ -627,18 +395,10 @@ __device__ __forceinline__ void attn_f32_body(const float* __restrict__ q, const
         o[i] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
-    u32 count = nkv;
-    const u32* list = nullptr;
-    if (counts != nullptr) {
-        const size_t mrow = (size_t)(mask_heads == 1u ? 0u : bh) * nq + qb;
-        count = min(counts[mrow], nkv);
-        list = indices + mrow * nkv;
-    }
-    const u32 rot = (rotate != 0u && count > 0u) ? qb % count : 0u;
+    const BlockWalk walk(counts, indices, mask_heads, bh, nq, qb, nkv, rotate);
+    const u32 count = walk.count;
     for (u32 n = 0; n < count; ++n) {
-        u32 p = n + rot;
-        if (p >= count) p -= count;
-        const u32 kb = list != nullptr ? min(list[p], nkv - 1u) : p;
+        const u32 kb = walk.at(n);
         for (u32 st = 0; st < 64u; st += KT) {
             const u32 key0 = kb * 64u + st;
             if (key0 >= Skv) break;  // uniform over the block

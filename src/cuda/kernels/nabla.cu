@@ -36,54 +36,6 @@
 // differ from the f64 reference within f32 rounding of the cumulative mass (the tests skip
 // entries within 1e-5 of the cut, as for the wgpu kernels).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
-
-#define FULL_MASK 0xffffffffu
-
-// <ptx-primitives>  (the only inline PTX of this file; fragment layouts documented in attention.cu)
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-// 16-byte global -> shared copy; bytes beyond `src_bytes` (0 or 16) are zero-filled.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, u32 src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; afterwards lane L
-// holds in r[m] the elements (row L/4, cols 2(L%4), 2(L%4)+1) of matrix m.
-__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-// d += A(16x16 f16, row) * B(16x8 f16, col), f32 accumulate.
-__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// </ptx-primitives>
 
 __device__ __forceinline__ float warp_sum(float v) {
     // xor butterfly: every lane ends with the bit-identical total
@@ -288,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(128)
             cp_async16(&sm[arr][swz64(row, ch)], g, ok ? 16u : 0u);
         }
         cp_async_commit();
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();
 #pragma unroll
         for (u32 ks = 0; ks < 4u; ++ks) {
@@ -316,9 +268,9 @@ extern "C" __global__ void __launch_bounds__(128)
                 for (u32 nt = 0; nt < 4u; ++nt) {
                     const u32 np = nt >> 1, h = (nt & 1u) * 2u;
                     float t[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma_f16(t, alo[mt], bhi[np][h], bhi[np][h + 1]);
-                    mma_f16(t, ahi[mt], blo[np][h], blo[np][h + 1]);
-                    mma_f16(t, ahi[mt], bhi[np][h], bhi[np][h + 1]);
+                    mma16816<1>(t, alo[mt], bhi[np][h], bhi[np][h + 1]);
+                    mma16816<1>(t, ahi[mt], blo[np][h], blo[np][h + 1]);
+                    mma16816<1>(t, ahi[mt], bhi[np][h], bhi[np][h + 1]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
                 }

@@ -10,9 +10,6 @@
 // include folder do not resolve cuda_fp16.h, so f16 goes through the PTX `cvt` instructions and
 // bf16 through bit manipulation.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
 
 // storage modes of the 16-bit-capable kernels (ops.rs: `storage_mode`)
 #define MODE_F32 0u
@@ -22,17 +19,7 @@ typedef unsigned long long u64;
 #define FOR_EACH(i, n) \
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
 
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+// f16 <-> f32: f16_to_f32 / f32_to_f16 of common.cuh (PTX cvt).
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) {
     return __uint_as_float(((u32)b) << 16);

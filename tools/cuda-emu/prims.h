@@ -1,3 +1,5 @@
+inline float f16_to_f32(u16 h) { return h2f(h); }
+inline u16 f32_to_f16(float f) { return f2h(f); }
 inline void cp_async16(void* dst, const void* src, u32 b) { emu_cp_async16(dst, src, b); }
 inline void cp_async_commit() { emu_cp_commit(); }
 template <int N> inline void cp_async_wait() { emu_cp_wait(N); }

@@ -1,0 +1,275 @@
+// Block-sparse flash attention on Hopper warpgroup MMA (wgmma, sm_90a; compiled by NVRTC for
+// sm_90a only, no headers). Same contract as attention.cu's tensor-core kernels:
+//
+// q, out [BH, Sq, D]; k, v [BH, Skv, D]; counts [MH, NQ] and indices [MH, NQ, NKV] u32
+// (NQ = ceil(Sq/64), NKV = ceil(Skv/64), MH = 1 shared or BH): query block i of head bh attends
+// in full to the key blocks indices[mh, i, 0..counts[mh, i]) (counts == null: every key block).
+// Keys >= Skv are masked out, query rows >= Sq are not written, an empty list gives 0; rotate
+// != 0 starts query block qb's walk at entry qb % count. Online softmax in base 2 with a lazy
+// rescale (the running max moves only when a row maximum grows by more than 2^8), f32
+// statistics and accumulators, P rounded to the operand type.
+//
+// Kernels attn_wg_{f16,bf16}_d{64,128} (STAGES = 2):
+//   * one CTA = one warpgroup (4 warps, 128 threads) = one 64-row query block of one head;
+//   * Q, and a ring of STAGES (K tile, V tile) pairs, in shared memory, filled by cp.async
+//     (16-byte chunks, zero-filled past Skv / Sq); block n + STAGES - 1 is loaded while block n
+//     is computed;
+//   * S = Q K^T: D/16 x wgmma.m64n64k16, both operands from shared memory (K-major);
+//     O += P V: 4 x wgmma.m64n{D}k16 with P from registers (the S accumulators of keys
+//     16j..16j+15 are exactly the A fragment of k step j, as for mma.m16n8k16) and V from shared
+//     memory read transposed (MN-major: V's rows of D contiguous elements are the N dimension);
+//   * per block: wait for the block's copies, fence.proxy.async (cp.async writes are generic-proxy
+//     writes; wgmma reads through the async proxy), barrier, issue S, wait (this also retires the
+//     previous block's P V), barrier (every warp is past that wait, so the previous stage is
+//     free), issue the next copy, softmax, issue P V without waiting: P V of block n runs while
+//     block n + 1's barrier and S are issued.
+//
+// Shared-memory tiles (64 rows x D, 16-bit) use the 128-byte swizzle of wgmma: the tile is split
+// into D/64 column halves of 64 elements (128 bytes per row); half h, row r, 16-byte chunk c
+// (0..7) lies at byte h * 8192 + r * 128 + ((c ^ (r & 7)) * 16). Every tile starts 1024-byte
+// aligned (the swizzle acts on address bits 4-9), so the descriptors' base offset is 0.
+// Descriptors (PTX ISA "matrix descriptor"): start address >> 4 (bits 0-13), leading byte offset
+// >> 4 (16-29), stride byte offset >> 4 (32-45), swizzle mode 1 = 128 B (bits 62-63).
+//   K-major (Q as A, K as B of S): 8-row groups 1024 B apart (SBO); the leading offset is unused
+//   for swizzled K-major layouts (set to 16 B); k step kk starts at half kk / 4, byte
+//   32 * (kk % 4) of the row (the hardware applies the swizzle to the computed addresses).
+//   MN-major (V as B of O += P V): within a 128-byte row the 64 N-elements; the next 64 N-elements
+//   (the other column half) are LBO = 8192 B away; the next 8 k-rows (keys) are SBO = 1024 B
+//   away; k step j (keys 16j..16j+15) starts at byte 2048 j.
+//   Shared memory: 1024 (alignment) + (1 + 2 STAGES) * 64 * D * 2 + 16 bytes
+//   (D = 128: 81 KB -> 2 CTAs per SM; D = 64: 41 KB).
+//
+// Measured on the H200 at wan14b-720p (benches/RESULTS.md, session 3): this form ran fastest of
+// those tried. 3 stages (113 KB, 1 CTA per SM) ran 20 % slower; issuing S(n) together with
+// P(n-1) V(n-1) to overlap the softmax with P V (FlashAttention-3's intra-warpgroup overlap),
+// Q in registers, and 128-row CTAs of two warpgroups sharing each K/V tile (half the L2
+// traffic) all ran 0-15 % slower. The swapped V descriptor (LBO = 1024, SBO = 8192) fails
+// the tests: the offsets above are the right ones.
+// Accumulator layout of wgmma.m64nN (f32): warp w of the warpgroup holds rows 16w..16w+15 as
+// mma.m16n8k16 C fragments of the N/8 column tiles: d[4t + e] = C[g + 8 (e >> 1)][8t + 2 tg + (e & 1)]
+// with g = lane / 4, tg = lane % 4.
+
+// <wgmma-primitives>
+// Accumulator operand lists of wgmma.m64n64 (32 f32 per thread) and m64n128 (64).
+#define WG_REGS32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define WG_REGS64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define WG_OUT32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WG_OUT64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B in shared memory, both K-major (rows of the
+// 16-element k step contiguous); scale_d == 0 overwrites D. TY: "f16" or "bf16".
+#define WGMMA_SS_N64(TY)                                                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                     \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_REGS32             \
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                 \
+                 : WG_OUT32(d)                                                                    \
+                 : "l"(da), "l"(db), "r"(scale_d))
+// D[64 x N] += A[64 x 16] * B[16 x N], A in registers (the mma.m16n8k16 A fragment of each warp's
+// 16 rows), B in shared memory MN-major (transposed: rows of N elements contiguous).
+#define WGMMA_RS_T(N, TY, REGS, OUT, AOPS, PRED)                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " REGS ", " AOPS    \
+                 ", p, 1, 1, 1;\n}\n"                                                              \
+                 : OUT(d)                                                                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1u))
+// operands after the accumulators: the A registers, B's descriptor, then the scale-d predicate
+#define WG_A32 "{%32,%33,%34,%35}, %36"
+#define WG_A64 "{%64,%65,%66,%67}, %68"
+
+template <int DT>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], u64 da, u64 db, u32 scale_d) {
+    if constexpr (DT == 1) {
+        WGMMA_SS_N64("f16");
+    } else {
+        WGMMA_SS_N64("bf16");
+    }
+}
+template <int DT>
+__device__ __forceinline__ void wgmma_rs_n64_t(float (&d)[32], const u32 (&a)[4], u64 db) {
+    if constexpr (DT == 1) {
+        WGMMA_RS_T(64, "f16", WG_REGS32, WG_OUT32, WG_A32, "%37");
+    } else {
+        WGMMA_RS_T(64, "bf16", WG_REGS32, WG_OUT32, WG_A32, "%37");
+    }
+}
+template <int DT>
+__device__ __forceinline__ void wgmma_rs_n128_t(float (&d)[64], const u32 (&a)[4], u64 db) {
+    if constexpr (DT == 1) {
+        WGMMA_RS_T(128, "f16", WG_REGS64, WG_OUT64, WG_A64, "%69");
+    } else {
+        WGMMA_RS_T(128, "bf16", WG_REGS64, WG_OUT64, WG_A64, "%69");
+    }
+}
+// </wgmma-primitives>
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Orders later uses of the registers after the preceding asm (a wgmma wait): the compiler sees
+// them rewritten here.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// cp.async (generic proxy) writes -> visible to wgmma (async proxy) reads after a barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// A 128-byte-swizzle shared-memory matrix descriptor.
+__device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+// Byte offset of (row, 16-byte chunk) in a 64-row tile of 16-bit elements (see the header).
+__device__ __forceinline__ u32 sw128_off(u32 row, u32 ch) {
+    return (ch >> 3) * 8192u + row * 128u + (((ch & 7u) ^ (row & 7u)) << 4);
+}
+
+template <int D, int DT, int STAGES>
+__device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __restrict__ k,
+                                        const u16* __restrict__ v, u16* __restrict__ out,
+                                        const u32* __restrict__ counts,
+                                        const u32* __restrict__ indices, u32 Sq, u32 Skv, u32 nq,
+                                        u32 nkv, u32 mask_heads, float sl2, u32 rotate) {
+    static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+    static_assert(STAGES >= 2 && STAGES <= 4, "2..4 stages");
+    constexpr u32 CH = D / 8;              // 16-byte chunks per row
+    constexpr u32 TILE = 64u * D * 2u;     // bytes per 64-row tile
+    constexpr u32 STAGE = 2u * TILE;       // K tile, then V tile
+    constexpr u32 LOADS = 64u * CH / 128u; // chunks per thread per tile
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 pad = ((raw + 1023u) & ~1023u) - raw;
+    unsigned char* sm = smem_raw + pad;  // 1024-byte aligned: Q tile, then the stages
+    const u32 sbase = raw + pad;
+    u32* skb = reinterpret_cast<u32*>(sm + TILE + STAGES * STAGE);  // key block per stage
+
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 g = lane >> 2, tg = lane & 3u;
+    const u32 qb = blockIdx.x, bh = blockIdx.y;
+    const u16* qh = q + (size_t)bh * Sq * D;
+    const u16* kh = k + (size_t)bh * Skv * D;
+    const u16* vh = v + (size_t)bh * Skv * D;
+
+    const BlockWalk walk(counts, indices, mask_heads, bh, nq, qb, nkv, rotate);
+    const u32 count = walk.count;
+    auto load_kv = [&](u32 kb, u32 st) {
+        unsigned char* ks = sm + TILE + st * STAGE;
+        unsigned char* vs = ks + TILE;
+#pragma unroll
+        for (u32 i = 0; i < LOADS; ++i) {
+            const u32 c = tid + 128u * i;
+            const u32 row = c / CH, ch = c % CH;
+            const u32 key = kb * 64u + row;
+            const bool ok = key < Skv;
+            const size_t off = (size_t)(ok ? key : 0u) * D + ch * 8u;
+            const u32 so = sw128_off(row, ch);
+            cp_async16(ks + so, kh + off, ok ? 16u : 0u);
+            cp_async16(vs + so, vh + off, ok ? 16u : 0u);
+        }
+        if (tid == 0) skb[st] = kb;
+    };
+
+    // prologue: Q, then K/V blocks 0..STAGES-2 into stages 0..STAGES-2 (one group each)
+#pragma unroll
+    for (u32 i = 0; i < LOADS; ++i) {
+        const u32 c = tid + 128u * i;
+        const u32 row = c / CH, ch = c % CH;
+        const u32 tok = qb * 64u + row;
+        const bool ok = tok < Sq;
+        cp_async16(sm + sw128_off(row, ch), qh + (size_t)(ok ? tok : 0u) * D + ch * 8u,
+                   ok ? 16u : 0u);
+    }
+    cp_async_commit();
+#pragma unroll
+    for (u32 s = 0; s + 1u < (u32)STAGES; ++s) {
+        if (s < count) load_kv(walk.at(s), s);
+        cp_async_commit();
+    }
+    u32 kb_next = (u32)(STAGES - 1) < count ? walk.at(STAGES - 1) : 0u;
+
+    float o[D / 2];
+#pragma unroll
+    for (u32 i = 0; i < D / 2u; ++i) o[i] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (u32 n = 0; n < count; ++n) {
+        cp_async_wait<STAGES - 2>();  // block n (and Q) landed: this thread's copies
+        fence_proxy_async();
+        __syncthreads();              // ... everyone's
+        const u32 st = n % STAGES;
+        const u32 kaddr = sbase + TILE + st * STAGE, vaddr = kaddr + TILE;
+        const u32 kb = skb[st];
+
+        // S = Q K^T (64 x 64)
+        float s[32];
+        wgmma_fence();
+#pragma unroll
+        for (u32 kk = 0; kk < D / 16u; ++kk) {
+            const u32 off = (kk >> 2) * 8192u + (kk & 3u) * 32u;
+            wgmma_ss_n64<DT>(s, sw128_desc(sbase + off, 16u, 1024u),
+                             sw128_desc(kaddr + off, 16u, 1024u), kk > 0u ? 1u : 0u);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // S done, and the previous block's O += P V
+        fence_regs(s);
+        fence_regs(o);
+        __syncthreads();  // every warp is past its wait: stage (n - 1) % STAGES is free
+        {
+            const u32 nn = n + STAGES - 1;
+            if (nn < count) {
+                load_kv(kb_next, nn % STAGES);
+                kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
+            }
+            cp_async_commit();  // possibly empty: keeps the group count uniform
+        }
+
+        mask_ragged_keys(s, kb, Skv, tg);
+        softmax_step<D>(s, o, sl2, m0, m1, l0, l1);
+
+        // O += P V
+        u32 p[4][4];
+#pragma unroll
+        for (u32 j = 0; j < 4u; ++j) p_fragment<DT>(s, j, p[j]);
+        wgmma_fence();
+#pragma unroll
+        for (u32 j = 0; j < 4u; ++j) {
+            const u64 dv = sw128_desc(vaddr + j * 2048u, 8192u, 1024u);
+            if constexpr (D == 128) {
+                wgmma_rs_n128_t<DT>(o, p[j], dv);
+            } else {
+                wgmma_rs_n64_t<DT>(o, p[j], dv);
+            }
+        }
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    fence_regs(o);
+    cp_async_wait<0>();
+
+    store_rows<D, DT>(o, l0, l1, out + (size_t)bh * Sq * D, qb * 64u + warp * 16u + g, Sq, tg);
+}
+
+// min blocks per SM: shared memory (D = 128: 81 KB -> 2) and registers (ptxas: D = 128 156,
+// D = 64 110 per thread).
+#define ATTN_WG(NAME, D, DT, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
+        NAME(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,     \
+             u16* __restrict__ out, const u32* __restrict__ counts,                               \
+             const u32* __restrict__ indices, u32 Sq, u32 Skv, u32 nq, u32 nkv, u32 mask_heads,   \
+             float sl2, u32 rotate) {                                                             \
+        attn_wg<D, DT, 2>(q, k, v, out, counts, indices, Sq, Skv, nq, nkv, mask_heads, sl2,       \
+                          rotate);                                                                \
+    }
+
+ATTN_WG(attn_wg_f16_d64, 64, 1, 4)
+ATTN_WG(attn_wg_f16_d128, 128, 1, 2)
+ATTN_WG(attn_wg_bf16_d64, 64, 2, 4)
+ATTN_WG(attn_wg_bf16_d128, 128, 2, 2)
