@@ -7,7 +7,9 @@ use crate::attention::{Kernel, coop_unavailable, record_attention_with};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::nabla::{BlockGrid, BlockMask, Reduction, SparseAlgo, mask_from_pooled_with};
-use crate::ops::linear::{Activation, LinearKernel, record_linear_with};
+use crate::ops::linear::{
+    Activation, LinearKernel, record_linear_gated_residual_with, record_linear_with,
+};
 use crate::reference;
 
 /// One checked variant.
@@ -155,73 +157,97 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The linear kernels with a GELU epilogue, and with the gated-residual epilogue in place as the
+/// DiT uses it (`res += gate[5] ⊙ (x·Wᵀ + b)` with a `[6, N]` gate table).
 fn linear_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
-    for (kname, kernel) in [
-        ("portable", LinearKernel::Portable),
-        ("tensor cores", LinearKernel::Coop),
-    ] {
-        for wdt in [DType::F32, DType::F16, DType::BF16] {
-            for (m, n, k) in [(65usize, 130usize, 34usize), (300, 64, 256), (1, 3, 2)] {
-                let variant = format!("{kname} {wdt:?} weights");
-                let shape = format!("{m}x{n}x{k}");
-                let coop = kernel == LinearKernel::Coop;
-                let bound = if coop { 1e-4 } else { 1e-5 };
-                if coop && gpu.caps().coop_subgroup().is_none() {
+    for residual in [false, true] {
+        let name = if residual {
+            "linear gated residual"
+        } else {
+            "linear"
+        };
+        for (kname, kernel) in [
+            ("portable", LinearKernel::Portable),
+            ("tensor cores", LinearKernel::Coop),
+        ] {
+            for wdt in [DType::F32, DType::F16, DType::BF16] {
+                for (m, n, k) in [(65usize, 130usize, 34usize), (300, 64, 256), (1, 3, 2)] {
+                    let variant = format!("{kname} {wdt:?} weights");
+                    let shape = format!("{m}x{n}x{k}");
+                    let coop = kernel == LinearKernel::Coop;
+                    let bound = if coop { 1e-4 } else { 1e-5 };
+                    if coop && gpu.caps().coop_subgroup().is_none() {
+                        out.push(Row {
+                            kernel: name.into(),
+                            variant,
+                            shape,
+                            rel_err: 0.0,
+                            bound,
+                            skipped: Some("no 16x16 cooperative matrices".into()),
+                        });
+                        continue;
+                    }
+                    let x = rng.normals(m * k, 1.0);
+                    let w = round(wdt, &rng.normals(n * k, 0.1));
+                    let bias = rng.normals(n, 0.5);
+                    let (xt, wt, bt) = (
+                        gpu.upload_f32(&x, &[m, k])?,
+                        upload(gpu, wdt, &w, &[n, k])?,
+                        gpu.upload_f32(&bias, &[n])?,
+                    );
+                    // the tensor-core kernel rounds operands to f16 when staging them
+                    let (xr, wr) = if coop {
+                        (round(DType::F16, &x), round(DType::F16, &w))
+                    } else {
+                        (x.clone(), w.clone())
+                    };
+                    let mut b = gpu.batch();
+                    let (got, want) = if residual {
+                        let res = rng.normals(m * n, 1.0);
+                        let table = rng.normals(6 * n, 1.0);
+                        let rt = gpu.upload_f32(&res, &[m, n])?;
+                        let tt = gpu.upload_f32(&table, &[6, n])?;
+                        record_linear_gated_residual_with(
+                            &mut b,
+                            &xt,
+                            &wt,
+                            Some(&bt),
+                            &rt,
+                            Some((&tt, 5)),
+                            &rt,
+                            kernel,
+                        )?;
+                        b.submit()?;
+                        let want = reference::nn::linear::linear_gated_residual(
+                            &xr,
+                            &wr,
+                            Some(&bias),
+                            &res,
+                            Some(&table[5 * n..]),
+                            m,
+                            n,
+                            k,
+                        );
+                        (gpu.read_f32(&rt)?, want)
+                    } else {
+                        let o = gpu.empty(&[m, n], DType::F32)?;
+                        gpu.fill_u32(&o, 0x7fc0_0000);
+                        let act = Activation::GeluTanh;
+                        record_linear_with(&mut b, &xt, &wt, Some(&bt), act, &o, kernel)?;
+                        b.submit()?;
+                        let want =
+                            reference::nn::linear::linear(&xr, &wr, Some(&bias), m, n, k, act);
+                        (gpu.read_f32(&o)?, want)
+                    };
                     out.push(Row {
-                        kernel: "linear".into(),
+                        kernel: name.into(),
                         variant,
                         shape,
-                        rel_err: 0.0,
+                        rel_err: rel_l2(&got, &want),
                         bound,
-                        skipped: Some("no 16x16 cooperative matrices".into()),
+                        skipped: None,
                     });
-                    continue;
                 }
-                let x = rng.normals(m * k, 1.0);
-                let w = round(wdt, &rng.normals(n * k, 0.1));
-                let bias = rng.normals(n, 0.5);
-                let (xt, wt, bt) = (
-                    gpu.upload_f32(&x, &[m, k])?,
-                    upload(gpu, wdt, &w, &[n, k])?,
-                    gpu.upload_f32(&bias, &[n])?,
-                );
-                let o = gpu.empty(&[m, n], DType::F32)?;
-                gpu.fill_u32(&o, 0x7fc0_0000);
-                let mut b = gpu.batch();
-                record_linear_with(
-                    &mut b,
-                    &xt,
-                    &wt,
-                    Some(&bt),
-                    Activation::GeluTanh,
-                    &o,
-                    kernel,
-                )?;
-                b.submit()?;
-                // the tensor-core kernel rounds operands to f16 when staging them
-                let (xr, wr) = if coop {
-                    (round(DType::F16, &x), round(DType::F16, &w))
-                } else {
-                    (x.clone(), w.clone())
-                };
-                let want = reference::nn::linear::linear(
-                    &xr,
-                    &wr,
-                    Some(&bias),
-                    m,
-                    n,
-                    k,
-                    Activation::GeluTanh,
-                );
-                let e = rel_l2(&gpu.read_f32(&o)?, &want);
-                out.push(Row {
-                    kernel: "linear".into(),
-                    variant,
-                    shape,
-                    rel_err: e,
-                    bound,
-                    skipped: None,
-                });
             }
         }
     }

@@ -4,7 +4,10 @@
 mod common;
 
 use common::{POISON, Rng, assert_close, gpu, rel_l2};
-use nabla::ops::linear::{Activation, LinearKernel, linear, record_linear, record_linear_with};
+use nabla::ops::linear::{
+    Activation, LinearKernel, linear, linear_gated_residual, record_linear,
+    record_linear_gated_residual, record_linear_gated_residual_with, record_linear_with,
+};
 use nabla::{DType, Error, Tensor, reference};
 
 /// Weights as the GPU sees them: rounded to the storage dtype.
@@ -455,15 +458,21 @@ fn weight_over_the_binding_limit_is_refused() {
 #[test]
 fn every_variant_is_registered() {
     let v = nabla::ops::linear::variants();
-    // portable: 3 weight dtypes × 3 activations; cooperative: the same × 3 subgroup sizes ×
-    // scalar or vector loads
+    // portable: 3 weight dtypes × 5 epilogues (3 activations, the residual in place or from a
+    // separate tensor); cooperative: the same × 3 subgroup sizes × scalar or vector loads
     assert_eq!(
         v.len(),
-        9 + 54,
-        "3 weight dtypes × 3 activations (+ coop × 3 subgroup sizes × 2 load widths)"
+        15 + 90,
+        "3 weight dtypes × 5 epilogues (+ coop × 3 subgroup sizes × 2 load widths)"
     );
     for dt in ["f32", "f16", "bf16"] {
-        for act in ["none", "gelu_tanh", "silu"] {
+        for act in [
+            "none",
+            "gelu_tanh",
+            "silu",
+            "residual,in_place",
+            "residual,separate",
+        ] {
             let name = format!("linalg/linear[{dt},{act}]");
             assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
         }
@@ -643,7 +652,7 @@ fn activations_over_the_binding_limit_run_in_row_chunks() {
     .into_iter()
     .filter(|&r| r < m)
     .collect();
-    for r in rows {
+    for &r in &rows {
         let want = reference::nn::linear::linear(
             &x[r * k..(r + 1) * k],
             &w,
@@ -658,6 +667,36 @@ fn activations_over_the_binding_limit_run_in_row_chunks() {
             &got[r * n..(r + 1) * n],
             &want,
             1e-5,
+            1e-5,
+            1e-5,
+        );
+    }
+    // the gated-residual epilogue chunks the residual with the rows (in place)
+    let res = rng.normals(m * n, 1.0);
+    let table = rng.normals(2 * n, 1.0);
+    let rt = g.upload_f32(&res, &[m, n]).unwrap();
+    let tt = g.upload_f32(&table, &[2, n]).unwrap();
+    let mut batch = g.batch();
+    record_linear_gated_residual(&mut batch, &xt, &wt, Some(&bt), &rt, Some((&tt, 1)), &rt)
+        .unwrap();
+    batch.submit().unwrap();
+    let got = g.read_f32(&rt).unwrap();
+    for &r in &rows {
+        let want = reference::nn::linear::linear_gated_residual(
+            &x[r * k..(r + 1) * k],
+            &w,
+            Some(&b),
+            &res[r * n..(r + 1) * n],
+            Some(&table[n..]),
+            1,
+            n,
+            k,
+        );
+        assert_close(
+            &format!("residual row {r}"),
+            &got[r * n..(r + 1) * n],
+            &want,
+            3e-5,
             1e-5,
             1e-5,
         );
@@ -708,4 +747,420 @@ fn profile_times_each_dispatch_by_kernel() {
     record_linear(&mut batch, &xt, &wt, None, Activation::None, &out).unwrap();
     batch.submit().unwrap();
     assert!(g.stop_profile().is_empty());
+}
+
+// ---- the gated-residual epilogue: out = res + gate[row] ⊙ (x·Wᵀ + b) ----
+
+/// Operands of one fused call: x, W, b as in [`operands`], a residual ~ N(0, 1) and a [3, N]
+/// gate table ~ N(0, 1) of which row 1 is used (so the row offset matters).
+struct ResidualCase {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    res: Vec<f32>,
+    table: Vec<f32>,
+}
+
+const GATE_ROWS: usize = 3;
+const GATE_ROW: u32 = 1;
+
+impl ResidualCase {
+    fn new(rng: &mut Rng, m: usize, n: usize, k: usize) -> Self {
+        let (x, w, b) = operands(rng, m, n, k);
+        ResidualCase {
+            x,
+            w,
+            b,
+            res: rng.normals(m * n, 1.0),
+            table: rng.normals(GATE_ROWS * n, 1.0),
+        }
+    }
+    fn gate_row(&self, n: usize, row: u32) -> &[f32] {
+        &self.table[row as usize * n..(row as usize + 1) * n]
+    }
+}
+
+/// Runs the fused epilogue on the GPU and returns the output. `in_place`: `out` is the residual
+/// tensor itself; otherwise a separate, NaN-poisoned output (the residual must stay unchanged:
+/// checked here).
+#[allow(clippy::too_many_arguments)]
+fn run_gpu_residual(
+    c: &ResidualCase,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
+    bias: bool,
+    gate: bool,
+    in_place: bool,
+    kernel: LinearKernel,
+) -> Vec<f32> {
+    let g = gpu();
+    let xt = g.upload_f32(&c.x, &[m, k]).unwrap();
+    let wt = upload_w(&c.w, n, k, dtype);
+    let bt = bias.then(|| g.upload_f32(&c.b, &[n]).unwrap());
+    let rt = g.upload_f32(&c.res, &[m, n]).unwrap();
+    let tt = g.upload_f32(&c.table, &[GATE_ROWS, n]).unwrap();
+    let gate = gate.then_some((&tt, GATE_ROW));
+    let out = if in_place {
+        rt.clone()
+    } else {
+        let o = g.empty(&[m, n], DType::F32).unwrap();
+        g.fill_u32(&o, POISON);
+        o
+    };
+    let mut batch = g.batch();
+    record_linear_gated_residual_with(&mut batch, &xt, &wt, bt.as_ref(), &rt, gate, &out, kernel)
+        .unwrap();
+    batch.submit().unwrap();
+    if !in_place {
+        assert_eq!(
+            g.read_f32(&rt).unwrap(),
+            c.res,
+            "the residual input was modified by an out-of-place call"
+        );
+    }
+    g.read_f32(&out).unwrap()
+}
+
+/// f32 errs at the scale of the terms `r` and `g·v`, not of their sum: where they cancel (one
+/// element of a 1×1 case near 0) a relative L2 bound must grow by `‖|r| + |g·v|‖ / ‖out‖`
+/// (≥ 1), as the activation tests scale theirs; this returns that factor.
+#[allow(clippy::too_many_arguments)]
+fn cancellation(
+    c: &ResidualCase,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    gate: Option<&[f32]>,
+    want: &[f32],
+    (m, n, k): (usize, usize, usize),
+) -> f64 {
+    let pre = reference::nn::linear::linear(x, w, b, m, n, k, Activation::None);
+    let terms: Vec<f32> = (0..m * n)
+        .map(|i| c.res[i].abs() + (gate.map_or(1.0, |g| g[i % n]) * pre[i]).abs())
+        .collect();
+    let norm = |v: &[f32]| v.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt();
+    (norm(&terms) / norm(want).max(1e-30)).max(1.0)
+}
+
+/// With and without gate and bias, in place and out of place, for each shape; f32 math.
+fn check_residual_shapes(tag: u64, dtype: DType, shapes: &[(usize, usize, usize)]) {
+    let mut rng = Rng::fresh(tag);
+    for &(m, n, k) in shapes {
+        let c = ResidualCase::new(&mut rng, m, n, k);
+        let wr = rounded(&c.w, dtype);
+        for bias in [false, true] {
+            for gate in [false, true] {
+                for in_place in [true, false] {
+                    let mnk = (m, n, k);
+                    let kern = LinearKernel::Portable;
+                    let got = run_gpu_residual(&c, mnk, dtype, bias, gate, in_place, kern);
+                    let bb = bias.then_some(c.b.as_slice());
+                    let gr = gate.then(|| c.gate_row(n, GATE_ROW));
+                    let want = reference::nn::linear::linear_gated_residual(
+                        &c.x, &wr, bb, &c.res, gr, m, n, k,
+                    );
+                    let what = format!(
+                        "residual {dtype:?} {m}x{n}x{k} bias={bias} gate={gate} in_place={in_place}"
+                    );
+                    // |gate| ~ N(0, 1) scales the GEMM's f32 error: a slightly wider atol
+                    let l2 = 1e-5 * cancellation(&c, &c.x, &wr, bb, gr, &want, (m, n, k));
+                    assert_close(&what, &got, &want, 3e-5, 1e-5, l2);
+                    if gate && m * n >= 64 {
+                        // not a tautology: another gate row, or no gate, is far off (on enough
+                        // elements that random gate rows cannot nearly coincide)
+                        let other = c.gate_row(n, 0);
+                        let wrong = reference::nn::linear::linear_gated_residual(
+                            &c.x,
+                            &wr,
+                            bb,
+                            &c.res,
+                            Some(other),
+                            m,
+                            n,
+                            k,
+                        );
+                        let e = rel_l2(&got, &wrong);
+                        assert!(e > 1e-2, "{what}: matches gate row 0 ({e:e})");
+                        let ungated = reference::nn::linear::linear_gated_residual(
+                            &c.x, &wr, bb, &c.res, None, m, n, k,
+                        );
+                        let e = rel_l2(&got, &ungated);
+                        assert!(e > 1e-2, "{what}: matches the ungated result ({e:e})");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn residual_epilogue_f32_weights_ragged_shapes() {
+    check_residual_shapes(
+        0x21,
+        DType::F32,
+        &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (65, 130, 17),
+            (17, 3, 65),
+            (100, 64, 256),
+            (1093, 130, 17),
+        ],
+    );
+}
+
+#[test]
+fn residual_epilogue_f16_weights_ragged_shapes() {
+    check_residual_shapes(
+        0x22,
+        DType::F16,
+        &[
+            (1, 1, 2),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (300, 256, 512),
+        ],
+    );
+}
+
+#[test]
+fn residual_epilogue_bf16_weights_ragged_shapes() {
+    check_residual_shapes(
+        0x23,
+        DType::BF16,
+        &[
+            (1, 1, 2),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (1093, 70, 18),
+        ],
+    );
+}
+
+/// The fused epilogue rounds as the unfused pair does: `record_linear` into `y`, then the
+/// elementwise `x += y·gate`. Both compute `r + v·g` from the same f32 `v`, so they agree to the
+/// last bit unless a compiler contracts one of them into an fma (≤ 1 rounding of the sum apart).
+#[test]
+fn residual_epilogue_matches_the_unfused_ops() {
+    let g = gpu();
+    let mut rng = Rng::fresh(0x24);
+    for (m, n, k, dtype) in [
+        (130usize, 96usize, 64usize, DType::BF16),
+        (77, 33, 40, DType::F32),
+        (64, 128, 258, DType::F16),
+    ] {
+        let c = ResidualCase::new(&mut rng, m, n, k);
+        for gate in [false, true] {
+            let fused = run_gpu_residual(
+                &c,
+                (m, n, k),
+                dtype,
+                true,
+                gate,
+                true,
+                LinearKernel::Portable,
+            );
+            let xt = g.upload_f32(&c.x, &[m, k]).unwrap();
+            let wt = upload_w(&c.w, n, k, dtype);
+            let bt = g.upload_f32(&c.b, &[n]).unwrap();
+            let rt = g.upload_f32(&c.res, &[m, n]).unwrap();
+            let tt = g.upload_f32(&c.table, &[GATE_ROWS, n]).unwrap();
+            let y = g.empty(&[m, n], DType::F32).unwrap();
+            g.fill_u32(&y, POISON);
+            let mut batch = g.batch();
+            record_linear_with(
+                &mut batch,
+                &xt,
+                &wt,
+                Some(&bt),
+                Activation::None,
+                &y,
+                LinearKernel::Portable,
+            )
+            .unwrap();
+            let gt = gate.then_some((&tt, GATE_ROW));
+            nabla::ops::elementwise::record_gated_residual(&mut batch, &rt, &y, gt).unwrap();
+            batch.submit().unwrap();
+            let unfused = g.read_f32(&rt).unwrap();
+            let yv = g.read_f32(&y).unwrap();
+            let mut exact = 0;
+            for i in 0..m * n {
+                let (a, b) = (fused[i], unfused[i]);
+                assert!(!a.is_nan() && !b.is_nan(), "NaN at {i}");
+                // one rounding of the sum r + v·g, at the scale of its terms
+                let gv = if gate {
+                    c.gate_row(n, GATE_ROW)[i % n]
+                } else {
+                    1.0
+                };
+                let scale = c.res[i].abs() + (yv[i] * gv).abs();
+                assert!(
+                    (a - b).abs() <= scale * f32::EPSILON,
+                    "{dtype:?} {m}x{n}x{k} gate={gate}: element {i}: fused {a} vs unfused {b}"
+                );
+                exact += (a.to_bits() == b.to_bits()) as usize;
+            }
+            eprintln!(
+                "{dtype:?} {m}x{n}x{k} gate={gate}: {exact} of {} bit-identical",
+                m * n
+            );
+        }
+    }
+}
+
+#[test]
+fn residual_epilogue_leading_dims_and_convenience_entry() {
+    // x [2, 3, K], res [2, 3, N] updated in place through `linear_gated_residual`
+    let g = gpu();
+    let mut rng = Rng::fresh(0x25);
+    let (m, n, k) = (6, 20, 24);
+    let c = ResidualCase::new(&mut rng, m, n, k);
+    let xt = g.upload_f32(&c.x, &[2, 3, k]).unwrap();
+    let wt = g.upload_bf16(&c.w, &[n, k]).unwrap();
+    let bt = g.upload_f32(&c.b, &[n]).unwrap();
+    let rt = g.upload_f32(&c.res, &[2, 3, n]).unwrap();
+    let tt = g.upload_f32(&c.table, &[GATE_ROWS, n]).unwrap();
+    linear_gated_residual(g, &xt, &wt, Some(&bt), &rt, Some((&tt, GATE_ROW))).unwrap();
+    let got = g.read_f32(&rt).unwrap();
+    let wr = rounded(&c.w, DType::BF16);
+    let want = reference::nn::linear::linear_gated_residual(
+        &c.x,
+        &wr,
+        Some(&c.b),
+        &c.res,
+        Some(c.gate_row(n, GATE_ROW)),
+        m,
+        n,
+        k,
+    );
+    assert_close("residual leading dims", &got, &want, 3e-5, 1e-5, 1e-5);
+}
+
+/// Every malformed call is refused with a shape error naming the problem, before anything is
+/// recorded: the residual is unchanged afterwards.
+#[test]
+fn residual_epilogue_bad_operands_are_refused() {
+    let g = gpu();
+    let (m, n, k) = (4usize, 5usize, 8usize);
+    let x = g.upload_f32(&[0.5; 4 * 8], &[m, k]).unwrap();
+    let w = g.upload_f32(&[0.5; 5 * 8], &[n, k]).unwrap();
+    let res_data: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+    let res = g.upload_f32(&res_data, &[m, n]).unwrap();
+    let table = g.upload_f32(&[1.0; 6 * 5], &[6, n]).unwrap();
+    let expect = |r: nabla::Result<()>, needle: &str| match r {
+        Err(Error::Shape(msg)) => {
+            assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");
+            eprintln!("{msg}");
+        }
+        r => panic!("expected a shape error mentioning {needle:?}, got {r:?}"),
+    };
+    let call = |res: &Tensor, gate: Option<(&Tensor, u32)>, out: &Tensor| {
+        let mut batch = g.batch();
+        let r = record_linear_gated_residual(&mut batch, &x, &w, None, res, gate, out);
+        batch.submit().unwrap();
+        r
+    };
+    // residual of the wrong shape or dtype
+    let r46 = g.upload_f32(&[0.0; 24], &[4, 6]).unwrap();
+    expect(call(&r46, None, &res), "residual must be f32 [4, 5]");
+    let rh = g.upload_f16(&[0.0; 20], &[m, n]).unwrap();
+    expect(call(&rh, None, &res), "residual must be f32 [4, 5]");
+    // output of the wrong shape (residual matching it): the linear's own check
+    expect(call(&r46, None, &r46), "[4, 5]");
+    // gate: not [R, N], wrong dtype, row out of range, aliasing the output
+    let t4 = g.upload_f32(&[1.0; 24], &[6, 4]).unwrap();
+    expect(
+        call(&res, Some((&t4, 0)), &res),
+        "gate must be an f32 [R, 5]",
+    );
+    let t1d = g.upload_f32(&[1.0; 5], &[5]).unwrap();
+    expect(
+        call(&res, Some((&t1d, 0)), &res),
+        "gate must be an f32 [R, 5]",
+    );
+    let th = g.upload_f16(&[1.0; 30], &[6, n]).unwrap();
+    expect(
+        call(&res, Some((&th, 0)), &res),
+        "gate must be an f32 [R, 5]",
+    );
+    expect(
+        call(&res, Some((&table, 6)), &res),
+        "gate row 6 is out of range",
+    );
+    expect(
+        call(&res, Some((&res, 0)), &res),
+        "gate table shares a buffer",
+    );
+    // out aliasing: another view of the residual's buffer, or x
+    let big = g.upload_f32(&[0.0; 2 * 4 * 5], &[8, n]).unwrap();
+    let (v0, v1) = (big.rows(0, 4).unwrap(), big.rows(4, 4).unwrap());
+    expect(call(&v0, None, &v1), "different views of one buffer");
+    let x45 = g.upload_f32(&[0.5; 20], &[4, 5]).unwrap();
+    let w55 = g.upload_f32(&[0.5; 25], &[5, 5]).unwrap();
+    let mut batch = g.batch();
+    let r = record_linear_gated_residual(&mut batch, &x45, &w55, None, &res, None, &x45);
+    batch.submit().unwrap();
+    expect(r, "shares a buffer with x, W or the bias");
+    // bad linear operands still get the linear's messages
+    let w9 = g.upload_f32(&[0.5; 5 * 9], &[5, 9]).unwrap();
+    let mut batch = g.batch();
+    let r = record_linear_gated_residual(&mut batch, &x, &w9, None, &res, None, &res);
+    batch.submit().unwrap();
+    expect(r, "K = 9");
+    // nothing ran
+    assert_eq!(g.read_f32(&res).unwrap(), res_data, "a refused call wrote");
+}
+
+/// The tensor-core kernel's residual epilogue (real GPUs only): operands rounded to f16, f32
+/// accumulation, then the same gated residual in f32.
+#[test]
+fn coop_residual_epilogue_matches_reference_on_f16_rounded_operands() {
+    let g = gpu();
+    if g.caps().coop_subgroup().is_none() {
+        eprintln!(
+            "no 16x16 cooperative matrices on {}: coop residual epilogue skipped",
+            g.caps().name
+        );
+        return;
+    }
+    let mut rng = Rng::fresh(0xc00c);
+    let r16 =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    for (m, n, k, wdt) in [
+        (128usize, 128usize, 64usize, DType::F16),
+        (300, 200, 130, DType::BF16),
+        (65, 17, 34, DType::F32),
+        (1000, 640, 1536, DType::BF16),
+        (1, 3, 2, DType::F16),
+    ] {
+        let c = ResidualCase::new(&mut rng, m, n, k);
+        for (gate, in_place) in [(true, true), (false, true), (true, false)] {
+            let got =
+                run_gpu_residual(&c, (m, n, k), wdt, true, gate, in_place, LinearKernel::Coop);
+            let (xr, wr) = (r16(&c.x), r16(&rounded(&c.w, wdt)));
+            let gr = gate.then(|| c.gate_row(n, GATE_ROW));
+            let mnk = (m, n, k);
+            let want = reference::nn::linear::linear_gated_residual(
+                &xr,
+                &wr,
+                Some(&c.b),
+                &c.res,
+                gr,
+                m,
+                n,
+                k,
+            );
+            let l2 = 1e-4 * cancellation(&c, &xr, &wr, Some(&c.b), gr, &want, mnk);
+            assert_close(
+                &format!("coop residual {m}x{n}x{k} {wdt:?} gate={gate} in_place={in_place}"),
+                &got,
+                &want,
+                3e-4,
+                1e-3,
+                l2,
+            );
+        }
+    }
 }

@@ -29,6 +29,7 @@ fn selftest_passes_on_this_adapter() {
     for (kernel, variant) in [
         ("attention", "portable f32"),
         ("linear", "portable F32 weights"),
+        ("linear gated residual", "portable BF16 weights"),
         ("mask", "workgroup tree"),
     ] {
         assert!(

@@ -3,7 +3,9 @@
 // All arithmetic is f32. The prelude (src/ops/linear.rs) defines two constants:
 //   WDT: weight storage, 0 = f32 (one word per value), 1 = f16, 2 = bf16 (two values per word,
 //        element 2i in the low half; K even, so a pair never straddles two rows);
-//   ACT: epilogue, 0 = none, 1 = GELU (tanh approximation), 2 = SiLU.
+//   ACT: activation, 0 = none, 1 = GELU (tanh approximation), 2 = SiLU.
+// `write_out` (linear_store.wgsl or linear_residual.wgsl) finishes each output: y = act(v), or
+// the gated residual y = residual + gate * v.
 // One workgroup computes a 64x64 tile of y: 256 threads with a 4x4 block each, K consumed in
 // steps of 16 staged through workgroup memory. Every edge (M, N, K not multiples of the tile)
 // is masked: out-of-range loads read 0, out-of-range outputs are not written.
@@ -14,7 +16,7 @@
 var<workgroup> a_s: array<vec4<f32>, 256>;
 var<workgroup> b_s: array<vec4<f32>, 256>;
 
-// Bias, activation and store of one output (skipped past N).
+// Bias and epilogue of one output (skipped past N).
 fn store(gi: u32, gj: u32, acc: f32) {
     if (gj >= P.n) {
         return;
@@ -23,7 +25,7 @@ fn store(gi: u32, gj: u32, acc: f32) {
     if (P.has_bias != 0u) {
         v += bias[gj];
     }
-    y[gi * P.n + gj] = activate(v);
+    write_out(gi * P.n + gj, gj, v);
 }
 
 // Four consecutive outputs of row gi starting at column gj (skipped past M).

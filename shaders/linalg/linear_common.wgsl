@@ -1,6 +1,8 @@
 // Shared by linear.wgsl (portable) and linear_coop.wgsl (cooperative matrices): parameters,
-// bias/output bindings, weight decoding and the activation epilogue; the x/W bindings and their
-// edge-masked loads come from linear_loads.wgsl (scalar) or linear_loads_vec.wgsl (vectors). The prelude defines
+// bias/output bindings, weight decoding and the activation; the x/W bindings and their
+// edge-masked loads come from linear_loads.wgsl (scalar) or linear_loads_vec.wgsl (vectors),
+// and `write_out` (what the epilogue does with a finished output) from linear_store.wgsl
+// (y = act(v)) or linear_residual.wgsl (y = residual + gate * v). The prelude defines
 // WDT (weight storage: 0 = f32, 1 = f16, 2 = bf16) and ACT (0 = none, 1 = GELU-tanh, 2 = SiLU).
 
 struct Params {
@@ -12,6 +14,11 @@ struct Params {
     tiles_n: u32,
     tiles: u32,
     group: u32,
+    // residual epilogue only: whether a gate row is applied, and where it starts in `gate`
+    has_gate: u32,
+    gate_off: u32,
+    _p0: u32,
+    _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;

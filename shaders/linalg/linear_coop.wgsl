@@ -5,7 +5,8 @@
 // One workgroup = a 128x128 output tile = 4 subgroups of 64x64 (4x4 accumulators each), K in
 // steps of 32 through workgroup memory, the next step's operands loaded into registers during
 // the current step's MMAs. Edges are masked in the loads and the epilogue; each
-// accumulator goes through a 16x16 workgroup scratch for bias, activation and the f32 store.
+// accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
+// f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
 // 16-byte boundary (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and
 // defines WDT, ACT and SG (workgroup = 4·SG threads).
@@ -44,7 +45,7 @@ fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) 
             if (P.has_bias != 0u) {
                 v += bias[col];
             }
-            y[r * P.n + col] = activate(v);
+            write_out(r * P.n + col, col, v);
         }
     }
     workgroupBarrier();

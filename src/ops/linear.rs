@@ -19,6 +19,16 @@
 //! cache. Bias and the activation ([`Activation`]) are applied in the epilogue, so `y` is
 //! written once.
 //!
+//! The epilogue can instead add the result into a residual stream:
+//! [`record_linear_gated_residual`] computes `out = res + gate[row] ⊙ (x·Wᵀ + b)` — the Wan DiT's
+//! `x += gate ⊙ o_proj(attn)` and `x += gate ⊙ ffn2(h)` in one kernel, with `out` the same
+//! tensor as `res` for the in-place update (or a gate-less `res + x·Wᵀ + b`). It saves writing
+//! `y` and the separate elementwise pass that reads `y` and `x` and writes `x` again. Each
+//! element is rounded exactly as the unfused sequence ([`record_linear`] with no activation,
+//! then [`crate::ops::elementwise::record_gated_residual`]) rounds it: the same f32 `v = acc +
+//! b`, then `r + v·g` in f32 — equal up to a compiler contracting that into an fma, which WGSL
+//! allows in either kernel.
+//!
 //! Every tensor is bound whole, so each must fit the device's storage-binding limit: a weight
 //! larger than that (e.g. a 14B model's FFN weight, 13 824 × 5 120 bf16 = 135 MiB, on a driver
 //! with a 128 MiB limit) is refused with [`Error::TooLarge`] for now; splitting such a weight
@@ -33,6 +43,8 @@ const LINEAR_COMMON: &str = include_str!("../../shaders/linalg/linear_common.wgs
 const LINEAR_COOP: &str = include_str!("../../shaders/linalg/linear_coop.wgsl");
 const LINEAR_LOADS: &str = include_str!("../../shaders/linalg/linear_loads.wgsl");
 const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_vec.wgsl");
+const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
+const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
 
 /// Which GEMM kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +96,56 @@ impl Activation {
     }
 }
 
+/// What the kernel's epilogue does with `v = x·Wᵀ + b` (the shader's `write_out`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Epilogue {
+    /// `y = act(v)` (`linear_store.wgsl`).
+    Store(Activation),
+    /// `y = r + gate·v` (`linear_residual.wgsl`): `r` read from `y` itself (`in_place`) or
+    /// from a separate read-only residual binding.
+    Residual { in_place: bool },
+}
+
+impl Epilogue {
+    /// Every epilogue, in the order of [`variants`].
+    const ALL: [Epilogue; 5] = [
+        Epilogue::Store(Activation::None),
+        Epilogue::Store(Activation::GeluTanh),
+        Epilogue::Store(Activation::Silu),
+        Epilogue::Residual { in_place: true },
+        Epilogue::Residual { in_place: false },
+    ];
+
+    fn act(self) -> Activation {
+        match self {
+            Epilogue::Store(a) => a,
+            Epilogue::Residual { .. } => Activation::None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Epilogue::Store(a) => a.name(),
+            Epilogue::Residual { in_place: true } => "residual,in_place",
+            Epilogue::Residual { in_place: false } => "residual,separate",
+        }
+    }
+
+    /// The WGSL that defines `write_out` (and, for the residual, `residual_in` and its binding).
+    fn source(self) -> String {
+        match self {
+            Epilogue::Store(_) => LINEAR_STORE.to_string(),
+            Epilogue::Residual { in_place: true } => {
+                format!("fn residual_in(i: u32) -> f32 {{ return y[i]; }}\n{LINEAR_RESIDUAL}")
+            }
+            Epilogue::Residual { in_place: false } => format!(
+                "@group(0) @binding(6) var<storage, read> res: array<f32>;\n\
+                 fn residual_in(i: u32) -> f32 {{ return res[i]; }}\n{LINEAR_RESIDUAL}"
+            ),
+        }
+    }
+}
+
 /// The shader's `WDT` constant for a weight dtype (`None` for dtypes the kernel cannot read).
 fn weight_code(dtype: DType) -> Option<u32> {
     match dtype {
@@ -94,51 +156,55 @@ fn weight_code(dtype: DType) -> Option<u32> {
     }
 }
 
-fn variant_name(wdt: DType, act: Activation) -> String {
+fn variant_name(wdt: DType, epi: Epilogue) -> String {
     format!(
         "linalg/linear[{},{}]",
         format!("{wdt:?}").to_lowercase(),
-        act.name()
+        epi.name()
     )
 }
 
-/// WGSL source of the variant for weight storage `wdt` and activation `act`: a two-line prelude
-/// plus the kernel file.
-fn source(wdt: DType, act: Activation) -> Option<String> {
+/// WGSL source of the variant for weight storage `wdt` and epilogue `epi`: a two-line prelude
+/// plus the kernel files.
+fn source(wdt: DType, epi: Epilogue) -> Option<String> {
     let w = weight_code(wdt)?;
     Some(format!(
-        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR_LOADS}{LINEAR}",
-        act.code()
+        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR_LOADS}{}{LINEAR}",
+        epi.act().code(),
+        epi.source()
     ))
 }
 
 /// WGSL source of the cooperative-matrix variant for subgroup size `sg`, with vector loads
 /// (`vec`, K a multiple of 4) or scalar ones; `probe` is a diagnostic (0 in real runs).
-fn coop_source(wdt: DType, act: Activation, sg: u32, vec: bool, probe: u32) -> Option<String> {
+fn coop_source(wdt: DType, epi: Epilogue, sg: u32, vec: bool, probe: u32) -> Option<String> {
     let w = weight_code(wdt)?;
     let loads = if vec { LINEAR_LOADS_VEC } else { LINEAR_LOADS };
     // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
     let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{LINEAR_COMMON}{loads}{body}",
-        act.code()
+         const SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{LINEAR_COMMON}{loads}{}{body}",
+        epi.act().code(),
+        epi.source()
     ))
 }
 
-/// Kernel variants of this module: every weight dtype (f32, f16, bf16) × every [`Activation`].
+/// Kernel variants of this module: every weight dtype (f32, f16, bf16) × every epilogue (each
+/// [`Activation`], and the residual in place or from a separate tensor), portable and
+/// cooperative.
 pub fn variants() -> Vec<(String, String)> {
     let mut v = Vec::new();
     for wdt in [DType::F32, DType::F16, DType::BF16] {
-        for act in Activation::ALL {
-            if let Some(src) = source(wdt, act) {
-                v.push((variant_name(wdt, act), src));
+        for epi in Epilogue::ALL {
+            if let Some(src) = source(wdt, epi) {
+                v.push((variant_name(wdt, epi), src));
             }
             for sg in crate::shaders::COOP_SUBGROUP_SIZES {
                 for vec in [false, true] {
-                    if let Some(src) = coop_source(wdt, act, sg, vec, 0) {
+                    if let Some(src) = coop_source(wdt, epi, sg, vec, 0) {
                         v.push((
-                            format!("{}[coop,sg{sg},vec={vec}]", variant_name(wdt, act)),
+                            format!("{}[coop,sg{sg},vec={vec}]", variant_name(wdt, epi)),
                             src,
                         ));
                     }
@@ -160,6 +226,10 @@ struct Params {
     tiles_n: u32,
     tiles: u32,
     group: u32,
+    has_gate: u32,
+    gate_off: u32,
+    _p0: u32,
+    _p1: u32,
 }
 
 /// Output tile edge of the kernel (rows and columns of `y` per workgroup).
@@ -304,7 +374,149 @@ pub fn record_linear_with(
     out: &Tensor,
     kernel: LinearKernel,
 ) -> Result<()> {
+    record(batch, x, w, b, Epi::Store(act), out, kernel)
+}
+
+/// Records the linear layer with a gated-residual epilogue into `batch`:
+/// `out[.., n] = res[.., n] + gate[row, n] · (x·Wᵀ + b)[.., n]`, or `res + (x·Wᵀ + b)` without a
+/// gate. With `out` the same tensor as `res` this is the DiT's in-place residual update
+/// `x += gate ⊙ proj(h)` (self-attention output projection, FFN down projection; the
+/// cross-attention one has no gate).
+///
+/// * `x`, `w`, `b`: as for [`record_linear`] (no activation here).
+/// * `res`: f32 with the shape of `out`.
+/// * `gate`: optional `([R, N]` f32 table, `row)`; row `row` (`< R`) is broadcast over all rows
+///   of `out` — e.g. the `[6, dim]` modulation table and row 2 or 5.
+/// * `out`: `[.., N]` f32 with the leading shape of `x`. It may be `res` itself (the same
+///   tensor: bound once, read and written per element by one invocation) or a tensor in another
+///   buffer; it must not share a buffer with `x`, `w`, `b` or the gate, nor be another view of
+///   `res`'s buffer.
+///
+/// Computes in f32 and rounds each element exactly as [`record_linear`] followed by
+/// [`crate::ops::elementwise::record_gated_residual`] does (`v = acc + b` in f32, then
+/// `r + v·g`), so fused and unfused agree up to fma contraction. Fails with [`Error::Shape`] on
+/// mismatched shapes, dtypes or aliasing and with [`Error::TooLarge`] past the device's
+/// storage-binding limit; nothing is recorded then.
+pub fn record_linear_gated_residual(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    res: &Tensor,
+    gate: Option<(&Tensor, u32)>,
+    out: &Tensor,
+) -> Result<()> {
+    record_linear_gated_residual_with(batch, x, w, b, res, gate, out, LinearKernel::Auto)
+}
+
+/// [`record_linear_gated_residual`] with an explicit kernel choice (tests, self-tests).
+#[allow(clippy::too_many_arguments)]
+pub fn record_linear_gated_residual_with(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    res: &Tensor,
+    gate: Option<(&Tensor, u32)>,
+    out: &Tensor,
+    kernel: LinearKernel,
+) -> Result<()> {
+    record(batch, x, w, b, Epi::Residual { res, gate }, out, kernel)
+}
+
+/// The epilogue of one call with its operands.
+#[derive(Clone, Copy)]
+enum Epi<'a> {
+    Store(Activation),
+    Residual {
+        res: &'a Tensor,
+        gate: Option<(&'a Tensor, u32)>,
+    },
+}
+
+/// Shape/dtype/aliasing checks of the residual operands against `out` (`[.., N]`, already
+/// checked); returns whether the update is in place and the gate's element offset.
+fn check_residual(
+    out: &Tensor,
+    res: &Tensor,
+    gate: Option<(&Tensor, u32)>,
+    inputs: [Option<&Tensor>; 3],
+) -> Result<(bool, u32)> {
+    let op = "linear_gated_residual";
+    if res.dtype() != DType::F32 || res.shape() != out.shape() {
+        return Err(Error::shape(format!(
+            "{op}: the residual must be f32 {:?}, the shape of the output, got {:?} {:?}",
+            out.shape(),
+            res.dtype(),
+            res.shape()
+        )));
+    }
+    let in_place = res.buffer() == out.buffer();
+    if in_place && res.offset() != out.offset() {
+        return Err(Error::shape(format!(
+            "{op}: the residual and the output are different views of one buffer (at bytes {} \
+             and {}); pass the same tensor for the in-place update, or tensors in separate \
+             buffers",
+            res.offset(),
+            out.offset()
+        )));
+    }
+    let n = out.shape().last().copied().unwrap_or(0);
+    let mut gate_off = 0;
+    if let Some((g, row)) = gate {
+        let gs = g.shape();
+        if g.dtype() != DType::F32 || gs.len() != 2 || gs[1] != n {
+            return Err(Error::shape(format!(
+                "{op}: the gate must be an f32 [R, {n}] table (one row of N = {n} values per \
+                 entry, e.g. the [6, {n}] modulation table), got {:?} {gs:?}",
+                g.dtype()
+            )));
+        }
+        if row as usize >= gs[0] {
+            return Err(Error::shape(format!(
+                "{op}: gate row {row} is out of range for a gate table {gs:?} (rows 0..{})",
+                gs[0]
+            )));
+        }
+        if g.buffer() == out.buffer() {
+            return Err(Error::shape(format!(
+                "{op}: the gate table shares a buffer with the output{}; pass the gate in a \
+                 tensor of its own",
+                if in_place { " (the residual)" } else { "" }
+            )));
+        }
+        gate_off = u32::try_from(row as usize * n).map_err(|_| {
+            Error::shape(format!(
+                "{op}: gate table {gs:?} has more than 2³² elements; the kernel indexes it with \
+                 32 bits"
+            ))
+        })?;
+    }
+    if inputs.iter().flatten().any(|t| t.buffer() == out.buffer()) {
+        return Err(Error::shape(format!(
+            "{op}: the output shares a buffer with x, W or the bias; only the residual may be \
+             the output (in place)"
+        )));
+    }
+    Ok((in_place, gate_off))
+}
+
+/// Validates, splits oversized activations into row chunks, picks the kernel and dispatches.
+fn record(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    epi: Epi<'_>,
+    out: &Tensor,
+    kernel: LinearKernel,
+) -> Result<()> {
     let gpu = batch.gpu();
+    if let Epi::Residual { res, gate } = epi {
+        // shapes first, so a mismatch is reported as such and not as a failed row chunk (cheap:
+        // repeated per chunk and before the dispatch below)
+        check_residual(out, res, gate, [Some(x), Some(w), b])?;
+    }
     // activations larger than one storage binding run in row chunks (views of the same
     // buffers): the 14B FFN at 720p has [67 200, 13 824] f32 = 3.7 GB of hidden activations
     let limit = gpu.caps().max_storage_binding;
@@ -322,6 +534,13 @@ pub fn record_linear_with(
         let o2 = out
             .reshape(&[m, n])
             .ok_or_else(|| Error::shape("linear: out is not [M, N]"))?;
+        let r2 = match epi {
+            Epi::Residual { res, .. } => Some(
+                res.reshape(&[m, n])
+                    .ok_or_else(|| Error::shape("linear: the residual is not [M, N]"))?,
+            ),
+            Epi::Store(_) => None,
+        };
         let mut r0 = 0;
         while r0 < m {
             let rc = chunk.min(m - r0);
@@ -329,12 +548,43 @@ pub fn record_linear_with(
             let (Some(xc), Some(oc)) = (xc, oc) else {
                 return Err(Error::shape("linear: row chunk out of range"));
             };
-            record_linear_with(batch, &xc, w, b, act, &oc, kernel)?;
+            match (epi, &r2) {
+                (Epi::Residual { gate, .. }, Some(r2)) => {
+                    let rc = r2
+                        .rows(r0, rc)
+                        .ok_or_else(|| Error::shape("linear: row chunk out of range"))?;
+                    let e = Epi::Residual { res: &rc, gate };
+                    record(batch, &xc, w, b, e, &oc, kernel)?;
+                }
+                _ => record(batch, &xc, w, b, epi, &oc, kernel)?,
+            }
             r0 += rc;
         }
         return Ok(());
     }
     let (m, n, k) = check(gpu, x, w, b, Some(out))?;
+    let (shader_epi, has_gate, gate_off, extra) = match epi {
+        Epi::Store(act) => (Epilogue::Store(act), false, 0, [None, None]),
+        Epi::Residual { res, gate } => {
+            let (in_place, gate_off) = check_residual(out, res, gate, [Some(x), Some(w), b])?;
+            if !in_place {
+                gpu.check_binding("linear residual", res.logical_bytes())?;
+            }
+            if let Some((g, _)) = gate {
+                gpu.check_binding("linear gate table", g.logical_bytes())?;
+            }
+            // binding 5 is the gate (without one, `x` fills it, never read: `has_gate` is 0);
+            // binding 6 the separate residual
+            let g = gate.map_or(x, |(g, _)| g);
+            let r = (!in_place).then_some(res);
+            (
+                Epilogue::Residual { in_place },
+                gate.is_some(),
+                gate_off,
+                [Some(g), r],
+            )
+        }
+    };
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -369,6 +619,10 @@ pub fn record_linear_with(
             ))
         })?,
         group: GROUP,
+        has_gate: has_gate as u32,
+        gate_off,
+        _p0: 0,
+        _p1: 0,
     };
     let pipe = match coop {
         Some(sg) => {
@@ -380,7 +634,7 @@ pub fn record_linear_with(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let src = coop_source(w.dtype(), act, sg, vec, probe).ok_or_else(|| {
+            let src = coop_source(w.dtype(), shader_epi, sg, vec, probe).ok_or_else(|| {
                 Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
             })?;
             // indices are validated by `check` and masked in the loads: no runtime checks
@@ -388,7 +642,7 @@ pub fn record_linear_with(
             let checked = crate::gpu::checked_override();
             let key = format!(
                 "{}[coop,sg{sg},vec={vec},checked={checked}{}]",
-                variant_name(w.dtype(), act),
+                variant_name(w.dtype(), shader_epi),
                 if probe != 0 {
                     format!(",probe={probe}")
                 } else {
@@ -398,16 +652,18 @@ pub fn record_linear_with(
             gpu.pipeline(&key, &src, checked)?
         }
         None => {
-            let src = source(w.dtype(), act).ok_or_else(|| {
+            let src = source(w.dtype(), shader_epi).ok_or_else(|| {
                 Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
             })?;
-            gpu.pipeline(&variant_name(w.dtype(), act), &src, true)?
+            gpu.pipeline(&variant_name(w.dtype(), shader_epi), &src, true)?
         }
     };
     let groups = groups_2d(tiles, gpu.caps().max_workgroups_per_dim);
     // Without a bias, `x` fills the bias binding (never read: `has_bias` is 0).
     let bias = b.unwrap_or(x);
-    batch.dispatch(&pipe, bytemuck::bytes_of(&p), &[x, w, bias, out], groups)
+    let mut buffers = vec![x, w, bias, out];
+    buffers.extend(extra.into_iter().flatten());
+    batch.dispatch(&pipe, bytemuck::bytes_of(&p), &buffers, groups)
 }
 
 /// `act(x·Wᵀ + b)` in a new f32 tensor of shape `[.., N]` (allocates, records, submits; does
@@ -428,4 +684,20 @@ pub fn linear(
     record_linear(&mut batch, x, w, b, act, &out)?;
     batch.submit()?;
     Ok(out)
+}
+
+/// `res += gate[row] ⊙ (x·Wᵀ + b)` (or `res += x·Wᵀ + b`) in place, submitted (not waited for):
+/// [`record_linear_gated_residual`] with `out = res`, where the operands, precision and errors
+/// are described.
+pub fn linear_gated_residual(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    res: &Tensor,
+    gate: Option<(&Tensor, u32)>,
+) -> Result<()> {
+    let mut batch = gpu.batch();
+    record_linear_gated_residual(&mut batch, x, w, b, res, gate, res)?;
+    batch.submit()
 }

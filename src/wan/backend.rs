@@ -114,6 +114,28 @@ pub trait Backend {
         y: &Self::T,
         gate: Option<(&Self::T, u32)>,
     ) -> Result<()>;
+    /// The linear layer `y = h·Wᵀ + b` followed by the gated residual `x += y · gate[row]` (or
+    /// `x += y`): the DiT's self-attention output projection and FFN down projection.
+    /// `scratch` has the shape of `x` and may receive `y`; after this call its contents are
+    /// unspecified (a fusing backend leaves it untouched), so callers that read `y` afterwards
+    /// must call [`Backend::linear`] and [`Backend::gated_residual`] themselves.
+    ///
+    /// The default does exactly that, through `scratch`; the wgpu layer overrides it with the
+    /// GEMM's gated-residual epilogue ([`crate::ops::linear::record_linear_gated_residual`]),
+    /// which rounds each element as the two separate ops do.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_gated_residual(
+        &mut self,
+        h: &Self::T,
+        w: &Self::T,
+        b: Option<&Self::T>,
+        x: &Self::T,
+        gate: Option<(&Self::T, u32)>,
+        scratch: &Self::T,
+    ) -> Result<()> {
+        self.linear(h, w, b, Activation::None, scratch)?;
+        self.gated_residual(x, scratch, gate)
+    }
     /// `out = act(x)` for GELU-tanh or SiLU.
     fn activation(&mut self, x: &Self::T, act: Activation, out: &Self::T) -> Result<()>;
     /// 3-D RoPE in place on `[S, heads·D]` with per-token tables.
@@ -318,6 +340,17 @@ impl<'g> Backend for WgpuBackend<'g> {
         gate: Option<(&Tensor, u32)>,
     ) -> Result<()> {
         crate::ops::elementwise::record_gated_residual(self.b(), x, y, gate)
+    }
+    fn linear_gated_residual(
+        &mut self,
+        h: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        x: &Tensor,
+        gate: Option<(&Tensor, u32)>,
+        _scratch: &Tensor,
+    ) -> Result<()> {
+        crate::ops::linear::record_linear_gated_residual(self.b(), h, w, b, x, gate, x)
     }
     fn activation(&mut self, x: &Tensor, act: Activation, out: &Tensor) -> Result<()> {
         match act {

@@ -64,6 +64,19 @@ impl<T> Linear<T> {
     fn run<B: Backend<T = T>>(&self, be: &mut B, x: &T, act: Activation, out: &T) -> Result<()> {
         be.linear(x, &self.w, Some(&self.b), act, out)
     }
+
+    /// Records `y = x·Wᵀ + b` then `res += y · gate[row]` (or `res += y`), fused where the
+    /// backend can (`scratch` then stays untouched; its contents are unspecified either way).
+    fn run_gated_residual<B: Backend<T = T>>(
+        &self,
+        be: &mut B,
+        x: &T,
+        res: &T,
+        gate: Option<(&T, u32)>,
+        scratch: &T,
+    ) -> Result<()> {
+        be.linear_gated_residual(x, &self.w, Some(&self.b), res, gate, scratch)
+    }
 }
 
 struct BlockWeights<T> {
@@ -592,6 +605,10 @@ impl<B: Backend> Dit<B> {
         let n_layers = w.blocks.len();
         let mods = be.reshape(&ws.mods, &[6, d]);
         for (li, bw) in w.blocks.iter().enumerate() {
+            // the block-0 trace reads the projections' outputs (`y`) before their residuals:
+            // there the linear and the residual stay separate ops; everywhere else `y` is dead
+            // after the residual, so they are fused (one GEMM epilogue, no `y` round trip)
+            let trace_y = li == 0 && trace.as_ref().is_some_and(|t| !t.densities_only);
             // m = modulation + e0, the [6, dim] table of shifts, scales and gates
             be.add(&bw.modulation, &ws.e0, &ws.mods)?;
 
@@ -630,11 +647,13 @@ impl<B: Backend> Dit<B> {
             };
             be.attention(&ws.qh, &ws.kh, &ws.vh, &mask, &ws.oh)?;
             be.merge_heads(&ws.oh, &ws.o)?;
-            bw.sa[3].run(be, &ws.o, Activation::None, &ws.y)?;
-            if li == 0 {
+            if trace_y {
+                bw.sa[3].run(be, &ws.o, Activation::None, &ws.y)?;
                 keep(be, &mut trace, "block0_self_attn_out", &ws.y)?;
+                be.gated_residual(&ws.x, &ws.y, Some((&mods, 2)))?;
+            } else {
+                bw.sa[3].run_gated_residual(be, &ws.o, &ws.x, Some((&mods, 2)), &ws.y)?;
             }
-            be.gated_residual(&ws.x, &ws.y, Some((&mods, 2)))?;
 
             // 2. cross-attention over the padded context (no mask, no RoPE, no gate)
             be.layer_norm(&ws.x, &ws.a, eps, Norm::Affine(&bw.norm3_w, &bw.norm3_b))?;
@@ -648,11 +667,13 @@ impl<B: Backend> Dit<B> {
             be.split_heads(&ws.vc, &ws.vch)?;
             be.attention(&ws.qh, &ws.kch, &ws.vch, &Mask::Dense, &ws.oh)?;
             be.merge_heads(&ws.oh, &ws.o)?;
-            bw.ca[3].run(be, &ws.o, Activation::None, &ws.y)?;
-            if li == 0 {
+            if trace_y {
+                bw.ca[3].run(be, &ws.o, Activation::None, &ws.y)?;
                 keep(be, &mut trace, "block0_cross_attn_out", &ws.y)?;
+                be.gated_residual(&ws.x, &ws.y, None)?;
+            } else {
+                bw.ca[3].run_gated_residual(be, &ws.o, &ws.x, None, &ws.y)?;
             }
-            be.gated_residual(&ws.x, &ws.y, None)?;
 
             // 3. feed-forward
             be.layer_norm(
@@ -666,11 +687,14 @@ impl<B: Backend> Dit<B> {
                 },
             )?;
             bw.ffn0.run(be, &ws.a, Activation::GeluTanh, &ws.hidden)?;
-            bw.ffn2.run(be, &ws.hidden, Activation::None, &ws.y)?;
-            if li == 0 {
+            if trace_y {
+                bw.ffn2.run(be, &ws.hidden, Activation::None, &ws.y)?;
                 keep(be, &mut trace, "block0_ffn_out", &ws.y)?;
+                be.gated_residual(&ws.x, &ws.y, Some((&mods, 5)))?;
+            } else {
+                bw.ffn2
+                    .run_gated_residual(be, &ws.hidden, &ws.x, Some((&mods, 5)), &ws.y)?;
             }
-            be.gated_residual(&ws.x, &ws.y, Some((&mods, 5)))?;
             if li == 0 {
                 keep(be, &mut trace, "block0_out", &ws.x)?;
             }
