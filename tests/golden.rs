@@ -587,6 +587,7 @@ fn golden_wan_dit_fast_path() {
             t: t[0] as f64,
             context: &ctx,
         };
+        be.set_fused_residual(false);
         let out = dit.forward(&mut be, &input, None, None).unwrap();
         let (want, _) = f.f32("out_dense").unwrap();
         check(
@@ -597,5 +598,12 @@ fn golden_wan_dit_fast_path() {
         );
         let e = common::rel_l2(&out, &want);
         assert!(e < 1e-2, "{name}: fast-path relative L2 {e}");
+        // the fused gated-residual epilogue rounds every element as the two ops do (up to fma
+        // contraction of r + v·g)
+        be.set_fused_residual(true);
+        let fused = dit.forward(&mut be, &input, None, None).unwrap();
+        let d = common::rel_l2(&fused, &out);
+        assert!(d < 1e-5, "{name}: fused residual epilogue differs by {d}");
+        eprintln!("{name}: fast path rel L2 {e:.2e}; fused vs two ops {d:.2e}");
     }
 }

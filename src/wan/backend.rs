@@ -120,9 +120,11 @@ pub trait Backend {
     /// unspecified (a fusing backend leaves it untouched), so callers that read `y` afterwards
     /// must call [`Backend::linear`] and [`Backend::gated_residual`] themselves.
     ///
-    /// The default does exactly that, through `scratch`; the wgpu layer overrides it with the
+    /// The default does exactly that, through `scratch`. The wgpu layer can instead use the
     /// GEMM's gated-residual epilogue ([`crate::ops::linear::record_linear_gated_residual`]),
-    /// which rounds each element as the two separate ops do.
+    /// which rounds each element as the two separate ops do, when
+    /// [`WgpuBackend::set_fused_residual`] is on (it measured no faster on the H200, so the two
+    /// ops are its default too).
     #[allow(clippy::too_many_arguments)]
     fn linear_gated_residual(
         &mut self,
@@ -213,12 +215,27 @@ pub trait Backend {
 pub struct WgpuBackend<'g> {
     gpu: &'g Gpu,
     batch: Option<Batch<'g>>,
+    fuse_residual: bool,
 }
 
 impl<'g> WgpuBackend<'g> {
-    /// A backend on `gpu`.
+    /// A backend on `gpu`. [`Backend::linear_gated_residual`] runs as two ops unless
+    /// `NABLA_FUSED_RESIDUAL=1` (see [`WgpuBackend::set_fused_residual`]).
     pub fn new(gpu: &'g Gpu) -> Self {
-        WgpuBackend { gpu, batch: None }
+        WgpuBackend {
+            gpu,
+            batch: None,
+            fuse_residual: std::env::var("NABLA_FUSED_RESIDUAL").is_ok_and(|v| v == "1"),
+        }
+    }
+
+    /// Whether the DiT's output projections and FFN down projection use the GEMM's fused
+    /// gated-residual epilogue (one pass, no `y` round trip) instead of a GEMM and then the
+    /// elementwise residual. Both round every element alike. Off by default: on the H200 the
+    /// fused form measured no faster (1.3B forward 2 741 vs 2 713 ms in one call,
+    /// benches/RESULTS.md session 3).
+    pub fn set_fused_residual(&mut self, on: bool) {
+        self.fuse_residual = on;
     }
 
     /// The GPU.
@@ -348,9 +365,13 @@ impl<'g> Backend for WgpuBackend<'g> {
         b: Option<&Tensor>,
         x: &Tensor,
         gate: Option<(&Tensor, u32)>,
-        _scratch: &Tensor,
+        scratch: &Tensor,
     ) -> Result<()> {
-        crate::ops::linear::record_linear_gated_residual(self.b(), h, w, b, x, gate, x)
+        if self.fuse_residual {
+            return crate::ops::linear::record_linear_gated_residual(self.b(), h, w, b, x, gate, x);
+        }
+        self.linear(h, w, b, Activation::None, scratch)?;
+        self.gated_residual(x, scratch, gate)
     }
     fn activation(&mut self, x: &Tensor, act: Activation, out: &Tensor) -> Result<()> {
         match act {
