@@ -607,7 +607,7 @@ impl<B: Backend> Dit<B> {
         for (li, bw) in w.blocks.iter().enumerate() {
             // the block-0 trace reads the projections' outputs (`y`) before their residuals:
             // there the linear and the residual stay separate ops; everywhere else `y` is dead
-            // after the residual, so they are fused (one GEMM epilogue, no `y` round trip)
+            // after the residual, so the backend may fuse them (Backend::linear_gated_residual)
             let trace_y = li == 0 && trace.as_ref().is_some_and(|t| !t.densities_only);
             // m = modulation + e0, the [6, dim] table of shifts, scales and gates
             be.add(&bw.modulation, &ws.e0, &ws.mods)?;
