@@ -604,6 +604,28 @@ fn golden_wan_dit_fast_path() {
         let fused = dit.forward(&mut be, &input, None, None).unwrap();
         let d = common::rel_l2(&fused, &out);
         assert!(d < 1e-5, "{name}: fused residual epilogue differs by {d}");
-        eprintln!("{name}: fast path rel L2 {e:.2e}; fused vs two ops {d:.2e}");
+        // the reference's bf16 autocast inside the GEMMs (spec §2.10): still within the bound
+        // of the f32 golden, and really applied (the output moves)
+        be.set_fused_residual(false);
+        be.set_bf16_autocast(true);
+        let auto = dit.forward(&mut be, &input, None, None).unwrap();
+        be.set_bf16_autocast(false);
+        check(
+            &format!("{name}/out_dense (bf16 fast path, bf16 autocast)"),
+            &auto,
+            &want,
+            (2e-2, 2e-2),
+        );
+        let ea = common::rel_l2(&auto, &want);
+        let moved = common::rel_l2(&auto, &out);
+        assert!(ea < 1e-2, "{name}: autocast fast-path relative L2 {ea}");
+        assert!(
+            moved > 1e-4,
+            "{name}: the bf16 autocast changed nothing ({moved})"
+        );
+        eprintln!(
+            "{name}: fast path rel L2 {e:.2e}; fused vs two ops {d:.2e}; bf16 autocast {ea:.2e} \
+             (moved {moved:.2e})"
+        );
     }
 }

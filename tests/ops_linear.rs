@@ -1,14 +1,19 @@
 //! The linear op (`nabla::ops::linear`) against the f64 CPU reference: f32, f16 and bf16
-//! weights, every activation, with and without bias, ragged shapes, outputs poisoned with NaN.
+//! weights, every activation, with and without bias, ragged shapes, outputs poisoned with NaN;
+//! the same in the bf16 autocast mode (`LinearRounding::Bf16`).
 
 mod common;
 
 use common::{POISON, Rng, assert_close, gpu, rel_l2};
 use nabla::ops::linear::{
     Activation, LinearKernel, linear, linear_gated_residual, record_linear,
-    record_linear_gated_residual, record_linear_gated_residual_with, record_linear_with,
+    record_linear_gated_residual, record_linear_with,
+};
+use nabla::ops::linear::{
+    LinearRounding, record_linear_gated_residual_rounded, record_linear_rounded,
 };
 use nabla::{DType, Error, Tensor, reference};
+use reference::nn::linear::bf16_round;
 
 /// Weights as the GPU sees them: rounded to the storage dtype.
 fn rounded(w: &[f32], dtype: DType) -> Vec<f32> {
@@ -33,14 +38,32 @@ fn upload_w(w: &[f32], n: usize, k: usize, dtype: DType) -> Tensor {
     .unwrap()
 }
 
-/// Runs `act(x·Wᵀ + b)` on the GPU into a NaN-poisoned output and returns it.
+/// Runs `act(x·Wᵀ + b)` on the GPU into a NaN-poisoned output and returns it: the portable
+/// f32-math kernel, which these tests hold to f32 tolerances (the tensor-core kernel, which
+/// rounds x to f16, has its own test below).
 fn run_gpu(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    mnk: (usize, usize, usize),
+    dtype: DType,
+    act: Activation,
+) -> Vec<f32> {
+    let (kernel, rounding) = (LinearKernel::Portable, LinearRounding::None);
+    run_gpu_rounded(x, w, b, mnk, dtype, act, kernel, rounding)
+}
+
+/// [`run_gpu`] with an explicit kernel and rounding.
+#[allow(clippy::too_many_arguments)]
+fn run_gpu_rounded(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
     (m, n, k): (usize, usize, usize),
     dtype: DType,
     act: Activation,
+    kernel: LinearKernel,
+    rounding: LinearRounding,
 ) -> Vec<f32> {
     let g = gpu();
     let xt = g.upload_f32(x, &[m, k]).unwrap();
@@ -49,16 +72,15 @@ fn run_gpu(
     let out = g.empty(&[m, n], DType::F32).unwrap();
     g.fill_u32(&out, POISON);
     let mut batch = g.batch();
-    // the portable f32-math kernel: these tests hold it to f32 tolerances (the tensor-core
-    // kernel, which rounds x to f16, has its own test below)
-    record_linear_with(
+    record_linear_rounded(
         &mut batch,
         &xt,
         &wt,
         bt.as_ref(),
         act,
         &out,
-        LinearKernel::Portable,
+        kernel,
+        rounding,
     )
     .unwrap();
     batch.submit().unwrap();
@@ -459,11 +481,12 @@ fn weight_over_the_binding_limit_is_refused() {
 fn every_variant_is_registered() {
     let v = nabla::ops::linear::variants();
     // portable: 3 weight dtypes × 5 epilogues (3 activations, the residual in place or from a
-    // separate tensor); cooperative: the same × 3 subgroup sizes × scalar or vector loads
+    // separate tensor) × with or without the bf16-autocast rounding; cooperative: the same × 3
+    // subgroup sizes × scalar or vector loads
     assert_eq!(
         v.len(),
-        15 + 90,
-        "3 weight dtypes × 5 epilogues (+ coop × 3 subgroup sizes × 2 load widths)"
+        2 * (15 + 90),
+        "3 weight dtypes × 5 epilogues × 2 roundings (+ coop × 3 subgroup sizes × 2 load widths)"
     );
     for dt in ["f32", "f16", "bf16"] {
         for act in [
@@ -473,9 +496,26 @@ fn every_variant_is_registered() {
             "residual,in_place",
             "residual,separate",
         ] {
-            let name = format!("linalg/linear[{dt},{act}]");
-            assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
+            for rounding in ["", ",bf16_autocast"] {
+                let name = format!("linalg/linear[{dt},{act}{rounding}]");
+                assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
+            }
         }
+    }
+    // the unrounded kernels carry no trace of the rounding but a constant 0 (the first, runtime
+    // form of it slowed the tensor-core kernel 2.8x on the H200 even when off)
+    for (name, src) in &v {
+        let on = name.contains("bf16_autocast");
+        let want = if on {
+            "const RB16: u32 = 1u;"
+        } else {
+            "const RB16: u32 = 0u;"
+        };
+        assert!(src.contains(want), "{name}: expected {want}");
+        assert!(
+            !src.contains("round_bf16"),
+            "{name}: a runtime rounding flag is back"
+        );
     }
     let all = nabla::shaders::all_variants();
     assert!(
@@ -622,6 +662,15 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
             );
         }
     }
+    // the bf16 autocast mode (the DiT's fast path): x rounded to bf16, then exactly to f16 for
+    // the tensor cores, so with bf16 weights the products are the reference's; same bounds as
+    // on the portable kernel
+    check_bf16_shapes(
+        0xc00d,
+        DType::BF16,
+        LinearKernel::Coop,
+        &[(300, 200, 130), (65, 17, 34), (1000, 640, 1536), (1, 3, 2)],
+    );
 }
 
 /// Activations larger than one storage binding run in row chunks (views of the same buffers):
@@ -790,9 +839,9 @@ impl ResidualCase {
     }
 }
 
-/// Runs the fused epilogue on the GPU and returns the output. `in_place`: `out` is the residual
-/// tensor itself; otherwise a separate, NaN-poisoned output (the residual must stay unchanged:
-/// checked here).
+/// Runs the fused epilogue on the GPU with `rounding` and returns the output. `in_place`: `out`
+/// is the residual tensor itself; otherwise a separate, NaN-poisoned output (the residual must
+/// stay unchanged: checked here).
 #[allow(clippy::too_many_arguments)]
 fn run_gpu_residual(
     c: &ResidualCase,
@@ -802,6 +851,7 @@ fn run_gpu_residual(
     gate: bool,
     in_place: bool,
     kernel: LinearKernel,
+    rounding: LinearRounding,
 ) -> Vec<f32> {
     let g = gpu();
     let xt = g.upload_f32(&c.x, &[m, k]).unwrap();
@@ -818,8 +868,18 @@ fn run_gpu_residual(
         o
     };
     let mut batch = g.batch();
-    record_linear_gated_residual_with(&mut batch, &xt, &wt, bt.as_ref(), &rt, gate, &out, kernel)
-        .unwrap();
+    record_linear_gated_residual_rounded(
+        &mut batch,
+        &xt,
+        &wt,
+        bt.as_ref(),
+        &rt,
+        gate,
+        &out,
+        kernel,
+        rounding,
+    )
+    .unwrap();
     batch.submit().unwrap();
     if !in_place {
         assert_eq!(
@@ -863,7 +923,8 @@ fn check_residual_shapes(tag: u64, dtype: DType, shapes: &[(usize, usize, usize)
                 for in_place in [true, false] {
                     let mnk = (m, n, k);
                     let kern = LinearKernel::Portable;
-                    let got = run_gpu_residual(&c, mnk, dtype, bias, gate, in_place, kern);
+                    let none = LinearRounding::None;
+                    let got = run_gpu_residual(&c, mnk, dtype, bias, gate, in_place, kern, none);
                     let bb = bias.then_some(c.b.as_slice());
                     let gr = gate.then(|| c.gate_row(n, GATE_ROW));
                     let want = reference::nn::linear::linear_gated_residual(
@@ -950,16 +1011,25 @@ fn residual_epilogue_bf16_weights_ragged_shapes() {
 }
 
 /// The fused epilogue rounds as the unfused pair does: `record_linear` into `y`, then the
-/// elementwise `x += y·gate`. Both compute `r + v·g` from the same f32 `v`, so they agree to the
-/// last bit unless a compiler contracts one of them into an fma (≤ 1 rounding of the sum apart).
+/// elementwise `x += y·gate`. Both compute `r + v·g` from the same f32 `v` (in the bf16-autocast
+/// mode the same bf16(v)), so they agree to the last bit unless a compiler contracts one of them
+/// into an fma (≤ 1 rounding of the sum apart).
 #[test]
 fn residual_epilogue_matches_the_unfused_ops() {
     let g = gpu();
     let mut rng = Rng::fresh(0x24);
-    for (m, n, k, dtype) in [
-        (130usize, 96usize, 64usize, DType::BF16),
-        (77, 33, 40, DType::F32),
-        (64, 128, 258, DType::F16),
+    for (m, n, k, dtype, rounding) in [
+        (
+            130usize,
+            96usize,
+            64usize,
+            DType::BF16,
+            LinearRounding::None,
+        ),
+        (77, 33, 40, DType::F32, LinearRounding::None),
+        (64, 128, 258, DType::F16, LinearRounding::None),
+        (130, 96, 64, DType::BF16, BF16),
+        (77, 33, 40, DType::F32, BF16),
     ] {
         let c = ResidualCase::new(&mut rng, m, n, k);
         for gate in [false, true] {
@@ -971,6 +1041,7 @@ fn residual_epilogue_matches_the_unfused_ops() {
                 gate,
                 true,
                 LinearKernel::Portable,
+                rounding,
             );
             let xt = g.upload_f32(&c.x, &[m, k]).unwrap();
             let wt = upload_w(&c.w, n, k, dtype);
@@ -980,7 +1051,7 @@ fn residual_epilogue_matches_the_unfused_ops() {
             let y = g.empty(&[m, n], DType::F32).unwrap();
             g.fill_u32(&y, POISON);
             let mut batch = g.batch();
-            record_linear_with(
+            record_linear_rounded(
                 &mut batch,
                 &xt,
                 &wt,
@@ -988,6 +1059,7 @@ fn residual_epilogue_matches_the_unfused_ops() {
                 Activation::None,
                 &y,
                 LinearKernel::Portable,
+                rounding,
             )
             .unwrap();
             let gt = gate.then_some((&tt, GATE_ROW));
@@ -1008,12 +1080,13 @@ fn residual_epilogue_matches_the_unfused_ops() {
                 let scale = c.res[i].abs() + (yv[i] * gv).abs();
                 assert!(
                     (a - b).abs() <= scale * f32::EPSILON,
-                    "{dtype:?} {m}x{n}x{k} gate={gate}: element {i}: fused {a} vs unfused {b}"
+                    "{dtype:?} {rounding:?} {m}x{n}x{k} gate={gate}: element {i}: fused {a} vs \
+                     unfused {b}"
                 );
                 exact += (a.to_bits() == b.to_bits()) as usize;
             }
             eprintln!(
-                "{dtype:?} {m}x{n}x{k} gate={gate}: {exact} of {} bit-identical",
+                "{dtype:?} {rounding:?} {m}x{n}x{k} gate={gate}: {exact} of {} bit-identical",
                 m * n
             );
         }
@@ -1147,8 +1220,16 @@ fn coop_residual_epilogue_matches_reference_on_f16_rounded_operands() {
     ] {
         let c = ResidualCase::new(&mut rng, m, n, k);
         for (gate, in_place) in [(true, true), (false, true), (true, false)] {
-            let got =
-                run_gpu_residual(&c, (m, n, k), wdt, true, gate, in_place, LinearKernel::Coop);
+            let got = run_gpu_residual(
+                &c,
+                (m, n, k),
+                wdt,
+                true,
+                gate,
+                in_place,
+                LinearKernel::Coop,
+                LinearRounding::None,
+            );
             let (xr, wr) = (r16(&c.x), r16(&rounded(&c.w, wdt)));
             let gr = gate.then(|| c.gate_row(n, GATE_ROW));
             let mnk = (m, n, k);
@@ -1173,4 +1254,454 @@ fn coop_residual_epilogue_matches_reference_on_f16_rounded_operands() {
             );
         }
     }
+    // the bf16 autocast mode, as on the portable kernel
+    check_bf16_residual_shapes(
+        0xc00e,
+        DType::BF16,
+        LinearKernel::Coop,
+        &[(300, 200, 130), (1000, 640, 1536), (1, 3, 2)],
+    );
+}
+
+// ---- bf16 autocast rounding (LinearRounding::Bf16, spec §2.10) ----
+//
+// x, the bias, the pre-activation v = acc + b and the activation's output are rounded to bf16.
+// The GPU's f32 accumulation differs from the f64 reference by ~1e-7 relative, so its bf16 `v`
+// equals the reference's bf16 `v` except where the sum lies that close to a rounding boundary:
+// rarely (≪ 1 % of the elements), and then by one bf16 step. The checks below hold the kernel
+// to that: every element bit-equal to the reference (GELU / SiLU outputs in their f32 tails:
+// within 1e-5), or (at most `MAX_FLIPS` of them) one flipped rounding away. Leaving out any one
+// of the roundings flips far more (checked against references that leave each one out, on x,
+// W ~ N(·) with full 24-bit mantissas).
+
+/// Largest fraction of elements allowed to differ from the bf16 reference (by one flipped
+/// rounding): the tight bound of these tests. Seen on lavapipe: ≤ 0.05 %; each left-out rounding
+/// moves ≥ 16 % of the elements (the unrounded reference: ~100 %). (A relative L2 bound would be
+/// loose here: a few flips of one bf16 step, 2⁻⁸..2⁻⁷ relative, dominate it.)
+const MAX_FLIPS: f64 = 0.005;
+
+/// The bf16 autocast linear with each rounding switchable, built on the unrounded f64
+/// reference: the oracle's "what if this rounding were missing" variants.
+#[derive(Clone, Copy)]
+struct Roundings {
+    x: bool,
+    b: bool,
+    v: bool,
+    out: bool,
+}
+
+const ALL_ROUNDINGS: Roundings = Roundings {
+    x: true,
+    b: true,
+    v: true,
+    out: true,
+};
+
+/// Every rounding but one (named), and none: the references the kernel must NOT match.
+fn wrong_roundings(act: Activation, bias: bool) -> Vec<(&'static str, Roundings)> {
+    let mut v = vec![
+        (
+            "no rounding",
+            Roundings {
+                x: false,
+                b: false,
+                v: false,
+                out: false,
+            },
+        ),
+        (
+            "x unrounded",
+            Roundings {
+                x: false,
+                ..ALL_ROUNDINGS
+            },
+        ),
+    ];
+    if bias {
+        v.push((
+            "bias unrounded",
+            Roundings {
+                b: false,
+                ..ALL_ROUNDINGS
+            },
+        ));
+    }
+    if act != Activation::None {
+        v.push((
+            "pre-activation unrounded",
+            Roundings {
+                v: false,
+                ..ALL_ROUNDINGS
+            },
+        ));
+        v.push((
+            "activation output unrounded",
+            Roundings {
+                out: false,
+                ..ALL_ROUNDINGS
+            },
+        ));
+    }
+    v
+}
+
+/// The bf16-autocast rounding of the tests below.
+const BF16: LinearRounding = LinearRounding::Bf16;
+
+fn bf16_slice(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&a| bf16_round(a as f64) as f32).collect()
+}
+
+/// `act(v)` per element with the roundings `r` (f64 math; `v` from the unrounded reference).
+fn autocast_variant(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (m, n, k): (usize, usize, usize),
+    act: Activation,
+    r: Roundings,
+) -> Vec<f32> {
+    let xr = if r.x { bf16_slice(x) } else { x.to_vec() };
+    let br = b.map(|b| if r.b { bf16_slice(b) } else { b.to_vec() });
+    let pre = reference::nn::linear::linear(&xr, w, br.as_deref(), m, n, k, Activation::None);
+    pre.iter()
+        .map(|&v| {
+            let v = if r.v { bf16_round(v as f64) } else { v as f64 };
+            let a = reference::nn::linear::activate(v, act);
+            (if r.out { bf16_round(a) } else { a }) as f32
+        })
+        .collect()
+}
+
+/// Checks `got` against the bf16 reference `want`: no NaN; element i bit-equal up to `slack(i)`
+/// (f32 rounding after the bf16 value), or one flipped bf16 rounding away, at most `flip(i)`
+/// more, on at most `MAX_FLIPS` of the elements. On arrays large enough for the statistics
+/// (≥ 500 elements) each wrong reference (a rounding left out) must miss by far more: ≥ 10×
+/// `MAX_FLIPS` of the elements off, and a relative L2 error ≥ 5× that against `want`.
+fn check_bf16(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    slack: impl Fn(usize) -> f64,
+    flip: impl Fn(usize) -> f64,
+    wrongs: &[(&str, Vec<f32>)],
+) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let off = |other: &[f32]| {
+        (0..got.len())
+            .filter(|&i| (got[i] as f64 - other[i] as f64).abs() > slack(i))
+            .count()
+    };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}: NaN at {i} (unwritten or invalid)");
+        let err = (g as f64 - w as f64).abs();
+        let bound = slack(i) + flip(i);
+        assert!(
+            err <= bound,
+            "{what}: element {i}: got {g}, expected {w} (|err| {err:e} > {bound:e})"
+        );
+    }
+    let flips = off(want);
+    let allowed = (MAX_FLIPS * got.len() as f64).ceil() as usize;
+    let e = rel_l2(got, want);
+    eprintln!(
+        "{what}: {flips} of {} off by a flipped rounding, rel L2 {e:.2e}",
+        got.len()
+    );
+    assert!(
+        flips <= allowed,
+        "{what}: {flips} of {} elements differ from the bf16 reference (at most {allowed})",
+        got.len()
+    );
+    if got.len() < 500 {
+        return;
+    }
+    for (name, wrong) in wrongs {
+        let n = off(wrong);
+        let ew = rel_l2(got, wrong);
+        eprintln!(
+            "  vs {name}: {n} of {} off ({:.1} %), rel L2 {ew:.2e}",
+            got.len(),
+            100.0 * n as f64 / got.len() as f64
+        );
+        assert!(
+            n as f64 >= 10.0 * MAX_FLIPS * got.len() as f64,
+            "{what}: only {n} of {} elements differ from the reference with {name}: is that \
+             rounding applied?",
+            got.len()
+        );
+        assert!(
+            ew >= 5.0 * e,
+            "{what}: relative L2 {ew:e} against the reference with {name}, {e:e} against the \
+             bf16 reference: too close"
+        );
+    }
+}
+
+/// Every activation, with and without bias, per shape, against the bf16 reference; outputs must
+/// be bf16 values.
+fn check_bf16_shapes(
+    tag: u64,
+    dtype: DType,
+    kernel: LinearKernel,
+    shapes: &[(usize, usize, usize)],
+) {
+    let mut rng = Rng::fresh(tag);
+    for &(m, n, k) in shapes {
+        let (x, w, b) = operands(&mut rng, m, n, k);
+        let wr = rounded(&w, dtype);
+        for act in Activation::ALL {
+            for bias in [false, true] {
+                let bb = bias.then_some(b.as_slice());
+                let got = run_gpu_rounded(&x, &w, bb, (m, n, k), dtype, act, kernel, BF16);
+                let what =
+                    format!("bf16 autocast {kernel:?} {dtype:?} {m}x{n}x{k} {act:?} bias={bias}");
+                for (i, &v) in got.iter().enumerate() {
+                    assert!(
+                        v.is_nan() || v.to_bits() & 0xffff == 0,
+                        "{what}: element {i} = {v} is not a bf16 value"
+                    );
+                }
+                let want = reference::nn::linear::linear_rounded(
+                    &x,
+                    &wr,
+                    bb,
+                    m,
+                    n,
+                    k,
+                    act,
+                    LinearRounding::Bf16,
+                );
+                // the oracle of the wrong variants agrees with the reference when complete
+                let mnk = (m, n, k);
+                let all = autocast_variant(&x, &wr, bb, mnk, act, ALL_ROUNDINGS);
+                let same = all.iter().zip(&want).filter(|(a, b)| a == b).count();
+                assert!(
+                    same as f64 >= 0.99 * want.len() as f64,
+                    "{what}: test oracle"
+                );
+                let wrongs: Vec<(&str, Vec<f32>)> = wrong_roundings(act, bias)
+                    .into_iter()
+                    .map(|(name, r)| (name, autocast_variant(&x, &wr, bb, mnk, act, r)))
+                    .collect();
+                // a flipped rounding of v moves the output by ≤ ~1.2 steps of v (|act'| ≤ 1.13)
+                // plus one of the output; below ~1e-4 the f32 sum's own error dominates
+                let pre = reference::nn::linear::linear(&x, &wr, bb, m, n, k, Activation::None);
+                let pre_abs = |i: usize| match act {
+                    Activation::None => 0.0,
+                    _ => (pre[i] as f64).abs(),
+                };
+                // f32 GELU / SiLU err by ~1e-6 absolute in their negative tails (cancellation in
+                // 1 + tanh; GELU is 0 past the clamp), where outputs are ≪ 1: there, within
+                // 1e-5, an output counts as equal; anywhere else a bf16 output must be bit-equal
+                let slack = if act == Activation::None { 0.0 } else { 1e-5 };
+                check_bf16(
+                    &what,
+                    &got,
+                    &want,
+                    |_| slack,
+                    |i| 2f64.powi(-6) * ((want[i] as f64).abs() + pre_abs(i)) + 1e-5,
+                    &wrongs,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_autocast_reference_rounding_matches_half() {
+    // the reference's f64 → bf16 rounding, on f32 inputs, is half's f32 → bf16 (RNE)
+    let mut rng = Rng::fresh(0x30);
+    let mut vals: Vec<f32> = rng.normals(20_000, 3.0);
+    vals.extend((0..20_000).map(|_| f32::from_bits(rng.next_u64() as u32)));
+    vals.extend([
+        0.0,
+        -0.0,
+        1.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -3e-39,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::from_bits(0x3f80_8000), // a tie: rounds to even (1.0)
+        f32::from_bits(0x3f81_8000), // a tie: rounds to even (up)
+        f32::from_bits(0x7f7f_8000), // rounds past the largest bf16: inf
+    ]);
+    for v in vals {
+        let want = half::bf16::from_f32(v).to_f32();
+        let got = bf16_round(v as f64) as f32;
+        if v.is_nan() {
+            assert!(got.is_nan(), "{v:e} ({:#x}): NaN lost", v.to_bits());
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{v:e} ({:#x})", v.to_bits());
+        }
+    }
+}
+
+#[test]
+fn bf16_autocast_bf16_weights_ragged_shapes() {
+    check_bf16_shapes(
+        0x31,
+        DType::BF16,
+        LinearKernel::Portable,
+        &[
+            (1, 1, 2),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (100, 64, 256),
+            (300, 256, 512),
+            (1093, 70, 18),
+        ],
+    );
+}
+
+#[test]
+fn bf16_autocast_f32_and_f16_weights_are_used_as_stored() {
+    // the mode rounds x, b, v and the output, never the weights beyond their storage
+    check_bf16_shapes(
+        0x32,
+        DType::F32,
+        LinearKernel::Portable,
+        &[(65, 130, 17), (40, 96, 200)],
+    );
+    check_bf16_shapes(0x33, DType::F16, LinearKernel::Portable, &[(66, 129, 34)]);
+}
+
+#[test]
+fn bf16_autocast_keeps_nan_and_inf() {
+    // A naive round-to-nearest-even on the bits turns the NaN 0x7fffffff into -0.0: the kernel
+    // must keep NaN (its row then is NaN) and round values past the largest bf16 to inf.
+    let (m, n, k) = (4, 8, 6);
+    let mut rng = Rng::fresh(0x34);
+    let (mut x, w, b) = operands(&mut rng, m, n, k);
+    x[k + 2] = f32::from_bits(0x7fff_ffff); // row 1: NaN
+    for v in &mut x[2 * k..3 * k] {
+        *v = 0.0;
+    }
+    x[2 * k] = f32::MAX; // row 2: rounds to inf in bf16 → ±inf outputs
+    let w = rounded(&w, DType::BF16);
+    let got = run_gpu_rounded(
+        &x,
+        &w,
+        Some(&b),
+        (m, n, k),
+        DType::BF16,
+        Activation::None,
+        LinearKernel::Portable,
+        BF16,
+    );
+    for j in 0..n {
+        assert!(
+            got[n + j].is_nan(),
+            "row 1 col {j}: {} from a NaN x",
+            got[n + j]
+        );
+        let want = f32::INFINITY.copysign(w[j * k]);
+        assert_eq!(got[2 * n + j], want, "row 2 col {j}: bf16(f32::MAX)·w");
+        assert!(
+            got[j].is_finite() && got[3 * n + j].is_finite(),
+            "rows 0, 3 finite"
+        );
+    }
+    // a NaN bias poisons its column only
+    let mut bn = b.clone();
+    bn[3] = f32::NAN;
+    let (x, _, _) = operands(&mut rng, m, n, k);
+    let got = run_gpu_rounded(
+        &x,
+        &w,
+        Some(&bn),
+        (m, n, k),
+        DType::BF16,
+        Activation::GeluTanh,
+        LinearKernel::Portable,
+        BF16,
+    );
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(v.is_nan(), i % n == 3, "element {i} = {v}");
+    }
+}
+
+/// The residual epilogue in the bf16 mode against the reference, per shape, with and without
+/// bias and gate, in place and not.
+fn check_bf16_residual_shapes(
+    tag: u64,
+    dtype: DType,
+    kernel: LinearKernel,
+    shapes: &[(usize, usize, usize)],
+) {
+    let mut rng = Rng::fresh(tag);
+    for &(m, n, k) in shapes {
+        let c = ResidualCase::new(&mut rng, m, n, k);
+        let wr = rounded(&c.w, dtype);
+        let mnk = (m, n, k);
+        for bias in [false, true] {
+            for gate in [false, true] {
+                for in_place in [true, false] {
+                    let got = run_gpu_residual(&c, mnk, dtype, bias, gate, in_place, kernel, BF16);
+                    let bb = bias.then_some(c.b.as_slice());
+                    let gr = gate.then(|| c.gate_row(n, GATE_ROW));
+                    let want = reference::nn::linear::linear_gated_residual_rounded(
+                        &c.x,
+                        &wr,
+                        bb,
+                        &c.res,
+                        gr,
+                        m,
+                        n,
+                        k,
+                        LinearRounding::Bf16,
+                    );
+                    let gi = |i: usize| gr.map_or(1.0, |g| g[i % n] as f64);
+                    // the wrong variants of v, through the same residual
+                    let wrongs: Vec<(&str, Vec<f32>)> = wrong_roundings(Activation::None, bias)
+                        .into_iter()
+                        .map(|(name, r)| {
+                            let v = autocast_variant(&c.x, &wr, bb, mnk, Activation::None, r);
+                            let out = (0..m * n)
+                                .map(|i| (c.res[i] as f64 + gi(i) * v[i] as f64) as f32)
+                                .collect();
+                            (name, out)
+                        })
+                        .collect();
+                    let vr = autocast_variant(&c.x, &wr, bb, mnk, Activation::None, ALL_ROUNDINGS);
+                    let what = format!(
+                        "bf16 autocast residual {kernel:?} {dtype:?} {m}x{n}x{k} bias={bias} \
+                         gate={gate} in_place={in_place}"
+                    );
+                    // f32 rounding of r + g·v (an fma or not): ~1 ulp of the terms; a flipped
+                    // bf16 v moves the output by |g|·(one step of v) ≤ |g|·2⁻⁷·|v|
+                    let terms = |i: usize| c.res[i].abs() as f64 + (gi(i) * vr[i] as f64).abs();
+                    check_bf16(
+                        &what,
+                        &got,
+                        &want,
+                        |i| 2.5e-7 * terms(i) + 1e-30,
+                        |i| gi(i).abs() * (2f64.powi(-6) * (vr[i] as f64).abs() + 1e-5),
+                        &wrongs,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_autocast_residual_epilogue_ragged_shapes() {
+    check_bf16_residual_shapes(
+        0x35,
+        DType::BF16,
+        LinearKernel::Portable,
+        &[
+            (1, 1, 2),
+            (3, 5, 6),
+            (65, 130, 18),
+            (17, 65, 130),
+            (300, 256, 512),
+            (1093, 70, 18),
+        ],
+    );
 }

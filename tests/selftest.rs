@@ -30,6 +30,11 @@ fn selftest_passes_on_this_adapter() {
         ("attention", "portable f32"),
         ("linear", "portable F32 weights"),
         ("linear gated residual", "portable BF16 weights"),
+        ("linear", "portable BF16 weights, bf16 autocast"),
+        (
+            "linear gated residual",
+            "portable BF16 weights, bf16 autocast",
+        ),
         ("mask", "workgroup tree"),
     ] {
         assert!(

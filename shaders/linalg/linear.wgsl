@@ -1,6 +1,8 @@
 // Linear layer with fused bias and activation: y[m, n] = act(sum_k x[m, k] * w[n, k] + b[n]).
 // x [M, K] f32, w [N, K] (PyTorch layout) stored as f32, f16 or bf16, b [N] f32, y [M, N] f32.
-// All arithmetic is f32. The prelude (src/ops/linear.rs) defines two constants:
+// All arithmetic is f32; in the bf16-autocast mode (RB16 = 1, linear_common.wgsl) x, the
+// bias, the pre-activation and the activation's output are rounded to bf16.
+// The prelude (src/ops/linear.rs) defines two constants:
 //   WDT: weight storage, 0 = f32 (one word per value), 1 = f16, 2 = bf16 (two values per word,
 //        element 2i in the low half; K even, so a pair never straddles two rows);
 //   ACT: activation, 0 = none, 1 = GELU (tanh approximation), 2 = SiLU.
@@ -21,11 +23,7 @@ fn store(gi: u32, gj: u32, acc: f32) {
     if (gj >= P.n) {
         return;
     }
-    var v = acc;
-    if (P.has_bias != 0u) {
-        v += bias[gj];
-    }
-    write_out(gi * P.n + gj, gj, v);
+    write_out(gi * P.n + gj, gj, pre_act(acc, gj));
 }
 
 // Four consecutive outputs of row gi starting at column gj (skipped past M).
@@ -72,7 +70,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let lr = lid / 4u;          // row 0..63
     let lk = (lid % 4u) * 4u;   // k offset 0, 4, 8, 12
     for (var k0 = 0u; k0 < P.k; k0 += 16u) {
-        let va = load_x4(m0 + lr, k0 + lk);
+        let va = round_x4(load_x4(m0 + lr, k0 + lk));
         let vb = load_w4(n0 + lr, k0 + lk);
         stage(lk, lr, va.x, vb.x);
         stage(lk + 1u, lr, va.y, vb.y);

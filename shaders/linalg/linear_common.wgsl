@@ -4,6 +4,13 @@
 // and `write_out` (what the epilogue does with a finished output) from linear_store.wgsl
 // (y = act(v)) or linear_residual.wgsl (y = residual + gate * v). The prelude defines
 // WDT (weight storage: 0 = f32, 1 = f16, 2 = bf16) and ACT (0 = none, 1 = GELU-tanh, 2 = SiLU).
+//
+// RB16 = 1 (a constant of the prelude: a variant of its own, so the unrounded kernel carries no
+// branch for it) is the bf16-autocast mode (spec §2.10: the reference's Linear under bf16
+// autocast): each x element is rounded to bf16 as it is loaded (`round_x4`), the bias is rounded
+// to bf16, the pre-activation v = acc + b is rounded to bf16 (`pre_act`), and with an
+// activation its output is rounded to bf16 again (linear_store.wgsl). Products and the sum stay
+// f32. The weights are used as stored (bf16 weights are already bf16). Off: all f32.
 
 struct Params {
     m: u32,
@@ -63,3 +70,39 @@ fn activate(v: f32) -> f32 {
     return v;
 }
 
+
+// v rounded to the nearest bf16 (ties to even), kept as an f32: NaN stays NaN (made quiet, sign
+// kept), ±inf stays, values past the largest bf16 round to ±inf. Pure u32 arithmetic (no
+// float rounding mode involved; bf16 subnormals come out of the same bit arithmetic).
+fn bf16r(v: f32) -> f32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u) {
+        return bitcast<f32>((b | 0x00400000u) & 0xffff0000u);
+    }
+    return bitcast<f32>(((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) << 16u);
+}
+
+// Four x values as the GEMM takes them: rounded to bf16 in the bf16-autocast mode.
+fn round_x4(v: vec4<f32>) -> vec4<f32> {
+    if (RB16 != 0u) {
+        return vec4<f32>(bf16r(v.x), bf16r(v.y), bf16r(v.z), bf16r(v.w));
+    }
+    return v;
+}
+
+// The pre-activation of output column `col` from its f32 accumulator: v = acc + b (f32), with
+// the bias and the sum each rounded to bf16 in the bf16-autocast mode.
+fn pre_act(acc: f32, col: u32) -> f32 {
+    var v = acc;
+    if (P.has_bias != 0u) {
+        var b = bias[col];
+        if (RB16 != 0u) {
+            b = bf16r(b);
+        }
+        v += b;
+    }
+    if (RB16 != 0u) {
+        v = bf16r(v);
+    }
+    return v;
+}

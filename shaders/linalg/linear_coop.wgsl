@@ -2,6 +2,13 @@
 // W [N, K] in f32, f16 or bf16 storage (linear_common.wgsl decodes it), y [M, N] f32.
 // Operands are rounded to f16 when staged into workgroup memory (bf16 weights beyond the f16
 // range would overflow: DiT weights are far inside it), products accumulate in f32.
+// In the bf16-autocast mode (RB16 = 1, linear_common.wgsl) x is first rounded to bf16, then
+// converted to f16: exact for |x| in f16's normal range [2^-14, 65504], so with bf16 weights the
+// tensor cores see exactly the bf16 operands. Below 2^-14, f16 subnormals keep steps of 2^-24: a
+// bf16 value is still exact down to 2^-17, loses low bits below that and becomes 0 under 2^-25
+// (an error of at most 2^-25·|w| per product; 2^-14·|w| on a driver that flushes f16 subnormals
+// to 0), negligible next to the products of normal-sized x. Above 65504 it overflows to ±inf,
+// as without the mode.
 // One workgroup = a 128x128 output tile = 4 subgroups of 64x64 (4x4 accumulators each), K in
 // steps of 32 through workgroup memory, the next step's operands loaded into registers during
 // the current step's MMAs. Edges are masked in the loads and the epilogue; each
@@ -24,7 +31,7 @@ fn stage_x(row: u32, k: u32) -> vec4<f16> {
     if ((PROBE & 1u) != 0u) {
         return vec4<f16>(f16(row & 7u));
     }
-    return vec4<f16>(load_x4(row, k));
+    return vec4<f16>(round_x4(load_x4(row, k)));
 }
 
 fn stage_w(row: u32, k: u32) -> vec4<f16> {
@@ -41,11 +48,7 @@ fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) 
         let r = row0 + e / 16u;
         let col = col0 + e % 16u;
         if (r < P.m && col < P.n) {
-            var v = c_s[sg * 256u + e];
-            if (P.has_bias != 0u) {
-                v += bias[col];
-            }
-            write_out(r * P.n + col, col, v);
+            write_out(r * P.n + col, col, pre_act(c_s[sg * 256u + e], col));
         }
     }
     workgroupBarrier();

@@ -6,7 +6,8 @@
 // stream bound once, read_write, and each element read then written by the same invocation, so
 // no other invocation touches it), or res[i] from a separate read-only binding 6.
 // Rounding is that of the unfused pair linear → elementwise_residual.wgsl: v is the same f32 the
-// linear kernel would store, then r + v * g in f32 (the same expression; a compiler may
+// linear kernel would store (in the bf16-autocast mode rounded to bf16 by `pre_act`: the
+// reference's Linear output is bf16), then r + v * g in f32 (the same expression; a compiler may
 // contract it into an fma in either kernel).
 
 @group(0) @binding(5) var<storage, read> gate: array<f32>;

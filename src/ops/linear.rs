@@ -29,6 +29,15 @@
 //! b`, then `r + v·g` in f32 — equal up to a compiler contracting that into an fma, which WGSL
 //! allows in either kernel.
 //!
+//! The fast path of the Wan DiT asks for the reference's rounding instead
+//! ([`LinearRounding::Bf16`], spec §2.10: a Linear under bf16 autocast): x is rounded to bf16 as
+//! the kernel loads it, the bias is rounded to bf16, the pre-activation `v = acc + b` is rounded
+//! to bf16 and, with an activation, so is its output; products and sums stay f32. It costs no
+//! extra pass over memory (a few integer ops per loaded x value and per output) and is a
+//! compile-time variant of each kernel (`RB16` in the prelude): a runtime flag in the staging
+//! loop, tried first, slowed the tensor-core kernel 2.8x on the H200 even when off. The default,
+//! [`LinearRounding::None`], is the f32 behaviour above.
+//!
 //! Every tensor is bound whole, so each must fit the device's storage-binding limit: a weight
 //! larger than that (e.g. a 14B model's FFN weight, 13 824 × 5 120 bf16 = 135 MiB, on a driver
 //! with a 128 MiB limit) is refused with [`Error::TooLarge`] for now; splitting such a weight
@@ -96,6 +105,35 @@ impl Activation {
     }
 }
 
+/// How a linear dispatch rounds (spec §2.10). With [`LinearRounding::Bf16`] the kernel computes
+/// what PyTorch's `nn.Linear` under bf16 autocast computes from f32 inputs:
+///
+/// * each element of `x` is rounded to bf16 (nearest even; NaN stays NaN) as it is loaded —
+///   on the tensor-core kernel that bf16 value is then converted to f16 for the matrix units,
+///   exactly for |x| in f16's normal range (≥ 2⁻¹⁴; smaller values lose low bits to f16
+///   subnormals: an error ≤ 2⁻²⁵·|w| per product, or 2⁻¹⁴·|w| where a driver flushes f16
+///   subnormals to zero);
+/// * the weights are used as stored (bf16 weights are already bf16; f16 / f32 weights are not
+///   rounded further);
+/// * products accumulate in f32;
+/// * the bias is rounded to bf16 and added in f32, and the pre-activation `v = acc + b` is rounded
+///   to bf16 (the bf16 output of the Linear);
+/// * with an activation (GELU-tanh, SiLU), it is computed in f32 on that bf16 `v` and its output
+///   is rounded to bf16 again;
+/// * the gated-residual epilogue adds the bf16-rounded `v` as `res + gate·v` in f32.
+///
+/// Outputs are still stored as f32 (holding bf16 values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LinearRounding {
+    /// No rounding beyond f32 (the portable kernel is then f32 throughout; the tensor-core
+    /// kernel rounds x and W to f16 when staging them).
+    #[default]
+    None,
+    /// bf16 autocast: x, bias, pre-activation and activation output rounded to bf16 (see the
+    /// type's docs).
+    Bf16,
+}
+
 /// What the kernel's epilogue does with `v = x·Wᵀ + b` (the shader's `write_out`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Epilogue {
@@ -156,36 +194,48 @@ fn weight_code(dtype: DType) -> Option<u32> {
     }
 }
 
-fn variant_name(wdt: DType, epi: Epilogue) -> String {
+fn variant_name(wdt: DType, epi: Epilogue, rb16: bool) -> String {
     format!(
-        "linalg/linear[{},{}]",
+        "linalg/linear[{},{}{}]",
         format!("{wdt:?}").to_lowercase(),
-        epi.name()
+        epi.name(),
+        if rb16 { ",bf16_autocast" } else { "" }
     )
 }
 
 /// WGSL source of the variant for weight storage `wdt` and epilogue `epi`: a two-line prelude
 /// plus the kernel files.
-fn source(wdt: DType, epi: Epilogue) -> Option<String> {
+fn source(wdt: DType, epi: Epilogue, rb16: bool) -> Option<String> {
     let w = weight_code(wdt)?;
     Some(format!(
-        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n{LINEAR_COMMON}{LINEAR_LOADS}{}{LINEAR}",
+        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\nconst RB16: u32 = {}u;\n\
+         {LINEAR_COMMON}{LINEAR_LOADS}{}{LINEAR}",
         epi.act().code(),
+        rb16 as u32,
         epi.source()
     ))
 }
 
 /// WGSL source of the cooperative-matrix variant for subgroup size `sg`, with vector loads
 /// (`vec`, K a multiple of 4) or scalar ones; `probe` is a diagnostic (0 in real runs).
-fn coop_source(wdt: DType, epi: Epilogue, sg: u32, vec: bool, probe: u32) -> Option<String> {
+fn coop_source(
+    wdt: DType,
+    epi: Epilogue,
+    rb16: bool,
+    sg: u32,
+    vec: bool,
+    probe: u32,
+) -> Option<String> {
     let w = weight_code(wdt)?;
     let loads = if vec { LINEAR_LOADS_VEC } else { LINEAR_LOADS };
     // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
     let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{LINEAR_COMMON}{loads}{}{body}",
+         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n\
+         {LINEAR_COMMON}{loads}{}{body}",
         epi.act().code(),
+        rb16 as u32,
         epi.source()
     ))
 }
@@ -197,16 +247,16 @@ pub fn variants() -> Vec<(String, String)> {
     let mut v = Vec::new();
     for wdt in [DType::F32, DType::F16, DType::BF16] {
         for epi in Epilogue::ALL {
-            if let Some(src) = source(wdt, epi) {
-                v.push((variant_name(wdt, epi), src));
-            }
-            for sg in crate::shaders::COOP_SUBGROUP_SIZES {
-                for vec in [false, true] {
-                    if let Some(src) = coop_source(wdt, epi, sg, vec, 0) {
-                        v.push((
-                            format!("{}[coop,sg{sg},vec={vec}]", variant_name(wdt, epi)),
-                            src,
-                        ));
+            for rb16 in [false, true] {
+                if let Some(src) = source(wdt, epi, rb16) {
+                    v.push((variant_name(wdt, epi, rb16), src));
+                }
+                for sg in crate::shaders::COOP_SUBGROUP_SIZES {
+                    for vec in [false, true] {
+                        if let Some(src) = coop_source(wdt, epi, rb16, sg, vec, 0) {
+                            let name = variant_name(wdt, epi, rb16);
+                            v.push((format!("{name}[coop,sg{sg},vec={vec}]"), src));
+                        }
                     }
                 }
             }
@@ -350,7 +400,8 @@ fn check(
 /// * `act`: activation fused after the bias.
 /// * `out`: `[.., N]` f32 with the leading shape of `x`; must not share a buffer with an input.
 ///
-/// Computes in f32. Fails with [`Error::Shape`] on mismatched shapes or dtypes and with
+/// Computes in f32 ([`LinearRounding::None`]; [`record_linear_rounded`] selects the bf16
+/// autocast rounding). Fails with [`Error::Shape`] on mismatched shapes or dtypes and with
 /// [`Error::TooLarge`] when a tensor exceeds the device's storage-binding limit (large weights
 /// are not split yet; see the module docs).
 pub fn record_linear(
@@ -374,7 +425,26 @@ pub fn record_linear_with(
     out: &Tensor,
     kernel: LinearKernel,
 ) -> Result<()> {
-    record(batch, x, w, b, Epi::Store(act), out, kernel)
+    record_linear_rounded(batch, x, w, b, act, out, kernel, LinearRounding::None)
+}
+
+/// [`record_linear_with`] with a rounding mode: [`LinearRounding::Bf16`] computes what a PyTorch
+/// `nn.Linear` (+ activation) under bf16 autocast computes (x, bias, pre-activation and
+/// activation output rounded to bf16, f32 accumulation; see [`LinearRounding`]), the Wan DiT's
+/// fast path with bf16 weights. [`LinearRounding::None`] is [`record_linear_with`]. Operands and
+/// errors as for [`record_linear`].
+#[allow(clippy::too_many_arguments)]
+pub fn record_linear_rounded(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Activation,
+    out: &Tensor,
+    kernel: LinearKernel,
+    rounding: LinearRounding,
+) -> Result<()> {
+    record(batch, x, w, b, Epi::Store(act), out, kernel, rounding)
 }
 
 /// Records the linear layer with a gated-residual epilogue into `batch`:
@@ -421,7 +491,30 @@ pub fn record_linear_gated_residual_with(
     out: &Tensor,
     kernel: LinearKernel,
 ) -> Result<()> {
-    record(batch, x, w, b, Epi::Residual { res, gate }, out, kernel)
+    let none = LinearRounding::None;
+    record_linear_gated_residual_rounded(batch, x, w, b, res, gate, out, kernel, none)
+}
+
+/// [`record_linear_gated_residual_with`] with a rounding mode: with [`LinearRounding::Bf16`]
+/// `v = x·Wᵀ + b` is computed as a bf16-autocast Linear (x and bias rounded to bf16, f32
+/// accumulation, `v` rounded to bf16; see [`LinearRounding`]) and then `res + gate·v` in f32 —
+/// the same values as [`record_linear_rounded`] (no activation) followed by
+/// [`crate::ops::elementwise::record_gated_residual`]. [`LinearRounding::None`] is
+/// [`record_linear_gated_residual_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn record_linear_gated_residual_rounded(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    res: &Tensor,
+    gate: Option<(&Tensor, u32)>,
+    out: &Tensor,
+    kernel: LinearKernel,
+    rounding: LinearRounding,
+) -> Result<()> {
+    let epi = Epi::Residual { res, gate };
+    record(batch, x, w, b, epi, out, kernel, rounding)
 }
 
 /// The epilogue of one call with its operands.
@@ -502,6 +595,7 @@ fn check_residual(
 }
 
 /// Validates, splits oversized activations into row chunks, picks the kernel and dispatches.
+#[allow(clippy::too_many_arguments)]
 fn record(
     batch: &mut Batch<'_>,
     x: &Tensor,
@@ -510,6 +604,7 @@ fn record(
     epi: Epi<'_>,
     out: &Tensor,
     kernel: LinearKernel,
+    rounding: LinearRounding,
 ) -> Result<()> {
     let gpu = batch.gpu();
     if let Epi::Residual { res, gate } = epi {
@@ -554,9 +649,9 @@ fn record(
                         .rows(r0, rc)
                         .ok_or_else(|| Error::shape("linear: row chunk out of range"))?;
                     let e = Epi::Residual { res: &rc, gate };
-                    record(batch, &xc, w, b, e, &oc, kernel)?;
+                    record(batch, &xc, w, b, e, &oc, kernel, rounding)?;
                 }
-                _ => record(batch, &xc, w, b, epi, &oc, kernel)?,
+                _ => record(batch, &xc, w, b, epi, &oc, kernel, rounding)?,
             }
             r0 += rc;
         }
@@ -624,6 +719,7 @@ fn record(
         _p0: 0,
         _p1: 0,
     };
+    let rb16 = rounding == LinearRounding::Bf16;
     let pipe = match coop {
         Some(sg) => {
             // vector loads need K % 4 == 0 (every DiT shape); NABLA_LINEAR_VEC=0 turns them off
@@ -634,15 +730,16 @@ fn record(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let src = coop_source(w.dtype(), shader_epi, sg, vec, probe).ok_or_else(|| {
-                Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
-            })?;
+            let src =
+                coop_source(w.dtype(), shader_epi, rb16, sg, vec, probe).ok_or_else(|| {
+                    Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
+                })?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
                 "{}[coop,sg{sg},vec={vec},checked={checked}{}]",
-                variant_name(w.dtype(), shader_epi),
+                variant_name(w.dtype(), shader_epi, rb16),
                 if probe != 0 {
                     format!(",probe={probe}")
                 } else {
@@ -652,10 +749,10 @@ fn record(
             gpu.pipeline(&key, &src, checked)?
         }
         None => {
-            let src = source(w.dtype(), shader_epi).ok_or_else(|| {
+            let src = source(w.dtype(), shader_epi, rb16).ok_or_else(|| {
                 Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
             })?;
-            gpu.pipeline(&variant_name(w.dtype(), shader_epi), &src, true)?
+            gpu.pipeline(&variant_name(w.dtype(), shader_epi, rb16), &src, true)?
         }
     };
     let groups = groups_2d(tiles, gpu.caps().max_workgroups_per_dim);

@@ -8,7 +8,7 @@
 use crate::error::Result;
 use crate::gpu::{Batch, DType, Gpu, Tensor};
 use crate::nabla::{BlockGrid, BlockMask, MaskStages, SparseAlgo};
-use crate::ops::linear::Activation;
+use crate::ops::linear::{Activation, LinearKernel, LinearRounding};
 use std::sync::Arc;
 
 /// What a LayerNorm applies after normalizing (mirrors [`crate::ops::norm::NormMode`]).
@@ -55,7 +55,8 @@ pub trait Backend {
     /// `weights` (norm outputs, merged attention heads, the FFN hidden): the backend's
     /// [`Backend::linear`] then takes `x`, and writes `out`, in that type. The default (and the
     /// wgpu layer) is F32; the CUDA layer answers the weight's type for 16-bit weights, as the
-    /// reference's bf16 autocast keeps GEMM activations in bf16 (spec §2.10).
+    /// reference's bf16 autocast keeps GEMM activations in bf16 (spec §2.10). (The wgpu layer
+    /// gets the same values by rounding x to bf16 inside its GEMM for bf16 weights.)
     fn gemm_input_dtype(&self, weights: DType) -> DType {
         let _ = weights;
         DType::F32
@@ -86,7 +87,9 @@ pub trait Backend {
     /// reports the mismatch.)
     fn reshape(&self, t: &Self::T, shape: &[usize]) -> Self::T;
 
-    /// `out = act(x·Wᵀ + b)`.
+    /// `out = act(x·Wᵀ + b)`. With bf16 weights a backend computes the reference's bf16
+    /// autocast Linear (spec §2.10): the wgpu layer rounds x, the bias, the pre-activation and
+    /// the activation's output to bf16 inside the GEMM ([`LinearRounding::Bf16`]).
     fn linear(
         &mut self,
         x: &Self::T,
@@ -121,10 +124,10 @@ pub trait Backend {
     /// must call [`Backend::linear`] and [`Backend::gated_residual`] themselves.
     ///
     /// The default does exactly that, through `scratch`. The wgpu layer can instead use the
-    /// GEMM's gated-residual epilogue ([`crate::ops::linear::record_linear_gated_residual`]),
-    /// which rounds each element as the two separate ops do, when
-    /// [`WgpuBackend::set_fused_residual`] is on (it measured no faster on the H200, so the two
-    /// ops are its default too).
+    /// GEMM's gated-residual epilogue
+    /// ([`crate::ops::linear::record_linear_gated_residual_rounded`]), which rounds each element
+    /// as the two separate ops do, when [`WgpuBackend::set_fused_residual`] is on (it measured
+    /// no faster on the H200, so the two ops are its default too).
     #[allow(clippy::too_many_arguments)]
     fn linear_gated_residual(
         &mut self,
@@ -216,16 +219,39 @@ pub struct WgpuBackend<'g> {
     gpu: &'g Gpu,
     batch: Option<Batch<'g>>,
     fuse_residual: bool,
+    bf16_autocast: bool,
 }
 
 impl<'g> WgpuBackend<'g> {
     /// A backend on `gpu`. [`Backend::linear_gated_residual`] runs as two ops unless
-    /// `NABLA_FUSED_RESIDUAL=1` (see [`WgpuBackend::set_fused_residual`]).
+    /// `NABLA_FUSED_RESIDUAL=1` (see [`WgpuBackend::set_fused_residual`]); the bf16-autocast
+    /// rounding of the GEMMs is off unless `NABLA_BF16_AUTOCAST=1`
+    /// (see [`WgpuBackend::set_bf16_autocast`]).
     pub fn new(gpu: &'g Gpu) -> Self {
+        let on = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
         WgpuBackend {
             gpu,
             batch: None,
-            fuse_residual: std::env::var("NABLA_FUSED_RESIDUAL").is_ok_and(|v| v == "1"),
+            fuse_residual: on("NABLA_FUSED_RESIDUAL"),
+            bf16_autocast: on("NABLA_BF16_AUTOCAST"),
+        }
+    }
+
+    /// Whether GEMMs with bf16 weights round as the reference's bf16 autocast (spec §2.10):
+    /// x, the bias, the pre-activation and the activation's output rounded to bf16 inside the
+    /// linear kernel ([`LinearRounding::Bf16`], a compile-time variant of the kernel); f32 and
+    /// f16 weights are never rounded. Off by default until its speed on the tensor-core kernel
+    /// is measured (a first form, a runtime flag, cost 2.8x: benches/RESULTS.md session 3).
+    pub fn set_bf16_autocast(&mut self, on: bool) {
+        self.bf16_autocast = on;
+    }
+
+    /// The rounding of a GEMM with weights `w` (see [`WgpuBackend::set_bf16_autocast`]).
+    fn rounding(&self, w: &Tensor) -> LinearRounding {
+        if self.bf16_autocast && w.dtype() == DType::BF16 {
+            LinearRounding::Bf16
+        } else {
+            LinearRounding::None
         }
     }
 
@@ -323,7 +349,8 @@ impl<'g> Backend for WgpuBackend<'g> {
         act: Activation,
         out: &Tensor,
     ) -> Result<()> {
-        crate::ops::linear::record_linear(self.b(), x, w, b, act, out)
+        let (kernel, rounding) = (LinearKernel::Auto, self.rounding(w));
+        crate::ops::linear::record_linear_rounded(self.b(), x, w, b, act, out, kernel, rounding)
     }
     fn layer_norm(
         &mut self,
@@ -368,7 +395,18 @@ impl<'g> Backend for WgpuBackend<'g> {
         scratch: &Tensor,
     ) -> Result<()> {
         if self.fuse_residual {
-            return crate::ops::linear::record_linear_gated_residual(self.b(), h, w, b, x, gate, x);
+            let (kernel, rounding) = (LinearKernel::Auto, self.rounding(w));
+            return crate::ops::linear::record_linear_gated_residual_rounded(
+                self.b(),
+                h,
+                w,
+                b,
+                x,
+                gate,
+                x,
+                kernel,
+                rounding,
+            );
         }
         self.linear(h, w, b, Activation::None, scratch)?;
         self.gated_residual(x, scratch, gate)
