@@ -6,6 +6,10 @@ common = os.path.join(os.path.dirname(os.path.abspath(src)), 'common.cuh')
 s = open(common).read() + open(src).read()
 a = s.index('// <ptx-primitives>'); b = s.index('// </ptx-primitives>')
 s = s[:a] + '#include "' + prims + '"\n' + s[b:]
+# the Hopper file's warpgroup-MMA section (prims_wgmma.h)
+if '// <wgmma-primitives>' in s:
+    a = s.index('// <wgmma-primitives>'); b = s.index('// </wgmma-primitives>')
+    s = s[:a] + '#include "prims_wgmma.h"\n' + s[b:]
 s = s.replace('extern "C" __global__', '__global__')
 s = s.replace('extern __shared__', 'extern')
 s = re.sub(r'\b__shared__\b', 'static', s)

@@ -1,3 +1,6 @@
+// shared-memory "addresses": offsets into the emulator's smem_raw (the kernels only use them
+// for descriptors and alignment)
+inline u32 smem_u32(const void* p) { return (u32)((const unsigned char*)p - smem_raw); }
 inline float f16_to_f32(u16 h) { return h2f(h); }
 inline u16 f32_to_f16(float f) { return f2h(f); }
 inline void cp_async16(void* dst, const void* src, u32 b) { emu_cp_async16(dst, src, b); }

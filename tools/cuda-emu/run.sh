@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Runs the CUDA kernels of src/cuda/kernels/{nabla,attention}.cu on the CPU (one OS thread per
-# CUDA thread; ldmatrix / mma / cp.async / shuffles emulated from their PTX ISA definitions,
-# cp.async groups land only when waited for) against numpy references. Needs g++ (C++20) and
-# python3 with numpy; no GPU, no CUDA toolkit. Slow: keep shapes small.
+# Runs the CUDA kernels of src/cuda/kernels/{nabla,attention,attention_sm90a}.cu on the CPU (one
+# OS thread per CUDA thread; ldmatrix / mma / wgmma / cp.async / shuffles emulated from their PTX
+# ISA definitions, cp.async groups land only when waited for) against numpy references. Needs g++
+# (C++20) and python3 with numpy; no GPU, no CUDA toolkit. Slow: keep shapes small.
 #   tools/cuda-emu/run.sh            all attention and mask cases
 #   ROT=0 / W2=1 tools/cuda-emu/run.sh attn   walk lists unrotated / the 32-rows-per-warp kernels
+#   tools/cuda-emu/run.sh attn90    the Hopper wgmma kernels (attention_sm90a.cu)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 export EMU_BUILD="${EMU_BUILD:-/tmp/cuda-emu}"
 mkdir -p "$EMU_BUILD"
-cp "$here"/emu.h "$here"/prims.h "$here"/*_driver.cpp "$EMU_BUILD"/
+cp "$here"/emu.h "$here"/prims*.h "$here"/*_driver.cpp "$EMU_BUILD"/
 python3 "$here/prep.py" "$root/src/cuda/kernels/attention.cu" prims.h "$EMU_BUILD/attn_emu.cpp"
 python3 "$here/prep.py" "$root/src/cuda/kernels/nabla.cu" prims.h "$EMU_BUILD/nabla_emu.cpp"
+python3 "$here/prep.py" "$root/src/cuda/kernels/attention_sm90a.cu" prims.h "$EMU_BUILD/attn90_emu.cpp"
 (cd "$EMU_BUILD" && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o attn_driver attn_driver.cpp \
+  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -DSM90A -o attn90_driver attn_driver.cpp \
   && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o nabla_driver nabla_driver.cpp)
 what="${1:-all}"
 if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; fi
+if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == mask ]]; then python3 "$here/test_nabla.py"; fi

@@ -49,7 +49,7 @@
 // mma.m16n8k16 C fragments of the N/8 column tiles: d[4t + e] = C[g + 8 (e >> 1)][8t + 2 tg + (e & 1)]
 // with g = lane / 4, tg = lane % 4.
 
-// <wgmma-primitives>
+// <wgmma-primitives>  (tools/cuda-emu/prims_wgmma.h emulates this section on the CPU)
 // Accumulator operand lists of wgmma.m64n64 (32 f32 per thread) and m64n128 (64).
 #define WG_REGS32 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
 #define WG_REGS64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
@@ -99,8 +99,6 @@ __device__ __forceinline__ void wgmma_rs_n128_t(float (&d)[64], const u32 (&a)[4
         WGMMA_RS_T(128, "bf16", WG_REGS64, WG_OUT64, WG_A64, "%69");
     }
 }
-// </wgmma-primitives>
-
 __device__ __forceinline__ void wgmma_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -122,6 +120,8 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// </wgmma-primitives>
+
 // A 128-byte-swizzle shared-memory matrix descriptor.
 __device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
