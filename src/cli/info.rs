@@ -63,6 +63,13 @@ fn cuda_info() {
                 c.name(),
                 c.arch()
             );
+            let attn = nabla::cuda::attention::AttentionOptions::from_env()
+                .and_then(|o| o.kernel.resolve((cc_major, cc_minor), c.name()))
+                .map(|k| k.label().to_string())
+                .unwrap_or_else(|e| format!("unavailable: {e}"));
+            println!(
+                "attention kernel: {attn} (NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma; wgmma needs sm_90)"
+            );
             println!(
                 "`--backend auto` runs the DiT and the NABLA kernels here; `--backend wgpu` forces wgpu."
             );
