@@ -1,17 +1,6 @@
 import numpy as np, os, subprocess, sys, tempfile
-BUILD = os.environ.get("EMU_BUILD", "/tmp/cuda-emu")
+from emu_common import BUILD, from_bits, to_bits
 seed = int.from_bytes(os.urandom(4), 'little'); rng = np.random.default_rng(seed); print("seed", seed)
-
-def to_bits(x, dt):
-    if dt == 0: return x.astype(np.float32)
-    if dt == 1: return x.astype(np.float16).view(np.uint16)
-    b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    b = (b + 0x7fff + ((b >> 16) & 1)) >> 16
-    return b.astype(np.uint16)
-def from_bits(b, dt):
-    if dt == 0: return b.view(np.float32).astype(np.float64)
-    if dt == 1: return b.view(np.float16).astype(np.float64)
-    return (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 def coords(b, hb, wb): return b // (hb * wb), (b % (hb * wb)) // wb, b % wb
 def sta_mask(T, hb, wb, w):
