@@ -6,7 +6,7 @@ mod common;
 
 use common::golden::*;
 
-use common::{POISON, gpu};
+use common::{POISON, gpu, gpu_with_f16};
 use nabla::io::TensorFile;
 use nabla::nabla::{estimate_mask_with_stages, mask_from_pooled};
 use nabla::wan::{Checkpoint, Dit, DitInput, Trace, WeightPrecision, WgpuBackend};
@@ -438,46 +438,81 @@ fn golden_time_embedding() {
     }
 }
 
+/// One golden DiT case: the manifest entry, the checkpoint it names (configuration inferred from
+/// the weights; `base` is the manifest's), its tensor file and the forward's inputs.
+struct DitCase<'m> {
+    case: &'m Value,
+    name: &'m str,
+    base: nabla::wan::WanConfig,
+    ck: Checkpoint,
+    f: TensorFile,
+    x: Vec<f32>,
+    lat: (usize, usize, usize),
+    t: f64,
+    ctx: Vec<f32>,
+}
+
+impl DitCase<'_> {
+    fn input(&self) -> DitInput<'_> {
+        DitInput {
+            latent: &self.x,
+            shape: self.lat,
+            t: self.t,
+            context: &self.ctx,
+        }
+    }
+}
+
+/// Every `wan_dit` case of the manifest (at least one).
+fn dit_cases(m: &Value) -> Vec<DitCase<'_>> {
+    let all = m["cases"].as_array().unwrap();
+    let cases: Vec<DitCase<'_>> = all
+        .iter()
+        .filter(|c| c["kind"] == "wan_dit")
+        .map(|case| {
+            let wfile = case["config"]["weights"].as_str().unwrap();
+            let wcase = all
+                .iter()
+                .find(|c| c["file"] == wfile)
+                .expect("weights case");
+            let base = config_of(wcase);
+            let ck = Checkpoint::open(golden_dir().join(wfile), &base).unwrap();
+            let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
+            let (x, xs) = f.f32("x").unwrap();
+            let (t, _) = f.f32("t").unwrap();
+            let (ctx, _) = f.f32("context").unwrap();
+            DitCase {
+                case,
+                name: case["name"].as_str().unwrap(),
+                base,
+                ck,
+                lat: (xs[1], xs[2], xs[3]),
+                t: t[0] as f64,
+                f,
+                x,
+                ctx,
+            }
+        })
+        .collect();
+    assert!(!cases.is_empty(), "no wan_dit case");
+    cases
+}
+
 #[test]
 fn golden_wan_dit() {
     let m = manifest();
-    let cases: Vec<&Value> = m["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["kind"] == "wan_dit")
-        .collect();
-    assert!(!cases.is_empty(), "no wan_dit case");
     let g = gpu();
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let wfile = case["config"]["weights"].as_str().unwrap();
-        let wcase = m["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["file"] == wfile)
-            .expect("weights case");
-        let base = config_of(wcase);
-        let ck = Checkpoint::open(golden_dir().join(wfile), &base).unwrap();
+    for dc in dit_cases(&m) {
+        let (case, name, ck) = (dc.case, dc.name, &dc.ck);
         assert_eq!(
-            ck.config, base,
+            ck.config, dc.base,
             "{name}: config inferred from the weights vs manifest"
         );
         let mut be = WgpuBackend::new(g);
-        let mut dit = Dit::load(&mut be, &ck, WeightPrecision::F32).unwrap();
-        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
-        let (x, xs) = f.f32("x").unwrap();
-        let (t, _) = f.f32("t").unwrap();
-        let (ctx, _) = f.f32("context").unwrap();
-        let lat = (xs[1], xs[2], xs[3]);
+        let mut dit = Dit::load(&mut be, ck, WeightPrecision::F32).unwrap();
+        let f = &dc.f;
         let entries = case["tensors"].as_array().unwrap();
-        let input = DitInput {
-            latent: &x,
-            shape: lat,
-            t: t[0] as f64,
-            context: &ctx,
-        };
+        let input = dc.input();
         // dense run with intermediates
         let mut tr = Trace::default();
         let out = dit.forward(&mut be, &input, None, Some(&mut tr)).unwrap();
@@ -560,33 +595,11 @@ fn golden_wan_dit() {
 fn golden_wan_dit_fast_path() {
     let m = manifest();
     let g = gpu();
-    for case in m["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["kind"] == "wan_dit")
-    {
-        let name = case["name"].as_str().unwrap();
-        let wfile = case["config"]["weights"].as_str().unwrap();
-        let wcase = m["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["file"] == wfile)
-            .expect("weights case");
-        let ck = Checkpoint::open(golden_dir().join(wfile), &config_of(wcase)).unwrap();
+    for dc in dit_cases(&m) {
+        let (name, f) = (dc.name, &dc.f);
         let mut be = WgpuBackend::new(g);
-        let mut dit = Dit::load(&mut be, &ck, WeightPrecision::BF16).unwrap();
-        let f = TensorFile::open(golden_dir().join(case["file"].as_str().unwrap())).unwrap();
-        let (x, xs) = f.f32("x").unwrap();
-        let (t, _) = f.f32("t").unwrap();
-        let (ctx, _) = f.f32("context").unwrap();
-        let input = DitInput {
-            latent: &x,
-            shape: (xs[1], xs[2], xs[3]),
-            t: t[0] as f64,
-            context: &ctx,
-        };
+        let mut dit = Dit::load(&mut be, &dc.ck, WeightPrecision::BF16).unwrap();
+        let input = dc.input();
         be.set_fused_residual(false);
         let out = dit.forward(&mut be, &input, None, None).unwrap();
         let (want, _) = f.f32("out_dense").unwrap();
@@ -627,5 +640,73 @@ fn golden_wan_dit_fast_path() {
             "{name}: fast path rel L2 {e:.2e}; fused vs two ops {d:.2e}; bf16 autocast {ea:.2e} \
              (moved {moved:.2e})"
         );
+    }
+}
+
+/// The fast path with its GEMM-only activations (LayerNorm outputs, merged heads, FFN and text
+/// hidden, text embedding) stored as f16 (`WgpuBackend::set_f16_activations`). Where the GEMMs
+/// run on tensor cores that is the automatic choice and changes nothing (they rounded x to f16
+/// before); here it is forced, so on a software driver the portable kernels compute on the f16
+/// values: the output must stay within the fast path's bounds of the golden, and move (the f16
+/// storage really ran). With the bf16 autocast on, bf16-weight GEMMs keep f32 x.
+#[test]
+fn golden_wan_dit_fast_path_f16_activations() {
+    use nabla::DType;
+    use nabla::wan::Backend;
+    let m = manifest();
+    let Some(g) = gpu_with_f16("f16 activations") else {
+        return;
+    };
+    let coop = nabla::ops::linear::auto_uses_coop(g, DType::BF16);
+    for dc in dit_cases(&m) {
+        let (name, ck, f) = (dc.name, &dc.ck, &dc.f);
+        let input = dc.input();
+        let (want, _) = f.f32("out_dense").unwrap();
+        for precision in [WeightPrecision::BF16, WeightPrecision::F16] {
+            let wdt = match precision {
+                WeightPrecision::F16 => DType::F16,
+                _ => DType::BF16,
+            };
+            let mut be = WgpuBackend::new(g);
+            be.set_fused_residual(false);
+            be.set_bf16_autocast(false);
+            let mut dit = Dit::load(&mut be, ck, precision).unwrap();
+            be.set_f16_activations(Some(false));
+            assert_eq!(be.gemm_input_dtype(wdt), DType::F32);
+            let base = dit.forward(&mut be, &input, None, None).unwrap();
+            be.set_f16_activations(Some(true));
+            assert_eq!(be.gemm_input_dtype(wdt), DType::F16);
+            // the same Dit: the workspace is reallocated for the new storage type
+            let out = dit.forward(&mut be, &input, None, None).unwrap();
+            let what = format!("{name}/out_dense ({precision:?} fast path, f16 activations)");
+            check(&what, &out, &want, (2e-2, 2e-2));
+            let e = common::rel_l2(&out, &want);
+            assert!(e < 1e-2, "{what}: relative L2 {e}");
+            let moved = common::rel_l2(&out, &base);
+            if !coop {
+                assert!(moved > 0.0, "{what}: the f16 storage changed nothing");
+            }
+            // the fused residual epilogue reads the f16 heads too
+            be.set_fused_residual(true);
+            let fused = dit.forward(&mut be, &input, None, None).unwrap();
+            be.set_fused_residual(false);
+            let d = common::rel_l2(&fused, &out);
+            assert!(d < 1e-5, "{what}: fused residual epilogue differs by {d}");
+            eprintln!(
+                "{what}: rel L2 {e:.2e} vs golden, {moved:.2e} vs f32 activations, fused vs two \
+                 ops {d:.2e}"
+            );
+            if precision == WeightPrecision::BF16 {
+                // the bf16 autocast needs f32 x: the workspace goes back to f32
+                be.set_bf16_autocast(true);
+                assert_eq!(be.gemm_input_dtype(wdt), DType::F32);
+                let auto = dit.forward(&mut be, &input, None, None).unwrap();
+                let ea = common::rel_l2(&auto, &want);
+                assert!(
+                    ea < 1e-2,
+                    "{name}: autocast with f16 activations asked: {ea}"
+                );
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{POISON, Rng, assert_close, gpu};
+use common::{POISON, Rng, assert_close, gpu, gpu_with_f16};
 use nabla::ops::elementwise::{
     add, gated_residual, gelu_tanh, merge_heads, record_add, record_gated_residual,
     record_gelu_tanh, record_merge_heads, record_silu, record_split_heads, silu, split_heads,
@@ -489,11 +489,9 @@ fn add_broadcasts_one_row() {
 /// Split into f16 heads (rounded) and merge back from f16: the fast path's attention operands.
 #[test]
 fn heads_in_f16_round_trip() {
-    let g = gpu();
-    if !g.caps().f16 {
-        eprintln!("no SHADER_F16: f16 heads skipped");
+    let Some(g) = gpu_with_f16("f16 heads") else {
         return;
-    }
+    };
     let mut rng = Rng::fresh(0x4ead);
     for (s, h, d) in [(70usize, 3usize, 128usize), (5, 2, 6)] {
         let x = rng.normals(s * h * d, 1.0);
@@ -521,4 +519,59 @@ fn heads_in_f16_round_trip() {
             "merge from f16 {s}x{h}x{d}"
         );
     }
+}
+
+/// Merge of heads into f16 tokens (the merged attention output, which only feeds a GEMM that
+/// reads f16): from f16 heads (a copy) and from f32 heads (rounded to nearest even), scalar and
+/// vec4 widths, odd sizes, output poisoned with f16 NaNs; the reference's merge rounded to f16,
+/// bit for bit.
+#[test]
+fn merge_heads_into_f16_tokens() {
+    let Some(g) = gpu_with_f16("f16 tokens") else {
+        return;
+    };
+    let mut rng = Rng::fresh(0x4eae);
+    let r16 =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    for (s, h, d) in [
+        (1usize, 1usize, 1usize),
+        (3, 5, 7),
+        (129, 3, 1),
+        (7, 2, 4),
+        (3, 1, 6),
+        (70, 3, 128),
+        (129, 12, 64),
+    ] {
+        let y = rng.normals(h * s * d, 1.0);
+        let want = r16(&reference::merge_heads(&y, h, s, d));
+        for heads_dt in [DType::F32, DType::F16] {
+            let heads = match heads_dt {
+                DType::F16 => g.upload_f16(&y, &[1, h, s, d]),
+                _ => g.upload_f32(&y, &[1, h, s, d]),
+            }
+            .unwrap();
+            let out = g.empty(&[s, h * d], DType::F16).unwrap();
+            g.fill_u32(&out, 0x7e00_7e00);
+            let mut b = g.batch();
+            record_merge_heads(&mut b, &heads, &out).unwrap();
+            b.submit().unwrap();
+            let got = g.read_f32(&out).unwrap();
+            assert!(got.iter().all(|v| !v.is_nan()), "unwritten element");
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "merge {heads_dt:?} heads into f16 tokens S={s} H={h} D={d}"
+            );
+        }
+    }
+    // split still takes f32 tokens only
+    let xh = g.upload_f16(&[0.0; 8], &[2, 4]).unwrap();
+    let heads = g.empty(&[2, 2, 2], DType::F16).unwrap();
+    let mut b = g.batch();
+    let r = record_split_heads(&mut b, &xh, &heads);
+    assert!(
+        matches!(&r, Err(Error::Shape(m)) if m.contains("must be f32")),
+        "split of f16 tokens: {r:?}"
+    );
+    b.submit().unwrap();
 }

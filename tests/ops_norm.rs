@@ -1,10 +1,10 @@
 //! LayerNorm (plain, affine, modulated) and RMSNorm on the GPU against the f64 CPU reference:
 //! fresh random inputs, ragged sizes, outputs poisoned with NaN first; constant rows, large
-//! magnitudes, the 2-D row grid, batching, and errors for bad shapes.
+//! magnitudes, the 2-D row grid, batching, a LayerNorm's f16 output, and errors for bad shapes.
 
 mod common;
 
-use common::{POISON, Rng, assert_close, gpu};
+use common::{POISON, Rng, assert_close, gpu, gpu_with_f16};
 use nabla::ops::norm::{NormMode, layer_norm, record_layer_norm, record_rms_norm, rms_norm};
 use nabla::reference::nn::norm as reference;
 use nabla::{Error, Gpu, Tensor};
@@ -452,6 +452,27 @@ fn bad_shapes_are_errors() {
         shape,
         &["out [8, 3]", "x [3, 8]"],
     );
+    let h38 = g.empty(&[3, 8], nabla::DType::F16).unwrap();
+    expect_err(
+        "rms f16 out",
+        {
+            let mut b = g.batch();
+            record_rms_norm(&mut b, &x, &w8, &h38, EPS)
+        },
+        shape,
+        &["rms_norm: out must be f32", "F16"],
+    );
+    expect_err(
+        "bf16 out",
+        ln(
+            &x,
+            &g.empty(&[3, 8], nabla::DType::BF16).unwrap(),
+            EPS,
+            &NormMode::Plain,
+        ),
+        shape,
+        &["out must be f32", "BF16"],
+    );
     expect_err(
         "layer_norm convenience",
         layer_norm(
@@ -467,4 +488,73 @@ fn bad_shapes_are_errors() {
         shape,
         &["shift_row 9"],
     );
+}
+
+/// Two f16 NaNs per 32-bit word: poisons every element of an f16 output.
+const POISON16: u32 = 0x7e00_7e00;
+
+/// A LayerNorm with an f16 output (the DiT's norm outputs that only feed 16-bit GEMMs): every
+/// mode, ragged sizes, poisoned output. It must be the f32 kernel's result rounded once to f16
+/// (bit for bit: lavapipe and NVIDIA convert f32 → f16 to nearest even), hence within half an
+/// f16 step (2⁻¹¹ relative) of the f64 reference.
+#[test]
+fn layer_norm_f16_output() {
+    let Some(g) = gpu_with_f16("f16 output") else {
+        return;
+    };
+    let mut rng = Rng::fresh(0x17);
+    let eps = EPS as f64;
+    let r16 =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    for &m in &ROWS {
+        for &c in &COLS {
+            let x = rng.normals(m * c, 2.0);
+            let xt = g.upload_f32(&x, &[m, c]).unwrap();
+            let (w, bias, mods) = (
+                rng.normals(c, 1.0),
+                rng.normals(c, 1.0),
+                rng.normals(6 * c, 0.5),
+            );
+            let wt = g.upload_f32(&w, &[c]).unwrap();
+            let bt = g.upload_f32(&bias, &[c]).unwrap();
+            let mt = g.upload_f32(&mods, &[6, c]).unwrap();
+            let cases = [
+                ("plain", NormMode::Plain, reference::layer_norm(&x, c, eps)),
+                (
+                    "affine",
+                    NormMode::Affine {
+                        weight: &wt,
+                        bias: &bt,
+                    },
+                    reference::layer_norm_affine(&x, c, eps, &w, &bias),
+                ),
+                (
+                    "modulate(3,4)",
+                    NormMode::Modulate {
+                        mods: &mt,
+                        shift_row: 3,
+                        scale_row: 4,
+                    },
+                    reference::layer_norm_modulate(&x, c, eps, &mods, 3, 4),
+                ),
+            ];
+            for (name, mode, want) in cases {
+                let what = format!("[{m}, {c}] {name} f16 out");
+                let out = g.empty(&[m, c], nabla::DType::F16).unwrap();
+                g.fill_u32(&out, POISON16);
+                let mut b = g.batch();
+                record_layer_norm(&mut b, &xt, &out, EPS, &mode).unwrap();
+                b.submit().unwrap();
+                let got = g.read_f32(&out).unwrap();
+                let full = run_ln(g, &xt, &mode);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&r16(&full)),
+                    "{what}: not the f32 result rounded once"
+                );
+                assert_close(&what, &got, &want, 2e-5, 2e-5 + 4.9e-4, 5e-4);
+            }
+        }
+    }
 }

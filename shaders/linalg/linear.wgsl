@@ -1,8 +1,10 @@
 // Linear layer with fused bias and activation: y[m, n] = act(sum_k x[m, k] * w[n, k] + b[n]).
-// x [M, K] f32, w [N, K] (PyTorch layout) stored as f32, f16 or bf16, b [N] f32, y [M, N] f32.
+// x [M, K] f32 or f16 (widened exactly as it is loaded), w [N, K] (PyTorch layout) stored as
+// f32, f16 or bf16, b [N] f32, y [M, N] f32 (or f16, rounded once as it is stored).
 // All arithmetic is f32; in the bf16-autocast mode (RB16 = 1, linear_common.wgsl) x, the
 // bias, the pre-activation and the activation's output are rounded to bf16.
-// The prelude (src/ops/linear.rs) defines two constants:
+// The prelude (src/ops/linear.rs) defines the storage types (XDT, XE, YE: linear_common.wgsl)
+// and two constants:
 //   WDT: weight storage, 0 = f32 (one word per value), 1 = f16, 2 = bf16 (two values per word,
 //        element 2i in the low half; K even, so a pair never straddles two rows);
 //   ACT: activation, 0 = none, 1 = GELU (tanh approximation), 2 = SiLU.

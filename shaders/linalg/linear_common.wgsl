@@ -3,7 +3,12 @@
 // edge-masked loads come from linear_loads.wgsl (scalar) or linear_loads_vec.wgsl (vectors),
 // and `write_out` (what the epilogue does with a finished output) from linear_store.wgsl
 // (y = act(v)) or linear_residual.wgsl (y = residual + gate * v). The prelude defines
-// WDT (weight storage: 0 = f32, 1 = f16, 2 = bf16) and ACT (0 = none, 1 = GELU-tanh, 2 = SiLU).
+// WDT (weight storage: 0 = f32, 1 = f16, 2 = bf16), ACT (0 = none, 1 = GELU-tanh, 2 = SiLU),
+// XDT (x storage: 0 = f32, 1 = f16) with `alias XE` its element type, and `alias YE`, the
+// element type of y (f32, or f16 for the plain epilogue of GEMM-only activations: rounded once
+// from the f32 result; the residual epilogue always has f32). Each storage type is a variant of
+// its own, never a run-time flag: one in the staging loop once cut the tensor-core kernel from
+// 156 to 55 TFLOP/s.
 //
 // RB16 = 1 (a constant of the prelude: a variant of its own, so the unrounded kernel carries no
 // branch for it) is the bf16-autocast mode (spec §2.10: the reference's Linear under bf16
@@ -30,7 +35,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<YE>;
 
 // One f16 (low 16 bits of h) as f32, exactly, without the f16 shader feature or the
 // SHADER_FLOAT16_IN_FLOAT32 capability `unpack2x16float` would need. Subnormals are scaled from an

@@ -1,7 +1,13 @@
-// Linear layer on cooperative matrices (tensor cores): y = act(x·Wᵀ + b) with x [M, K] f32,
-// W [N, K] in f32, f16 or bf16 storage (linear_common.wgsl decodes it), y [M, N] f32.
+// Linear layer on cooperative matrices (tensor cores): y = act(x·Wᵀ + b) with x [M, K] f32 or
+// f16, W [N, K] in f32, f16 or bf16 storage (linear_common.wgsl decodes it), y [M, N] f32 (or
+// f16 with the plain epilogue).
 // Operands are rounded to f16 when staged into workgroup memory (bf16 weights beyond the f16
-// range would overflow: DiT weights are far inside it), products accumulate in f32.
+// range would overflow: DiT weights are far inside it), products accumulate in f32. f16 x
+// (XDT = 1) is staged as stored, without any conversion: four halves per 8-byte load with the
+// vector loads (K % 4 == 0), or per four 2-byte loads. An f16 x rounded to nearest even from an
+// f32 x therefore gives the results of that f32 x bit for bit (the f32 path rounds to f16 the
+// same way when staging). (16-byte loads of eight halves would need a vec2<u32> → vec4<f16>
+// bitcast, which naga 30 does not implement.)
 // In the bf16-autocast mode (RB16 = 1, linear_common.wgsl) x is first rounded to bf16, then
 // converted to f16: exact for |x| in f16's normal range [2^-14, 65504], so with bf16 weights the
 // tensor cores see exactly the bf16 operands. Below 2^-14, f16 subnormals keep steps of 2^-24: a
@@ -16,7 +22,7 @@
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
 // 16-byte boundary (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and
-// defines WDT, ACT and SG (workgroup = 4·SG threads).
+// defines WDT, ACT, XDT and SG (workgroup = 4·SG threads).
 
 const KAV: u32 = 10u;          // vec4<f16> row stride of the staged tiles: 32 k + 8 pad halfs
 const WGS: u32 = 4u * SG;
@@ -30,6 +36,10 @@ var<workgroup> c_s: array<f32, 1024>;               // per subgroup one 16x16 f3
 fn stage_x(row: u32, k: u32) -> vec4<f16> {
     if ((PROBE & 1u) != 0u) {
         return vec4<f16>(f16(row & 7u));
+    }
+    if (XDT != 0u) {
+        // f16 storage: as stored (a conversion of f16 to f16: none)
+        return vec4<f16>(load_xv(row, k));
     }
     return vec4<f16>(round_x4(load_x4(row, k)));
 }

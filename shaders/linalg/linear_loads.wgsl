@@ -1,18 +1,18 @@
 // x and W bindings with scalar loads (any K): used by the portable kernel and by the
-// cooperative kernel when K is not a multiple of 4.
+// cooperative kernel when K is not a multiple of 4. x is stored as XE (f32 or f16).
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<XE>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 
-// x[row, k..k+4], zeros past M or K.
-fn load_x4(row: u32, k: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
+// x[row, k..k+4] in its storage type, zeros past M or K.
+fn load_xv(row: u32, k: u32) -> vec4<XE> {
+    var v = vec4<XE>(0.0);
     if (row >= P.m) {
         return v;
     }
     let e = row * P.k + k;
     if (k + 3u < P.k) {
-        v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+        v = vec4<XE>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
     } else {
         // no dynamic component index: it can push a vector to local memory on some compilers
         if (k < P.k) {
@@ -26,6 +26,11 @@ fn load_x4(row: u32, k: u32) -> vec4<f32> {
         }
     }
     return v;
+}
+
+// x[row, k..k+4] as f32 (f16 widened exactly).
+fn load_x4(row: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(load_xv(row, k));
 }
 
 // w[row, k..k+4] as f32, zeros past N or K. k is a multiple of 4, so for 16-bit storage the

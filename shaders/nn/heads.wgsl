@@ -4,7 +4,9 @@
 // come in contiguous runs of D values.
 //
 // The prelude (src/ops/elementwise.rs) defines `alias VI` / `alias VO` (input and output element
-// types: f32 both, or f16 on the heads side for the tensor-core attention) and `const MERGE: bool`:
+// types: f32 both, or f16 on the heads side for the tensor-core attention, and for a merge also
+// f16 on the tokens side, for a GEMM that reads f16; f32 -> f16 rounds to nearest even) and
+// `const MERGE: bool`:
 //   split (MERGE = false): out[h, s, d] = x[s, h*D + d]
 //   merge (MERGE = true):  out[s, h*D + d] = x[h, s, d]
 

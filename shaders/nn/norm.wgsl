@@ -4,6 +4,9 @@
 // The prelude (src/ops/norm.rs) defines
 //   const RMS: bool                         false: LayerNorm, true: RMSNorm
 //   fn epilogue(c: u32, y: f32) -> f32      applied to the normalized value y of column c
+//   alias OE                                the output's element type: f32, or f16 (LayerNorm
+//                                           outputs that only feed a GEMM: the f32 result
+//                                           rounded once as it is stored)
 // and any extra bindings (3..) the epilogue reads (weight, bias, modulation table).
 //
 // LayerNorm: stable two-pass in f32, shifted by a pivot x0 (the row's first value) so the
@@ -26,7 +29,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<OE>;
 
 const WG: u32 = 256u;
 var<workgroup> red: array<f32, WG>;
@@ -78,6 +81,6 @@ fn main(
     }
     let r = inverseSqrt(reduce_sum(lid, q) / fc + P.eps);
     for (var c = lid; c < n; c += WG) {
-        out[base + c] = epilogue(c, ((x[base + c] - pivot) - mu) * r);
+        out[base + c] = OE(epilogue(c, ((x[base + c] - pivot) - mu) * r));
     }
 }

@@ -98,25 +98,32 @@ fn unary_variant(op: Unary, vec4: bool) -> (String, String) {
     )
 }
 
-/// `half`: the heads side (split output, merge input) is f16 storage.
-fn heads_variant(merge: bool, vec4: bool, half: bool) -> (String, String) {
+/// `half`: the heads side (split output, merge input) is f16 storage; `tokens_half`: the
+/// tokens side (merge output: the merged heads that only feed a GEMM) is.
+fn heads_variant(merge: bool, vec4: bool, half: bool, tokens_half: bool) -> (String, String) {
     let (f, h) = if vec4 {
         ("vec4<f32>", "vec4<f16>")
     } else {
         ("f32", "f16")
     };
-    let (vi, vo) = match (half, merge) {
-        (false, _) => (f, f),
-        (true, false) => (f, h),
-        (true, true) => (h, f),
+    let (heads, tokens) = (if half { h } else { f }, if tokens_half { h } else { f });
+    let (vi, vo) = if merge {
+        (heads, tokens)
+    } else {
+        (tokens, heads)
     };
-    let enable = if half { "enable f16;\n" } else { "" };
+    let enable = if half || tokens_half {
+        "enable f16;\n"
+    } else {
+        ""
+    };
     (
         format!(
-            "nn/heads[{},{}{}]",
+            "nn/heads[{},{}{}{}]",
             if merge { "merge" } else { "split" },
             width_tag(vec4),
-            if half { ",f16" } else { "" }
+            if half { ",f16" } else { "" },
+            if tokens_half { ",tokens_f16" } else { "" }
         ),
         format!(
             "{enable}alias VI = {vi};\nalias VO = {vo};\nconst MERGE: bool = {merge};\n{HEADS}"
@@ -136,9 +143,12 @@ pub fn variants() -> Vec<(String, String)> {
             v.push(unary_variant(op, vec4));
         }
         for merge in [false, true] {
-            v.push(heads_variant(merge, vec4, false));
-            v.push(heads_variant(merge, vec4, true));
+            v.push(heads_variant(merge, vec4, false, false));
+            v.push(heads_variant(merge, vec4, true, false));
         }
+        // merge into f16 tokens (from f16 or f32 heads)
+        v.push(heads_variant(true, vec4, true, true));
+        v.push(heads_variant(true, vec4, false, true));
     }
     v
 }
@@ -433,8 +443,13 @@ fn record_heads(
     let vec4 = d % 4 == 0;
     let w = if vec4 { 4 } else { 1 };
     let n = h * s * d / w;
-    let heads_side = if merge { x } else { out };
-    let (key, src) = heads_variant(merge, vec4, heads_side.dtype() == DType::F16);
+    let (heads_side, tokens_side) = if merge { (x, out) } else { (out, x) };
+    let (key, src) = heads_variant(
+        merge,
+        vec4,
+        heads_side.dtype() == DType::F16,
+        tokens_side.dtype() == DType::F16,
+    );
     let pipe = gpu.pipeline(&key, &src, true)?;
     let p = Params {
         a: n as u32,
@@ -494,12 +509,13 @@ pub fn split_heads(gpu: &Gpu, x: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Records the merge of heads `x` `[H, S, D]` (or `[1, H, S, D]`) into `out` `[S, H·D]` (or
-/// `[1, S, H·D]`): `out[s, h·D + d] = x[h, s, d]`. `x` f32 or f16, `out` f32, its own buffer. Vectorized by
-/// 4 when D is a multiple of 4.
+/// `[1, S, H·D]`): `out[s, h·D + d] = x[h, s, d]`. `x` f32 or f16; `out` f32 or f16 (f32 values
+/// rounded to nearest even: the merged attention output feeding a 16-bit GEMM), its own buffer;
+/// f16 on either side needs `SHADER_F16`. Vectorized by 4 when D is a multiple of 4.
 pub fn record_merge_heads(batch: &mut Batch<'_>, x: &Tensor, out: &Tensor) -> Result<()> {
     let op = "merge_heads";
     check_half_ok(batch.gpu(), "merge_heads: x", x)?;
-    check_f32("merge_heads: out", out)?;
+    check_half_ok(batch.gpu(), "merge_heads: out", out)?;
     let (h, s, d) = heads_shape(op, "x", x.shape())?;
     if tokens_shape(out.shape()) != Some((s, h * d)) {
         return Err(Error::shape(format!(

@@ -1,17 +1,39 @@
 //! The linear layer `y = act(x·Wᵀ + b)`: dispatchers for `shaders/linalg/linear.wgsl`, the
 //! workhorse of the Wan DiT (q/k/v/o projections, FFN, modulation and embedding MLPs).
 //!
-//! Layout is PyTorch's `nn.Linear`: `x [.., K]` f32, `W [N, K]` row-major, `b [N]` f32,
-//! `y [.., N]` f32. Weights stay in their checkpoint dtype on the GPU — f32, f16 or bf16 — and
-//! are widened to f32 as they are loaded (bf16 with a shift, f16 by an exact bit-level decode),
-//! so neither needs a shader feature: f16 weights work on adapters without `SHADER_F16`, and
-//! not even the `SHADER_FLOAT16_IN_FLOAT32` capability of `unpack2x16float` is needed. The
-//! decode costs a few integer ops per weight per workgroup, against the 64 multiply-adds each
-//! loaded weight feeds.
+//! Layout is PyTorch's `nn.Linear`: `x [.., K]` f32 or f16, `W [N, K]` row-major, `b [N]` f32,
+//! `y [.., N]` f32 or f16 (see "16-bit activations" below). Weights stay in their checkpoint
+//! dtype on the GPU — f32, f16 or bf16 — and are widened to f32 as they are loaded (bf16 with a
+//! shift, f16 by an exact bit-level decode), so neither needs a shader feature: f16 weights work
+//! on adapters without `SHADER_F16`, and not even the `SHADER_FLOAT16_IN_FLOAT32` capability of
+//! `unpack2x16float` is needed. The decode costs a few integer ops per weight per workgroup,
+//! against the 64 multiply-adds each loaded weight feeds.
 //!
-//! All products and sums are f32: the activations the DiT feeds through these layers are f32,
-//! and accumulating thousands of terms (K up to 13 824) in f16 would lose the precision the
-//! reference comparison asks for (relative L2 error near 1e-6 against an f64 reference).
+//! All products and sums are f32: accumulating thousands of terms (K up to 13 824) in f16 would
+//! lose the precision the reference comparison asks for (relative L2 error near 1e-6 against an
+//! f64 reference).
+//!
+//! **16-bit activations.** `x` may be stored as f16 and the plain epilogue ([`record_linear`])
+//! may store `y` as f16 (both need `SHADER_F16`): the Wan DiT's GEMM-only activations —
+//! LayerNorm outputs, merged attention heads, FFN and text hidden — when
+//! [`crate::wan::Backend::gemm_input_dtype`] says so (where the tensor-core kernel runs, see
+//! [`auto_uses_coop`]).
+//!
+//! The tensor-core kernel rounds f32 x to f16 anyway when it stages it, so storing x as f16
+//! (rounded once, to nearest even, by its producer) changes no result — bit for bit — and halves
+//! the bytes of x that the kernel's storage loads move, the loads that bound it (~156 TFLOP/s
+//! with f32 x at the Wan 14B shapes on the H200, against ~400 with the loads skipped). f16 x is
+//! staged without any conversion, four halves per 8-byte load when K % 4 == 0 (scalar loads
+//! otherwise). Eight halves per 16-byte load would need a bitcast of `vec2<u32>` to
+//! `vec4<f16>`, which naga 30 does not implement (it keeps the operand's component count).
+//!
+//! The portable kernel widens f16 x exactly to f32, so on f16 x it computes what it computes on
+//! the f32 values of those halves. An f16 `y` is the f32 result (after bias and activation)
+//! rounded once to f16. The gated-residual epilogue keeps `y` f32 (the residual stream), and
+//! the bf16-autocast rounding below takes only f32 x and y (its rounding of x to bf16 must see
+//! the f32 value). Each storage combination is a compile-time variant (`XDT`, `XE`, `YE` in the
+//! prelude), never a run-time flag: one in the staging loop once cut the tensor-core kernel
+//! from 156 to 55 TFLOP/s.
 //!
 //! The kernel computes a 64×64 tile of `y` per workgroup (256 threads, 4×4 outputs each) and
 //! walks K in steps of 16 staged in workgroup memory; edges of any size are masked. Tiles are
@@ -36,7 +58,7 @@
 //! extra pass over memory (a few integer ops per loaded x value and per output) and is a
 //! compile-time variant of each kernel (`RB16` in the prelude): a runtime flag in the staging
 //! loop, tried first, slowed the tensor-core kernel 2.8x on the H200 even when off. The default,
-//! [`LinearRounding::None`], is the f32 behaviour above.
+//! [`LinearRounding::None`], is the f32 behaviour above. The rounding needs f32 x and `y`.
 //!
 //! Every tensor is bound whole, so each must fit the device's storage-binding limit: a weight
 //! larger than that (e.g. a 14B model's FFN weight, 13 824 × 5 120 bf16 = 135 MiB, on a driver
@@ -134,6 +156,67 @@ pub enum LinearRounding {
     Bf16,
 }
 
+/// Storage of `x` and of the plain epilogue's output `y`: f32, or f16 (GEMM-only activations).
+/// Each combination is a variant of its own (prelude constants and aliases), never a run-time
+/// flag in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Io {
+    /// x stored as f16.
+    x16: bool,
+    /// y stored as f16 (plain epilogue only).
+    y16: bool,
+}
+
+impl Io {
+    /// Every combination, in the order of [`variants`].
+    const ALL: [Io; 4] = [
+        Io {
+            x16: false,
+            y16: false,
+        },
+        Io {
+            x16: true,
+            y16: false,
+        },
+        Io {
+            x16: false,
+            y16: true,
+        },
+        Io {
+            x16: true,
+            y16: true,
+        },
+    ];
+
+    /// Whether a kernel exists for this storage with `epi` and the bf16 rounding `rb16`: the
+    /// residual epilogue writes the f32 residual stream, and the bf16-autocast rounding needs
+    /// f32 x (its rounding must see the f32 value) and writes f32.
+    fn supported(self, epi: Epilogue, rb16: bool) -> bool {
+        !(rb16 && (self.x16 || self.y16)) && !(self.y16 && matches!(epi, Epilogue::Residual { .. }))
+    }
+
+    /// Suffix of the variant name (empty for f32 x and y, the original kernels).
+    fn name(self) -> &'static str {
+        match (self.x16, self.y16) {
+            (false, false) => "",
+            (true, false) => ",x_f16",
+            (false, true) => ",y_f16",
+            (true, true) => ",x_f16,y_f16",
+        }
+    }
+
+    /// Prelude lines: `XDT`, the element types `XE` / `YE`.
+    fn prelude(self) -> String {
+        let t = |h: bool| if h { "f16" } else { "f32" };
+        format!(
+            "const XDT: u32 = {}u;\nalias XE = {};\nalias YE = {};\n",
+            self.x16 as u32,
+            t(self.x16),
+            t(self.y16)
+        )
+    }
+}
+
 /// What the kernel's epilogue does with `v = x·Wᵀ + b` (the shader's `write_out`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Epilogue {
@@ -194,24 +277,34 @@ fn weight_code(dtype: DType) -> Option<u32> {
     }
 }
 
-fn variant_name(wdt: DType, epi: Epilogue, rb16: bool) -> String {
+fn variant_name(wdt: DType, epi: Epilogue, rb16: bool, io: Io) -> String {
     format!(
-        "linalg/linear[{},{}{}]",
+        "linalg/linear[{},{}{}{}]",
         format!("{wdt:?}").to_lowercase(),
         epi.name(),
-        if rb16 { ",bf16_autocast" } else { "" }
+        if rb16 { ",bf16_autocast" } else { "" },
+        io.name()
     )
 }
 
-/// WGSL source of the variant for weight storage `wdt` and epilogue `epi`: a two-line prelude
-/// plus the kernel files.
-fn source(wdt: DType, epi: Epilogue, rb16: bool) -> Option<String> {
+/// WGSL source of the variant for weight storage `wdt`, epilogue `epi` and x / y storage `io`:
+/// a short prelude of constants plus the kernel files (`None` for unsupported combinations).
+fn source(wdt: DType, epi: Epilogue, rb16: bool, io: Io) -> Option<String> {
     let w = weight_code(wdt)?;
+    if !io.supported(epi, rb16) {
+        return None;
+    }
+    let enable = if io.x16 || io.y16 {
+        "enable f16;\n"
+    } else {
+        ""
+    };
     Some(format!(
-        "const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\nconst RB16: u32 = {}u;\n\
+        "{enable}const WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\nconst RB16: u32 = {}u;\n{}\
          {LINEAR_COMMON}{LINEAR_LOADS}{}{LINEAR}",
         epi.act().code(),
         rb16 as u32,
+        io.prelude(),
         epi.source()
     ))
 }
@@ -222,40 +315,48 @@ fn coop_source(
     wdt: DType,
     epi: Epilogue,
     rb16: bool,
+    io: Io,
     sg: u32,
     vec: bool,
     probe: u32,
 ) -> Option<String> {
     let w = weight_code(wdt)?;
+    if !io.supported(epi, rb16) {
+        return None;
+    }
     let loads = if vec { LINEAR_LOADS_VEC } else { LINEAR_LOADS };
     // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
     let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n\
+         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{}\
          {LINEAR_COMMON}{loads}{}{body}",
         epi.act().code(),
         rb16 as u32,
+        io.prelude(),
         epi.source()
     ))
 }
 
 /// Kernel variants of this module: every weight dtype (f32, f16, bf16) × every epilogue (each
-/// [`Activation`], and the residual in place or from a separate tensor), portable and
-/// cooperative.
+/// [`Activation`], and the residual in place or from a separate tensor) × the bf16-autocast
+/// rounding × x stored as f32 or f16 × (plain epilogue) y stored as f32 or f16 — the f16
+/// storage not with the rounding —, portable and cooperative.
 pub fn variants() -> Vec<(String, String)> {
     let mut v = Vec::new();
     for wdt in [DType::F32, DType::F16, DType::BF16] {
         for epi in Epilogue::ALL {
             for rb16 in [false, true] {
-                if let Some(src) = source(wdt, epi, rb16) {
-                    v.push((variant_name(wdt, epi, rb16), src));
-                }
-                for sg in crate::shaders::COOP_SUBGROUP_SIZES {
-                    for vec in [false, true] {
-                        if let Some(src) = coop_source(wdt, epi, rb16, sg, vec, 0) {
-                            let name = variant_name(wdt, epi, rb16);
-                            v.push((format!("{name}[coop,sg{sg},vec={vec}]"), src));
+                for io in Io::ALL {
+                    if let Some(src) = source(wdt, epi, rb16, io) {
+                        v.push((variant_name(wdt, epi, rb16, io), src));
+                    }
+                    for sg in crate::shaders::COOP_SUBGROUP_SIZES {
+                        for vec in [false, true] {
+                            if let Some(src) = coop_source(wdt, epi, rb16, io, sg, vec, 0) {
+                                let name = variant_name(wdt, epi, rb16, io);
+                                v.push((format!("{name}[coop,sg{sg},vec={vec}]"), src));
+                            }
                         }
                     }
                 }
@@ -315,12 +416,7 @@ fn check(
     }
     let lead = &xs[..xs.len() - 1];
     let m: usize = lead.iter().product();
-    if x.dtype() != DType::F32 {
-        return Err(Error::shape(format!(
-            "linear input must be f32, got {:?}",
-            x.dtype()
-        )));
-    }
+    check_half(gpu, "linear input", x)?;
     if weight_code(w.dtype()).is_none() {
         return Err(Error::shape(format!(
             "linear weight must be f32, f16 or bf16, got {:?}",
@@ -352,14 +448,15 @@ fn check(
     if let Some(out) = out {
         let mut want = lead.to_vec();
         want.push(n);
-        if out.shape() != want.as_slice() || out.dtype() != DType::F32 {
+        if out.shape() != want.as_slice() {
             return Err(Error::shape(format!(
-                "linear output must be f32 {want:?} (input {xs:?} with K = {k} replaced by \
-                 N = {n}), got {:?} {:?}",
+                "linear output must be {want:?} (input {xs:?} with K = {k} replaced by N = \
+                 {n}), got {:?} {:?}",
                 out.dtype(),
                 out.shape()
             )));
         }
+        check_half(gpu, "linear output", out)?;
         let inputs = [Some(x), Some(w), b];
         if inputs.iter().flatten().any(|t| t.buffer() == out.buffer()) {
             return Err(Error::shape(
@@ -387,23 +484,53 @@ fn check(
     if let Some(b) = b {
         gpu.check_binding("linear bias", b.logical_bytes())?;
     }
-    gpu.check_binding(&format!("linear output [{m}, {n}]"), (m * n * 4) as u64)?;
+    let out_bytes = (m * n) as u64 * out.map_or(4, |o| o.dtype().size());
+    gpu.check_binding(&format!("linear output [{m}, {n}]"), out_bytes)?;
     Ok((m, n, k))
+}
+
+/// Fails unless `t` (x or the output) is f32, or f16 on an adapter with `SHADER_F16`.
+fn check_half(gpu: &Gpu, what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => Ok(()),
+        DType::F16 if gpu.caps().f16 => Ok(()),
+        DType::F16 => Err(Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "SHADER_F16",
+            what: format!("a {what} stored as f16"),
+        }),
+        d => Err(Error::shape(format!(
+            "{what} must be f32 or f16, got {d:?} {:?}",
+            t.shape()
+        ))),
+    }
+}
+
+/// Whether [`LinearKernel::Auto`] picks the tensor-core kernel for weights stored as `weights`
+/// on this adapter (for inputs of at least 64 rows; smaller ones take the portable kernel):
+/// 16-bit weights, 16×16 f16 cooperative matrices, and `NABLA_LINEAR` not `portable`.
+pub fn auto_uses_coop(gpu: &Gpu, weights: DType) -> bool {
+    weights != DType::F32
+        && gpu.caps().coop_subgroup().is_some()
+        && std::env::var("NABLA_LINEAR").map_or(true, |v| v != "portable")
 }
 
 /// Records `out = act(x·Wᵀ + b)` into `batch` (no allocation, no submission).
 ///
-/// * `x`: `[.., K]` f32 — any leading shape, flattened to `M` rows (`[M, K]` in the DiT).
+/// * `x`: `[.., K]` f32 or f16 (`SHADER_F16`) — any leading shape, flattened to `M` rows
+///   (`[M, K]` in the DiT).
 /// * `w`: `[N, K]` f32, f16 or bf16 (PyTorch `nn.Linear.weight`); 16-bit weights need an even K.
 ///   f16 weights are decoded with integer ops, so no `SHADER_F16` is needed.
 /// * `b`: optional `[N]` f32 bias.
 /// * `act`: activation fused after the bias.
-/// * `out`: `[.., N]` f32 with the leading shape of `x`; must not share a buffer with an input.
+/// * `out`: `[.., N]` f32 or f16 (`SHADER_F16`; the f32 result rounded once) with the leading
+///   shape of `x`; must not share a buffer with an input.
 ///
 /// Computes in f32 ([`LinearRounding::None`]; [`record_linear_rounded`] selects the bf16
-/// autocast rounding). Fails with [`Error::Shape`] on mismatched shapes or dtypes and with
-/// [`Error::TooLarge`] when a tensor exceeds the device's storage-binding limit (large weights
-/// are not split yet; see the module docs).
+/// autocast rounding, with f32 x and `out` only; see the module docs for 16-bit x). Fails with
+/// [`Error::Shape`] on mismatched shapes or dtypes, with [`Error::Unsupported`] for f16 x or
+/// `out` on an adapter without `SHADER_F16`, and with [`Error::TooLarge`] when a tensor exceeds
+/// the device's storage-binding limit (large weights are not split yet; see the module docs).
 pub fn record_linear(
     batch: &mut Batch<'_>,
     x: &Tensor,
@@ -453,7 +580,7 @@ pub fn record_linear_rounded(
 /// `x += gate ⊙ proj(h)` (self-attention output projection, FFN down projection; the
 /// cross-attention one has no gate).
 ///
-/// * `x`, `w`, `b`: as for [`record_linear`] (no activation here).
+/// * `x`, `w`, `b`: as for [`record_linear`] (no activation here; x f32 or f16).
 /// * `res`: f32 with the shape of `out`.
 /// * `gate`: optional `([R, N]` f32 table, `row)`; row `row` (`< R`) is broadcast over all rows
 ///   of `out` — e.g. the `[6, dim]` modulation table and row 2 or 5.
@@ -536,6 +663,14 @@ fn check_residual(
     inputs: [Option<&Tensor>; 3],
 ) -> Result<(bool, u32)> {
     let op = "linear_gated_residual";
+    if out.dtype() != DType::F32 {
+        return Err(Error::shape(format!(
+            "{op}: the output must be f32 (the residual stream), got {:?} {:?}; only the plain \
+             linear writes f16",
+            out.dtype(),
+            out.shape()
+        )));
+    }
     if res.dtype() != DType::F32 || res.shape() != out.shape() {
         return Err(Error::shape(format!(
             "{op}: the residual must be f32 {:?}, the shape of the output, got {:?} {:?}",
@@ -612,6 +747,15 @@ fn record(
         // repeated per chunk and before the dispatch below)
         check_residual(out, res, gate, [Some(x), Some(w), b])?;
     }
+    let half = x.dtype() == DType::F16 || out.dtype() == DType::F16;
+    if rounding == LinearRounding::Bf16 && half {
+        return Err(Error::shape(format!(
+            "linear: the bf16-autocast rounding takes f32 x and writes f32 (its rounding of x to \
+             bf16 must see the f32 value), got x {:?} and output {:?}",
+            x.dtype(),
+            out.dtype()
+        )));
+    }
     // activations larger than one storage binding run in row chunks (views of the same
     // buffers): the 14B FFN at 720p has [67 200, 13 824] f32 = 3.7 GB of hidden activations
     let limit = gpu.caps().max_storage_binding;
@@ -622,7 +766,10 @@ fn record(
             x.shape().last().copied().unwrap_or(1),
         );
         let row_bytes = (n.max(k) * 4) as u64;
-        let chunk = ((limit / row_bytes) as usize / 64 * 64).max(64);
+        // chunk starts are bound at byte offsets, which must be multiples of 256: 64 rows of
+        // any f32 row are; 16-bit rows with an odd width need 128 rows
+        let unit = if half { 128 } else { 64 };
+        let chunk = ((limit / row_bytes) as usize / unit * unit).max(unit);
         let x2 = x
             .reshape(&[m, k])
             .ok_or_else(|| Error::shape("linear: x is not [M, K]"))?;
@@ -691,11 +838,7 @@ fn record(
             feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
             what: "the tensor-core linear kernel".into(),
         })?),
-        LinearKernel::Auto => sg.filter(|_| {
-            w.dtype() != DType::F32
-                && m >= 64
-                && std::env::var("NABLA_LINEAR").map_or(true, |v| v != "portable")
-        }),
+        LinearKernel::Auto => sg.filter(|_| m >= 64 && auto_uses_coop(gpu, w.dtype())),
     };
     let tile = if coop.is_some() { 128 } else { TILE };
     let tiles_m = m.div_ceil(tile);
@@ -720,9 +863,14 @@ fn record(
         _p1: 0,
     };
     let rb16 = rounding == LinearRounding::Bf16;
+    let io = Io {
+        x16: x.dtype() == DType::F16,
+        y16: out.dtype() == DType::F16,
+    };
     let pipe = match coop {
         Some(sg) => {
-            // vector loads need K % 4 == 0 (every DiT shape); NABLA_LINEAR_VEC=0 turns them off
+            // vector loads (four x values: 16 bytes of f32 or 8 of f16) need K % 4 == 0 (every
+            // DiT shape); NABLA_LINEAR_VEC=0 turns them off
             let vec = k % 4 == 0 && std::env::var("NABLA_LINEAR_VEC").map_or(true, |v| v != "0");
             // diagnostics only (wrong results): NABLA_LINEAR_PROBE=1 skips the storage loads,
             // 2 the matrix products
@@ -730,16 +878,14 @@ fn record(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let src =
-                coop_source(w.dtype(), shader_epi, rb16, sg, vec, probe).ok_or_else(|| {
-                    Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
-                })?;
+            let src = coop_source(w.dtype(), shader_epi, rb16, io, sg, vec, probe)
+                .ok_or_else(|| no_kernel(w, io))?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
                 "{}[coop,sg{sg},vec={vec},checked={checked}{}]",
-                variant_name(w.dtype(), shader_epi, rb16),
+                variant_name(w.dtype(), shader_epi, rb16, io),
                 if probe != 0 {
                     format!(",probe={probe}")
                 } else {
@@ -749,10 +895,8 @@ fn record(
             gpu.pipeline(&key, &src, checked)?
         }
         None => {
-            let src = source(w.dtype(), shader_epi, rb16).ok_or_else(|| {
-                Error::shape(format!("no linear kernel for {:?} weights", w.dtype()))
-            })?;
-            gpu.pipeline(&variant_name(w.dtype(), shader_epi, rb16), &src, true)?
+            let src = source(w.dtype(), shader_epi, rb16, io).ok_or_else(|| no_kernel(w, io))?;
+            gpu.pipeline(&variant_name(w.dtype(), shader_epi, rb16, io), &src, true)?
         }
     };
     let groups = groups_2d(tiles, gpu.caps().max_workgroups_per_dim);
@@ -761,6 +905,14 @@ fn record(
     let mut buffers = vec![x, w, bias, out];
     buffers.extend(extra.into_iter().flatten());
     batch.dispatch(&pipe, bytemuck::bytes_of(&p), &buffers, groups)
+}
+
+/// The error for a combination no kernel variant covers (checked before, so not expected).
+fn no_kernel(w: &Tensor, io: Io) -> Error {
+    Error::shape(format!(
+        "no linear kernel for {:?} weights with {io:?} (f16 x / output)",
+        w.dtype()
+    ))
 }
 
 /// `act(x·Wᵀ + b)` in a new f32 tensor of shape `[.., N]` (allocates, records, submits; does

@@ -1,4 +1,7 @@
 //! LayerNorm (plain, affine, modulated) and RMSNorm over the last axis of f32 tensors.
+//! A LayerNorm may write its output as f16 (the f32 result rounded once, to nearest even, as it
+//! is stored; needs `SHADER_F16`): the Wan DiT's norm outputs only feed GEMMs, which on the
+//! tensor-core path read them as f16 (see [`crate::ops::linear`], "16-bit activations").
 //!
 //! One kernel, `shaders/nn/norm.wgsl`: one workgroup of 256 threads per row (a 2-D grid of rows,
 //! so any row count within the binding limits dispatches), f32 math with a stable two-pass
@@ -99,23 +102,59 @@ impl Kind {
         }
     }
 
-    fn variant(self) -> (String, String) {
+    /// The variant with an f32 or (`half`) f16 output.
+    fn variant(self, half: bool) -> (String, String) {
+        let out = if half {
+            "enable f16;\nalias OE = f16;\n"
+        } else {
+            "alias OE = f32;\n"
+        };
         (
-            format!("nn/norm[{}]", self.name()),
-            format!("{}{BODY}", self.prelude()),
+            format!(
+                "nn/norm[{}{}]",
+                self.name(),
+                if half { ",f16_out" } else { "" }
+            ),
+            format!("{out}{}{BODY}", self.prelude()),
         )
     }
 }
 
-/// Every shader variant of this module: `(name, WGSL source)`.
+/// Every shader variant of this module: `(name, WGSL source)`; the LayerNorms also with an f16
+/// output.
 pub fn variants() -> Vec<(String, String)> {
-    Kind::ALL.iter().map(|k| k.variant()).collect()
+    let mut v: Vec<_> = Kind::ALL.iter().map(|k| k.variant(false)).collect();
+    v.extend(
+        Kind::ALL
+            .iter()
+            .filter(|&&k| k != Kind::Rms)
+            .map(|k| k.variant(true)),
+    );
+    v
 }
 
-/// Validates `x` `[…, C]` and `out` (x's shape, f32, own buffer); returns (rows, C).
-fn check_rows(gpu: &Gpu, op: &str, x: &Tensor, out: &Tensor, eps: f32) -> Result<(usize, usize)> {
+/// Validates `x` `[…, C]` (f32) and `out` (x's shape, own buffer; f32, or f16 where `half_ok`
+/// and the adapter has `SHADER_F16`); returns (rows, C).
+fn check_rows(
+    gpu: &Gpu,
+    op: &str,
+    x: &Tensor,
+    out: &Tensor,
+    eps: f32,
+    half_ok: bool,
+) -> Result<(usize, usize)> {
     check_f32(&format!("{op}: x"), x)?;
-    check_f32(&format!("{op}: out"), out)?;
+    match out.dtype() {
+        DType::F16 if half_ok && gpu.caps().f16 => {}
+        DType::F16 if half_ok => {
+            return Err(Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "SHADER_F16",
+                what: format!("{op} with an f16 output"),
+            });
+        }
+        _ => check_f32(&format!("{op}: out"), out)?,
+    }
     let cols = match x.shape().last() {
         Some(&c) if c > 0 => c,
         _ => {
@@ -163,15 +202,20 @@ fn dispatch(
     rows: usize,
 ) -> Result<()> {
     let gpu = batch.gpu();
-    let (key, src) = kind.variant();
+    // buffers[1] is the output
+    let half = buffers.get(1).is_some_and(|o| o.dtype() == DType::F16);
+    let (key, src) = kind.variant(half);
     let pipe = gpu.pipeline(&key, &src, true)?;
     let groups = groups_2d(rows, gpu.caps().max_workgroups_per_dim);
     batch.dispatch(&pipe, bytemuck::bytes_of(&p), buffers, groups)
 }
 
-/// Records a LayerNorm of every row of `x` `[…, C]` (last axis C > 0, biased variance, f32
+/// Records a LayerNorm of every row of `x` `[…, C]` (f32; last axis C > 0, biased variance, f32
 /// two-pass) into `out` (x's shape, its own buffer), followed by `mode`'s affine or modulation
-/// step. `eps` must be finite and non-negative (the DiT uses 1e-6).
+/// step. `out` is f32, or f16 (`SHADER_F16`): the f32 result rounded to nearest even as it is
+/// stored (the DiT's norm outputs feeding 16-bit GEMMs). `eps` must be finite and non-negative
+/// (the DiT uses 1e-6). Fails with [`Error::Shape`] on mismatched shapes or dtypes, with
+/// [`Error::Unsupported`] for an f16 `out` without `SHADER_F16`.
 pub fn record_layer_norm(
     batch: &mut Batch<'_>,
     x: &Tensor,
@@ -181,7 +225,7 @@ pub fn record_layer_norm(
 ) -> Result<()> {
     let op = "layer_norm";
     let gpu = batch.gpu();
-    let (rows, cols) = check_rows(gpu, op, x, out, eps)?;
+    let (rows, cols) = check_rows(gpu, op, x, out, eps, true)?;
     let mut p = Params {
         rows: rows as u32,
         cols: cols as u32,
@@ -250,7 +294,7 @@ pub fn record_rms_norm(
 ) -> Result<()> {
     let op = "rms_norm";
     let gpu = batch.gpu();
-    let (rows, cols) = check_rows(gpu, op, x, out, eps)?;
+    let (rows, cols) = check_rows(gpu, op, x, out, eps, false)?;
     check_vector(op, "weight", weight, x, cols)?;
     check_distinct(op, ("weight", weight), ("out", out))?;
     let p = Params {

@@ -53,10 +53,14 @@ pub trait Backend {
     fn has_f16(&self) -> bool;
     /// The storage type of activations that only feed GEMMs whose weights are stored as
     /// `weights` (norm outputs, merged attention heads, the FFN hidden): the backend's
-    /// [`Backend::linear`] then takes `x`, and writes `out`, in that type. The default (and the
-    /// wgpu layer) is F32; the CUDA layer answers the weight's type for 16-bit weights, as the
-    /// reference's bf16 autocast keeps GEMM activations in bf16 (spec §2.10). (The wgpu layer
-    /// gets the same values by rounding x to bf16 inside its GEMM for bf16 weights.)
+    /// [`Backend::linear`] then takes `x`, and writes `out`, in that type, and its layer norm
+    /// and head merge write it. The default is F32; the CUDA layer answers the weight's type for
+    /// 16-bit weights, as the reference's bf16 autocast keeps GEMM activations in bf16 (spec
+    /// §2.10). The wgpu layer answers F16 for 16-bit weights where its GEMM runs on tensor
+    /// cores, which round x to f16 anyway (same results, half the bytes; F32 with its bf16
+    /// autocast on and bf16 weights: that rounds x to bf16 inside the GEMM, from f32;
+    /// [`WgpuBackend::set_f16_activations`]). The answer may change when a backend's settings
+    /// do.
     fn gemm_input_dtype(&self, weights: DType) -> DType {
         let _ = weights;
         DType::F32
@@ -220,21 +224,45 @@ pub struct WgpuBackend<'g> {
     batch: Option<Batch<'g>>,
     fuse_residual: bool,
     bf16_autocast: bool,
+    f16_activations: Option<bool>,
 }
 
 impl<'g> WgpuBackend<'g> {
     /// A backend on `gpu`. [`Backend::linear_gated_residual`] runs as two ops unless
     /// `NABLA_FUSED_RESIDUAL=1` (see [`WgpuBackend::set_fused_residual`]); the bf16-autocast
     /// rounding of the GEMMs is off unless `NABLA_BF16_AUTOCAST=1`
-    /// (see [`WgpuBackend::set_bf16_autocast`]).
+    /// (see [`WgpuBackend::set_bf16_autocast`]); GEMM-only activations are f16 where the
+    /// tensor-core GEMM runs, or as `NABLA_F16_ACTIVATIONS=1` / `0` forces (see
+    /// [`WgpuBackend::set_f16_activations`]).
     pub fn new(gpu: &'g Gpu) -> Self {
         let on = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+        let f16_activations = match std::env::var("NABLA_F16_ACTIVATIONS").as_deref() {
+            Ok("1") => Some(true),
+            Ok("0") => Some(false),
+            _ => None,
+        };
         WgpuBackend {
             gpu,
             batch: None,
             fuse_residual: on("NABLA_FUSED_RESIDUAL"),
             bf16_autocast: on("NABLA_BF16_AUTOCAST"),
+            f16_activations,
         }
+    }
+
+    /// Whether the activations that only feed block / text GEMMs (LayerNorm outputs, merged
+    /// attention heads, FFN and text hidden: [`Backend::gemm_input_dtype`]) are stored as f16.
+    /// `None` (the default) is the automatic rule: f16 where the adapter has `SHADER_F16` and
+    /// the GEMM for those weights runs on tensor cores
+    /// ([`crate::ops::linear::auto_uses_coop`]), which round x to f16 anyway, so the results are
+    /// the same bit for bit and the GEMM loads half the bytes of x. `Some(true)` asks for f16
+    /// wherever it can work (`SHADER_F16`, 16-bit weights): on the portable kernel that rounds
+    /// x to f16, where it computed on f32 before (tests of the f16 path on software drivers).
+    /// `Some(false)` keeps f32 (the A/B baseline). With the bf16 autocast on, bf16-weight GEMMs
+    /// always take f32 x (its rounding of x to bf16 must see the f32 value). A
+    /// [`super::Dit`] reallocates its workspace when this answer changes between forwards.
+    pub fn set_f16_activations(&mut self, on: Option<bool>) {
+        self.f16_activations = on;
     }
 
     /// Whether GEMMs with bf16 weights round as the reference's bf16 autocast (spec §2.10):
@@ -248,7 +276,12 @@ impl<'g> WgpuBackend<'g> {
 
     /// The rounding of a GEMM with weights `w` (see [`WgpuBackend::set_bf16_autocast`]).
     fn rounding(&self, w: &Tensor) -> LinearRounding {
-        if self.bf16_autocast && w.dtype() == DType::BF16 {
+        self.rounding_for(w.dtype())
+    }
+
+    /// The rounding of a GEMM with weights stored as `weights`.
+    fn rounding_for(&self, weights: DType) -> LinearRounding {
+        if self.bf16_autocast && weights == DType::BF16 {
             LinearRounding::Bf16
         } else {
             LinearRounding::None
@@ -292,6 +325,21 @@ impl<'g> Backend for WgpuBackend<'g> {
 
     fn device_name(&self) -> String {
         self.gpu.caps().name.clone()
+    }
+    fn gemm_input_dtype(&self, weights: DType) -> DType {
+        // f16 needs the shader feature, 16-bit weights (the parity path stays f32) and no
+        // bf16-autocast rounding of x; then the automatic rule or the override decides
+        let possible = self.gpu.caps().f16
+            && weights != DType::F32
+            && self.rounding_for(weights) == LinearRounding::None;
+        let wanted = self
+            .f16_activations
+            .unwrap_or_else(|| crate::ops::linear::auto_uses_coop(self.gpu, weights));
+        if possible && wanted {
+            DType::F16
+        } else {
+            DType::F32
+        }
     }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)

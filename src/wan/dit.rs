@@ -9,8 +9,8 @@
 //! | sinusoid | f64 on the CPU | same | same |
 //! | time MLP, head, patch embedding | f32 weights, f32 math | same | same |
 //! | block / text GEMMs | f32 weights, f32 math | 16-bit weights, f32 accumulation; tensor cores (operands converted to f16) where the adapter has them, else f32 math. With bf16 autocast on (`WgpuBackend::set_bf16_autocast`, `NABLA_BF16_AUTOCAST=1`; off by default) and bf16 weights: the reference's bf16 autocast Linear inside the kernel (`LinearRounding::Bf16`): x and the bias rounded to bf16 (bf16 → f16 for the tensor cores is exact for 2⁻¹⁴ ≤ \|x\| ≤ 65504); f16 weights: no rounding beyond the tensor cores' f16 x | cuBLASLt, 16-bit operands, f32 accumulation |
-//! | GEMM-only activations: LN outputs (norm1/2/3), merged attention heads, FFN and text hidden, text embedding | f32 | stored f32, rounded to f16 on the tensor cores; autocast and bf16 weights: each element rounded to bf16 as the GEMM loads it (the same values the CUDA layer stores); | stored in the weights' type (bf16 / f16), rounded once from f32 (Backend::gemm_input_dtype), as the reference's bf16 autocast |
-//! | FFN / text GELU | f32 | f32; autocast and bf16 weights, in the GEMM epilogue: `acc + bf16(b)` rounded to bf16, GELU-tanh in f32 on it, the output rounded to bf16 (stored f32) | cuBLASLt's bias epilogue writes the 16-bit pre-activation (measured on the H200: the product is rounded to 16 bits, the bias rounded to 16 bits is added, the sum rounded again), then our GELU-tanh kernel, rounded to 16 bits |
+//! | GEMM-only activations: LN outputs (norm1/2/3), merged attention heads, FFN and text hidden, text embedding | f32 | where the GEMM runs on tensor cores (`Backend::gemm_input_dtype`: SHADER_F16 and cooperative matrices): stored f16, rounded once from f32 (nearest even) by the LayerNorm, the head merge or the GEMM epilogue that writes them — the values the tensor cores took before, when the GEMM rounded f32 x to f16 as it staged it, so every GEMM result is the same bit for bit and x's loads move half the bytes. Else stored f32 (the portable kernel's f32 math; `WgpuBackend::set_f16_activations` / `NABLA_F16_ACTIVATIONS=1` forces f16 there too). Autocast and bf16 weights: always f32, each element rounded to bf16 as the GEMM loads it (the same values the CUDA layer stores) | stored in the weights' type (bf16 / f16), rounded once from f32 (Backend::gemm_input_dtype), as the reference's bf16 autocast |
+//! | FFN / text GELU | f32 | f32, in the GEMM epilogue (its output stored f16 with the f16 activations above: rounded once); autocast and bf16 weights, in the GEMM epilogue: `acc + bf16(b)` rounded to bf16, GELU-tanh in f32 on it, the output rounded to bf16 (stored f32) | cuBLASLt's bias epilogue writes the 16-bit pre-activation (measured on the H200: the product is rounded to 16 bits, the bias rounded to 16 bits is added, the sum rounded again), then our GELU-tanh kernel, rounded to 16 bits |
 //! | q/k/v/o, FFN-down and text-out GEMM outputs | f32 | f32; autocast and bf16 weights: `acc + bf16(b)` rounded to bf16 (stored f32; o / FFN-down: that bf16 value enters `x + gate·v`, in f32) | f32 |
 //! | norms, modulation, gates, residual stream | f32 | f32 | f32 |
 //! | RoPE | f64 angles, f32 rotation | same | same, fused with the head split (one rounding to f16) |
@@ -36,6 +36,17 @@
 //! (`wan_dit_tiny` / `wan_dit_tiny_b`, lavapipe, portable kernel; bound in tests/golden.rs: 1e-2).
 //! f16 weights keep the unrounded f32 path. The autocast is off by default until its speed on
 //! the tensor-core GEMM is measured (a first, runtime-flag form cost 2.8x on the H200).
+//!
+//! The wgpu fast path's f16 GEMM-only activations change nothing but bytes where they are used:
+//! on tensor cores, whose GEMM rounded its f32 x to f16 (nearest even) when staging it; the
+//! producers now round the same f32 values the same way before storing them. Two places see
+//! the difference: a GEMM of fewer than 64 rows (a latent of fewer than 64 tokens) runs on the
+//! portable kernel, which then computes on the f16 values; and a trace reads `context_emb` as
+//! f16 values. Forced onto the portable kernels (lavapipe), the f16 activations move
+//! `out_dense` of the tiny golden models by 5.1e-4..5.5e-4 relative L2, and its error against
+//! the f32 golden from 3.03e-3 / 2.76e-3 to 3.08e-3 / 2.77e-3 with bf16 weights (`wan_dit_tiny`
+//! / `wan_dit_tiny_b`; 6.2e-4 / 5.7e-4 with f16 weights; bound in tests/golden.rs: the fast
+//! path's 1e-2).
 
 use super::backend::{Backend, Mask, Norm};
 use super::{Checkpoint, WanConfig};
@@ -168,6 +179,9 @@ pub struct DitInput<'a> {
 /// Activations of one input shape, allocated once and reused by every forward of that shape.
 struct Workspace<B: Backend> {
     key: (usize, usize, usize, bool),
+    /// Storage of the GEMM-only activations (`a`, `o`, `hidden`, `ctxh`, `ctx`): the backend's
+    /// [`Backend::gemm_input_dtype`] when allocated (a change reallocates).
+    gdt: DType,
     x: B::T,
     x2: B::T,
     a: B::T,
@@ -412,7 +426,12 @@ impl<B: Backend> Dit<B> {
 
     fn workspace(&mut self, be: &mut B, lat: (usize, usize, usize), sparse: bool) -> Result<()> {
         let key = (lat.0, lat.1, lat.2, sparse);
-        if self.ws.as_ref().is_some_and(|w| w.key == key) {
+        let gdt = be.gemm_input_dtype(self.precision.dtype());
+        if self
+            .ws
+            .as_ref()
+            .is_some_and(|w| w.key == key && w.gdt == gdt)
+        {
             return Ok(());
         }
         self.ws = None;
@@ -471,7 +490,8 @@ impl<B: Backend> Dit<B> {
             DType::F32
         };
         // tensors that only feed block / text GEMMs: the backend's choice for the weights'
-        // type (F32 on wgpu and on the parity path; bf16 / f16 on the CUDA fast path)
+        // type (F32 on the parity path; bf16 / f16 on the CUDA fast path; f16 on the wgpu fast
+        // path where its GEMM runs on tensor cores, else F32)
         let gdt = be.gemm_input_dtype(self.precision.dtype());
         let scratch = if sparse {
             let grid = BlockGrid::from_tokens(lat.0, lat.1 / 2, lat.2 / 2)?;
@@ -481,6 +501,7 @@ impl<B: Backend> Dit<B> {
         };
         self.ws = Some(Workspace {
             key,
+            gdt,
             x: be.alloc(&[s, d])?,
             x2: be.alloc(&[s, d])?,
             a: be.alloc_as(&[s, d], gdt)?,

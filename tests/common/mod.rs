@@ -17,6 +17,18 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// The test GPU when it has `SHADER_F16`; otherwise prints that `what` was skipped and gives
+/// `None` (the f16 kernels need the feature; CI's lavapipe has it).
+pub fn gpu_with_f16(what: &str) -> Option<&'static Gpu> {
+    let g = gpu();
+    if g.caps().f16 {
+        Some(g)
+    } else {
+        eprintln!("no SHADER_F16 on {}: {what} skipped", g.caps().name);
+        None
+    }
+}
+
 /// NaN bit pattern used to poison outputs before a kernel runs.
 pub const POISON: u32 = 0x7fc0_0000;
 
