@@ -121,19 +121,22 @@ impl DitRun<'_> {
             }
             let ms = median(&times);
             // the workspace is allocated once and reused: what is in use after a forward is
-            // its peak (where the layer can tell: CUDA)
-            let in_use = be
-                .memory_info()
-                .map(|(free, total)| total.saturating_sub(free));
+            // its peak (CUDA: the device's total - free; wgpu: the allocator's live
+            // allocations, on Vulkan and DX12)
+            let in_use = be.memory_in_use();
             println!(
-                "{name:<24} forward {ms:>10.1} ms{}   planned memory {:.2} GB{}",
+                "{name:<24} forward {ms:>10.1} ms{}   planned memory {:.2} GB",
                 density
                     .map(|d| format!("   mask density {d:.3} (mean of the layers)"))
                     .unwrap_or_default(),
                 planned as f64 / 1e9,
+            );
+            println!(
+                "{:<24} GPU memory in use after the forward (its peak: the workspace is reused): {}",
+                "",
                 in_use
-                    .map(|u| format!(", device memory in use {:.2} GB", u as f64 / 1e9))
-                    .unwrap_or_default()
+                    .map(|u| format!("{:.2} GB", u as f64 / 1e9))
+                    .unwrap_or_else(|| "unknown (this adapter reports no allocations)".into())
             );
             let breakdown = match profiler {
                 Some(p) => {
@@ -337,7 +340,8 @@ pub struct GemmArgs {
     /// Rows M of the DiT shapes (tokens): 67200 = 14B at 1280x640, 81 frames.
     #[arg(long, default_value_t = 67200)]
     tokens: usize,
-    /// Timed repetitions (median reported).
+    /// Timed samples per shape and kernel, taken right after a warm-up of at least 300 ms of
+    /// GPU work and 3 runs (the median and the best are reported).
     #[arg(long, default_value_t = 10)]
     reps: usize,
     /// Write the results as JSON.
@@ -345,9 +349,98 @@ pub struct GemmArgs {
     json: Option<PathBuf>,
 }
 
+/// GPU time a GEMM's warm-up reaches before it is timed: long enough for the clocks to climb
+/// back after the seconds the bench spends on the CPU making and uploading the next inputs.
+const GEMM_WARM_MS: f64 = 300.0;
+/// Runs a GEMM's warm-up makes at least (pipeline creation, caches, first-call costs).
+const GEMM_WARM_RUNS: usize = 3;
+/// Wall time after which a warm-up stops short of [`GEMM_WARM_MS`] (a device whose timestamps
+/// read zero would never get there).
+const GEMM_WARM_WALL: std::time::Duration = std::time::Duration::from_secs(20);
+/// GPU time of one timed sample at least: a GEMM shorter than this is recorded as several
+/// back-to-back copies per sample (no idle gap between them, as inside a model).
+const GEMM_SAMPLE_MS: f64 = 2.0;
+/// At most this many copies in one timed sample.
+const GEMM_SAMPLE_COPIES: usize = 64;
+/// At most this many copies in one warm-up submission.
+const GEMM_WARM_CHUNK: usize = 1024;
+
+/// How one GEMM of `bench gemm` was timed.
+struct GemmTiming {
+    /// GPU ms of one GEMM in each timed sample (a sample's time over its copies).
+    samples: Vec<f64>,
+    /// Back-to-back copies per timed sample.
+    copies: usize,
+    /// Runs of the warm-up.
+    warm_runs: usize,
+    /// GPU ms of the warm-up after its first run.
+    warm_ms: f64,
+}
+
+impl GemmTiming {
+    /// Median ms of one GEMM.
+    fn median(&self) -> f64 {
+        median(&self.samples)
+    }
+
+    /// Best (smallest) ms of one GEMM.
+    fn best(&self) -> f64 {
+        self.samples.iter().copied().fold(f64::NAN, f64::min)
+    }
+}
+
+/// Warms one GEMM up and times it, on either layer. `run(reps, copies)` runs `reps` timed
+/// samples of `copies` back-to-back copies each and returns each sample's GPU ms per copy.
+///
+/// The warm-up runs right before the timing and lasts until it has made
+/// [`GEMM_WARM_RUNS`] runs and [`GEMM_WARM_MS`] of GPU time after the first run (or
+/// [`GEMM_WARM_WALL`] passed),
+/// submitting a few large batches so the GPU stays busy; then `reps` samples follow at once,
+/// each of enough copies to last [`GEMM_SAMPLE_MS`] at the warm speed.
+fn time_gemm(
+    reps: usize,
+    mut run: impl FnMut(usize, usize) -> Result<Vec<f64>>,
+) -> Result<GemmTiming> {
+    let started = std::time::Instant::now();
+    let (mut warm_runs, mut warm_ms, mut per) = (0usize, 0.0f64, f64::NAN);
+    let mut chunk = 1usize;
+    while warm_runs < GEMM_WARM_RUNS
+        || (warm_ms < GEMM_WARM_MS && started.elapsed() < GEMM_WARM_WALL)
+    {
+        per = run(1, chunk)?.first().copied().unwrap_or(f64::NAN);
+        // the first run's time may include one-off setup inside its events (cuBLASLt's first
+        // call on a shape): it counts as a run but not toward the GPU time
+        if warm_runs > 0 && per.is_finite() && per > 0.0 {
+            warm_ms += per * chunk as f64;
+        }
+        warm_runs += chunk;
+        // the next chunk: what is left of the GPU time (or of the runs) in one submission
+        let left = (GEMM_WARM_MS - warm_ms) / per;
+        let by_time = if left.is_finite() && left > 0.0 {
+            left.ceil().min(GEMM_WARM_CHUNK as f64) as usize
+        } else {
+            1
+        };
+        chunk = by_time
+            .max(GEMM_WARM_RUNS.saturating_sub(warm_runs))
+            .clamp(1, GEMM_WARM_CHUNK);
+    }
+    let copies = if per.is_finite() && per > 0.0 {
+        ((GEMM_SAMPLE_MS / per).ceil() as usize).clamp(1, GEMM_SAMPLE_COPIES)
+    } else {
+        1
+    };
+    Ok(GemmTiming {
+        samples: run(reps.max(1), copies)?,
+        copies,
+        warm_runs,
+        warm_ms,
+    })
+}
+
 /// Times cuBLASLt on the CUDA layer as the DiT's fast path calls it: x already in the weights'
-/// type (f32 for f32 weights), f32 output with the bias fused. Returns the times (first one a
-/// warm-up) and the output.
+/// type (f32 for f32 weights), f32 output with the bias fused, warmed up and timed by
+/// [`time_gemm`] with CUDA events. Returns the timing and the output.
 #[cfg(feature = "cuda")]
 fn cublaslt_linear(
     c: &nabla::cuda::Cuda,
@@ -357,7 +450,7 @@ fn cublaslt_linear(
     (m, n, k): (usize, usize, usize),
     dtype: &str,
     reps: usize,
-) -> Result<(Vec<f64>, Vec<f32>)> {
+) -> Result<(GemmTiming, Vec<f32>)> {
     use nabla::ops::linear::Activation;
     let dt = match dtype {
         "f16" => DType::F16,
@@ -368,8 +461,14 @@ fn cublaslt_linear(
     let wt = c.upload_as(w, &[n, k], dt)?;
     let bt = c.upload_f32(b, &[n])?;
     let out = c.empty(&[m, n], DType::F32)?;
-    let t = nabla::cuda::attention::time_ms(c, 0, reps + 1, || {
-        nabla::cuda::gemm::linear(c, &xt, &wt, Some(&bt), Activation::None, &out)
+    let t = time_gemm(reps, |reps, copies| {
+        let t = nabla::cuda::attention::time_ms(c, 0, reps, || {
+            for _ in 0..copies {
+                nabla::cuda::gemm::linear(c, &xt, &wt, Some(&bt), Activation::None, &out)?;
+            }
+            Ok(())
+        })?;
+        Ok(t.into_iter().map(|ms| ms / copies as f64).collect())
     })?;
     Ok((t, c.download_f32(&out)?))
 }
@@ -413,8 +512,14 @@ fn gemm(a: GemmArgs) -> Result<()> {
         caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype
     );
     println!(
-        "{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>9} {:>10}",
-        "shape", "M", "N", "K", "kernel", "ms", "TFLOP/s", "rel err"
+        "timing   per shape and kernel: a warm-up of >= {GEMM_WARM_MS} ms of GPU work and >= \
+         {GEMM_WARM_RUNS} runs, then {} samples at once (GPU timestamps; a GEMM under \
+         {GEMM_SAMPLE_MS} ms is timed as back-to-back copies); median and best",
+        a.reps.max(1)
+    );
+    println!(
+        "{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "shape", "M", "N", "K", "kernel", "ms med", "ms best", "TFLOP/s", "best", "rel err"
     );
     for (name, m, n, k) in shapes {
         let mut rng = 0x1234_5678u64 ^ (m * n * k) as u64;
@@ -443,9 +548,20 @@ fn gemm(a: GemmArgs) -> Result<()> {
             let (t, y) = match kernel {
                 Some(kernel) => {
                     let out = gpu.empty(&[m, n], DType::F32)?;
-                    match gpu.time_ms(a.reps + 1, |bt| {
-                        record_linear_with(bt, &x, &w, Some(&b), Activation::None, &out, *kernel)
-                    }) {
+                    let timed = time_gemm(a.reps, |reps, copies| {
+                        gpu.time_ms_inner(reps, copies, |bt| {
+                            record_linear_with(
+                                bt,
+                                &x,
+                                &w,
+                                Some(&b),
+                                Activation::None,
+                                &out,
+                                *kernel,
+                            )
+                        })
+                    });
+                    match timed {
                         Ok(t) => (t, gpu.read_f32(&out)?),
                         Err(e) => {
                             println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: {e}");
@@ -469,8 +585,9 @@ fn gemm(a: GemmArgs) -> Result<()> {
                     None => continue,
                 },
             };
-            let ms = median(&t[1..]);
-            let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+            let (ms, best) = (t.median(), t.best());
+            let flop = 2.0 * (m * n * k) as f64;
+            let (tf, tf_best) = (flop / (ms * 1e-3) / 1e12, flop / (best * 1e-3) / 1e12);
             let err = match &first {
                 Some(f) => rel_err(&y, f),
                 None => {
@@ -478,8 +595,15 @@ fn gemm(a: GemmArgs) -> Result<()> {
                     0.0
                 }
             };
-            println!("{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} {ms:>10.3} {tf:>9.1} {err:>10.2e}");
-            rows.push(json!({"shape": name, "m": m, "n": n, "k": k, "kernel": kn, "ms": ms, "tflops": tf, "rel_err_vs_first_kernel": err, "samples_ms": t}));
+            println!(
+                "{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} {ms:>10.3} {best:>10.3} {tf:>9.1} {tf_best:>9.1} {err:>10.2e}"
+            );
+            rows.push(json!({
+                "shape": name, "m": m, "n": n, "k": k, "kernel": kn,
+                "ms": ms, "ms_best": best, "tflops": tf, "tflops_best": tf_best,
+                "rel_err_vs_first_kernel": err, "samples_ms": t.samples,
+                "copies_per_sample": t.copies, "warmup_runs": t.warm_runs, "warmup_gpu_ms": t.warm_ms,
+            }));
         }
     }
     if let Some(p) = &a.json {

@@ -191,6 +191,30 @@ impl Gpu {
         &self.queue
     }
 
+    /// Bytes of device memory held by live resources of this device (tensors, staging and
+    /// uniform buffers), from wgpu's allocator report, or `None` where the backend writes no
+    /// report (Vulkan and DX12 write one; Metal, GL and WebGPU do not).
+    ///
+    /// The figure is the report's `total_allocated_bytes`: the sum of the live allocations,
+    /// sub-allocated or dedicated, each rounded up to the driver's size and alignment. Not
+    /// `total_reserved_bytes`, the capacity of the memory blocks the allocator holds: that also
+    /// counts the free parts of those blocks and moves in whole blocks (tens of MiB), and the
+    /// allocator keeps one block per memory type even when it is empty (on lavapipe: 64 MiB
+    /// reserved for 0.5 MiB allocated). Neither counts what the driver allocates for itself
+    /// (pipelines, descriptor pools, the context).
+    ///
+    /// A dropped tensor is released once the GPU work that uses it has finished and the device
+    /// has been polled; this call polls without waiting first, so what is released by then is
+    /// not counted. (After a readback, which waits for all work, that is everything dropped.)
+    pub fn memory_in_use(&self) -> Option<u64> {
+        // a non-blocking poll only frees resources of finished work; an error here (a lost
+        // device) leaves the report as it is, which is still the best answer
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.device
+            .generate_allocator_report()
+            .map(|r| r.total_allocated_bytes)
+    }
+
     /// Returns the first GPU error raised since the last check (validation, out of memory).
     pub fn check(&self) -> Result<()> {
         let mut errs = self

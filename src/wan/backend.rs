@@ -71,6 +71,16 @@ pub trait Backend {
     fn memory_info(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Bytes of device memory in use now, where the layer can tell. The default derives it
+    /// from [`Backend::memory_info`] as `total - free` (on CUDA that is the whole device's use:
+    /// this process's context and allocations, and any other process's). The wgpu layer
+    /// answers its allocator's live allocations instead ([`Gpu::memory_in_use`]: Vulkan and
+    /// DX12; `None` elsewhere). The DiT allocates its workspace once and reuses it, so after a
+    /// forward this is the forward's peak.
+    fn memory_in_use(&self) -> Option<u64> {
+        self.memory_info()
+            .map(|(free, total)| total.saturating_sub(free))
+    }
     /// The device's name, for messages.
     fn device_name(&self) -> String {
         "the GPU".into()
@@ -340,6 +350,9 @@ impl<'g> Backend for WgpuBackend<'g> {
         } else {
             DType::F32
         }
+    }
+    fn memory_in_use(&self) -> Option<u64> {
+        self.gpu.memory_in_use()
     }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)
