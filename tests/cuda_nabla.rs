@@ -25,11 +25,13 @@ use nabla::cuda::attention::{
     AttentionOptions, AttnKernel, attention, attention_with, bench_attention,
 };
 use nabla::cuda::nabla::{
-    CudaMask, MaskScratch, estimate_mask, estimate_mask_with_map, mask_from_pooled, pool, sta_mask,
+    CudaMask, MaskScratch, ScoresKernel, block_logits, estimate_mask, estimate_mask_prepooled,
+    estimate_mask_with_map, mask_from_pooled, pool, rope_split_heads_pooled, sta_mask,
     time_mask_stages,
 };
 use nabla::cuda::{Cuda, CudaTensor};
 use nabla::io::TensorFile;
+use nabla::nabla::QkSide;
 use nabla::{BlockGrid, DType, SparseAlgo, StaWindow, reference};
 use serde_json::Value;
 
@@ -45,10 +47,17 @@ const KERNELS: &[(&str, &[&str])] = &[
             "nabla_pool_f32",
             "nabla_pool_f16",
             "nabla_pool_bf16",
+            "nabla_rope_pool_f32",
+            "nabla_rope_pool_f16",
+            "nabla_rope_pool_bf16",
             "nabla_split",
             "nabla_scores",
+            "nabla_scores128",
             "nabla_sta_bits",
             "nabla_threshold",
+            "nabla_rope_f32",
+            "nabla_rope_f16",
+            "nabla_rope_bf16",
         ],
     ),
     (
@@ -627,6 +636,160 @@ fn pool_ragged_last_block() {
             1e-6,
         );
     }
+}
+
+/// The two block-score kernels (64 × 64 and 128 × 128 tiles) give the same logits bit for bit,
+/// on shapes with ragged tiles for both (Nb not a multiple of 64 or 128, odd Nb, one block),
+/// and the logits match the f64 products of the pooled rows.
+#[test]
+fn block_scores_tile_kernels_agree() {
+    let c = device!();
+    let mut rng = Rng::fresh(0x5c);
+    for (grid, heads, d) in [
+        (BlockGrid::new(1, 1, 1).unwrap(), 2, 64),
+        (BlockGrid::new(3, 5, 9).unwrap(), 2, 128),
+        (BlockGrid::new(2, 9, 11).unwrap(), 1, 64),
+        (BlockGrid::new(1, 13, 11).unwrap(), 1, 128),
+    ] {
+        let (s, nb) = (grid.tokens(), grid.blocks());
+        let what = format!("scores {grid:?} h{heads} d{d}");
+        let (q, k) = structured_qk(&mut rng, grid, heads, d);
+        let shape = [1, heads, s, d];
+        let (qt, kt) = (
+            upload(c, &q, &shape, DType::BF16),
+            upload(c, &k, &shape, DType::BF16),
+        );
+        let scratch = MaskScratch::alloc(c, heads, nb, d).unwrap();
+        let algo: SparseAlgo = "nabla-0.7".parse().unwrap();
+        estimate_mask_with_map(c, &qt, &kt, grid, &algo, &scratch).unwrap();
+        let qa = c.download_f32(scratch.qa()).unwrap();
+        let ka = c.download_f32(scratch.ka()).unwrap();
+        let mut got = Vec::new();
+        for kernel in [ScoresKernel::Tile64, ScoresKernel::Tile128] {
+            // the map holds the probabilities of the estimation: every logit must be rewritten
+            block_logits(c, &scratch, kernel).unwrap();
+            got.push(c.download_f32(scratch.map()).unwrap());
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&got[0]) == bits(&got[1]),
+            "{what}: the 64 and 128 tile kernels differ"
+        );
+        let rsd = 1.0 / (d as f64).sqrt();
+        let want: Vec<f32> = (0..heads * nb * nb)
+            .map(|e| {
+                let (h, i, j) = (e / (nb * nb), (e / nb) % nb, e % nb);
+                let dot: f64 = (0..d)
+                    .map(|t| qa[(h * nb + i) * d + t] as f64 * ka[(h * nb + j) * d + t] as f64)
+                    .sum();
+                (dot * rsd) as f32
+            })
+            .collect();
+        assert_close(&what, &got[1], &want, 1e-5, 1e-4, 1e-5);
+    }
+}
+
+/// The DiT's fused producer: RoPE + head split + pooling writes the same heads as the unfused
+/// `rope_split_heads` (bit for bit), pools them as the reference pools the stored heads, and the
+/// mask estimated from that pooling matches the reference. The scratch first holds another
+/// input's pooling, so a row the fused kernel does not write fails.
+#[test]
+fn rope_pool_fused_with_the_heads() {
+    let c = device!();
+    let mut rng = Rng::fresh(0x7e);
+    for (tok, heads, d, dt) in [
+        ((1, 8, 8), 2, 64, DType::F16),
+        ((2, 16, 24), 3, 128, DType::BF16),
+        ((3, 8, 16), 1, 64, DType::F32),
+        ((1, 24, 8), 2, 128, DType::F16),
+    ] {
+        let grid = BlockGrid::from_tokens(tok.0, tok.1, tok.2).unwrap();
+        let (s, nb) = (grid.tokens(), grid.blocks());
+        let what = format!("rope+pool {tok:?} h{heads} d{d} {dt:?}");
+        let (ct, st) = nabla::cuda::ops::rope_tables(c, tok, d, true).unwrap();
+        let scratch = MaskScratch::alloc(c, heads, nb, d).unwrap();
+        // stale contents: another input's pooling and mask
+        let (q0, k0) = structured_qk(&mut rng, grid, heads, d);
+        let shape = [1, heads, s, d];
+        let stale = (upload(c, &q0, &shape, dt), upload(c, &k0, &shape, dt));
+        let algo: SparseAlgo = "nabla-0.7".parse().unwrap();
+        estimate_mask(c, &stale.0, &stale.1, grid, &algo, &scratch).unwrap();
+
+        let xq = rng.normals(s * heads * d, 1.0);
+        let xk: Vec<f32> = rng.normals(s * heads * d, 1.0);
+        let mut heads_out = Vec::new();
+        for (x, side) in [(&xq, QkSide::Q), (&xk, QkSide::K)] {
+            let xt = c.upload_f32(x, &[s, heads * d]).unwrap();
+            let fused = poisoned(c, &shape, dt);
+            rope_split_heads_pooled(c, &xt, &ct, &st, &fused, &scratch, side).unwrap();
+            let plain = poisoned(c, &shape, dt);
+            nabla::cuda::ops::rope_split_heads(c, &xt, &ct, &st, &plain).unwrap();
+            let (f, p) = (
+                c.download_f32(&fused).unwrap(),
+                c.download_f32(&plain).unwrap(),
+            );
+            let fb: Vec<u32> = f.iter().map(|v| v.to_bits()).collect();
+            let pb: Vec<u32> = p.iter().map(|v| v.to_bits()).collect();
+            assert!(
+                f.iter().all(|v| v.is_finite()),
+                "{what} {side:?}: heads not all written"
+            );
+            assert!(
+                fb == pb,
+                "{what} {side:?}: fused heads differ from rope_split_heads"
+            );
+            heads_out.push(f);
+        }
+        let qa = c.download_f32(scratch.qa()).unwrap();
+        let ka = c.download_f32(scratch.ka()).unwrap();
+        assert_close(
+            &format!("{what} qa"),
+            &qa,
+            &reference::pool(&heads_out[0], heads, s, d),
+            1e-5,
+            1e-5,
+            1e-6,
+        );
+        assert_close(
+            &format!("{what} ka"),
+            &ka,
+            &reference::pool(&heads_out[1], heads, s, d),
+            1e-5,
+            1e-5,
+            1e-6,
+        );
+        let map = reference::block_map(&qa, &ka, heads, nb, d);
+        for a in ["nabla-0.7", "nabla-0.0", "nabla-1.0", "nabla-0.5_sta-3-1-1"] {
+            let algo: SparseAlgo = a.parse().unwrap();
+            let m = estimate_mask_prepooled(c, grid, &algo, &scratch).unwrap();
+            assert_eq!((m.heads, m.nq, m.nkv), (heads, nb, nb));
+            let dense = m.to_dense(c).unwrap();
+            check_mask_against_reference(
+                &format!("{what} {a}"),
+                &dense,
+                &map,
+                heads * nb,
+                nb,
+                &algo,
+                &grid,
+            );
+        }
+        // refused: a scratch of another shape, a grid of another size, a sequence that is not
+        // whole blocks
+        let xt = c.upload_f32(&xq, &[s, heads * d]).unwrap();
+        let out = poisoned(c, &shape, dt);
+        let other = MaskScratch::alloc(c, heads + 1, nb, d).unwrap();
+        let e = rope_split_heads_pooled(c, &xt, &ct, &st, &out, &other, QkSide::Q).unwrap_err();
+        assert!(e.to_string().contains("MaskScratch"), "{what}: {e}");
+        let g2 = BlockGrid::new(grid.t + 1, grid.hb, grid.wb).unwrap();
+        assert!(estimate_mask_prepooled(c, g2, &algo, &scratch).is_err());
+    }
+    let (ct, st) = nabla::cuda::ops::rope_tables(c, (1, 10, 10), 64, false).unwrap();
+    let x = c.upload_f32(&vec![0.5; 100 * 64], &[100, 64]).unwrap();
+    let out = poisoned(c, &[1, 1, 100, 64], DType::F16);
+    let scratch = MaskScratch::alloc(c, 1, 2, 64).unwrap();
+    let e = rope_split_heads_pooled(c, &x, &ct, &st, &out, &scratch, QkSide::K).unwrap_err();
+    assert!(e.to_string().contains("multiple of the 64"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,6 +46,13 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
         dense_out = Some(c.download_f32(&out)?);
     }
     let scratch = cnabla::MaskScratch::alloc(c, bh, nb, d)?;
+    let fused = match (b, sh.token_grid) {
+        (1, Some(tok)) if algos.iter().any(|x| x.cut().is_some()) && dt != DType::F32 => {
+            Some(time_rope_pool(c, a, tok, h, d, dt, &scratch)?)
+        }
+        _ => None,
+    };
+    let mut fused_rows = Vec::new();
     let mut rows = Vec::new();
     let mut masks_dump: super::bench::MaskDump = Vec::new();
     for algo in algos {
@@ -63,6 +70,23 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
                     "  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms",
                     st[0], st[1], st[2]
                 );
+                if let Some(f) = &fused {
+                    let t = attention::time_ms(c, 1, a.reps.max(1), || {
+                        cnabla::estimate_mask_prepooled(c, grid, algo, &scratch).map(|_| ())
+                    })?;
+                    let (pool_ms, rest_ms) = (f.rope_pool_ms - f.rope_ms, median(&t));
+                    eprintln!(
+                        "  mask with pooling fused into RoPE: {:.3} ms = pooling's cost in RoPE \
+                         {pool_ms:.3} ms (rope {:.3} -> rope+pool {:.3} ms, q and k) + scores, \
+                         softmax, threshold, lists {rest_ms:.3} ms",
+                        pool_ms + rest_ms,
+                        f.rope_ms,
+                        f.rope_pool_ms
+                    );
+                    fused_rows.push(json!({"algo": algo.to_string(), "rope_ms": f.rope_ms,
+                        "rope_pool_ms": f.rope_pool_ms, "prepooled_mask_ms": rest_ms,
+                        "mask_ms": pool_ms + rest_ms}));
+                }
                 let m = m.ok_or_else(|| Error::Invalid("no mask estimated".into()))?;
                 (m, median(&t), st.to_vec())
             }
@@ -118,6 +142,7 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
             "adapter": c.name(), "backend": "cuda", "shape": sh.name, "kernel": "mma.sync",
             "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
             "dense_ms": dense_ms, "dense_tflops": dense_tflops, "rows": rows,
+            "mask_fused_pooling": fused_rows,
         });
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| Error::file(p.clone(), e))?;
@@ -126,4 +151,48 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
         write_masks(p, &masks_dump, (bh, d, s), grid, &sh.name)?;
     }
     Ok(())
+}
+
+/// GPU times of the DiT's q/k producer at this shape, both q and k: RoPE + head split alone,
+/// and with the mask's pooling fused in (which leaves the pooled q/k in `scratch` for
+/// [`cnabla::estimate_mask_prepooled`]).
+struct RopePoolTimes {
+    rope_ms: f64,
+    rope_pool_ms: f64,
+}
+
+fn time_rope_pool(
+    c: &Cuda,
+    a: &AttnArgs,
+    tok: (usize, usize, usize),
+    h: usize,
+    d: usize,
+    dt: DType,
+    scratch: &cnabla::MaskScratch,
+) -> Result<RopePoolTimes> {
+    use nabla::cuda::ops;
+    use nabla::nabla::QkSide;
+    eprintln!("RoPE + pooling producer ...");
+    let s = tok.0 * tok.1 * tok.2;
+    let (cos, sin) = ops::rope_tables(c, tok, d, true)?;
+    let x = nabla::synth::noise(a.seed ^ 0x5eed, s * h * d, 1.0);
+    let (xq, xk) = (
+        c.upload_f32(&x, &[s, h * d])?,
+        c.upload_f32(&x, &[s, h * d])?,
+    );
+    drop(x);
+    let (oq, ok) = (c.empty(&[1, h, s, d], dt)?, c.empty(&[1, h, s, d], dt)?);
+    let reps = a.reps.max(1);
+    let rope = attention::time_ms(c, 1, reps, || {
+        ops::rope_split_heads(c, &xq, &cos, &sin, &oq)?;
+        ops::rope_split_heads(c, &xk, &cos, &sin, &ok)
+    })?;
+    let rope_pool = attention::time_ms(c, 1, reps, || {
+        cnabla::rope_split_heads_pooled(c, &xq, &cos, &sin, &oq, scratch, QkSide::Q)?;
+        cnabla::rope_split_heads_pooled(c, &xk, &cos, &sin, &ok, scratch, QkSide::K)
+    })?;
+    Ok(RopePoolTimes {
+        rope_ms: median(&rope),
+        rope_pool_ms: median(&rope_pool),
+    })
 }

@@ -17,7 +17,7 @@ use super::{Cuda, CudaTensor, gemm, ops};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
 use crate::gpu::KernelTime;
-use crate::nabla::{BlockGrid, SparseAlgo, StaWindow};
+use crate::nabla::{BlockGrid, QkSide, SparseAlgo, StaWindow};
 use crate::ops::linear::Activation;
 use crate::wan::backend::{Backend, Mask, Norm};
 use cudarc::driver::CudaEvent;
@@ -115,6 +115,27 @@ impl<'c> CudaBackend<'c> {
         let p = ops::fractal_perm(self.cuda, grid, inverse)?;
         self.perms.insert((grid, inverse), p.clone());
         Ok(p)
+    }
+
+    /// The cached STA-only mask of (grid, window) (one shared head).
+    fn sta_mask(&mut self, grid: BlockGrid, w: StaWindow) -> Result<CudaMask> {
+        if let Some(m) = self.sta.get(&(grid, w)) {
+            return Ok(m.clone());
+        }
+        let m = nabla::sta_mask(self.cuda, grid, w)?;
+        self.sta.insert((grid, w), m.clone());
+        Ok(m)
+    }
+}
+
+/// Fails unless `out` is a heads tensor `[H, S, D]` or `[1, H, S, D]` of `heads` heads.
+fn check_heads(op: &str, heads: usize, out: &CudaTensor) -> Result<()> {
+    match *out.shape.as_slice() {
+        [h, _, _] | [1, h, _, _] if h == heads => Ok(()),
+        _ => Err(Error::shape(format!(
+            "{op}: {heads} heads requested, but out {:?} is not [1, {heads}, S, D]",
+            out.shape
+        ))),
     }
 }
 
@@ -282,16 +303,7 @@ impl Backend for CudaBackend<'_> {
         out: &CudaTensor,
     ) -> Result<()> {
         // the fused kernel reads H from out; a mismatch with `heads` is a caller error
-        let h = match *out.shape.as_slice() {
-            [h, _, _] | [1, h, _, _] => h,
-            _ => 0,
-        };
-        if h != heads {
-            return Err(Error::shape(format!(
-                "rope_split_heads: {heads} heads requested, but out {:?} is not [1, {heads}, S, D]",
-                out.shape
-            )));
-        }
+        check_heads("rope_split_heads", heads, out)?;
         self.timed("nn/rope", |c| ops::rope_split_heads(c, x, cos, sin, out))
     }
     fn split_heads(&mut self, x: &CudaTensor, out: &CudaTensor) -> Result<()> {
@@ -330,15 +342,39 @@ impl Backend for CudaBackend<'_> {
         scratch: &MaskScratch,
     ) -> Result<CudaMask> {
         if let SparseAlgo::Sta(w) = algo {
-            if let Some(m) = self.sta.get(&(grid, *w)) {
-                return Ok(m.clone());
-            }
-            let m = nabla::sta_mask(self.cuda, grid, *w)?;
-            self.sta.insert((grid, *w), m.clone());
-            return Ok(m);
+            return self.sta_mask(grid, *w);
         }
         self.timed("nabla/mask", |c| {
             nabla::estimate_mask(c, q, k, grid, algo, scratch)
+        })
+    }
+    fn rope_split_heads_pooled(
+        &mut self,
+        x: &CudaTensor,
+        cos: &CudaTensor,
+        sin: &CudaTensor,
+        heads: usize,
+        out: &CudaTensor,
+        scratch: &MaskScratch,
+        side: QkSide,
+    ) -> Result<bool> {
+        check_heads("rope_split_heads_pooled", heads, out)?;
+        self.timed("nn/rope+pool", |c| {
+            nabla::rope_split_heads_pooled(c, x, cos, sin, out, scratch, side)
+        })?;
+        Ok(true)
+    }
+    fn estimate_mask_prepooled(
+        &mut self,
+        grid: BlockGrid,
+        algo: &SparseAlgo,
+        scratch: &MaskScratch,
+    ) -> Result<CudaMask> {
+        if let SparseAlgo::Sta(w) = algo {
+            return self.sta_mask(grid, *w);
+        }
+        self.timed("nabla/mask", |c| {
+            nabla::estimate_mask_prepooled(c, grid, algo, scratch)
         })
     }
     fn mask_dense(&mut self, m: &CudaMask) -> Result<Vec<u8>> {

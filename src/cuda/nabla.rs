@@ -2,7 +2,8 @@
 //! KV block lists, in the same list format as the wgpu layer ([`crate::BlockMask`]).
 //!
 //! [`estimate_mask`] enqueues four kernels of `src/cuda/kernels/nabla.cu` on the [`Cuda`]
-//! stream, with no host round trip:
+//! stream, with no host round trip (the DiT instead pools inside its RoPE + head split,
+//! [`rope_split_heads_pooled`], then calls [`estimate_mask_prepooled`]: q and k are read once):
 //!
 //! 1. block average pooling of q and k (`[B, H, S, D]`, f32 / f16 / bf16, summed in f32) into
 //!    `[B·H, Nb, D]` f32, each pooled row also split into an f16 pair `hi + lo` under a per-row
@@ -11,7 +12,7 @@
 //!    ~1e-7 of `Σ|qa·ka|`);
 //! 3. one warp per row: softmax (f32), the CDF cut of the reference (keep every key block whose
 //!    cumulative mass, the sum of all entries `≤` it, reaches `f32(1 − thr)`: a binade histogram
-//!    then a bisection over the cut's binade, no sort), the union with the STA window (a bitmask
+//!    then radix refinement inside the cut's binade, no sort), the union with the STA window (a bitmask
 //!    built once per grid and window), and the compact per-row list in ascending key order.
 //!
 //! The rule is the one of `threshold.wgsl` and [`crate::reference::threshold_mask_ties`]:
@@ -26,7 +27,7 @@ use super::launch::{Arg, launch, max_shared_bytes};
 use super::{Cuda, CudaTensor};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
-use crate::nabla::{BLOCK, BlockGrid, SparseAlgo, StaWindow, sta_lists};
+use crate::nabla::{BLOCK, BlockGrid, QkSide, SparseAlgo, StaWindow, sta_lists};
 use cudarc::driver::LaunchConfig;
 use std::sync::Mutex;
 
@@ -53,6 +54,15 @@ pub(super) fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
             u32::MAX
         ))
     })
+}
+
+/// A launch of `(x, y)` blocks of 128 threads, no dynamic shared memory.
+pub(super) fn grid_128(x: u32, y: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Fails unless the tensor's device address is 16-byte aligned (the kernels load 16 bytes at a
@@ -485,11 +495,7 @@ fn record_pool(
         MODULE,
         super::sources::NABLA,
         name,
-        LaunchConfig {
-            grid_dim: (u32_of("pooling", "Nb", nb)?, bh as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        grid_128(u32_of("pooling", "Nb", nb)?, bh as u32),
         &[
             Arg::U64(x.ptr()),
             Arg::U64(out.ptr()),
@@ -517,11 +523,7 @@ fn record_split(
         MODULE,
         super::sources::NABLA,
         "nabla_split",
-        LaunchConfig {
-            grid_dim: (nb as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        grid_128(nb as u32, heads as u32),
         &[
             Arg::U64(xa.ptr()),
             Arg::U64(hi.ptr()),
@@ -533,19 +535,75 @@ fn record_split(
     )
 }
 
-/// Enqueues the block logits into `scratch.map`.
+/// Shared memory of `nabla_scores128` (3 stages of four 128 × 32 f16 arrays).
+const SCORES128_SMEM: usize = 3 * 4 * 128 * 32 * 2;
+
+/// Enqueues the block logits into `scratch.map`: `nabla_scores128` (128 × 128 tiles) where the
+/// device gives a block its 96 KB of shared memory, else `nabla_scores` (64 × 64);
+/// `NABLA_CUDA_SCORES=64|128` forces one (for comparison). Both give the same logits bit for
+/// bit (the same k16 partial sums in the same order).
 fn record_scores(cuda: &Cuda, sc: &MaskScratch) -> Result<()> {
-    let t = sc.nb.div_ceil(64) as u32;
+    let kernel = match std::env::var("NABLA_CUDA_SCORES").as_deref() {
+        Err(_) | Ok("") => ScoresKernel::Auto,
+        Ok("128") => ScoresKernel::Tile128,
+        Ok("64") => ScoresKernel::Tile64,
+        Ok(o) => {
+            return Err(Error::Invalid(format!(
+                "NABLA_CUDA_SCORES={o:?}: use 128 (the default where it fits) or 64"
+            )));
+        }
+    };
+    record_scores_with(cuda, sc, kernel)
+}
+
+/// The block-score kernel of the mask estimation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoresKernel {
+    /// 128 × 128 tiles where a block may have 96 KB of shared memory, else 64 × 64.
+    Auto,
+    /// `nabla_scores`: 64 × 64 tiles, 32 KB of shared memory.
+    Tile64,
+    /// `nabla_scores128`: 128 × 128 tiles, 96 KB of shared memory.
+    Tile128,
+}
+
+/// Recomputes the block logits `qa·kaᵀ/√D` (before the softmax) of the q/k pooled in
+/// `scratch` by its last estimation into [`MaskScratch::map`], with `kernel` (tests and
+/// benchmarks: both kernels give the same logits bit for bit).
+pub fn block_logits(cuda: &Cuda, scratch: &MaskScratch, kernel: ScoresKernel) -> Result<()> {
+    check_arch(cuda, "NABLA block scores on CUDA")?;
+    if kernel == ScoresKernel::Tile128 && max_shared_bytes(cuda)? < SCORES128_SMEM {
+        return Err(Error::Unsupported {
+            adapter: cuda.name().to_string(),
+            feature: "96 KB of shared memory per block",
+            what: "the 128 x 128 block-score kernel".into(),
+        });
+    }
+    record_scores_with(cuda, scratch, kernel)
+}
+
+fn record_scores_with(cuda: &Cuda, sc: &MaskScratch, kernel: ScoresKernel) -> Result<()> {
     let rsd = (1.0 / (sc.d as f64).sqrt()) as f32;
+    let wide = match kernel {
+        ScoresKernel::Auto => max_shared_bytes(cuda)? >= SCORES128_SMEM,
+        ScoresKernel::Tile128 => true,
+        ScoresKernel::Tile64 => false,
+    };
+    let (name, tile, threads, smem) = if wide {
+        ("nabla_scores128", 128, 256, SCORES128_SMEM)
+    } else {
+        ("nabla_scores", 64, 128, 0)
+    };
+    let t = sc.nb.div_ceil(tile) as u32;
     launch(
         cuda,
         MODULE,
         super::sources::NABLA,
-        "nabla_scores",
+        name,
         LaunchConfig {
             grid_dim: (t, t, sc.heads as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         },
         &[
             Arg::U64(sc.qhi.ptr()),
@@ -780,6 +838,105 @@ pub fn mask_from_pooled(
     let out = CudaMask::alloc(cuda, heads, nb, nb)?;
     record_threshold(cuda, sc, grid, algo, &out, true)?;
     Ok(out)
+}
+
+/// RoPE + head split + block pooling in one pass: `out[h, s, :] = RoPE(x[s, h·D..(h+1)·D])`
+/// exactly as [`super::ops::rope_split_heads`] writes it (bit-identical), and the pooled rows of
+/// `out` (the mean of each 64-token block of the stored, rounded values, with the tensor-core
+/// split) left in the scratch for `side`, as [`estimate_mask`]'s pooling of `out` would leave
+/// them (up to f32 summation order). The DiT's q/k producer when the mask is estimated: the
+/// heads are read once instead of twice. After both sides, [`estimate_mask_prepooled`] finishes
+/// the mask.
+///
+/// `x` f32 `[S, H·D]`, `cos`/`sin` f32 `[S, D/2]`, `out` `[1, H, S, D]` f32/f16/bf16 with
+/// `(H, S/64, D)` = the scratch's (heads, Nb, D) and S a multiple of 64.
+pub fn rope_split_heads_pooled(
+    cuda: &Cuda,
+    x: &CudaTensor,
+    cos: &CudaTensor,
+    sin: &CudaTensor,
+    out: &CudaTensor,
+    scratch: &MaskScratch,
+    side: QkSide,
+) -> Result<()> {
+    let op = "rope_split_heads_pooled";
+    check_arch(cuda, "NABLA mask estimation on CUDA")?;
+    let (h, s, d, _) = super::ops::check_rope_split_heads(op, x, cos, sin, out)?;
+    if !s.is_multiple_of(BLOCK) {
+        return Err(Error::shape(format!(
+            "{op}: sequence length {s} is not a multiple of the {BLOCK}-token block; crop the \
+             video so height and width are multiples of 128 pixels"
+        )));
+    }
+    let nb = s / BLOCK;
+    if (h, nb, d) != (scratch.heads, scratch.nb, scratch.d) {
+        return Err(Error::shape(format!(
+            "{op}: the scratch serves {} heads of {} blocks with head_dim {}, the heads {:?} are \
+             {h} heads of {nb} blocks with head_dim {d}; allocate a MaskScratch for this shape",
+            scratch.heads, scratch.nb, scratch.d, out.shape
+        )));
+    }
+    check_head_dim(op, d)?;
+    check_aligned(op, "x", x)?;
+    check_aligned(op, "out", out)?;
+    let name = match out.dtype {
+        DType::F32 => "nabla_rope_pool_f32",
+        DType::F16 => "nabla_rope_pool_f16",
+        DType::BF16 => "nabla_rope_pool_bf16",
+        DType::U32 => return Err(Error::shape(format!("{op}: out must be f32, f16 or bf16"))),
+    };
+    let sc = scratch;
+    let (pooled, hi, lo, inv) = match side {
+        QkSide::Q => (&sc.qa, &sc.qhi, &sc.qlo, &sc.qinv),
+        QkSide::K => (&sc.ka, &sc.khi, &sc.klo, &sc.kinv),
+    };
+    launch(
+        cuda,
+        MODULE,
+        super::sources::NABLA,
+        name,
+        grid_128(u32_of(op, "Nb", nb)?, h as u32),
+        &[
+            Arg::U64(x.ptr()),
+            Arg::U64(cos.ptr()),
+            Arg::U64(sin.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::U64(pooled.ptr()),
+            Arg::U64(hi.ptr()),
+            Arg::U64(lo.ptr()),
+            Arg::U64(inv.ptr()),
+            Arg::U32(u32_of(op, "S", s)?),
+            Arg::U32(h as u32),
+            Arg::U32(d as u32),
+        ],
+    )
+}
+
+/// The mask of `algo` from q and k already pooled into `scratch` by
+/// [`rope_split_heads_pooled`] (both sides, same grid): block scores, softmax, threshold (∪ STA)
+/// and lists, as [`estimate_mask`] after its pooling. The returned mask views the scratch's
+/// lists like [`estimate_mask`]'s. STA-only algorithms return the cached STA mask.
+pub fn estimate_mask_prepooled(
+    cuda: &Cuda,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+    scratch: &MaskScratch,
+) -> Result<CudaMask> {
+    check_arch(cuda, "NABLA mask estimation on CUDA")?;
+    if grid.blocks() != scratch.nb {
+        return Err(Error::shape(format!(
+            "mask from pooled q/k: the grid has {} blocks, the scratch {}",
+            grid.blocks(),
+            scratch.nb
+        )));
+    }
+    if let SparseAlgo::Sta(w) = algo {
+        return cached_sta(cuda, scratch, grid, *w);
+    }
+    cut_of(algo)?;
+    record_scores(cuda, scratch)?;
+    record_threshold(cuda, scratch, grid, algo, &scratch.lists, false)?;
+    Ok(scratch.lists.clone())
 }
 
 /// Block average pooling: `x [B, H, S, D]` (f32, f16 or bf16) → `out [B·H, ceil(S/64), D]` f32,

@@ -663,6 +663,72 @@ pub fn rope_split_heads(
     out: &CudaTensor,
 ) -> Result<()> {
     let op = "rope_split_heads";
+    let (h, s, d, mode) = check_rope_split_heads(op, x, cos, sin, out)?;
+    let pairs = (h * s * d / 2) as u64;
+    if pairs == 0 {
+        return Ok(());
+    }
+    // the blocked kernel (nabla.cu, shared with the fused RoPE + pooling): 16-byte loads of x,
+    // one CTA per (64 tokens, head); the grid-stride kernel below covers every other case
+    let aligned = [x, cos, sin, out]
+        .iter()
+        .all(|t| t.ptr().is_multiple_of(16));
+    if cuda.compute_capability().0 >= 8
+        && d.is_multiple_of(4)
+        && d <= 512
+        && h <= 65535
+        && aligned
+        && u32::try_from(s).is_ok()
+    {
+        let name = match out.dtype {
+            DType::F16 => "nabla_rope_f16",
+            DType::BF16 => "nabla_rope_bf16",
+            _ => "nabla_rope_f32",
+        };
+        return super::launch::launch(
+            cuda,
+            "nabla",
+            super::sources::NABLA,
+            name,
+            super::nabla::grid_128(s.div_ceil(64) as u32, h as u32),
+            &[
+                Arg::U64(x.ptr()),
+                Arg::U64(cos.ptr()),
+                Arg::U64(sin.ptr()),
+                Arg::U64(out.ptr()),
+                Arg::U32(s as u32),
+                Arg::U32(h as u32),
+                Arg::U32(d as u32),
+            ],
+        );
+    }
+    launch(
+        cuda,
+        "rope_split_heads_any",
+        flat(pairs),
+        &[
+            Arg::U64(x.ptr()),
+            Arg::U64(cos.ptr()),
+            Arg::U64(sin.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::U64(pairs),
+            Arg::U32(u32_of(op, "S", s)?),
+            Arg::U32(u32_of(op, "H", h)?),
+            Arg::U32((d / 2) as u32),
+            Arg::U32(mode),
+        ],
+    )
+}
+
+/// The operand checks of [`rope_split_heads`] (also the fused RoPE + pooling of
+/// [`super::nabla::rope_split_heads_pooled`]): returns (H, S, D, out's storage mode).
+pub(super) fn check_rope_split_heads(
+    op: &str,
+    x: &CudaTensor,
+    cos: &CudaTensor,
+    sin: &CudaTensor,
+    out: &CudaTensor,
+) -> Result<(usize, usize, usize, u32)> {
     check_f32(op, "x", x)?;
     let mode = storage_mode(op, "out", out)?;
     let (h, s, d) = heads_shape(op, "out", &out.shape)?;
@@ -691,26 +757,7 @@ pub fn rope_split_heads(
         check_distinct(op, (what, t), ("out", out))?;
     }
     check_distinct(op, ("x", x), ("out", out))?;
-    let pairs = (h * s * d / 2) as u64;
-    if pairs == 0 {
-        return Ok(());
-    }
-    launch(
-        cuda,
-        "rope_split_heads_any",
-        flat(pairs),
-        &[
-            Arg::U64(x.ptr()),
-            Arg::U64(cos.ptr()),
-            Arg::U64(sin.ptr()),
-            Arg::U64(out.ptr()),
-            Arg::U64(pairs),
-            Arg::U32(u32_of(op, "S", s)?),
-            Arg::U32(u32_of(op, "H", h)?),
-            Arg::U32((d / 2) as u32),
-            Arg::U32(mode),
-        ],
-    )
+    Ok((h, s, d, mode))
 }
 
 /// Splits `x` `[S, H·D]` (f32, optionally with a leading axis of 1) into heads:

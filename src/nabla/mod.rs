@@ -18,3 +18,14 @@ pub use sta::sta_lists;
 
 /// Tokens per NABLA block (one 8×8 tile of one frame). Fixed by the reference.
 pub const BLOCK: usize = 64;
+
+/// Which operand of the mask estimation a fused producer pools: the DiT's RoPE + head split
+/// can block-pool the rotated heads as it writes them (`Backend::rope_split_heads_pooled`), so
+/// the mask estimation does not read q and k a second time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkSide {
+    /// The queries (pooled into the scratch's `qa`).
+    Q,
+    /// The keys (pooled into the scratch's `ka`).
+    K,
+}

@@ -5,9 +5,9 @@
 //! Ops are *recorded*: a backend may batch them and only runs them at [`Backend::flush`] or
 //! when data is downloaded.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Batch, DType, Gpu, Tensor};
-use crate::nabla::{BlockGrid, BlockMask, MaskStages, SparseAlgo};
+use crate::nabla::{BlockGrid, BlockMask, MaskStages, QkSide, SparseAlgo};
 use crate::ops::linear::{Activation, LinearKernel, LinearRounding};
 use std::sync::Arc;
 
@@ -213,6 +213,40 @@ pub trait Backend {
         algo: &SparseAlgo,
         scratch: &Self::MaskScratch,
     ) -> Result<Self::M>;
+    /// [`Backend::rope_split_heads`] that may also block-pool the rotated heads into `scratch`
+    /// as the `side` operand of the next mask estimation (one pass over the heads instead of
+    /// two). Returns whether it pooled: only then may [`Backend::estimate_mask_prepooled`]
+    /// follow (after both sides). The default only rotates and splits (`false`).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_split_heads_pooled(
+        &mut self,
+        x: &Self::T,
+        cos: &Self::T,
+        sin: &Self::T,
+        heads: usize,
+        out: &Self::T,
+        scratch: &Self::MaskScratch,
+        side: QkSide,
+    ) -> Result<bool> {
+        let _ = (scratch, side);
+        self.rope_split_heads(x, cos, sin, heads, out)?;
+        Ok(false)
+    }
+    /// The mask of `algo` from the q and k that [`Backend::rope_split_heads_pooled`] pooled into
+    /// `scratch` (it returned `true` for both). The default fails: a layer that pools must
+    /// implement it.
+    fn estimate_mask_prepooled(
+        &mut self,
+        grid: BlockGrid,
+        algo: &SparseAlgo,
+        scratch: &Self::MaskScratch,
+    ) -> Result<Self::M> {
+        let _ = (grid, scratch);
+        Err(Error::Invalid(format!(
+            "mask {algo} from pooled q/k: this device layer does not pool in \
+             rope_split_heads_pooled; use estimate_mask"
+        )))
+    }
     /// The dense `[heads, Nb, Nb]` 0/1 form of a mask (for inspection).
     fn mask_dense(&mut self, m: &Self::M) -> Result<Vec<u8>>;
     /// The fraction of blocks a mask lists (reads back only its per-row counts).

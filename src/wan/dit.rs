@@ -52,7 +52,7 @@ use super::backend::{Backend, Mask, Norm};
 use super::{Checkpoint, WanConfig};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
-use crate::nabla::{BlockGrid, SparseAlgo};
+use crate::nabla::{BlockGrid, QkSide, SparseAlgo};
 use crate::ops::linear::Activation;
 use crate::ops::rope::sinusoidal_embedding;
 use std::collections::BTreeMap;
@@ -662,12 +662,47 @@ impl<B: Backend> Dit<B> {
             bw.sa[1].run(be, &ws.a, Activation::None, &ws.y)?;
             be.rms_norm(&ws.y, &bw.sa_norm_k, &ws.k, eps)?;
             bw.sa[2].run(be, &ws.a, Activation::None, &ws.v)?;
-            be.rope_split_heads(&ws.q, &cos, &sinr, heads, &ws.qh)?;
-            be.rope_split_heads(&ws.k, &cos, &sinr, heads, &ws.kh)?;
+            // with a NABLA mask to estimate, the layer may pool q and k as it writes the heads
+            let pool_scratch = match (sparse, ws.scratch.as_ref()) {
+                (Some(algo), Some(scr)) if algo.cut().is_some() => Some(scr),
+                _ => None,
+            };
+            let pooled = match pool_scratch {
+                Some(scr) => {
+                    let pq = be.rope_split_heads_pooled(
+                        &ws.q,
+                        &cos,
+                        &sinr,
+                        heads,
+                        &ws.qh,
+                        scr,
+                        QkSide::Q,
+                    )?;
+                    let pk = be.rope_split_heads_pooled(
+                        &ws.k,
+                        &cos,
+                        &sinr,
+                        heads,
+                        &ws.kh,
+                        scr,
+                        QkSide::K,
+                    )?;
+                    pq && pk
+                }
+                None => {
+                    be.rope_split_heads(&ws.q, &cos, &sinr, heads, &ws.qh)?;
+                    be.rope_split_heads(&ws.k, &cos, &sinr, heads, &ws.kh)?;
+                    false
+                }
+            };
             be.split_heads(&ws.v, &ws.vh)?;
             let mask = match (sparse, grid, ws.scratch.as_ref()) {
                 (Some(algo), Some(g), Some(scr)) => {
-                    let m = be.estimate_mask(&ws.qh, &ws.kh, g, algo, scr)?;
+                    let m = if pooled {
+                        be.estimate_mask_prepooled(g, algo, scr)?
+                    } else {
+                        be.estimate_mask(&ws.qh, &ws.kh, g, algo, scr)?
+                    };
                     if let Some(tr) = trace.as_deref_mut() {
                         tr.densities
                             .insert(format!("layer{li}"), be.mask_density(&m)?);

@@ -32,6 +32,7 @@ inline thread_local dim3 threadIdx, blockIdx;
 
 alignas(128) inline unsigned char smem_raw[256 * 1024];
 alignas(128) inline float tsm[64 * 1024];
+alignas(128) inline unsigned short dsm[64 * 1024];
 
 struct Emu {
     std::unique_ptr<std::barrier<>> block;
@@ -63,6 +64,9 @@ template <class T> inline T __shfl_xor_sync(unsigned, T v, int m) {
 template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned o) {
     return shfl_from<T>(v, [](int l, int a) { return l + a; }, (int)o);
 }
+template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned o) {
+    return shfl_from<T>(v, [](int l, int a) { return l - a; }, (int)o);
+}
 template <class T> inline T __shfl_sync(unsigned, T v, int s) {
     return shfl_from<T>(v, [](int, int a) { return a; }, s);
 }
@@ -76,13 +80,33 @@ inline unsigned __ballot_sync(unsigned, int pred) {
     return r;
 }
 inline bool __any_sync(unsigned m, int p) { return __ballot_sync(m, p) != 0; }
+inline unsigned __reduce_add_sync(unsigned, unsigned v) {
+    unsigned w = warp_id(), l = lane_id();
+    emu.xch[w][l][0] = v;
+    __syncwarp();
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r += (unsigned)emu.xch[w][i][0];
+    __syncwarp();
+    return r;
+}
 
 inline unsigned __float_as_uint(float f) { return frombits<unsigned>(tobits(f)); }
 inline float __uint_as_float(unsigned u) { return frombits<float>(tobits(u)); }
 inline float __int_as_float(int u) { return frombits<float>(tobits(u)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 template <class T> inline T __ldg(const T* p) { return *p; }
+// correctly rounded f32 arithmetic (no contraction: -ffp-contract=off in run.sh)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 // --- PTX primitive emulation -------------------------------------------------------------
 inline float h2f(uint16_t h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }

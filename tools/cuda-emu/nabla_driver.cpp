@@ -45,6 +45,17 @@ int main(int argc, char** argv) {
     launch(dim3{t, t, BH}, dim3{128, 1, 1}, [&] {
         nabla_scores(qhi.data(), qlo.data(), khi.data(), klo.data(), qinv.data(), kinv.data(), logits.data(), nb, D, (float)(1.0 / std::sqrt((double)D)));
     });
+    // the 128 x 128 tile kernel must give the same logits bit for bit (same k16 order)
+    std::vector<float> logits128(logits.size(), NAN);
+    unsigned t2 = (nb + 127) / 128;
+    std::memset(dsm, 0xff, sizeof(dsm));
+    launch(dim3{t2, t2, BH}, dim3{256, 1, 1}, [&] {
+        nabla_scores128(qhi.data(), qlo.data(), khi.data(), klo.data(), qinv.data(), kinv.data(), logits128.data(), nb, D, (float)(1.0 / std::sqrt((double)D)));
+    });
+    if (std::memcmp(logits.data(), logits128.data(), logits.size() * 4) != 0) {
+        fprintf(stderr, "nabla_scores128 logits differ from nabla_scores\n");
+        return 4;
+    }
     wr(d + "/logits.out", logits);
     unsigned W = (nb + 31) / 32;
     std::vector<u32> sta(nb * W, 0);

@@ -15,9 +15,9 @@ cp "$here"/emu.h "$here"/prims*.h "$here"/*_driver.cpp "$EMU_BUILD"/
 python3 "$here/prep.py" "$root/src/cuda/kernels/attention.cu" prims.h "$EMU_BUILD/attn_emu.cpp"
 python3 "$here/prep.py" "$root/src/cuda/kernels/nabla.cu" prims.h "$EMU_BUILD/nabla_emu.cpp"
 python3 "$here/prep.py" "$root/src/cuda/kernels/attention_sm90a.cu" prims.h "$EMU_BUILD/attn90_emu.cpp"
-(cd "$EMU_BUILD" && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o attn_driver attn_driver.cpp \
-  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -DSM90A -o attn90_driver attn_driver.cpp \
-  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -o nabla_driver nabla_driver.cpp)
+(cd "$EMU_BUILD" && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o attn_driver attn_driver.cpp \
+  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -DSM90A -o attn90_driver attn_driver.cpp \
+  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o nabla_driver nabla_driver.cpp)
 what="${1:-all}"
 if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi

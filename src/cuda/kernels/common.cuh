@@ -94,6 +94,29 @@ __device__ __forceinline__ float ex2(float x) {
 }
 // </ptx-primitives>
 
+// bf16 <-> f32 by bit manipulation (no header): round to nearest even; NaN stays a (quiet) NaN,
+// overflow rounds to infinity. The same rounding as half::bf16::from_f32 and the WGSL kernels.
+__device__ __forceinline__ float bf16_to_f32(u16 b) {
+    return __uint_as_float(((u32)b) << 16);
+}
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    const u32 b = __float_as_uint(f);
+    if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u) {
+        return (u16)((b >> 16) | 0x40u);
+    }
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// The RoPE rotation of one channel pair (x0, x1) by angle (cos c, sin s), in f32 with every
+// product and sum rounded separately (no fma contraction), so every kernel that rotates
+// (ops.cu's rope kernels, nabla.cu's fused RoPE + pooling) gives bit-identical values:
+// y0 = x0 c - x1 s, y1 = x0 s + x1 c.
+__device__ __forceinline__ void rope_rotate(float x0, float x1, float c, float s, float& y0,
+                                            float& y1) {
+    y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The key-block walk of one query block qb of head bh: its mask row's list (counts[mrow] entries
 // of indices[mrow], mrow = (mask_heads == 1 ? 0 : bh) * nq + qb; counts == null: every key

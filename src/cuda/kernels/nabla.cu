@@ -6,11 +6,14 @@
 //      The same CTA splits each pooled row for the tensor-core scores: with a per-row power of two
 //      2^k (k = 13 - floor(log2 max|row|)), hi = f16(x 2^k), lo = f16(x 2^k - hi), so
 //      x = (hi + lo) 2^-k to ~2^-22 relative, and inv[row] = 2^-k.
-//      nabla_split does the split alone for already pooled rows.
-//   2. nabla_scores: logits[bh, i, j] = (qa_i . ka_j) / sqrt(D) on tensor cores (mma.m16n8k16 f16
-//      -> f32) as hi.hi + hi.lo + lo.hi (the "3-product split": ~f32 accuracy); each k16 step is
-//      accumulated from zero (small products first) and added to an f32 register total, so the
-//      tensor core's truncating accumulation only rounds at the scale of one 16-long chunk.
+//      nabla_split does the split alone for already pooled rows; nabla_rope_pool_* fuses the
+//      pooling (and the split) into the DiT's RoPE + head split, so q and k are read once.
+//   2. nabla_scores128 (nabla_scores: 64 x 64 tiles where 96 KB of shared memory per block is not
+//      available; the same logits bit for bit): logits[bh, i, j] = (qa_i . ka_j) / sqrt(D) on
+//      tensor cores (mma.m16n8k16 f16 -> f32) as hi.hi + hi.lo + lo.hi (the "3-product split":
+//      ~f32 accuracy); each k16 step is accumulated from zero (small products first) and added
+//      to an f32 register total, so the tensor core's truncating accumulation only rounds at the
+//      scale of one 16-long chunk.
 //   3. nabla_sta_bits: the STA window as a bitmask [Nb, ceil(Nb/32)] u32 (bit l of word w of row i
 //      = key block 32w + l allowed), built once per (grid, window).
 //   4. nabla_threshold: ONE WARP PER ROW, the row in shared memory: softmax (f32, written back as
@@ -29,8 +32,13 @@
 //      suffix mass reaches cut); Fbelow = mass of all smaller binades.
 //   b. the values of binade b* are compacted into a candidate list; with <= 32 candidates each
 //      lane evaluates F(x) = Fbelow + sum(candidates <= x) at its own candidate (32 shuffles) and
-//      lo = the smallest candidate with F >= cut; with more, a bisection over the binade's bit
-//      range (<= 23 passes over the candidates; 30 for the catch-all bucket).
+//      lo = the smallest candidate with F >= cut; with more, radix refinement (radix_search):
+//      a 32-bucket histogram of the binade's mass by the next 5 bits of the bit pattern narrows
+//      the range to one sub-range, whose values are compacted again, until <= 32 remain or the
+//      sub-ranges are single values (<= 5 levels; 6 for the catch-all bucket). It replaced a
+//      bisection over the binade (<= 23 passes over the candidates): threshold + lists 0.454 ->
+//      0.385 ms at wan14b-720p, nabla-0.7, H200. A variant with the row in registers (one
+//      kernel per row length class) measured no faster (0.36-0.43 ms) and was dropped.
 // Entries of `indices` past a row's count are never written (unspecified).
 // F is evaluated with another summation order than a single pass, so near-cut decisions can
 // differ from the f64 reference within f32 rounding of the cumulative mass (the tests skip
@@ -118,6 +126,29 @@ __device__ __forceinline__ void split_row(const float (&mv)[4], u32 D, size_t ro
     if (tid == 0) inv[row] = pow2i(-k);
 }
 
+// The end of a pooling CTA: part[g * D + t] holds group g's sum of channel t (G groups, `rows`
+// rows in all, the caller's barrier passed); writes the mean row `orow` of out and, when hi is
+// given, its split. 128 threads, all must call it.
+__device__ __forceinline__ void finish_pool(const float* part, u32 G, u32 D, u32 rows, size_t orow,
+                                            float* __restrict__ out, u16* __restrict__ hi,
+                                            u16* __restrict__ lo, float* __restrict__ inv,
+                                            float* red) {
+    const u32 tid = threadIdx.x;
+    float mv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const u32 t = tid + 128u * u;
+        mv[u] = 0.f;
+        if (t < D) {
+            float s = 0.f;
+            for (u32 gg = 0; gg < G; ++gg) s += part[gg * D + t];
+            mv[u] = s / (float)rows;
+            out[orow * D + t] = mv[u];
+        }
+    }
+    if (hi != nullptr) split_row(mv, D, orow, hi, lo, inv, red);  // uniform branch
+}
+
 // x [BH, S, D] (dtype DT) -> out [BH, Nb, D] f32, Nb = ceil(S / 64); hi, lo [BH, Nb, D] f16;
 // inv [BH, Nb] f32 (hi == null: no split). Grid (Nb, BH), 128 threads. D * sizeof(elem) must be
 // a multiple of 16 and D <= 512; x 16-byte aligned.
@@ -147,20 +178,7 @@ __device__ __forceinline__ void pool_body(const unsigned char* __restrict__ x, f
         for (u32 e = 0; e < E; ++e) part[g * D + c * E + e] = a[e];
     }
     __syncthreads();
-    const size_t orow = (size_t)bh * nb + blk;
-    float mv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-        const u32 t = tid + 128u * u;
-        mv[u] = 0.f;
-        if (t < D) {
-            float s = 0.f;
-            for (u32 gg = 0; gg < G; ++gg) s += part[gg * D + t];
-            mv[u] = s / (float)rows;
-            out[orow * D + t] = mv[u];
-        }
-    }
-    if (hi != nullptr) split_row(mv, D, orow, hi, lo, inv, red);  // uniform branch
+    finish_pool(part, G, D, rows, (size_t)bh * nb + blk, out, hi, lo, inv, red);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -179,6 +197,90 @@ extern "C" __global__ void __launch_bounds__(128)
                     u32 D, u32 nb) {
     pool_body<2>(x, out, hi, lo, inv, S, D, nb);
 }
+
+// RoPE + head split, optionally with the pooling, in one pass (the DiT's producer of the q / k
+// heads; ops.rs's rope_split_heads launches the POOL = false form): x [S, H * D] f32 (not
+// modified), cos / sin [S, D / 2] f32 ->
+//   out [H, S, D] of storage DT: rope_rotate of each channel pair, rounded once (bit-identical
+//       to ops.cu's rope_split_heads_any);
+//   POOL: pooled [H, Nb, D] f32 = the mean of each 64-row block of the STORED (rounded) out
+//       rows, as nabla_pool computes it from out, with the split hi, lo, inv (hi == null:
+//       none); saves nabla_pool's second read of the heads (S % 64 == 0 then).
+// D % 4 == 0, D <= 512; x, cos, sin and out aligned to their vector loads / stores. Grid
+// (ceil(S / 64), H), 128 threads: thread t rotates channels 4c..4c+3 (c = t % V, V = D / 4) of
+// rows g, g + G, ... of the block (g = t / V, G = 128 / V), loading 16 bytes of x and 8 of each
+// table per row.
+template <int DT, bool POOL>
+__device__ __forceinline__ void rope_heads_body(const float* __restrict__ x,
+                                                const float* __restrict__ cos_t,
+                                                const float* __restrict__ sin_t, void* out,
+                                                float* __restrict__ pooled, u16* __restrict__ hi,
+                                                u16* __restrict__ lo, float* __restrict__ inv,
+                                                u32 S, u32 H, u32 D) {
+    __shared__ float part[POOL ? 512 : 1];  // G * D = (128 / V) * 4V <= 512
+    __shared__ float red[4];
+    const u32 tid = threadIdx.x, blk = blockIdx.x, h = blockIdx.y;
+    const u32 V = D >> 2, G = 128u / V;
+    const u32 c = tid % V, g = tid / V;
+    const u32 half = D >> 1;
+    const u32 rows = min(64u, S - blk * 64u);
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    if (g < G) {
+#pragma unroll 4
+        for (u32 r = g; r < rows; r += G) {
+            const size_t s = (size_t)blk * 64u + r;
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(x + (s * H + h) * D) + c);
+            const float2 cv = __ldg(reinterpret_cast<const float2*>(cos_t + s * half) + c);
+            const float2 sv = __ldg(reinterpret_cast<const float2*>(sin_t + s * half) + c);
+            float y[4];
+            rope_rotate(xv.x, xv.y, cv.x, sv.x, y[0], y[1]);
+            rope_rotate(xv.z, xv.w, cv.y, sv.y, y[2], y[3]);
+            const size_t o = ((size_t)h * S + s) * D + 4u * c;
+            if constexpr (DT == 0) {
+                *reinterpret_cast<float4*>((float*)out + o) = make_float4(y[0], y[1], y[2], y[3]);
+            } else {
+                u16 b[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    b[e] = DT == 1 ? f32_to_f16(y[e]) : f32_to_bf16(y[e]);
+                    y[e] = DT == 1 ? f16_to_f32(b[e]) : bf16_to_f32(b[e]);  // pool what is stored
+                }
+                *reinterpret_cast<uint2*>((u16*)out + o) =
+                    make_uint2((u32)b[0] | ((u32)b[1] << 16), (u32)b[2] | ((u32)b[3] << 16));
+            }
+            if constexpr (POOL) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) a[e] += y[e];
+            }
+        }
+        if constexpr (POOL) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[g * D + 4u * c + e] = a[e];
+        }
+    }
+    if constexpr (POOL) {
+        __syncthreads();
+        finish_pool(part, G, D, rows, (size_t)h * gridDim.x + blk, pooled, hi, lo, inv, red);
+    }
+}
+
+#define ROPE_KERNELS(SUFFIX, DT)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) nabla_rope_##SUFFIX(                        \
+        const float* __restrict__ x, const float* __restrict__ cos_t,                            \
+        const float* __restrict__ sin_t, void* out, u32 S, u32 H, u32 D) {                       \
+        rope_heads_body<DT, false>(x, cos_t, sin_t, out, nullptr, nullptr, nullptr, nullptr, S, \
+                                   H, D);                                                        \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) nabla_rope_pool_##SUFFIX(                   \
+        const float* __restrict__ x, const float* __restrict__ cos_t,                            \
+        const float* __restrict__ sin_t, void* out, float* __restrict__ pooled,                  \
+        u16* __restrict__ hi, u16* __restrict__ lo, float* __restrict__ inv, u32 S, u32 H,       \
+        u32 D) {                                                                                 \
+        rope_heads_body<DT, true>(x, cos_t, sin_t, out, pooled, hi, lo, inv, S, H, D);           \
+    }
+ROPE_KERNELS(f32, 0)
+ROPE_KERNELS(f16, 1)
+ROPE_KERNELS(bf16, 2)
 
 // Split already pooled rows: xa [BH, Nb, D] f32 -> hi, lo, inv. Grid (Nb, BH), 128 threads.
 extern "C" __global__ void __launch_bounds__(128)
@@ -298,6 +400,133 @@ extern "C" __global__ void __launch_bounds__(128)
         }
 }
 
+// The same logits with 128 x 128 tiles (the default; nabla_scores above stays for comparison,
+// NABLA_CUDA_SCORES=64). nabla_scores is bound by its shared-memory fills from L2 (64 KB per
+// 64 x 64 tile: 0.9 GB at wan14b-720p); a 128 x 128 tile halves the bytes per logit and a
+// 3-stage cp.async ring overlaps them with the MMAs. 8 warps as 2 x 4, each 64 x 32 = 4 m16
+// tiles x 4 n8 tiles; k staged 32 halfs at a time: per stage four f16 arrays (q hi/lo, k hi/lo)
+// of 128 rows x 32 halfs (8 KB each, 32 KB; 96 KB for 3 stages, dynamic shared memory, 2 CTAs
+// per SM), rows of 4 16-byte chunks with chunk c of row r stored at chunk c ^ ((r >> 1) & 3):
+// the 8 rows an ldmatrix reads (two per 128-byte line) land in 8 different bank groups. Each
+// k16 step is accumulated from zero and added to the f32 total, as in nabla_scores, so both
+// kernels give the same logits up to the order of the k16 partial sums.
+__device__ __forceinline__ u32 swz32(u32 row, u32 chunk) {  // half index in a 32-half row tile
+    return row * 32u + ((chunk ^ ((row >> 1) & 3u)) << 3);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    nabla_scores128(const u16* __restrict__ qhi, const u16* __restrict__ qlo,
+                    const u16* __restrict__ khi, const u16* __restrict__ klo,
+                    const float* __restrict__ qinv, const float* __restrict__ kinv,
+                    float* __restrict__ out, u32 nb, u32 D, float rsd) {
+    constexpr u32 ST = 3u, ARR = 128u * 32u, STAGE = 4u * ARR;  // halfs
+    extern __shared__ __align__(128) u16 dsm[];
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 bh = blockIdx.z, i0 = blockIdx.y * 128u, j0 = blockIdx.x * 128u;
+    const u32 wr = warp >> 2, wc = warp & 3u;
+    const u16* src[4] = {qhi, qlo, khi, klo};
+    const u32 nk = (D + 31u) >> 5;
+    auto load = [&](u32 kc) {
+        u16* st = dsm + (kc % ST) * STAGE;
+#pragma unroll
+        for (u32 it = 0; it < 8u; ++it) {
+            // 2048 chunks: 4 arrays x 128 rows x 4; array it / 2 (a compile-time index: a
+            // run-time one would put src[] in local memory)
+            const u32 arr = it >> 1, rem = (it & 1u) * 256u + tid;
+            const u32 row = rem >> 2, ch = rem & 3u;
+            const u32 grow = (arr < 2u ? i0 : j0) + row;
+            const u32 col = kc * 32u + ch * 8u;
+            const bool ok = grow < nb && col < D;
+            const u16* g = src[arr] + ((size_t)bh * nb + (ok ? grow : 0u)) * D + (ok ? col : 0u);
+            cp_async16(st + arr * ARR + swz32(row, ch), g, ok ? 16u : 0u);
+        }
+    };
+#pragma unroll
+    for (u32 k = 0; k < ST - 1u; ++k) {
+        if (k < nk) load(k);
+        cp_async_commit();
+    }
+    float acc[4][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    for (u32 kc = 0; kc < nk; ++kc) {
+        cp_async_wait<ST - 2>();
+        __syncthreads();  // chunk kc landed for all; everyone is done with chunk kc - 1's stage
+        if (kc + ST - 1u < nk) load(kc + ST - 1u);
+        cp_async_commit();
+        const u16* st = dsm + (kc % ST) * STAGE;
+#pragma unroll
+        for (u32 ks = 0; ks < 2u; ++ks) {
+            u32 bhi[2][4], blo[2][4];
+#pragma unroll
+            for (u32 np = 0; np < 2u; ++np) {
+                // B for n tiles 2np, 2np+1 (as nabla_scores)
+                const u32 r = wc * 32u + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+                const u32 c = ks * 2u + ((lane >> 3) & 1u);
+                ldsm_x4(bhi[np], st + 2u * ARR + swz32(r, c));
+                ldsm_x4(blo[np], st + 3u * ARR + swz32(r, c));
+            }
+#pragma unroll
+            for (u32 mt = 0; mt < 4u; ++mt) {
+                u32 ahi[4], alo[4];
+                const u32 r = wr * 64u + mt * 16u + (lane & 15u);
+                const u32 c = ks * 2u + (lane >> 4);
+                ldsm_x4(ahi, st + swz32(r, c));
+                ldsm_x4(alo, st + ARR + swz32(r, c));
+#pragma unroll
+                for (u32 nt = 0; nt < 4u; ++nt) {
+                    const u32 np = nt >> 1, h = (nt & 1u) * 2u;
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma16816<1>(t, alo, bhi[np][h], bhi[np][h + 1]);
+                    mma16816<1>(t, ahi, blo[np][h], blo[np][h + 1]);
+                    mma16816<1>(t, ahi, bhi[np][h], bhi[np][h + 1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // C fragment: c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols); pairs of
+    // adjacent logits are stored as one 8-byte write when the row start keeps them aligned
+    const u32 g = lane >> 2, tg = lane & 3u;
+    float kv[4][2];
+#pragma unroll
+    for (u32 nt = 0; nt < 4u; ++nt)
+#pragma unroll
+        for (u32 e = 0; e < 2u; ++e) {
+            const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg + e;
+            kv[nt][e] = j < nb ? kinv[(size_t)bh * nb + j] : 0.f;
+        }
+#pragma unroll
+    for (u32 mt = 0; mt < 4u; ++mt)
+#pragma unroll
+        for (u32 hr = 0; hr < 2u; ++hr) {
+            const u32 i = i0 + wr * 64u + mt * 16u + g + hr * 8u;
+            if (i >= nb) continue;
+            const float si = qinv[(size_t)bh * nb + i] * rsd;
+            float* orow = out + ((size_t)bh * nb + i) * nb;
+#pragma unroll
+            for (u32 nt = 0; nt < 4u; ++nt) {
+                const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg;
+                const float v0 = acc[mt][nt][hr * 2u] * si * kv[nt][0];
+                const float v1 = acc[mt][nt][hr * 2u + 1u] * si * kv[nt][1];
+                if (j + 1u < nb && (nb & 1u) == 0u) {
+                    *reinterpret_cast<float2*>(orow + j) = make_float2(v0, v1);
+                } else {
+                    if (j < nb) orow[j] = v0;
+                    if (j + 1u < nb) orow[j + 1u] = v1;
+                }
+            }
+        }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. STA bitmask: out [Nb, W] u32, W = ceil(Nb / 32). One thread per word.
 
@@ -335,10 +564,136 @@ __device__ __forceinline__ u32 bucket_of(float p) {
     return (u32)max(0, min(31, 127 - e));
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    nabla_threshold(const float* logits, float* probs,  // may alias (in place): no __restrict__
-                    u32* __restrict__ counts, u32* __restrict__ indices,
-                    const u32* __restrict__ sta, u32 rows, u32 nb, float cut, u32 stride) {
+// Compacts the row's values whose bit patterns lie in [lo, hi) into cand (ascending key order)
+// and returns how many (the same count in every lane).
+__device__ __forceinline__ u32 compact_range(const float* rowbuf, float* cand, u32 nb, u32 lane,
+                                             u32 lo, u32 hi) {
+    u32 n = 0;
+    for (u32 j0 = 0; j0 < nb; j0 += 32u) {
+        const u32 j = j0 + lane;
+        float p = 0.f;
+        bool c = false;
+        if (j < nb) {
+            p = rowbuf[j];
+            const u32 b = __float_as_uint(p);
+            c = b >= lo && b < hi;
+        }
+        const u32 bal = __ballot_sync(FULL_MASK, c);
+        if (c) cand[n + __popc(bal & lanemask_lt(lane))] = p;
+        n += __popc(bal);
+    }
+    __syncwarp();
+    return n;
+}
+
+// With n <= 32 candidates (cand[0..n), all in the searched range, fb = the mass below it): the
+// smallest candidate x with fb + sum(candidates <= x) >= cut, else z. F only steps at candidate
+// values; each lane evaluates F at its own candidate, all lanes at once, the candidates <= x
+// summed in lane order (a fixed order, so F is monotone in x).
+__device__ __forceinline__ u32 direct_search(const float* cand, u32 n, u32 lane, float fb,
+                                             float cut, u32 z) {
+    const bool has = lane < n;
+    const float x = has ? cand[lane] : 0.f;
+    float f = 0.f;
+#pragma unroll
+    for (u32 l = 0; l < 32u; ++l) {
+        const float y = __shfl_sync(FULL_MASK, x, l);
+        f += (l < n && y <= x) ? y : 0.f;
+    }
+    u32 best = has && fb + f >= cut ? __float_as_uint(x) : z;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(FULL_MASK, best, o));
+    return best;
+}
+
+// Where the cut lies, from the binade histogram (per-lane columns hist[b * 33 + lane], filled):
+// F at the top of each binade is a suffix scan of the binade masses over the lanes; the cut falls
+// in binade bs (the highest bucket whose suffix mass reaches cut), searched over bit patterns
+// [base, base + 2^wb) capped at hi (the row maximum's bits), fb = the mass of the smaller
+// binades. done: the total mass stays below the cut, the answer is base = pmax (keep the
+// maximum and its ties).
+struct CutRange {
+    u32 base, wb, hi;
+    float fb;
+    bool done;
+};
+__device__ __forceinline__ CutRange binade_range(const float* hist, u32 lane, float cut,
+                                                 u32 pmax_bits) {
+    float T = 0.f;  // mass of bucket `lane`
+    for (u32 i = 0; i < 32u; ++i) T += hist[lane * 33u + i];
+    // suffix sums: v = mass of buckets lane..31 = F at the top of binade `lane`
+    float v = T;
+#pragma unroll
+    for (u32 off = 1; off < 32u; off <<= 1) {
+        const float u = __shfl_down_sync(FULL_MASK, v, off);
+        if (lane + off < 32u) v += u;
+    }
+    const u32 ball = __ballot_sync(FULL_MASK, v >= cut);
+    if (ball == 0u) return CutRange{pmax_bits, 0u, pmax_bits, 0.f, true};
+    const u32 bs = 31u - (u32)__clz(ball);
+    float fb = __shfl_sync(FULL_MASK, v, min(bs + 1u, 31u));
+    if (bs == 31u) fb = 0.f;
+    // bucket 31 (everything below 2^-30): [0, 2^30) capped at 97 << 23
+    const u32 hi = min(bs < 31u ? (128u - bs) << 23 : 97u << 23, pmax_bits);
+    return CutRange{bs < 31u ? (127u - bs) << 23 : 0u, bs < 31u ? 23u : 30u, hi, fb, false};
+}
+
+
+// The cut inside binade bucket bs by radix refinement: the searched range [base, base + 2^wb) of bit patterns
+// (first the binade: wb = 23; the catch-all bucket: [0, 2^30)), fb = the mass below it. Each
+// level compacts the range's values; with <= 32 the direct search ends it; otherwise a
+// 32-bucket histogram of the range's mass by the next 5 bits (per-lane columns of `hist`, as
+// the binade histogram: deterministic) and a scan over the lanes pick the sub-range where the
+// cumulative mass reaches the cut, and the search descends into it (at most 5 levels; 6 for
+// the catch-all). `end` caps every range at hi_b (the row maximum's bits): the answer when no
+// value of the range qualifies. `hist` holds both the histogram and the candidates (in turn).
+__device__ __forceinline__ u32 radix_search(const float* rowbuf, float* hist, u32 nb, u32 lane,
+                                            u32 base, u32 wb, u32 hi_b, float fb, float cut) {
+    for (;;) {
+        const u32 end = min(base + (1u << wb), hi_b);
+        const u32 n = compact_range(rowbuf, hist, nb, lane, base, end);
+        if (n <= 32u) return direct_search(hist, n, lane, fb, cut, end);
+        if (wb == 0u) {  // every candidate is the value `base` (summed in row order)
+            float f = 0.f;
+            for (u32 j = lane; j < nb; j += 32u)
+                if (__float_as_uint(rowbuf[j]) == base) f += rowbuf[j];
+            f = warp_sum(f);
+            return fb + f >= cut ? base : end;
+        }
+        const u32 sh = wb > 5u ? wb - 5u : 0u;
+#pragma unroll
+        for (u32 b = 0; b < 32u; ++b) hist[b * 33u + lane] = 0.f;  // the candidates are dead
+        __syncwarp();
+        for (u32 j = lane; j < nb; j += 32u) {
+            const float p = rowbuf[j];
+            const u32 u = __float_as_uint(p) - base;  // wraps for values below the range
+            if (__float_as_uint(p) >= base && __float_as_uint(p) < end)
+                hist[(u >> sh) * 33u + lane] += p;
+        }
+        __syncwarp();
+        float t = 0.f;  // mass of sub-range `lane`
+        for (u32 i = 0; i < 32u; ++i) t += hist[lane * 33u + i];
+        float incl = t;  // inclusive prefix over the lanes: mass of sub-ranges 0..lane
+#pragma unroll
+        for (u32 off = 1; off < 32u; off <<= 1) {
+            const float v = __shfl_up_sync(FULL_MASK, incl, off);
+            if (lane >= off) incl += v;
+        }
+        const u32 ball = __ballot_sync(FULL_MASK, fb + incl >= cut);
+        __syncwarp();  // every lane has read the histogram before the next compaction
+        if (ball == 0u) return end;  // f32 rounding: the range's mass falls short of the cut
+        const u32 bstar = (u32)(__ffs(ball) - 1);
+        fb += __shfl_sync(FULL_MASK, incl - t, bstar);
+        base += bstar << sh;
+        wb = sh;
+        if (sh == 0u) return base;  // sub-ranges of one value each: b* is the answer
+    }
+}
+
+__device__ __forceinline__ void threshold_body(const float* logits, float* probs,
+                                               u32* __restrict__ counts, u32* __restrict__ indices,
+                                               const u32* __restrict__ sta, u32 rows, u32 nb,
+                                               float cut, u32 stride) {
     extern __shared__ __align__(16) float tsm[];
     const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const u32 nwarps = blockDim.x >> 5;
@@ -346,7 +701,6 @@ extern "C" __global__ void __launch_bounds__(128)
     if (r >= rows) return;  // whole warps only; no block-wide barrier in this kernel
     float* rowbuf = tsm + (size_t)warp * (stride + max(stride, 32u * 33u));
     float* hist = rowbuf + stride;  // the histogram, then (same memory) the candidates
-    float* cand = hist;
     const u32 qi = r % nb;
     const size_t base = (size_t)r * nb;
 
@@ -394,84 +748,9 @@ extern "C" __global__ void __launch_bounds__(128)
 
     u32 lo = 0;  // keep j iff bits(p_j) >= lo
     if (cut > 0.f) {
-        float T = 0.f;  // mass of bucket `lane`
-        for (u32 i = 0; i < 32u; ++i) T += hist[lane * 33u + i];
-        // suffix sums: v = mass of buckets lane..31 = F at the top of binade `lane`
-        float v = T;
-#pragma unroll
-        for (u32 off = 1; off < 32u; off <<= 1) {
-            const float u = __shfl_down_sync(FULL_MASK, v, off);
-            if (lane + off < 32u) v += u;
-        }
-        const u32 ball = __ballot_sync(FULL_MASK, v >= cut);
-        if (ball == 0u) {
-            lo = pmax_bits;  // the total mass stays below the cut: keep the maximum (and its ties)
-        } else {
-            const u32 bs = 31u - (u32)__clz(ball);
-            float fbelow = __shfl_sync(FULL_MASK, v, min(bs + 1u, 31u));
-            if (bs == 31u) fbelow = 0.f;
-            u32 lo_b, hi_b;
-            if (bs < 31u) {
-                const u32 e = 127u - bs;
-                lo_b = e << 23;
-                hi_b = (e + 1u) << 23;
-            } else {
-                lo_b = 0u;
-                hi_b = 97u << 23;  // bucket 31: everything below 2^-30
-            }
-            hi_b = min(hi_b, pmax_bits);
-            lo_b = min(lo_b, hi_b);
-            __syncwarp();  // every lane has read the histogram: its memory takes the candidates
-            // candidates: the values of binade bs
-            u32 n = 0;
-            for (u32 j0 = 0; j0 < nb; j0 += 32u) {
-                const u32 j = j0 + lane;
-                float p = 0.f;
-                bool c = false;
-                if (j < nb) {
-                    p = rowbuf[j];
-                    c = bucket_of(p) == bs;
-                }
-                const u32 bal = __ballot_sync(FULL_MASK, c);
-                if (c) cand[n + __popc(bal & lanemask_lt(lane))] = p;
-                n += __popc(bal);
-            }
-            __syncwarp();
-            // bisection: smallest u in [lo_b, hi_b] with Fbelow + sum(cand <= u) >= cut
-            // (only u < hi_b is ever evaluated; hi_b itself is the answer when none qualifies)
-            u32 a = lo_b, z = hi_b;
-            if (n <= 32u) {
-                // F only steps at candidate values, and F(lo_b) >= cut needs a candidate equal to
-                // lo_b (Fbelow < cut): the answer is the smallest candidate x with F(x) >= cut,
-                // else hi_b. Each lane evaluates F at its own candidate, all lanes at once: the
-                // candidates <= x summed in lane order (a fixed order, so F is monotone in x).
-                const bool has = lane < n;
-                const float x = has ? cand[lane] : 0.f;
-                float f = 0.f;
-#pragma unroll
-                for (u32 l = 0; l < 32u; ++l) {
-                    const float y = __shfl_sync(FULL_MASK, x, l);
-                    f += (l < n && y <= x) ? y : 0.f;
-                }
-                u32 best = has && fbelow + f >= cut ? __float_as_uint(x) : z;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(FULL_MASK, best, o));
-                a = best;
-            } else {
-                while (a < z) {
-                    const u32 mid = a + ((z - a) >> 1);
-                    const float vv = __uint_as_float(mid);
-                    float f = 0.f;
-                    for (u32 ci = lane; ci < n; ci += 32u) {
-                        const float x = cand[ci];
-                        f += x <= vv ? x : 0.f;
-                    }
-                    f = warp_sum(f);
-                    if (fbelow + f >= cut) z = mid; else a = mid + 1u;
-                }
-            }
-            lo = a;
-        }
+        const CutRange cr = binade_range(hist, lane, cut, pmax_bits);
+        __syncwarp();  // every lane has read the histogram: its memory takes the candidates
+        lo = cr.done ? cr.base : radix_search(rowbuf, hist, nb, lane, cr.base, cr.wb, cr.hi, cr.fb, cut);
     }
 
     // keep flags (+ STA) and compaction in ascending key order
@@ -493,4 +772,11 @@ extern "C" __global__ void __launch_bounds__(128)
         }
     }
     if (lane == 0) counts[r] = off;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    nabla_threshold(const float* logits, float* probs,  // may alias (in place): no __restrict__
+                    u32* __restrict__ counts, u32* __restrict__ indices,
+                    const u32* __restrict__ sta, u32 rows, u32 nb, float cut, u32 stride) {
+    threshold_body(logits, probs, counts, indices, sta, rows, nb, cut, stride);
 }

@@ -21,18 +21,7 @@
 
 // f16 <-> f32: f16_to_f32 / f32_to_f16 of common.cuh (PTX cvt).
 
-__device__ __forceinline__ float bf16_to_f32(u16 b) {
-    return __uint_as_float(((u32)b) << 16);
-}
-
-// round to nearest even; NaN stays a (quiet) NaN, overflow rounds to infinity
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    const u32 b = __float_as_uint(f);
-    if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u) {
-        return (u16)((b >> 16) | 0x40u);
-    }
-    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
+// bf16 <-> f32: bf16_to_f32 / f32_to_bf16 of common.cuh.
 
 __device__ __forceinline__ float load_any(const void* p, u64 i, u32 mode) {
     if (mode == MODE_F16) {
@@ -227,10 +216,10 @@ extern "C" __global__ void rope_any(void* x, const float* cos_t, const float* si
         const u32 j = (u32)(p % pairs_per_token) % half_d;
         const float c = cos_t[token * half_d + j];
         const float s = sin_t[token * half_d + j];
-        const float a = load_any(x, 2 * p, mode);
-        const float b = load_any(x, 2 * p + 1, mode);
-        store_any(x, 2 * p, a * c - b * s, mode);
-        store_any(x, 2 * p + 1, a * s + b * c, mode);
+        float y0, y1;
+        rope_rotate(load_any(x, 2 * p, mode), load_any(x, 2 * p + 1, mode), c, s, y0, y1);
+        store_any(x, 2 * p, y0, mode);
+        store_any(x, 2 * p + 1, y1, mode);
     }
 }
 
@@ -249,10 +238,10 @@ extern "C" __global__ void rope_split_heads_any(const float* x, const float* cos
         const u64 src = (si * h + hi) * half_d + j; // pair index in x
         const float c = cos_t[si * half_d + j];
         const float sn = sin_t[si * half_d + j];
-        const float a = x[2 * src];
-        const float b = x[2 * src + 1];
-        store_any(out, 2 * p, a * c - b * sn, mode);
-        store_any(out, 2 * p + 1, a * sn + b * c, mode);
+        float y0, y1;
+        rope_rotate(x[2 * src], x[2 * src + 1], c, sn, y0, y1);
+        store_any(out, 2 * p, y0, mode);
+        store_any(out, 2 * p + 1, y1, mode);
     }
 }
 
