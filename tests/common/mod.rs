@@ -100,9 +100,12 @@ pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32, l2: 
     }
     let e = rel_l2(a, b);
     // the relative L2 bound is meaningless when the reference itself is ~0 (a single output
-    // near zero after cancellation): there the elementwise bound above already decides
+    // near zero after cancellation), and for a handful of elements it is one element's relative
+    // error, unbounded where an activation crosses zero (the H200 gave 5.7e-5 and 6.4e-5 for
+    // 1x1x1 GELU linears whose output was small next to its input): there the elementwise
+    // bound above decides alone
     let ref_norm = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    let tiny = ref_norm <= 100.0 * atol as f64 * (b.len() as f64).sqrt();
+    let tiny = ref_norm <= 100.0 * atol as f64 * (b.len() as f64).sqrt() || b.len() < 16;
     assert!(e <= l2 || tiny, "{what}: relative L2 error {e:e} > {l2:e}");
     eprintln!(
         "{what}: rel L2 {e:.2e}, max abs {:.2e} at {}",
