@@ -168,4 +168,13 @@ def tiny():
     qa = rng.normal(size=(1, nb, d)) * 1e-6; ka = rng.normal(size=(1, nb, d)) * 1e5
     return run("scale", grid, d, 0, 0.5, qa=qa, ka=ka)
 case("tiny", tiny)
+def tiles():
+    # Nb = 300: three ragged 128 x 128 score tiles per row (D 64 and 128)
+    grid = (3, 10, 10); nb = 300
+    ok = True
+    for d in (64, 128):
+        qa = rng.normal(size=(1, nb, d)) * 0.3; ka = rng.normal(size=(1, nb, d)) * 0.3
+        ok &= run(f"tiles d{d}", grid, d, 0, 0.6, qa=qa, ka=ka)
+    return ok
+case("tiles", tiles)
 print("ALL OK" if allok else "FAILURES")

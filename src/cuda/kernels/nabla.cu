@@ -37,8 +37,9 @@
 //      the range to one sub-range, whose values are compacted again, until <= 32 remain or the
 //      sub-ranges are single values (<= 5 levels; 6 for the catch-all bucket). It replaced a
 //      bisection over the binade (<= 23 passes over the candidates): threshold + lists 0.454 ->
-//      0.385 ms at wan14b-720p, nabla-0.7, H200. A variant with the row in registers (one
-//      kernel per row length class) measured no faster (0.36-0.43 ms) and was dropped.
+//      0.385 ms at wan14b-720p, nabla-0.7, H200; counting each range's values before compacting
+//      them (only <= 32 are ever compacted) -> 0.30-0.32 ms. A variant with the row in registers
+//      (one kernel per row length class) measured no faster (0.36-0.43 ms) and was dropped.
 // Entries of `indices` past a row's count are never written (unspecified).
 // F is evaluated with another summation order than a single pass, so near-cut decisions can
 // differ from the f64 reference within f32 rounding of the cumulative mass (the tests skip
@@ -408,10 +409,97 @@ extern "C" __global__ void __launch_bounds__(128)
 // of 128 rows x 32 halfs (8 KB each, 32 KB; 96 KB for 3 stages, dynamic shared memory, 2 CTAs
 // per SM), rows of 4 16-byte chunks with chunk c of row r stored at chunk c ^ ((r >> 1) & 3):
 // the 8 rows an ldmatrix reads (two per 128-byte line) land in 8 different bank groups. Each
-// k16 step is accumulated from zero and added to the f32 total, as in nabla_scores, so both
-// kernels give the same logits up to the order of the k16 partial sums.
+// k16 step is accumulated from zero and added to the f32 total, as in nabla_scores, in the same
+// k16 order, so both kernels give the same logits bit for bit. Measured at wan14b-720p on the
+// H200: 0.16-0.18 ms against nabla_scores' 0.20-0.22 (predicted -40 % for an L2-bound kernel:
+// it is not only L2-bound). A variant keeping each CTA's q rows resident in shared memory while
+// it walked 1-4 key tiles (q read once per row of tiles, the pipeline running across tiles) ran
+// 0.17-0.20 ms, slower, and was dropped.
 __device__ __forceinline__ u32 swz32(u32 row, u32 chunk) {  // half index in a 32-half row tile
     return row * 32u + ((chunk ^ ((row >> 1) & 3u)) << 3);
+}
+
+// One k16 step of a 128 x 128 score tile (8 warps as 2 x 4, each 64 x 32): B (k hi / lo) from a
+// k-chunk stage of 128 rows x 32 halfs (swz32), A (q hi / lo) at the half index aidx(row, chunk)
+// (chunk = the k16 step's 8-half chunk within the stage's 32 halfs). Each tile's three products
+// are accumulated from zero and added to the f32 total (see nabla_scores).
+template <class AIdx>
+__device__ __forceinline__ void tile128_k16(float (&acc)[4][4][4], const u16* ahi_s,
+                                            const u16* alo_s, AIdx aidx, const u16* bhi_s,
+                                            const u16* blo_s, u32 ks) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 wr = warp >> 2, wc = warp & 3u;
+    u32 bhi[2][4], blo[2][4];
+#pragma unroll
+    for (u32 np = 0; np < 2u; ++np) {
+        // B for n tiles 2np, 2np+1 (as nabla_scores)
+        const u32 r = wc * 32u + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
+        const u32 c = ks * 2u + ((lane >> 3) & 1u);
+        ldsm_x4(bhi[np], bhi_s + swz32(r, c));
+        ldsm_x4(blo[np], blo_s + swz32(r, c));
+    }
+#pragma unroll
+    for (u32 mt = 0; mt < 4u; ++mt) {
+        u32 ahi[4], alo[4];
+        const u32 r = wr * 64u + mt * 16u + (lane & 15u);
+        const u32 c = ks * 2u + (lane >> 4);
+        ldsm_x4(ahi, ahi_s + aidx(r, c));
+        ldsm_x4(alo, alo_s + aidx(r, c));
+#pragma unroll
+        for (u32 nt = 0; nt < 4u; ++nt) {
+            const u32 np = nt >> 1, h = (nt & 1u) * 2u;
+            float t[4] = {0.f, 0.f, 0.f, 0.f};
+            mma16816<1>(t, alo, bhi[np][h], bhi[np][h + 1]);
+            mma16816<1>(t, ahi, blo[np][h], blo[np][h + 1]);
+            mma16816<1>(t, ahi, bhi[np][h], bhi[np][h + 1]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
+        }
+    }
+}
+
+// The logits of one 128 x 128 tile from the 8 warps' accumulators (warp (wr, wc) holds rows
+// wr * 64 + 16 mt + {g, g + 8}, columns wc * 32 + 8 nt + 2 tg + {0, 1}), scaled by the rows' and
+// columns' split factors and 1 / sqrt(D).
+__device__ __forceinline__ void store_tile128(const float (&acc)[4][4][4],
+                                              const float* __restrict__ qinv,
+                                              const float* __restrict__ kinv,
+                                              float* __restrict__ out, u32 nb, u32 bh, u32 i0,
+                                              u32 j0, float rsd) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const u32 wr = warp >> 2, wc = warp & 3u;
+    // C fragment: c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols); pairs of
+    // adjacent logits are stored as one 8-byte write when the row start keeps them aligned
+    const u32 g = lane >> 2, tg = lane & 3u;
+    float kv[4][2];
+#pragma unroll
+    for (u32 nt = 0; nt < 4u; ++nt)
+#pragma unroll
+        for (u32 e = 0; e < 2u; ++e) {
+            const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg + e;
+            kv[nt][e] = j < nb ? kinv[(size_t)bh * nb + j] : 0.f;
+        }
+#pragma unroll
+    for (u32 mt = 0; mt < 4u; ++mt)
+#pragma unroll
+        for (u32 hr = 0; hr < 2u; ++hr) {
+            const u32 i = i0 + wr * 64u + mt * 16u + g + hr * 8u;
+            if (i >= nb) continue;
+            const float si = qinv[(size_t)bh * nb + i] * rsd;
+            float* orow = out + ((size_t)bh * nb + i) * nb;
+#pragma unroll
+            for (u32 nt = 0; nt < 4u; ++nt) {
+                const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg;
+                const float v0 = acc[mt][nt][hr * 2u] * si * kv[nt][0];
+                const float v1 = acc[mt][nt][hr * 2u + 1u] * si * kv[nt][1];
+                if (j + 1u < nb && (nb & 1u) == 0u) {
+                    *reinterpret_cast<float2*>(orow + j) = make_float2(v0, v1);
+                } else {
+                    if (j < nb) orow[j] = v0;
+                    if (j + 1u < nb) orow[j + 1u] = v1;
+                }
+            }
+        }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -461,70 +549,13 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         cp_async_commit();
         const u16* st = dsm + (kc % ST) * STAGE;
 #pragma unroll
-        for (u32 ks = 0; ks < 2u; ++ks) {
-            u32 bhi[2][4], blo[2][4];
-#pragma unroll
-            for (u32 np = 0; np < 2u; ++np) {
-                // B for n tiles 2np, 2np+1 (as nabla_scores)
-                const u32 r = wc * 32u + np * 16u + (lane & 7u) + ((lane >> 4) << 3);
-                const u32 c = ks * 2u + ((lane >> 3) & 1u);
-                ldsm_x4(bhi[np], st + 2u * ARR + swz32(r, c));
-                ldsm_x4(blo[np], st + 3u * ARR + swz32(r, c));
-            }
-#pragma unroll
-            for (u32 mt = 0; mt < 4u; ++mt) {
-                u32 ahi[4], alo[4];
-                const u32 r = wr * 64u + mt * 16u + (lane & 15u);
-                const u32 c = ks * 2u + (lane >> 4);
-                ldsm_x4(ahi, st + swz32(r, c));
-                ldsm_x4(alo, st + ARR + swz32(r, c));
-#pragma unroll
-                for (u32 nt = 0; nt < 4u; ++nt) {
-                    const u32 np = nt >> 1, h = (nt & 1u) * 2u;
-                    float t[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma16816<1>(t, alo, bhi[np][h], bhi[np][h + 1]);
-                    mma16816<1>(t, ahi, blo[np][h], blo[np][h + 1]);
-                    mma16816<1>(t, ahi, bhi[np][h], bhi[np][h + 1]);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[mt][nt][e] += t[e];
-                }
-            }
-        }
+        for (u32 ks = 0; ks < 2u; ++ks)
+            tile128_k16(acc, st, st + ARR, [](u32 r, u32 c) { return swz32(r, c); },
+                        st + 2u * ARR, st + 3u * ARR, ks);
     }
     cp_async_wait<0>();
 
-    // C fragment: c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols); pairs of
-    // adjacent logits are stored as one 8-byte write when the row start keeps them aligned
-    const u32 g = lane >> 2, tg = lane & 3u;
-    float kv[4][2];
-#pragma unroll
-    for (u32 nt = 0; nt < 4u; ++nt)
-#pragma unroll
-        for (u32 e = 0; e < 2u; ++e) {
-            const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg + e;
-            kv[nt][e] = j < nb ? kinv[(size_t)bh * nb + j] : 0.f;
-        }
-#pragma unroll
-    for (u32 mt = 0; mt < 4u; ++mt)
-#pragma unroll
-        for (u32 hr = 0; hr < 2u; ++hr) {
-            const u32 i = i0 + wr * 64u + mt * 16u + g + hr * 8u;
-            if (i >= nb) continue;
-            const float si = qinv[(size_t)bh * nb + i] * rsd;
-            float* orow = out + ((size_t)bh * nb + i) * nb;
-#pragma unroll
-            for (u32 nt = 0; nt < 4u; ++nt) {
-                const u32 j = j0 + wc * 32u + nt * 8u + 2u * tg;
-                const float v0 = acc[mt][nt][hr * 2u] * si * kv[nt][0];
-                const float v1 = acc[mt][nt][hr * 2u + 1u] * si * kv[nt][1];
-                if (j + 1u < nb && (nb & 1u) == 0u) {
-                    *reinterpret_cast<float2*>(orow + j) = make_float2(v0, v1);
-                } else {
-                    if (j < nb) orow[j] = v0;
-                    if (j + 1u < nb) orow[j + 1u] = v1;
-                }
-            }
-        }
+    store_tile128(acc, qinv, kinv, out, nb, bh, i0, j0, rsd);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,20 +670,31 @@ __device__ __forceinline__ CutRange binade_range(const float* hist, u32 lane, fl
 }
 
 
-// The cut inside binade bucket bs by radix refinement: the searched range [base, base + 2^wb) of bit patterns
-// (first the binade: wb = 23; the catch-all bucket: [0, 2^30)), fb = the mass below it. Each
-// level compacts the range's values; with <= 32 the direct search ends it; otherwise a
-// 32-bucket histogram of the range's mass by the next 5 bits (per-lane columns of `hist`, as
-// the binade histogram: deterministic) and a scan over the lanes pick the sub-range where the
-// cumulative mass reaches the cut, and the search descends into it (at most 5 levels; 6 for
-// the catch-all). `end` caps every range at hi_b (the row maximum's bits): the answer when no
-// value of the range qualifies. `hist` holds both the histogram and the candidates (in turn).
+// The cut inside binade bucket bs by radix refinement: the searched range [base, base + 2^wb)
+// of bit patterns (first the binade: wb = 23; the catch-all bucket: [0, 2^30)), fb = the mass
+// below it. Each level counts the range's values; with <= 32 they are compacted and the direct
+// search ends it; otherwise a 32-bucket histogram of the range's mass by the next 5 bits
+// (per-lane columns of `hist`, as the binade histogram: deterministic) and a scan over the lanes
+// pick the sub-range where the cumulative mass reaches the cut, and the search descends into it
+// (at most 5 levels; 6 for the catch-all). `end` caps every range at hi_b (the row maximum's
+// bits): the answer when no value of the range qualifies. `hist` holds the histogram, then the
+// candidates.
 __device__ __forceinline__ u32 radix_search(const float* rowbuf, float* hist, u32 nb, u32 lane,
                                             u32 base, u32 wb, u32 hi_b, float fb, float cut) {
     for (;;) {
         const u32 end = min(base + (1u << wb), hi_b);
-        const u32 n = compact_range(rowbuf, hist, nb, lane, base, end);
-        if (n <= 32u) return direct_search(hist, n, lane, fb, cut, end);
+        // count first: only <= 32 candidates are ever compacted (a count pass has no ballot,
+        // popcount or store per element)
+        u32 cnt = 0;
+        for (u32 j = lane; j < nb; j += 32u) {
+            const u32 b = __float_as_uint(rowbuf[j]);
+            cnt += (b >= base && b < end) ? 1u : 0u;
+        }
+        const u32 n = __reduce_add_sync(FULL_MASK, cnt);
+        if (n <= 32u) {
+            compact_range(rowbuf, hist, nb, lane, base, end);
+            return direct_search(hist, n, lane, fb, cut, end);
+        }
         if (wb == 0u) {  // every candidate is the value `base` (summed in row order)
             float f = 0.f;
             for (u32 j = lane; j < nb; j += 32u)
