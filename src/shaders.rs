@@ -9,6 +9,8 @@ use crate::gpu::DType;
 
 /// NABLA block average pooling.
 pub const POOL: &str = include_str!("../shaders/nabla/pool.wgsl");
+/// RoPE + head split + block average pooling in one pass (the DiT's q/k producer).
+pub const ROPE_POOL: &str = include_str!("../shaders/nabla/rope_pool.wgsl");
 /// Compressed attention logits `qa·kaᵀ/√D`.
 pub const SCORES: &str = include_str!("../shaders/nabla/scores.wgsl");
 /// Softmax + CDF threshold + STA union + per-row lists.
@@ -165,6 +167,7 @@ pub fn all_variants() -> Vec<(String, String)> {
         }
     }
     v.push(("nabla/fractal".into(), FRACTAL.to_string()));
+    v.extend(crate::nabla::rope_pool_variants());
     v.extend(crate::ops::variants());
     v
 }

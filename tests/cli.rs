@@ -279,3 +279,42 @@ fn mask_command_prints_densities_and_writes_a_heatmap() {
         assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
     }
 }
+
+/// `bench attention` on the wgpu layer times the mask with its pooling fused into the RoPE +
+/// head split (a small custom shape, so it runs on the software driver in seconds).
+#[test]
+fn bench_attention_times_the_fused_pooling() {
+    let json = tmp_dir("bench").join("attn.json");
+    let o = nabla(&[
+        "bench",
+        "attention",
+        "--shape",
+        "1,2,128,64",
+        "--sparse-algo",
+        "nabla-0.5,sta-1-1-1",
+        "--reps",
+        "1",
+        "--dense-reps",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "bench failed:\n{err}");
+    assert!(err.contains("mask stages: pool"), "{err}");
+    assert!(
+        err.contains("mask with pooling fused into RoPE")
+            && err.contains("rope+pool")
+            && err.contains("scores, softmax, threshold, lists"),
+        "{err}"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = doc["mask_fused_pooling"].as_array().expect("fused rows");
+    assert_eq!(rows.len(), 1, "one NABLA algorithm: {rows:?}");
+    assert_eq!(rows[0]["algo"], "nabla-0.5");
+    for k in ["rope_ms", "rope_pool_ms", "prepooled_mask_ms"] {
+        let v = rows[0][k].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{k} = {v}");
+    }
+}

@@ -493,3 +493,283 @@ fn attention_coop_matches_reference() {
         );
     }
 }
+
+/// x `[S, H·D]` (token-major, as the DiT's projections write it): a smooth field over the
+/// blocks plus noise, so the block means and the masks carry structure.
+fn tokens_field(rng: &mut Rng, s: usize, heads: usize, d: usize, shift: usize) -> Vec<f32> {
+    let nb = s / 64;
+    let centers = rng.normals(nb * heads * d, 1.0);
+    let mut x = vec![0f32; s * heads * d];
+    for t in 0..s {
+        let b = (t / 64 + shift) % nb;
+        for h in 0..heads {
+            let sharp = 0.5 + 1.5 * h as f32;
+            for c in 0..d {
+                x[(t * heads + h) * d + c] =
+                    centers[(b * heads + h) * d + c] * sharp + rng.normal() * 0.7;
+            }
+        }
+    }
+    x
+}
+
+/// The wgpu layer's fused RoPE + head split + pooling (`Backend::rope_split_heads_pooled`) and
+/// the mask from its pooled rows (`Backend::estimate_mask_prepooled`) on random x with the real
+/// fractal RoPE tables of a token grid: the heads bit-identical to `rope_split_heads`, the pooled
+/// rows the block means of the f32 rotations (f16 heads: before their rounding), the masks the
+/// reference rule on them.
+fn run_rope_pool_case(
+    tag: u64,
+    tok: (usize, usize, usize),
+    heads: usize,
+    d: usize,
+    f16: bool,
+    algos: &[&str],
+) {
+    use nabla::wan::{Backend, WgpuBackend};
+    let g = gpu();
+    if f16 && !g.caps().f16 {
+        eprintln!("no SHADER_F16: f16 RoPE + pooling case skipped");
+        return;
+    }
+    let what = format!("rope+pool {tok:?} h{heads} d{d} f16={f16}");
+    let mut rng = Rng::fresh(tag);
+    let grid = BlockGrid::from_tokens(tok.0, tok.1, tok.2).unwrap();
+    let (s, nb) = (grid.tokens(), grid.blocks());
+    let dt = if f16 { DType::F16 } else { DType::F32 };
+    let poison = if f16 { 0x7e00_7e00 } else { POISON };
+    let (cos, sin) = nabla::ops::rope::rope_tables(tok, d, true);
+    let (ct, st) = (
+        g.upload_f32(&cos, &[s, d / 2]).unwrap(),
+        g.upload_f32(&sin, &[s, d / 2]).unwrap(),
+    );
+    let xq = tokens_field(&mut rng, s, heads, d, 0);
+    let xk = tokens_field(&mut rng, s, heads, d, 1);
+    let mut be = WgpuBackend::new(g);
+    let scratch = be.mask_scratch(heads, grid, d).unwrap();
+    let stg = scratch.stages();
+    for t in [&stg.qa, &stg.ka, &stg.probs] {
+        g.fill_u32(t, POISON);
+    }
+    let heads_shape = [1, heads, s, d];
+    let mut rotations = Vec::new();
+    for (x, side) in [
+        (&xq, nabla::nabla::QkSide::Q),
+        (&xk, nabla::nabla::QkSide::K),
+    ] {
+        // the unfused path: RoPE in place, then the head split
+        let xr = g.upload_f32(x, &[s, heads * d]).unwrap();
+        let want = g.empty(&heads_shape, dt).unwrap();
+        g.fill_u32(&want, poison);
+        be.rope_split_heads(&xr, &ct, &st, heads, &want).unwrap();
+        // the fused kernel
+        let xf = g.upload_f32(x, &[s, heads * d]).unwrap();
+        let got = g.empty(&heads_shape, dt).unwrap();
+        g.fill_u32(&got, poison);
+        let pooled = be
+            .rope_split_heads_pooled(&xf, &ct, &st, heads, &got, &scratch, side)
+            .unwrap();
+        assert!(pooled, "{what}: the wgpu layer pools");
+        be.flush().unwrap();
+        let (gb, wb) = (g.read_bytes(&got).unwrap(), g.read_bytes(&want).unwrap());
+        let vals = g.read_f32(&got).unwrap();
+        assert!(
+            vals.iter().all(|v| v.is_finite()),
+            "{what} {side:?}: unwritten (NaN) heads"
+        );
+        let diff = gb.iter().zip(&wb).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff, 0,
+            "{what} {side:?}: {diff} bytes differ from rope_split_heads"
+        );
+        assert_eq!(
+            g.read_f32(&xf).unwrap(),
+            *x,
+            "{what}: x must stay untouched"
+        );
+        // the pooled rows are means of the f32 rotations (before an f16 head's rounding)
+        // (a fresh x: the unfused path rotates x in place)
+        let x32 = g.upload_f32(x, &[s, heads * d]).unwrap();
+        let rot = g.empty(&heads_shape, DType::F32).unwrap();
+        g.fill_u32(&rot, POISON);
+        be.rope_split_heads(&x32, &ct, &st, heads, &rot).unwrap();
+        be.flush().unwrap();
+        rotations.push(g.read_f32(&rot).unwrap());
+    }
+    let qa = g.read_f32(&stg.qa).unwrap();
+    let ka = g.read_f32(&stg.ka).unwrap();
+    let qa_ref = reference::pool(&rotations[0], heads, s, d);
+    let ka_ref = reference::pool(&rotations[1], heads, s, d);
+    assert_close(&format!("{what} qa"), &qa, &qa_ref, 1e-6, 1e-5, 1e-6);
+    assert_close(&format!("{what} ka"), &ka, &ka_ref, 1e-6, 1e-5, 1e-6);
+    for a in algos {
+        let algo: SparseAlgo = a.parse().unwrap();
+        g.fill_u32(&stg.probs, POISON);
+        let m = be.estimate_mask_prepooled(grid, &algo, &scratch).unwrap();
+        let dense = be.mask_dense(&m).unwrap();
+        match algo.sta() {
+            Some(w) if algo.threshold().is_none() => {
+                assert_eq!(
+                    dense,
+                    reference::sta_mask(&grid, &w),
+                    "{what} {a}: STA lists"
+                );
+            }
+            _ => {
+                let map = g.read_f32(&stg.probs).unwrap();
+                let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
+                assert_close(&format!("{what} {a} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
+                check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid);
+            }
+        }
+    }
+    // the pooled rows stay valid for another estimate (the scratch is reused, nothing pooled
+    // again): the same algorithm gives the same lists
+    if let Some(a) = algos.iter().find(|a| a.starts_with("nabla")) {
+        let algo: SparseAlgo = a.parse().unwrap();
+        let m1 = be.estimate_mask_prepooled(grid, &algo, &scratch).unwrap();
+        let d1 = be.mask_dense(&m1).unwrap();
+        let m2 = be.estimate_mask_prepooled(grid, &algo, &scratch).unwrap();
+        assert_eq!(d1, be.mask_dense(&m2).unwrap(), "{what} {a}: repeatable");
+    }
+}
+
+#[test]
+fn rope_pool_one_block_d64_f32() {
+    run_rope_pool_case(
+        40,
+        (1, 8, 8),
+        2,
+        64,
+        false,
+        &["nabla-0.0", "nabla-0.5", "nabla-1.0", "sta-1-1-1"],
+    );
+}
+
+#[test]
+fn rope_pool_blocks_d128_f32() {
+    run_rope_pool_case(
+        41,
+        (2, 16, 24),
+        3,
+        128,
+        false,
+        &[
+            "nabla-0.0",
+            "nabla-0.7",
+            "nabla-1.0",
+            "nabla-0.4_sta-1-1-3",
+            "sta-1-3-3",
+        ],
+    );
+}
+
+#[test]
+fn rope_pool_blocks_d64_f16() {
+    run_rope_pool_case(
+        42,
+        (3, 8, 16),
+        2,
+        64,
+        true,
+        &["nabla-0.0", "nabla-0.6", "nabla-1.0", "nabla-0.3_sta-3-1-1"],
+    );
+}
+
+#[test]
+fn rope_pool_one_block_d128_f16() {
+    run_rope_pool_case(43, (1, 8, 8), 2, 128, true, &["nabla-0.0", "nabla-1.0"]);
+}
+
+/// Bad inputs of the fused RoPE + pooling and of the mask from pooled rows are errors.
+#[test]
+fn rope_pool_bad_inputs() {
+    use nabla::nabla::QkSide;
+    use nabla::wan::{Backend, WgpuBackend};
+    let g = gpu();
+    let (heads, d) = (2, 64);
+    let mut be = WgpuBackend::new(g);
+    let msg = |e: nabla::Error| e.to_string();
+    // S not a multiple of 64: a natural-order grid of 3x5 patches (15 tokens)
+    let (cos, sin) = nabla::ops::rope::rope_tables((1, 3, 5), d, false);
+    let (ct, st) = (
+        g.upload_f32(&cos, &[15, d / 2]).unwrap(),
+        g.upload_f32(&sin, &[15, d / 2]).unwrap(),
+    );
+    let x = g
+        .upload_f32(&vec![0.5; 15 * heads * d], &[15, heads * d])
+        .unwrap();
+    let out = g.empty(&[1, heads, 15, d], DType::F32).unwrap();
+    let grid1 = BlockGrid::new(1, 1, 1).unwrap();
+    let scratch1 = be.mask_scratch(heads, grid1, d).unwrap();
+    let e = be
+        .rope_split_heads_pooled(&x, &ct, &st, heads, &out, &scratch1, QkSide::Q)
+        .unwrap_err();
+    assert!(msg(e).contains("multiple of the 64-token block"), "S = 15");
+
+    // a scratch of another shape: 2 blocks of tokens, a scratch for 1 block, other heads, other D
+    let tok = (2, 8, 8);
+    let grid2 = BlockGrid::from_tokens(2, 8, 8).unwrap();
+    let s = grid2.tokens();
+    let (cos, sin) = nabla::ops::rope::rope_tables(tok, d, true);
+    let (ct, st) = (
+        g.upload_f32(&cos, &[s, d / 2]).unwrap(),
+        g.upload_f32(&sin, &[s, d / 2]).unwrap(),
+    );
+    let x = g
+        .upload_f32(&vec![0.5; s * heads * d], &[s, heads * d])
+        .unwrap();
+    let out = g.empty(&[1, heads, s, d], DType::F32).unwrap();
+    let other_heads = be.mask_scratch(heads + 1, grid2, d).unwrap();
+    let other_d = be.mask_scratch(heads, grid2, 128).unwrap();
+    for (name, sc) in [
+        ("fewer blocks", &scratch1),
+        ("more heads", &other_heads),
+        ("other head_dim", &other_d),
+    ] {
+        for side in [QkSide::Q, QkSide::K] {
+            let e = be
+                .rope_split_heads_pooled(&x, &ct, &st, heads, &out, sc, side)
+                .unwrap_err();
+            assert!(msg(e).contains("scratch"), "{name} {side:?}");
+        }
+    }
+    // heads that disagree with the output, x of another width, tables of another length,
+    // x aliasing out, u32 output
+    let ok = be.mask_scratch(heads, grid2, d).unwrap();
+    assert!(
+        be.rope_split_heads_pooled(&x, &ct, &st, heads + 1, &out, &ok, QkSide::Q)
+            .is_err()
+    );
+    let narrow = g.upload_f32(&vec![0.5; s * d], &[s, d]).unwrap();
+    assert!(
+        be.rope_split_heads_pooled(&narrow, &ct, &st, heads, &out, &ok, QkSide::Q)
+            .is_err()
+    );
+    let short = g.upload_f32(&cos[..64 * d / 2], &[64, d / 2]).unwrap();
+    assert!(
+        be.rope_split_heads_pooled(&x, &short, &short, heads, &out, &ok, QkSide::Q)
+            .is_err()
+    );
+    let alias = x.reshape(&[1, heads, s, d]).unwrap();
+    assert!(
+        be.rope_split_heads_pooled(&x, &ct, &st, heads, &alias, &ok, QkSide::Q)
+            .is_err()
+    );
+    let u = g.empty(&[1, heads, s, d], DType::U32).unwrap();
+    assert!(
+        be.rope_split_heads_pooled(&x, &ct, &st, heads, &u, &ok, QkSide::Q)
+            .is_err()
+    );
+    // the fused path works on the right scratch
+    assert!(
+        be.rope_split_heads_pooled(&x, &ct, &st, heads, &out, &ok, QkSide::Q)
+            .unwrap()
+    );
+    // the mask from pooled rows of another grid
+    let algo: SparseAlgo = "nabla-0.5".parse().unwrap();
+    assert!(be.estimate_mask_prepooled(grid1, &algo, &ok).is_err());
+    let grid3 = BlockGrid::new(1, 1, 2).unwrap(); // same block count, other grid: fine
+    assert!(be.estimate_mask_prepooled(grid3, &algo, &ok).is_ok());
+    be.flush().unwrap();
+}

@@ -4,7 +4,10 @@
 use super::{layer, median};
 use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
 use nabla::io::write_safetensors;
-use nabla::nabla::{BLOCK, MaskStages, record_estimate_mask, time_mask_stages};
+use nabla::nabla::{
+    BLOCK, MaskStages, QkSide, record_estimate_mask, record_mask_from_pooled,
+    record_rope_split_heads_pooled, time_mask_stages,
+};
 use nabla::synth::{Role, structured};
 use nabla::{BlockGrid, BlockMask, DType, Error, Gpu, Result, SparseAlgo, Tensor};
 use serde_json::json;
@@ -856,10 +859,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 
     let stages = MaskStages::alloc(&gpu, bh, nb, d)?;
+    // the DiT's q/k producer (batch 1) with and without the mask's pooling fused in; a custom
+    // B,H,S,D shape takes the token grid of its S/64 x 1 x 1 blocks (8x8 patches per frame)
+    let fused = match b {
+        1 if algos.iter().any(|x| x.cut().is_some()) => {
+            let tok = sh.token_grid.unwrap_or((grid.t, grid.hb * 8, grid.wb * 8));
+            Some(time_rope_pool(
+                &gpu, a.reps, a.seed, tok, h, d, dt, &stages,
+            )?)
+        }
+        _ => None,
+    };
+    let mut fused_rows = Vec::new();
     let mut rows = Vec::new();
     let mut masks_dump = Vec::new();
     for algo in &algos {
         eprintln!("{algo} ...");
+        let mut prepooled_ms = None;
         let (mask, mask_ms, mask_all) = match algo {
             SparseAlgo::Sta(w) => (
                 BlockMask::sta(&gpu, grid, *w)?.as_ref().clone(),
@@ -871,6 +887,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 let t = gpu.time_ms_inner(a.reps + 2, 10, |bt| {
                     record_estimate_mask(bt, &qt, &kt, grid, algo, &stages, &m)
                 })?;
+                if fused.is_some() {
+                    // the rest of the mask from the pooled q/k the estimate above left in
+                    // `stages` (the same rows the fused producer would leave)
+                    let tp = gpu.time_ms_inner(a.reps + 1, 10, |bt| {
+                        record_mask_from_pooled(bt, grid, algo, &stages, &m)
+                    })?;
+                    prepooled_ms = Some(median(&tp[1..]));
+                }
                 (m, median(&t[2..]), t)
             }
         };
@@ -883,6 +907,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 "  mask stages: pool {:.3} ms, scores {:.3} ms, softmax+threshold+lists {:.3} ms",
                 stages_ms[0], stages_ms[1], stages_ms[2]
             );
+        }
+        if let (Some(f), Some(rest_ms)) = (&fused, prepooled_ms) {
+            fused_rows.push(f.report(algo, rest_ms));
         }
         let density = mask.density(&gpu)?;
         let out = gpu.empty(&shape, dt)?;
@@ -941,6 +968,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "adapter": caps.name, "backend": caps.backend, "driver": format!("{} {}", caps.driver, caps.driver_info),
             "shape": sh.name, "kernel": format!("{kernel:?}"), "b": b, "h": h, "s": s, "d": d, "blocks": nb, "dtype": format!("{dt:?}"),
             "dense_ms": dense_ms, "dense_tflops": dense_tflops, "rows": rows,
+            "mask_fused_pooling": fused_rows,
         });
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| Error::file(p.clone(), e))?;
@@ -949,4 +977,73 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         write_masks(p, &masks_dump, (bh, d, s), grid, &sh.name)?;
     }
     Ok(())
+}
+
+/// GPU times of the DiT's q/k producer at a bench shape, q and k together: RoPE + head split
+/// alone, and with the mask's pooling fused in (which leaves the pooled q/k in the mask scratch
+/// for the prepooled estimate). Shared by the wgpu and CUDA attention benches.
+pub(super) struct RopePoolTimes {
+    pub(super) rope_ms: f64,
+    pub(super) rope_pool_ms: f64,
+}
+
+impl RopePoolTimes {
+    /// Prints the mask's cost in the DiT's form (the pooling's cost inside the RoPE plus
+    /// `prepooled_ms`, the rest of the estimate from the pooled q/k) and returns its JSON row.
+    pub(super) fn report(&self, algo: &SparseAlgo, prepooled_ms: f64) -> serde_json::Value {
+        let pool_ms = self.rope_pool_ms - self.rope_ms;
+        eprintln!(
+            "  mask with pooling fused into RoPE: {:.3} ms = pooling's cost in RoPE {pool_ms:.3} \
+             ms (rope {:.3} -> rope+pool {:.3} ms, q and k) + scores, softmax, threshold, lists \
+             {prepooled_ms:.3} ms",
+            pool_ms + prepooled_ms,
+            self.rope_ms,
+            self.rope_pool_ms
+        );
+        json!({"algo": algo.to_string(), "rope_ms": self.rope_ms,
+            "rope_pool_ms": self.rope_pool_ms, "prepooled_mask_ms": prepooled_ms,
+            "mask_ms": pool_ms + prepooled_ms})
+    }
+}
+
+/// Times RoPE in place + head split of q and k (the unfused producer,
+/// `WgpuBackend::rope_split_heads`) against the fused RoPE + split + pooling kernel, on
+/// synthetic `[S, H·D]` activations with the fractal RoPE tables of the token grid `tok`.
+#[allow(clippy::too_many_arguments)]
+fn time_rope_pool(
+    gpu: &Gpu,
+    reps: usize,
+    seed: u64,
+    tok: (usize, usize, usize),
+    h: usize,
+    d: usize,
+    dt: DType,
+    stages: &MaskStages,
+) -> Result<RopePoolTimes> {
+    use nabla::ops::{elementwise::record_split_heads, rope};
+    eprintln!("RoPE + pooling producer ...");
+    let s = tok.0 * tok.1 * tok.2;
+    let (cos, sin) = rope::upload_rope_tables(gpu, tok, d, true)?;
+    let x = nabla::synth::noise(seed ^ 0x5eed, s * h * d, 1.0);
+    let (xq, xk) = (
+        gpu.upload_f32(&x, &[s, h * d])?,
+        gpu.upload_f32(&x, &[s, h * d])?,
+    );
+    drop(x);
+    let (oq, ok) = (gpu.empty(&[1, h, s, d], dt)?, gpu.empty(&[1, h, s, d], dt)?);
+    let reps = reps.max(1) + 1;
+    let rope = gpu.time_ms_inner(reps, 10, |b| {
+        rope::record_rope(b, &xq, &cos, &sin, h)?;
+        record_split_heads(b, &xq, &oq)?;
+        rope::record_rope(b, &xk, &cos, &sin, h)?;
+        record_split_heads(b, &xk, &ok)
+    })?;
+    let rope_pool = gpu.time_ms_inner(reps, 10, |b| {
+        record_rope_split_heads_pooled(b, &xq, &cos, &sin, &oq, stages, QkSide::Q)?;
+        record_rope_split_heads_pooled(b, &xk, &cos, &sin, &ok, stages, QkSide::K)
+    })?;
+    Ok(RopePoolTimes {
+        rope_ms: median(&rope[1..]),
+        rope_pool_ms: median(&rope_pool[1..]),
+    })
 }

@@ -2,7 +2,7 @@
 //! attention on the same synthetic inputs as the wgpu bench, with the same table, JSON and
 //! mask dump (for `benches/torch_attention.py`).
 
-use super::bench::{AttnArgs, Shape, print_attention_rows, rel_err, write_masks};
+use super::bench::{AttnArgs, RopePoolTimes, Shape, print_attention_rows, rel_err, write_masks};
 use super::median;
 use nabla::cuda::{Cuda, attention, nabla as cnabla};
 use nabla::synth::{Role, structured};
@@ -74,18 +74,7 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
                     let t = attention::time_ms(c, 1, a.reps.max(1), || {
                         cnabla::estimate_mask_prepooled(c, grid, algo, &scratch).map(|_| ())
                     })?;
-                    let (pool_ms, rest_ms) = (f.rope_pool_ms - f.rope_ms, median(&t));
-                    eprintln!(
-                        "  mask with pooling fused into RoPE: {:.3} ms = pooling's cost in RoPE \
-                         {pool_ms:.3} ms (rope {:.3} -> rope+pool {:.3} ms, q and k) + scores, \
-                         softmax, threshold, lists {rest_ms:.3} ms",
-                        pool_ms + rest_ms,
-                        f.rope_ms,
-                        f.rope_pool_ms
-                    );
-                    fused_rows.push(json!({"algo": algo.to_string(), "rope_ms": f.rope_ms,
-                        "rope_pool_ms": f.rope_pool_ms, "prepooled_mask_ms": rest_ms,
-                        "mask_ms": pool_ms + rest_ms}));
+                    fused_rows.push(f.report(algo, median(&t)));
                 }
                 let m = m.ok_or_else(|| Error::Invalid("no mask estimated".into()))?;
                 (m, median(&t), st.to_vec())
@@ -151,14 +140,6 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
         write_masks(p, &masks_dump, (bh, d, s), grid, &sh.name)?;
     }
     Ok(())
-}
-
-/// GPU times of the DiT's q/k producer at this shape, both q and k: RoPE + head split alone,
-/// and with the mask's pooling fused in (which leaves the pooled q/k in `scratch` for
-/// [`cnabla::estimate_mask_prepooled`]).
-struct RopePoolTimes {
-    rope_ms: f64,
-    rope_pool_ms: f64,
 }
 
 fn time_rope_pool(

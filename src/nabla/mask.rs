@@ -1,5 +1,7 @@
 //! Block-mask estimation on the GPU (pool → scores → softmax + CDF threshold ∪ STA → lists)
-//! and the [`BlockMask`] it produces.
+//! and the [`BlockMask`] it produces. The DiT skips the pooling pass: its RoPE + head split
+//! pools q and k as it writes them ([`super::record_rope_split_heads_pooled`]), and
+//! [`record_mask_from_pooled`] runs the stages after the pooling.
 
 use super::{BLOCK, BlockGrid, SparseAlgo, sta_lists};
 use crate::error::{Error, Result};
@@ -577,6 +579,26 @@ pub fn mask_from_pooled_with(
     algo: &SparseAlgo,
     reduction: Reduction,
 ) -> Result<(BlockMask, Tensor)> {
+    let (bh, d) = check_pooled(qa, ka, &grid, algo)?;
+    let nb = grid.blocks();
+    gpu.check_binding("block attention map", (bh * nb * nb * 4) as u64)?;
+    let probs = gpu.empty(&[bh, nb, nb], DType::F32)?;
+    let out = BlockMask::alloc(gpu, bh, nb)?;
+    let mut b = gpu.batch();
+    record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
+    record_threshold(&mut b, &probs, &grid, algo, &out, bh, reduction)?;
+    b.submit()?;
+    Ok((out, probs))
+}
+
+/// Checks pooled `qa`, `ka` `[BH, Nb, D]` (f32) against the grid and that `algo` has a NABLA
+/// threshold; returns (BH, D).
+fn check_pooled(
+    qa: &Tensor,
+    ka: &Tensor,
+    grid: &BlockGrid,
+    algo: &SparseAlgo,
+) -> Result<(usize, usize)> {
     let sh = qa.shape();
     let nb = grid.blocks();
     if sh.len() != 3
@@ -586,8 +608,12 @@ pub fn mask_from_pooled_with(
         || ka.dtype() != DType::F32
     {
         return Err(Error::shape(format!(
-            "pooled qa {sh:?} and ka {:?} must both be f32 [BH, {nb}, D]",
-            ka.shape()
+            "pooled qa {sh:?} and ka {:?} must both be f32 [BH, {nb}, D] for the block grid \
+             {}x{}x{}",
+            ka.shape(),
+            grid.t,
+            grid.hb,
+            grid.wb
         )));
     }
     let (bh, d) = (sh[0], sh[2]);
@@ -601,14 +627,39 @@ pub fn mask_from_pooled_with(
             "{algo} has no NABLA threshold; use BlockMask::sta"
         )));
     }
-    gpu.check_binding("block attention map", (bh * nb * nb * 4) as u64)?;
-    let probs = gpu.empty(&[bh, nb, nb], DType::F32)?;
-    let out = BlockMask::alloc(gpu, bh, nb)?;
-    let mut b = gpu.batch();
-    record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
-    record_threshold(&mut b, &probs, &grid, algo, &out, bh, reduction)?;
-    b.submit()?;
-    Ok((out, probs))
+    Ok((bh, d))
+}
+
+/// Records the rest of the mask pipeline for a NABLA algorithm from q and k already pooled into
+/// `stages.qa`, `stages.ka` (by [`super::record_rope_split_heads_pooled`], or any producer of
+/// `[BH, Nb, D]` f32 block means): block scores and softmax into `stages.probs`, threshold
+/// (∪ STA) and lists into `out`, exactly as [`record_estimate_mask`] after its pooling. No
+/// allocation besides the kernels' parameters. STA-only algorithms have no threshold (an
+/// error): use [`BlockMask::sta`].
+pub fn record_mask_from_pooled(
+    batch: &mut Batch<'_>,
+    grid: BlockGrid,
+    algo: &SparseAlgo,
+    stages: &MaskStages,
+    out: &BlockMask,
+) -> Result<()> {
+    let (bh, d) = check_pooled(&stages.qa, &stages.ka, &grid, algo)?;
+    let nb = grid.blocks();
+    if stages.probs.shape() != [bh, nb, nb] || stages.probs.dtype() != DType::F32 {
+        return Err(Error::shape(format!(
+            "mask scratch: the block map {:?} does not match the pooled q/k ({bh} heads of {nb} \
+             blocks)",
+            stages.probs.shape()
+        )));
+    }
+    if out.heads != bh || out.nb != nb || out.kv != nb {
+        return Err(Error::shape(format!(
+            "mask output has {} heads of {} blocks, the pooled q/k need {bh} of {nb}",
+            out.heads, out.nb
+        )));
+    }
+    record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
+    record_threshold(batch, &stages.probs, &grid, algo, out, bh, Reduction::Auto)
 }
 
 /// GPU time (median ms over `reps`) of each mask stage on its own: pooling of q and k, block

@@ -5,6 +5,7 @@ mod algo;
 mod fractal;
 mod grid;
 mod mask;
+mod rope_pool;
 mod sta;
 
 pub use algo::{SparseAlgo, StaWindow};
@@ -12,8 +13,10 @@ pub use fractal::{from_fractal, record_fractal, to_fractal};
 pub use grid::BlockGrid;
 pub use mask::{
     BlockMask, MaskStages, Reduction, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
-    mask_from_pooled_with, record_estimate_mask, time_mask_stages,
+    mask_from_pooled_with, record_estimate_mask, record_mask_from_pooled, time_mask_stages,
 };
+pub(crate) use rope_pool::variants as rope_pool_variants;
+pub use rope_pool::{record_rope_split_heads_pooled, rope_split_heads_pooled};
 pub use sta::sta_lists;
 
 /// Tokens per NABLA block (one 8×8 tile of one frame). Fixed by the reference.

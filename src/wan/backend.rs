@@ -362,6 +362,14 @@ pub struct WgpuMaskScratch {
     lists: Arc<BlockMask>,
 }
 
+impl WgpuMaskScratch {
+    /// The intermediates of the last estimate: pooled q/k (written by
+    /// [`Backend::rope_split_heads_pooled`] or [`Backend::estimate_mask`]) and the block map.
+    pub fn stages(&self) -> &MaskStages {
+        &self.stages
+    }
+}
+
 impl<'g> Backend for WgpuBackend<'g> {
     type T = Tensor;
     type M = WgpuMask;
@@ -566,6 +574,64 @@ impl<'g> Backend for WgpuBackend<'g> {
             self.b(),
             q,
             k,
+            grid,
+            algo,
+            &scratch.stages,
+            &scratch.lists,
+        )?;
+        Ok(WgpuMask(scratch.lists.clone()))
+    }
+    /// Rotates, splits and block-pools in one kernel
+    /// ([`crate::nabla::record_rope_split_heads_pooled`]): the heads are bit-identical to
+    /// [`Backend::rope_split_heads`]'s (`x` is left untouched instead of rotated), the pooled
+    /// rows land in the scratch's pooled q or k. Always pools (`true`); errors where the mask
+    /// estimation would refuse the shape (S not a multiple of 64, head dim not a multiple of 16)
+    /// or the scratch serves another shape.
+    fn rope_split_heads_pooled(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+        out: &Tensor,
+        scratch: &WgpuMaskScratch,
+        side: QkSide,
+    ) -> Result<bool> {
+        let h = match *out.shape() {
+            [h, _, _] | [1, h, _, _] => h,
+            _ => 0,
+        };
+        if h != heads {
+            return Err(Error::shape(format!(
+                "rope_split_heads_pooled: {heads} heads asked, the output {:?} has {h}",
+                out.shape()
+            )));
+        }
+        crate::nabla::record_rope_split_heads_pooled(
+            self.b(),
+            x,
+            cos,
+            sin,
+            out,
+            &scratch.stages,
+            side,
+        )?;
+        Ok(true)
+    }
+    /// Scores, softmax, threshold (∪ STA) and lists from the pooled q/k in the scratch
+    /// ([`crate::nabla::record_mask_from_pooled`]), into the scratch's lists like
+    /// [`Backend::estimate_mask`]; STA-only algorithms return the cached STA mask.
+    fn estimate_mask_prepooled(
+        &mut self,
+        grid: BlockGrid,
+        algo: &SparseAlgo,
+        scratch: &WgpuMaskScratch,
+    ) -> Result<WgpuMask> {
+        if let SparseAlgo::Sta(w) = algo {
+            return Ok(WgpuMask(BlockMask::sta(self.gpu, grid, *w)?));
+        }
+        crate::nabla::record_mask_from_pooled(
+            self.b(),
             grid,
             algo,
             &scratch.stages,
