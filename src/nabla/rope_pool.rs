@@ -2,8 +2,9 @@
 //! q/k producer when a NABLA mask is estimated. It writes the rotated heads exactly as
 //! [`crate::ops::rope::record_rope`] followed by [`crate::ops::elementwise::record_split_heads`]
 //! do (bit for bit), and the mean of each 64-token block of the f32 rotations (before an f16
-//! head's rounding) into the pooled q or k of a [`MaskStages`], which [`super::record_mask_from_pooled`] then turns into the
-//! mask: q and k are read once, not once more by a separate pooling pass.
+//! head's rounding) into the pooled q or k of a [`MaskStages`], which
+//! [`super::record_mask_from_pooled`] then turns into the mask: q and k are read once, not once
+//! more by a separate pooling pass.
 
 use super::{BLOCK, MaskStages, QkSide};
 use crate::error::{Error, Result};
@@ -43,9 +44,9 @@ pub(crate) fn variants() -> Vec<(String, String)> {
 /// rotations, summed in f32: with f32 heads what the mask's own pooling of `out` gives up to
 /// summation order; with f16 heads the values before their rounding (pooling the rounded
 /// values needs `f32(f16(v))`, which the H200's Vulkan compiler folds into `v`, so it would not
-/// be portable; see `shaders/nabla/rope_pool.wgsl`). `x` is left untouched. `S` must be a multiple of 64
-/// and `D` a multiple of 16 up to 512 (what the mask estimation accepts); `stages` must serve
-/// `H` heads of `S/64` blocks with head dim `D`.
+/// be portable; see `shaders/nabla/rope_pool.wgsl`). `x` is left untouched. `S` must be a
+/// multiple of 64 and `D` a multiple of 16 up to 512 (what the mask estimation accepts);
+/// `stages` must serve `H` heads of `S/64` blocks with head dim `D`.
 pub fn record_rope_split_heads_pooled(
     batch: &mut Batch<'_>,
     x: &Tensor,
