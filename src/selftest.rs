@@ -399,11 +399,101 @@ fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The RoPE + head split + pooling cases: (token grid, heads, head dim).
+const ROPE_POOL_CASES: [((usize, usize, usize), usize, usize); 2] =
+    [((2, 8, 16), 2, 64), ((1, 16, 8), 3, 128)];
+
+/// Inputs and the reference heads of one RoPE + pooling case: x `[S, H·D]`, the fractal RoPE
+/// tables, the rotated heads `[H, S, D]` (f64 rotation rounded to f32) and S.
+/// The bound of a RoPE + pooling row with heads stored as `dt`: the rotation is f32 on the GPU
+/// and f64 in the reference, so a few values round to the neighbouring 16-bit value (one ulp:
+/// 2^-11 of the value for f16, 2^-8 for bf16).
+fn rope_pool_bound(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => 1e-4,
+        DType::BF16 => 1e-3,
+        _ => 1e-6,
+    }
+}
+
+fn rope_pool_case(
+    rng: &mut Rng,
+    tok: (usize, usize, usize),
+    h: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, usize) {
+    let s = tok.0 * tok.1 * tok.2;
+    let (cos, sin) = crate::ops::rope::rope_tables(tok, d, true);
+    let x = rng.normals(s * h * d, 1.0);
+    let roped = reference::nn::rope::rope(&x, &cos, &sin, h, d);
+    let heads = reference::nn::elementwise::split_heads(&roped, s, h, d);
+    (x, cos, sin, heads, s)
+}
+
+/// The wgpu layer's fused RoPE + head split + pooling (the DiT's q/k producer under a NABLA
+/// mask): the heads against the f64 rotation rounded to the storage type, the pooled rows
+/// against the reference pooling of the f32 rotations (what the kernel pools).
+fn rope_pool_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    for dt in [DType::F32, DType::F16] {
+        for (tok, h, d) in ROPE_POOL_CASES {
+            let shape = format!("{}x{}x{} tokens, {h} heads, d{d}", tok.0, tok.1, tok.2);
+            if dt == DType::F16 && !gpu.caps().f16 {
+                out.push(Row {
+                    kernel: "rope+pool".into(),
+                    variant: format!("{dt:?} heads"),
+                    shape,
+                    rel_err: 0.0,
+                    bound: 0.0,
+                    skipped: Some("no SHADER_F16".into()),
+                });
+                continue;
+            }
+            let (x, cos, sin, heads, s) = rope_pool_case(rng, tok, h, d);
+            let nb = s / crate::nabla::BLOCK;
+            let stages = crate::nabla::MaskStages::alloc(gpu, h, nb, d)?;
+            let o = gpu.empty(&[1, h, s, d], dt)?;
+            gpu.fill_u32(
+                &o,
+                if dt == DType::F32 {
+                    0x7fc0_0000
+                } else {
+                    0x7e00_7e00
+                },
+            );
+            gpu.fill_u32(&stages.qa, 0x7fc0_0000);
+            crate::nabla::rope_split_heads_pooled(
+                gpu,
+                &gpu.upload_f32(&x, &[s, h * d])?,
+                &gpu.upload_f32(&cos, &[s, d / 2])?,
+                &gpu.upload_f32(&sin, &[s, d / 2])?,
+                &o,
+                &stages,
+                crate::nabla::QkSide::Q,
+            )?;
+            let e_heads = rel_l2(&gpu.read_f32(&o)?, &round(dt, &heads));
+            let e_pool = rel_l2(
+                &gpu.read_f32(&stages.qa)?,
+                &reference::pool(&heads, h, s, d),
+            );
+            out.push(Row {
+                kernel: "rope+pool".into(),
+                variant: format!("{dt:?} heads"),
+                shape,
+                rel_err: e_heads.max(e_pool),
+                bound: rope_pool_bound(dt),
+                skipped: None,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs every check on `gpu`; inputs are fresh for every `seed`.
 pub fn run(gpu: &Gpu, seed: u64) -> Result<Vec<Row>> {
     let mut rng = Rng(seed);
     let mut rows = Vec::new();
     mask_rows(gpu, &mut rng, &mut rows)?;
+    rope_pool_rows(gpu, &mut rng, &mut rows)?;
     attention_rows(gpu, &mut rng, &mut rows)?;
     linear_rows(gpu, &mut rng, &mut rows)?;
     Ok(rows)
@@ -598,11 +688,50 @@ pub mod cuda {
         Ok(())
     }
 
+    /// The CUDA layer's fused RoPE + head split + pooling: the heads against the f64 rotation
+    /// rounded to the storage type, the pooled rows against the reference pooling of those
+    /// stored heads (what the kernel pools).
+    fn rope_pool_rows(c: &Cuda, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+        for dt in [DType::BF16, DType::F16] {
+            for (tok, h, d) in super::ROPE_POOL_CASES {
+                let (x, cos, sin, heads, s) = super::rope_pool_case(rng, tok, h, d);
+                let nb = s / crate::nabla::BLOCK;
+                let scratch = nabla::MaskScratch::alloc(c, h, nb, d)?;
+                let o = poisoned(c, &[1, h, s, d], dt)?;
+                nabla::rope_split_heads_pooled(
+                    c,
+                    &c.upload_f32(&x, &[s, h * d])?,
+                    &c.upload_f32(&cos, &[s, d / 2])?,
+                    &c.upload_f32(&sin, &[s, d / 2])?,
+                    &o,
+                    &scratch,
+                    crate::nabla::QkSide::K,
+                )?;
+                let want = round(dt, &heads);
+                let e_heads = rel_l2(&c.download_f32(&o)?, &want);
+                let e_pool = rel_l2(
+                    &c.download_f32(scratch.ka())?,
+                    &reference::pool(&want, h, s, d),
+                );
+                out.push(Row {
+                    kernel: "cuda rope+pool".into(),
+                    variant: format!("{dt:?} heads"),
+                    shape: format!("{}x{}x{} tokens, {h} heads, d{d}", tok.0, tok.1, tok.2),
+                    rel_err: e_heads.max(e_pool),
+                    bound: super::rope_pool_bound(dt),
+                    skipped: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs every CUDA check; inputs are fresh for every `seed`.
     pub fn run(c: &Cuda, seed: u64) -> Result<Vec<Row>> {
         let mut rng = Rng(seed);
         let mut rows = Vec::new();
         mask_rows(c, &mut rng, &mut rows)?;
+        rope_pool_rows(c, &mut rng, &mut rows)?;
         attention_rows(c, &mut rng, &mut rows)?;
         linear_rows(c, &mut rng, &mut rows)?;
         Ok(rows)
