@@ -6,6 +6,7 @@
 #   tools/cuda-emu/run.sh            all attention and mask cases
 #   ROT=0 / W2=1 tools/cuda-emu/run.sh attn   walk lists unrotated / the 32-rows-per-warp kernels
 #   tools/cuda-emu/run.sh attn90    the Hopper wgmma kernels (attention_sm90a.cu)
+#   tools/cuda-emu/run.sh rope      nabla.cu's RoPE + head split (+ pooling) kernels
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
@@ -17,8 +18,10 @@ python3 "$here/prep.py" "$root/src/cuda/kernels/nabla.cu" prims.h "$EMU_BUILD/na
 python3 "$here/prep.py" "$root/src/cuda/kernels/attention_sm90a.cu" prims.h "$EMU_BUILD/attn90_emu.cpp"
 (cd "$EMU_BUILD" && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o attn_driver attn_driver.cpp \
   && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -DSM90A -o attn90_driver attn_driver.cpp \
-  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o nabla_driver nabla_driver.cpp)
+  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o nabla_driver nabla_driver.cpp \
+  && g++ -std=c++20 -O1 -pthread -Wno-unused-result -ffp-contract=off -o rope_driver rope_driver.cpp)
 what="${1:-all}"
 if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == mask ]]; then python3 "$here/test_nabla.py"; fi
+if [[ "$what" == all || "$what" == rope ]]; then python3 "$here/test_rope.py"; fi
