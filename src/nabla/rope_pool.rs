@@ -80,22 +80,7 @@ pub fn record_rope_split_heads_pooled(
         }
     };
     let gpu = batch.gpu();
-    match out.dtype() {
-        DType::F32 => {}
-        DType::F16 if gpu.caps().f16 => {}
-        DType::F16 => {
-            return Err(Error::Unsupported {
-                adapter: gpu.caps().name.clone(),
-                feature: "SHADER_F16",
-                what: format!("{op}: f16 heads"),
-            });
-        }
-        o => {
-            return Err(Error::shape(format!(
-                "{op}: out must be f32 or f16, got {o:?}"
-            )));
-        }
-    }
+    crate::ops::elementwise::check_f32_or_f16(gpu, &format!("{op}: out"), out)?;
     if cs != [s, d / 2] || d % 2 != 0 {
         return Err(Error::shape(format!(
             "{op}: tables {cs:?} do not fit heads {:?}: expected [{s}, {}]",

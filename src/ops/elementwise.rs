@@ -165,6 +165,24 @@ pub(crate) fn check_f32(what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless `t` is f32, or f16 on an adapter with `SHADER_F16` (the storage types the
+/// half-capable kernels take: GEMM inputs and outputs, heads, norm outputs).
+pub(crate) fn check_f32_or_f16(gpu: &Gpu, what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => Ok(()),
+        DType::F16 if gpu.caps().f16 => Ok(()),
+        DType::F16 => Err(Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "SHADER_F16",
+            what: format!("{what} stored as f16"),
+        }),
+        d => Err(Error::shape(format!(
+            "{what} must be f32 or f16, got a {:?} {d:?} tensor",
+            t.shape()
+        ))),
+    }
+}
+
 /// Fails when `a` and `b` share a buffer: a kernel cannot read one binding while writing
 /// another view of the same buffer (wgpu rejects it).
 pub(crate) fn check_distinct(op: &str, a: (&str, &Tensor), b: (&str, &Tensor)) -> Result<()> {
@@ -416,19 +434,6 @@ fn tokens_shape(shape: &[usize]) -> Option<(usize, usize)> {
     }
 }
 
-/// The heads side of a split/merge may be f32 or (with SHADER_F16) f16.
-fn check_half_ok(gpu: &Gpu, what: &str, t: &Tensor) -> Result<()> {
-    match t.dtype() {
-        DType::F16 if gpu.caps().f16 => Ok(()),
-        DType::F16 => Err(Error::Unsupported {
-            adapter: gpu.caps().name.clone(),
-            feature: "SHADER_F16",
-            what: format!("{what} in f16"),
-        }),
-        _ => check_f32(what, t),
-    }
-}
-
 fn record_heads(
     batch: &mut Batch<'_>,
     merge: bool,
@@ -473,7 +478,7 @@ fn record_heads(
 pub fn record_split_heads(batch: &mut Batch<'_>, x: &Tensor, out: &Tensor) -> Result<()> {
     let op = "split_heads";
     check_f32("split_heads: x", x)?;
-    check_half_ok(batch.gpu(), "split_heads: out", out)?;
+    check_f32_or_f16(batch.gpu(), "split_heads: out", out)?;
     let (h, s, d) = heads_shape(op, "out", out.shape())?;
     if tokens_shape(x.shape()) != Some((s, h * d)) {
         return Err(Error::shape(format!(
@@ -514,8 +519,8 @@ pub fn split_heads(gpu: &Gpu, x: &Tensor, heads: usize) -> Result<Tensor> {
 /// f16 on either side needs `SHADER_F16`. Vectorized by 4 when D is a multiple of 4.
 pub fn record_merge_heads(batch: &mut Batch<'_>, x: &Tensor, out: &Tensor) -> Result<()> {
     let op = "merge_heads";
-    check_half_ok(batch.gpu(), "merge_heads: x", x)?;
-    check_half_ok(batch.gpu(), "merge_heads: out", out)?;
+    check_f32_or_f16(batch.gpu(), "merge_heads: x", x)?;
+    check_f32_or_f16(batch.gpu(), "merge_heads: out", out)?;
     let (h, s, d) = heads_shape(op, "x", x.shape())?;
     if tokens_shape(out.shape()) != Some((s, h * d)) {
         return Err(Error::shape(format!(

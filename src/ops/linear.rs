@@ -416,7 +416,7 @@ fn check(
     }
     let lead = &xs[..xs.len() - 1];
     let m: usize = lead.iter().product();
-    check_half(gpu, "linear input", x)?;
+    crate::ops::elementwise::check_f32_or_f16(gpu, "linear input", x)?;
     if weight_code(w.dtype()).is_none() {
         return Err(Error::shape(format!(
             "linear weight must be f32, f16 or bf16, got {:?}",
@@ -456,7 +456,7 @@ fn check(
                 out.shape()
             )));
         }
-        check_half(gpu, "linear output", out)?;
+        crate::ops::elementwise::check_f32_or_f16(gpu, "linear output", out)?;
         let inputs = [Some(x), Some(w), b];
         if inputs.iter().flatten().any(|t| t.buffer() == out.buffer()) {
             return Err(Error::shape(
@@ -487,23 +487,6 @@ fn check(
     let out_bytes = (m * n) as u64 * out.map_or(4, |o| o.dtype().size());
     gpu.check_binding(&format!("linear output [{m}, {n}]"), out_bytes)?;
     Ok((m, n, k))
-}
-
-/// Fails unless `t` (x or the output) is f32, or f16 on an adapter with `SHADER_F16`.
-fn check_half(gpu: &Gpu, what: &str, t: &Tensor) -> Result<()> {
-    match t.dtype() {
-        DType::F32 => Ok(()),
-        DType::F16 if gpu.caps().f16 => Ok(()),
-        DType::F16 => Err(Error::Unsupported {
-            adapter: gpu.caps().name.clone(),
-            feature: "SHADER_F16",
-            what: format!("a {what} stored as f16"),
-        }),
-        d => Err(Error::shape(format!(
-            "{what} must be f32 or f16, got {d:?} {:?}",
-            t.shape()
-        ))),
-    }
 }
 
 /// Whether [`LinearKernel::Auto`] picks the tensor-core kernel for weights stored as `weights`

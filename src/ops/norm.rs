@@ -144,16 +144,10 @@ fn check_rows(
     half_ok: bool,
 ) -> Result<(usize, usize)> {
     check_f32(&format!("{op}: x"), x)?;
-    match out.dtype() {
-        DType::F16 if half_ok && gpu.caps().f16 => {}
-        DType::F16 if half_ok => {
-            return Err(Error::Unsupported {
-                adapter: gpu.caps().name.clone(),
-                feature: "SHADER_F16",
-                what: format!("{op} with an f16 output"),
-            });
-        }
-        _ => check_f32(&format!("{op}: out"), out)?,
+    if half_ok {
+        crate::ops::elementwise::check_f32_or_f16(gpu, &format!("{op}: out"), out)?;
+    } else {
+        check_f32(&format!("{op}: out"), out)?;
     }
     let cols = match x.shape().last() {
         Some(&c) if c > 0 => c,
