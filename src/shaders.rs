@@ -62,7 +62,7 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, probe: u32) -> Stri
     let kpl4 = 64 / (subgroup / 16) / 4;
     let kst = 64 * (head_dim / 4) / (4 * subgroup);
     // the K/V staging takes its vec4s in adjacent pairs (`el` in block_sparse_coop.wgsl)
-    assert!(kst % 2 == 0, "odd K/V staging slot count {kst}");
+    assert!(kst.is_multiple_of(2), "odd K/V staging slot count {kst}");
     let body = expand_unroll(
         body,
         &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4), ("KST", kst)],

@@ -489,9 +489,9 @@ fn every_variant_is_registered() {
     let per_weight = 5 + 2 * (3 * 2 + 2);
     assert_eq!(
         v.len(),
-        3 * per_weight * (1 + 3 * 2),
+        3 * per_weight * (1 + 3 * 3),
         "3 weight dtypes × 21 epilogue / rounding / storage combinations (+ coop × 3 subgroup \
-         sizes × 2 load widths)"
+         sizes × 3 load widths)"
     );
     for dt in ["f32", "f16", "bf16"] {
         for act in [
@@ -512,8 +512,10 @@ fn every_variant_is_registered() {
             for io in io {
                 let name = format!("linalg/linear[{dt},{act}{io}]");
                 assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
-                let coop = format!("{name}[coop,sg32,vec=true]");
-                assert!(v.iter().any(|(n, _)| *n == coop), "{coop} missing");
+                for l in ["scalar", "vec4", "vec8"] {
+                    let coop = format!("{name}[coop,sg32,{l}]");
+                    assert!(v.iter().any(|(n, _)| *n == coop), "{coop} missing");
+                }
             }
         }
     }
@@ -644,6 +646,10 @@ fn coop_kernel_matches_reference_on_f16_rounded_operands() {
         (96, 40, 48, DType::F32),
         (1000, 640, 1536, DType::BF16),
         (1, 3, 2, DType::F16),
+        // K % 4 == 0 but not % 8: the 8-byte loads; K % 8 == 0 with f32 W: 16-byte pairs
+        (72, 50, 36, DType::BF16),
+        (40, 24, 20, DType::F16),
+        (33, 130, 24, DType::F32),
     ] {
         for act in [Activation::None, Activation::GeluTanh, Activation::Silu] {
             let x = rng.normals(m * k, 1.0);
@@ -1985,7 +1991,7 @@ fn f16_activations_refused_combinations() {
 /// The tensor-core kernel (real GPUs with 16×16 f16 cooperative matrices; skipped elsewhere):
 /// f16 x (rounded to nearest even on the CPU) gives exactly what the unrounded f32 x gives,
 /// since the kernel rounds f32 x to f16 as it stages it; f16 y is its f32 result rounded once.
-/// Vector loads (K % 4 == 0) and scalar ones, every weight type and activation, the residual
+/// 16-byte loads (K % 8 == 0), 8-byte ones (K % 4 == 0) and scalar ones, every weight type and activation, the residual
 /// epilogue. A failure here with everything else passing means the GPU's f32 → f16 conversion
 /// does not round to nearest even, or the f16 staging path reads the wrong elements.
 #[test]
@@ -2009,6 +2015,7 @@ fn coop_f16_activations_are_bit_identical() {
         (1000, 640, 1536, DType::BF16),
         (257, 384, 1000, DType::BF16),
         (1, 3, 2, DType::F16),
+        (72, 50, 36, DType::BF16),
     ] {
         let x = rng.normals(m * k, 1.0);
         let w = rng.normals(n * k, 0.05);

@@ -3,11 +3,11 @@
 // f16 with the plain epilogue).
 // Operands are rounded to f16 when staged into workgroup memory (bf16 weights beyond the f16
 // range would overflow: DiT weights are far inside it), products accumulate in f32. f16 x
-// (XDT = 1) is staged as stored, without any conversion: four halves per 8-byte load with the
-// vector loads (K % 4 == 0), or per four 2-byte loads. An f16 x rounded to nearest even from an
-// f32 x therefore gives the results of that f32 x bit for bit (the f32 path rounds to f16 the
-// same way when staging). (16-byte loads of eight halves would need a vec2<u32> → vec4<f16>
-// bitcast, which naga 30 does not implement.)
+// (XDT = 1) is staged as stored, without any conversion: eight halves per 16-byte load when
+// K % 8 == 0 (linear_loads_vec8.wgsl), four per 8-byte load when K % 4 == 0, else 2-byte loads
+// (linear_loads_vec.wgsl / linear_loads.wgsl, paired by linear_loads_pair.wgsl). An f16 x
+// rounded to nearest even from an f32 x therefore gives the results of that f32 x bit for bit
+// (the f32 path rounds to f16 the same way when staging).
 // In the bf16-autocast mode (RB16 = 1, linear_common.wgsl) x is first rounded to bf16, then
 // converted to f16: exact for |x| in f16's normal range [2^-14, 65504], so with bf16 weights the
 // tensor cores see exactly the bf16 operands. Below 2^-14, f16 subnormals keep steps of 2^-24: a
@@ -33,22 +33,23 @@ var<workgroup> c_s: array<f32, 1024>;               // per subgroup one 16x16 f3
 
 // PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
 // bit 1 the matrix products; 0 in every real run.
-fn stage_x(row: u32, k: u32) -> vec4<f16> {
+fn stage_x(row: u32, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
-        return vec4<f16>(f16(row & 7u));
+        return mat2x4<f16>(vec4<f16>(f16(row & 7u)), vec4<f16>(f16(row & 7u)));
     }
+    let v = load_x8(row, k);
     if (XDT != 0u) {
         // f16 storage: as stored (a conversion of f16 to f16: none)
-        return vec4<f16>(load_xv(row, k));
+        return mat2x4<f16>(v);
     }
-    return vec4<f16>(round_x4(load_x4(row, k)));
+    return mat2x4<f16>(vec4<f16>(round_x4(vec4<f32>(v[0]))), vec4<f16>(round_x4(vec4<f32>(v[1]))));
 }
 
-fn stage_w(row: u32, k: u32) -> vec4<f16> {
+fn stage_w(row: u32, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
-        return vec4<f16>(f16(k & 7u));
+        return mat2x4<f16>(vec4<f16>(f16(k & 7u)), vec4<f16>(f16(k & 7u)));
     }
-    return vec4<f16>(load_w4(row, k));
+    return mat2x4<f16>(load_w8(row, k));
 }
 
 fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) {
@@ -91,27 +92,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c{t}3 = coop_mat16x16<f32, C>();
     //@end
     // Software pipeline: the next k-step's operands are loaded from storage into registers
-    // (ST vec4s of x and of W per thread, already rounded to f16) while the tensor cores work on
-    // the current one, so global-memory latency overlaps the MMAs. The staging is unrolled with
-    // a constant trip count (a loop from `lid` with a run-time bound kept every load in flight
-    // alone: ~6x slower on the H200).
-    let sr = lid / 8u;
-    let sc = lid % 8u;
-    //@unroll ST
-    var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 8u), sc * 4u);
-    var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 8u), sc * 4u);
+    // (SP spans of eight x and eight W values per thread, already rounded to f16) while the
+    // tensor cores work on the current one, so global-memory latency overlaps the MMAs. The
+    // staging is unrolled with a constant trip count (a loop from `lid` with a run-time bound
+    // kept every load in flight alone: ~6x slower on the H200). Four threads per row, eight k
+    // each: with K % 8 == 0 each span is one 16-byte load (linear_loads_vec8.wgsl).
+    let sr = lid / 4u;
+    let sc = lid % 4u;
+    //@unroll SP
+    var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
     //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
-        //@unroll ST
-        a_s[(sr + {t}u * (WGS / 8u)) * KAV + sc] = xr{t};
-        b_s[(sr + {t}u * (WGS / 8u)) * KAV + sc] = wr{t};
+        //@unroll SP
+        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = xr{t}[0];
+        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = xr{t}[1];
+        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = wr{t}[0];
+        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = wr{t}[1];
         //@end
         workgroupBarrier();
         let kn = k0 + 32u;
         if (kn < P.k) {
-            //@unroll ST
-            xr{t} = stage_x(m0 + sr + {t}u * (WGS / 8u), kn + sc * 4u);
-            wr{t} = stage_w(n0 + sr + {t}u * (WGS / 8u), kn + sc * 4u);
+            //@unroll SP
+            xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), kn + sc * 8u);
+            wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), kn + sc * 8u);
             //@end
         }
         for (var kk = 0u; kk < 2u; kk++) {

@@ -340,6 +340,10 @@ pub struct GemmArgs {
     /// Weight storage: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Storage of x on the wgpu layer: f32, or f16 (what the Wan DiT feeds the tensor-core
+    /// kernel, its GEMM-only activations).
+    #[arg(long, default_value = "f32")]
+    x_dtype: String,
     /// Rows M of the DiT shapes (tokens): 67200 = 14B at 1280x640, 81 frames.
     #[arg(long, default_value_t = 67200)]
     tokens: usize,
@@ -498,6 +502,15 @@ fn gemm(a: GemmArgs) -> Result<()> {
     } else {
         None
     };
+    let x_dtype = match a.x_dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        o => {
+            return Err(Error::Invalid(format!(
+                "--x-dtype: {o:?} is not f32 or f16"
+            )));
+        }
+    };
     let m = a.tokens;
     let shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("square 4096", 4096, 4096, 4096),
@@ -511,8 +524,8 @@ fn gemm(a: GemmArgs) -> Result<()> {
     ];
     let mut rows = Vec::new();
     println!(
-        "adapter  {} ({}, {} {}) | weights {}",
-        caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype
+        "adapter  {} ({}, {} {}) | weights {} | x {}",
+        caps.name, caps.backend, caps.driver, caps.driver_info, a.dtype, a.x_dtype
     );
     println!(
         "timing   per shape and kernel: a warm-up of >= {GEMM_WARM_MS} ms of GPU work and >= \
@@ -536,7 +549,11 @@ fn gemm(a: GemmArgs) -> Result<()> {
                 })
                 .collect()
         };
-        let x = gpu.upload_f32(&rnd(m * k, 2.0), &[m, k])?;
+        let xv = rnd(m * k, 2.0);
+        let x = match x_dtype {
+            DType::F16 => gpu.upload_f16(&xv, &[m, k])?,
+            _ => gpu.upload_f32(&xv, &[m, k])?,
+        };
         let wv = rnd(n * k, 0.1);
         let w = match a.dtype.as_str() {
             "f16" => gpu.upload_f16(&wv, &[n, k])?,
@@ -576,7 +593,7 @@ fn gemm(a: GemmArgs) -> Result<()> {
                     #[cfg(feature = "cuda")]
                     Some(c) => cublaslt_linear(
                         c,
-                        &gpu.read_f32(&x)?,
+                        &xv,
                         &gpu.read_f32(&w)?,
                         &bv,
                         (m, n, k),

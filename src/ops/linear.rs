@@ -23,9 +23,9 @@
 //! (rounded once, to nearest even, by its producer) changes no result — bit for bit — and halves
 //! the bytes of x that the kernel's storage loads move, the loads that bound it (~156 TFLOP/s
 //! with f32 x at the Wan 14B shapes on the H200, against ~400 with the loads skipped). f16 x is
-//! staged without any conversion, four halves per 8-byte load when K % 4 == 0 (scalar loads
-//! otherwise). Eight halves per 16-byte load would need a bitcast of `vec2<u32>` to
-//! `vec4<f16>`, which naga 30 does not implement (it keeps the operand's component count).
+//! staged without any conversion: eight halves per 16-byte load when K % 8 == 0 (a
+//! `mat2x4<f16>` element: naga 30 has no bitcast of `vec2<u32>` to `vec4<f16>`), four per
+//! 8-byte load when K % 4 == 0, scalar loads otherwise.
 //!
 //! The portable kernel widens f16 x exactly to f32, so on f16 x it computes what it computes on
 //! the f32 values of those halves. An f16 `y` is the f32 result (after bias and activation)
@@ -74,6 +74,56 @@ const LINEAR_COMMON: &str = include_str!("../../shaders/linalg/linear_common.wgs
 const LINEAR_COOP: &str = include_str!("../../shaders/linalg/linear_coop.wgsl");
 const LINEAR_LOADS: &str = include_str!("../../shaders/linalg/linear_loads.wgsl");
 const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_vec.wgsl");
+const LINEAR_LOADS_VEC8: &str = include_str!("../../shaders/linalg/linear_loads_vec8.wgsl");
+const LINEAR_LOADS_PAIR: &str = include_str!("../../shaders/linalg/linear_loads_pair.wgsl");
+
+/// How the tensor-core kernel loads x and W from storage (it stages spans of eight k).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loads {
+    /// One element per load (any K).
+    Scalar,
+    /// Four elements per load (K % 4 == 0).
+    Vec4,
+    /// Eight elements (16 bytes of 16-bit values) per load (K % 8 == 0).
+    Vec8,
+}
+
+impl Loads {
+    const ALL: [Loads; 3] = [Loads::Scalar, Loads::Vec4, Loads::Vec8];
+
+    /// The widest loads K allows; `NABLA_LINEAR_VEC=0|4` caps them (comparisons).
+    fn for_k(k: usize) -> Loads {
+        let widest = if k.is_multiple_of(8) {
+            Loads::Vec8
+        } else if k.is_multiple_of(4) {
+            Loads::Vec4
+        } else {
+            Loads::Scalar
+        };
+        match std::env::var("NABLA_LINEAR_VEC").ok().as_deref() {
+            Some("0") => Loads::Scalar,
+            Some("4") if widest == Loads::Vec8 => Loads::Vec4,
+            _ => widest,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Loads::Scalar => "scalar",
+            Loads::Vec4 => "vec4",
+            Loads::Vec8 => "vec8",
+        }
+    }
+
+    /// The binding and load functions of this form (the coop kernel's `load_x8` / `load_w8`).
+    fn source(self) -> String {
+        match self {
+            Loads::Scalar => format!("{LINEAR_LOADS}{LINEAR_LOADS_PAIR}"),
+            Loads::Vec4 => format!("{LINEAR_LOADS_VEC}{LINEAR_LOADS_PAIR}"),
+            Loads::Vec8 => LINEAR_LOADS_VEC8.to_string(),
+        }
+    }
+}
 const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
 const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
 
@@ -309,24 +359,25 @@ fn source(wdt: DType, epi: Epilogue, rb16: bool, io: Io) -> Option<String> {
     ))
 }
 
-/// WGSL source of the cooperative-matrix variant for subgroup size `sg`, with vector loads
-/// (`vec`, K a multiple of 4) or scalar ones; `probe` is a diagnostic (0 in real runs).
+/// WGSL source of the cooperative-matrix variant for subgroup size `sg` with `loads`; `probe`
+/// is a diagnostic (0 in real runs).
 fn coop_source(
     wdt: DType,
     epi: Epilogue,
     rb16: bool,
     io: Io,
     sg: u32,
-    vec: bool,
+    loads: Loads,
     probe: u32,
 ) -> Option<String> {
     let w = weight_code(wdt)?;
     if !io.supported(epi, rb16) {
         return None;
     }
-    let loads = if vec { LINEAR_LOADS_VEC } else { LINEAR_LOADS };
-    // ST: vec4s of x and of W each thread stages per k-step (128 rows × 8 vec4s over 4·sg threads)
-    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("ST", 1024 / (4 * sg))]);
+    let loads = loads.source();
+    // SP: spans of eight x and of eight W values each thread stages per k-step (128 rows × 4
+    // spans over 4·sg threads)
+    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("SP", 512 / (4 * sg))]);
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
          const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{}\
@@ -352,10 +403,11 @@ pub fn variants() -> Vec<(String, String)> {
                         v.push((variant_name(wdt, epi, rb16, io), src));
                     }
                     for sg in crate::shaders::COOP_SUBGROUP_SIZES {
-                        for vec in [false, true] {
-                            if let Some(src) = coop_source(wdt, epi, rb16, io, sg, vec, 0) {
+                        for loads in Loads::ALL {
+                            if let Some(src) = coop_source(wdt, epi, rb16, io, sg, loads, 0) {
                                 let name = variant_name(wdt, epi, rb16, io);
-                                v.push((format!("{name}[coop,sg{sg},vec={vec}]"), src));
+                                let l = loads.name();
+                                v.push((format!("{name}[coop,sg{sg},{l}]"), src));
                             }
                         }
                     }
@@ -852,23 +904,23 @@ fn record(
     };
     let pipe = match coop {
         Some(sg) => {
-            // vector loads (four x values: 16 bytes of f32 or 8 of f16) need K % 4 == 0 (every
-            // DiT shape); NABLA_LINEAR_VEC=0 turns them off
-            let vec = k % 4 == 0 && std::env::var("NABLA_LINEAR_VEC").map_or(true, |v| v != "0");
+            // vector loads: 8 values per load for K % 8 == 0 (every DiT shape), 4 for K % 4 == 0
+            let loads = Loads::for_k(k);
             // diagnostics only (wrong results): NABLA_LINEAR_PROBE=1 skips the storage loads,
             // 2 the matrix products
             let probe: u32 = std::env::var("NABLA_LINEAR_PROBE")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let src = coop_source(w.dtype(), shader_epi, rb16, io, sg, vec, probe)
+            let src = coop_source(w.dtype(), shader_epi, rb16, io, sg, loads, probe)
                 .ok_or_else(|| no_kernel(w, io))?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
-                "{}[coop,sg{sg},vec={vec},checked={checked}{}]",
+                "{}[coop,sg{sg},{},checked={checked}{}]",
                 variant_name(w.dtype(), shader_epi, rb16, io),
+                loads.name(),
                 if probe != 0 {
                     format!(",probe={probe}")
                 } else {
