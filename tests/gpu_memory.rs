@@ -4,12 +4,17 @@
 //!
 //! Backends that write no allocator report (Metal, GL) answer `None`; the test then says so and
 //! passes, except on Vulkan and DX12, which must answer.
+//!
+//! `Gpu::memory_info` (Vulkan's device-local heap and budget): present on Vulkan, free ≤ total,
+//! and the 64 MiB tensor lowers `free`. The Wan DiT refuses weights that cannot fit before it
+//! uploads any, with an error naming what it needs and what the device has; its planned weight
+//! bytes are what it uploads.
 
 mod common;
 
 use common::gpu;
-use nabla::DType;
-use nabla::wan::{Backend, WgpuBackend};
+use nabla::wan::{Backend, Dit, WanConfig, WeightPrecision, WgpuBackend, planned_weight_bytes};
+use nabla::{DType, Error};
 
 const MIB: u64 = 1 << 20;
 /// The tensor's size: 64 MiB of f32.
@@ -58,6 +63,7 @@ fn memory_in_use_follows_a_64_mib_tensor() {
         return;
     };
     eprintln!("in use before: {before} bytes");
+    let info_before = memory_info();
 
     // a 64 MiB tensor, written and read back so that the GPU really used it
     let words = (BYTES / 4) as usize;
@@ -67,6 +73,13 @@ fn memory_in_use_follows_a_64_mib_tensor() {
     assert_eq!(back.len(), words);
     assert!(back.iter().all(|&x| x == 0xdead_beef));
     drop(back);
+    if let (Some((free0, total)), Some((free1, _))) = (info_before, memory_info()) {
+        assert!(
+            free1 + BYTES / 2 <= free0,
+            "a live 64 MiB tensor lowered the free memory only from {free0} to {free1} bytes \
+             (heap {total})"
+        );
+    }
     let with = in_use().expect("the report was there a moment ago");
     eprintln!("in use with the tensor: {with} bytes");
     assert!(
@@ -105,4 +118,90 @@ fn memory_in_use_follows_a_64_mib_tensor() {
         via_trait + BYTES <= with,
         "Backend::memory_in_use of the wgpu layer still gives {via_trait} bytes after the drop"
     );
+}
+
+/// `(free, total)` after checking it is sane, or `None` where the backend has no answer (it
+/// must have one on Vulkan).
+fn memory_info() -> Option<(u64, u64)> {
+    let g = gpu();
+    let v = g.memory_info();
+    match v {
+        Some((free, total)) => {
+            eprintln!("memory_info: {free} of {total} bytes free");
+            assert!(total > 0, "a device-local heap of 0 bytes");
+            assert!(free <= total, "{free} bytes free of a {total}-byte heap");
+        }
+        None => {
+            assert!(
+                !g.caps().backend.to_lowercase().contains("vulkan"),
+                "memory_info is None on Vulkan ({})",
+                g.caps().name
+            );
+            eprintln!("NOT TESTED: {} has no memory size query", g.caps().backend);
+        }
+    }
+    v
+}
+
+/// What `Dit::from_source` uploads is what `planned_weight_bytes` predicts, at both
+/// precisions.
+#[test]
+fn planned_weight_bytes_are_the_uploaded_bytes() {
+    let cfg = nabla::wan::pipeline::demo_dit_config();
+    for p in [WeightPrecision::F32, WeightPrecision::BF16] {
+        let mut be = WgpuBackend::new(gpu());
+        let dit = Dit::random(&mut be, &cfg, p, 7).unwrap();
+        assert_eq!(
+            dit.weight_bytes(),
+            planned_weight_bytes(&cfg, p),
+            "{p:?}: uploaded vs planned"
+        );
+    }
+}
+
+/// A DiT whose weights exceed the device's memory is refused before any upload, naming the
+/// bytes it needs and the bytes free.
+#[test]
+fn dit_weights_beyond_the_device_are_refused_up_front() {
+    let g = gpu();
+    let Some((free, total)) = memory_info() else {
+        return;
+    };
+    // the 14B model's layers, as many as it takes to pass the whole heap
+    let mut cfg = WanConfig::t2v_14b();
+    cfg.num_layers = 1;
+    let one = planned_weight_bytes(&cfg, WeightPrecision::BF16);
+    cfg.num_layers = 2;
+    let per_layer = planned_weight_bytes(&cfg, WeightPrecision::BF16) - one;
+    cfg.num_layers = (total / per_layer) as usize + 2;
+    let need = planned_weight_bytes(&cfg, WeightPrecision::BF16);
+    assert!(need > total);
+    let mut be = WgpuBackend::new(g);
+    let t0 = std::time::Instant::now();
+    let r = Dit::random(&mut be, &cfg, WeightPrecision::BF16, 1);
+    match r {
+        Err(Error::OutOfMemory {
+            needed, available, ..
+        }) => {
+            assert_eq!(needed, need);
+            let a = available.expect("the free bytes are known here");
+            // `free` moves only by the other tests' tensors (64 MiB) in between
+            assert!(
+                a <= total && a + 256 * MIB >= free,
+                "available {a}, free {free}, heap {total}"
+            );
+        }
+        Err(e) => panic!("expected an out-of-memory refusal, got: {e}"),
+        Ok(_) => panic!("{need} bytes of weights were accepted on a {total}-byte heap"),
+    }
+    let msg = Dit::random(&mut be, &cfg, WeightPrecision::BF16, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("DiT weights") && msg.contains("GB") && msg.contains("free"),
+        "message: {msg}"
+    );
+    // refused before generating or uploading anything (that would take minutes at this size)
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
 }

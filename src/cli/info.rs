@@ -24,7 +24,17 @@ pub fn run() -> Result<()> {
         };
         println!("== adapter {i}{mark}");
         match Gpu::from_adapter(a) {
-            Ok(g) => println!("{}\n", g.caps()),
+            Ok(g) => {
+                println!("{}", g.caps());
+                match g.memory_info() {
+                    Some((free, total)) => println!(
+                        "  memory: {:.2} GB device-local, {:.2} GB free for this process\n",
+                        total as f64 / 1e9,
+                        free as f64 / 1e9
+                    ),
+                    None => println!("  memory: size not reported on this backend\n"),
+                }
+            }
             Err(e) => println!("{name}: cannot open: {e}\n"),
         }
     }

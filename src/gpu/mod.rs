@@ -4,6 +4,7 @@
 //! pass, one submission), so a whole pipeline such as mask estimation runs without readback.
 
 mod caps;
+mod memory;
 mod tensor;
 
 pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
@@ -213,6 +214,15 @@ impl Gpu {
         self.device
             .generate_allocator_report()
             .map(|r| r.total_allocated_bytes)
+    }
+
+    /// Device-local memory: `(free, total)` bytes, where the driver tells (Vulkan: the largest
+    /// device-local heap, and the driver's budget for this process where it has
+    /// `VK_EXT_memory_budget`, else the heap minus [`Gpu::memory_in_use`]); `None` on other
+    /// backends. The Wan DiT checks its weights and its workspace against `free` before
+    /// allocating them.
+    pub fn memory_info(&self) -> Option<(u64, u64)> {
+        memory::device_memory(&self.device, self.memory_in_use())
     }
 
     /// Returns the first GPU error raised since the last check (validation, out of memory).

@@ -65,9 +65,9 @@ pub trait Backend {
         let _ = weights;
         DType::F32
     }
-    /// `(free, total)` device memory in bytes where the layer can tell (CUDA), `None` where it
-    /// cannot (wgpu exposes no memory size): the DiT refuses a forward whose workspace cannot
-    /// fit before allocating anything.
+    /// `(free, total)` device memory in bytes where the layer can tell (CUDA; wgpu on Vulkan,
+    /// [`Gpu::memory_info`]), `None` where it cannot (wgpu on other backends): the DiT refuses
+    /// weights or a forward workspace that cannot fit before allocating them.
     fn memory_info(&self) -> Option<(u64, u64)> {
         None
     }
@@ -395,6 +395,9 @@ impl<'g> Backend for WgpuBackend<'g> {
     }
     fn memory_in_use(&self) -> Option<u64> {
         self.gpu.memory_in_use()
+    }
+    fn memory_info(&self) -> Option<(u64, u64)> {
+        self.gpu.memory_info()
     }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)

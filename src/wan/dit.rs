@@ -288,6 +288,22 @@ impl WeightSource for RandomWeights {
     }
 }
 
+/// Bytes the weights of `cfg` take on the device at `precision`: the 2-D weights of the blocks'
+/// and the text embedding's linears in `precision`'s type, everything else f32 (what
+/// [`Dit::from_source`] uploads; it counts the same as it goes, [`Dit::weight_bytes`]).
+pub fn planned_weight_bytes(cfg: &WanConfig, precision: WeightPrecision) -> u64 {
+    super::expected_tensors(cfg)
+        .iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>() as u64;
+            let gemm = shape.len() == 2
+                && name.ends_with(".weight")
+                && (name.starts_with("blocks.") || name.starts_with("text_embedding."));
+            n * if gemm { precision.dtype().size() } else { 4 }
+        })
+        .sum()
+}
+
 fn load_linear<B: Backend>(
     be: &mut B,
     ck: &dyn WeightSource,
@@ -344,6 +360,23 @@ impl<B: Backend> Dit<B> {
     ) -> Result<Dit<B>> {
         let c = cfg.clone();
         c.validate()?;
+        // refuse before uploading weights that cannot fit (where the layer can tell)
+        let planned = planned_weight_bytes(&c, precision);
+        if let Some((free, _)) = be.memory_info()
+            && planned > free
+        {
+            return Err(Error::OutOfMemory {
+                what: format!(
+                    "the DiT weights ({} layers, dim {}, GEMM weights in {:?})",
+                    c.num_layers,
+                    c.dim,
+                    precision.dtype()
+                ),
+                needed: planned,
+                available: Some(free),
+                device: be.device_name(),
+            });
+        }
         let big = precision.dtype();
         let f32d = DType::F32;
         let d = c.dim;

@@ -14,4 +14,6 @@ pub mod vae;
 pub use backend::{Backend, WgpuBackend};
 pub use checkpoint::{Checkpoint, Layout, expected_tensors, official_name};
 pub use config::WanConfig;
-pub use dit::{Dit, DitInput, RandomWeights, Trace, WeightPrecision, WeightSource};
+pub use dit::{
+    Dit, DitInput, RandomWeights, Trace, WeightPrecision, WeightSource, planned_weight_bytes,
+};
