@@ -5,7 +5,8 @@
 // One workgroup = 64 query rows of one head = 4 subgroups of 16 rows each. Every subgroup owns
 // its rows end to end: its Q tile lives in registers as A matrices, S = Q·Kᵀ and the softmax of
 // its rows go through its own slice of workgroup memory, O stays in C matrices. A whole 64-key
-// block is staged at a time: K, then V in the same buffer (four barriers per block). Online
+// block is staged at a time: K, then V in the same buffer (five barriers per block, two of them
+// in the uniform load of the rescale flag). Online
 // softmax in base 2 with lazy rescaling: a row keeps its reference maximum until a block exceeds
 // it by more than 2^8, and only then is O sent through workgroup memory to be rescaled
 // (workgroup-wide decision, rare after the first blocks). The KV list is walked starting at a
@@ -16,7 +17,7 @@
 // by the dispatcher (shaders::expand_unroll), so no driver has to keep them in local memory.
 //
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
-// 16-byte boundary (row strides KSV, PSV (vec4 units), OS (floats) and column offsets are
+// 16-byte boundary (row strides KSV, PSV (vec4 units), OS4 (vec4 units) and column offsets are
 // multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
 // (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
 // 128) and SG (the subgroup size; the workgroup has 4·SG threads).
@@ -24,7 +25,7 @@
 const QV: u32 = HD / 4u;          // vec4s per row
 const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
 const PSV: u32 = 18u;             // vec4<f16> row stride of P (64 keys + pad)
-const OS: u32 = 68u;              // f32 row stride of S (64 keys) and of half an O tile
+const OS4: u32 = 17u;             // vec4<f32> row stride of S (64 keys) and of half an O tile
 const LPR: u32 = SG / 16u;        // lanes per row in the softmax
 const KPL: u32 = 64u / LPR;       // keys per lane
 const CPL: u32 = (HD / 2u) / LPR; // O columns per lane (half tile)
@@ -51,7 +52,7 @@ struct Params {
 
 var<workgroup> kvs: array<vec4<f16>, 64u * KSV>;  // staged K or V block [64 keys][KSV]; Q at start
 var<workgroup> pbuf: array<vec4<f16>, 64u * PSV>; // P rows [64][PSV]
-var<workgroup> so: array<f32, 64u * OS>;          // per subgroup 16 rows: S, or half of O
+var<workgroup> so: array<vec4<f32>, 64u * OS4>;   // per subgroup 16 rows: S, or half of O
 var<workgroup> alpha: array<f32, 64>;             // per-row rescale factors
 var<workgroup> wmeta: array<u32, 4>;              // [count, block, rescale flag, -]
 
@@ -113,7 +114,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let bh = wid.y;
     let krow = sg * 16u * KSV;  // this subgroup's rows in kvs (Q staging)
     let prow = sg * 16u * PSV;  // this subgroup's rows in pbuf
-    let orow = sg * 16u * OS;   // this subgroup's rows in so
+    let orow = sg * 16u * OS4;  // this subgroup's rows in so (vec4 units)
     let rl = lane / LPR;        // softmax: row within the subgroup
     let part = lane % LPR;
     let row = sg * 16u + rl;    // row within the 64-row tile
@@ -161,14 +162,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = 0u; j < 4u; j++) {
             var acc = coop_mat16x16<f32, C>();
             if ((PROBE & 4u) != 0u) {
-                coopStoreT(acc, &so[orow + j * 16u], OS);
+                coopStoreT(acc, &so[orow + j * 4u], OS4);
                 continue;
             }
             //@unroll NT
             acc = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), acc);
             //@end
             acc = acc * P.scale_log2e;
-            coopStoreT(acc, &so[orow + j * 16u], OS);
+            coopStoreT(acc, &so[orow + j * 4u], OS4);
         }
         workgroupBarrier();
         //@unroll KST
@@ -185,11 +186,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             //@end
         }
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
-        let sbase = orow + rl * OS + part * KPL;
+        let sbase = orow + rl * OS4 + part * (KPL / 4u);
         let kbase = key0 + part * KPL;
         var bm = -1.0e30;
         //@unroll KPL4
-        var s{t} = vec4<f32>(so[sbase + {t}u * 4u], so[sbase + {t}u * 4u + 1u], so[sbase + {t}u * 4u + 2u], so[sbase + {t}u * 4u + 3u]);
+        var s{t} = so[sbase + {t}u];
         s{t} = select(vec4<f32>(-3.0e38), s{t}, kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv));
         bm = max(bm, max(max(s{t}.x, s{t}.y), max(s{t}.z, s{t}.w)));
         //@end
@@ -216,27 +217,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             alpha[row] = a;
         }
         seen = true;
-        workgroupBarrier();
+        // (workgroupUniformLoad is barrier, load, barrier: its first barrier also publishes P,
+        // alpha and the flag to the PV step below)
         if (workgroupUniformLoad(&wmeta[2]) != 0u) {
             // rare: O rows *= alpha through workgroup memory, half a tile at a time
             //@unroll NTH
-            coopStoreT(o{t}, &so[orow + {t}u * 16u], OS);
+            coopStoreT(o{t}, &so[orow + {t}u * 4u], OS4);
             //@end
             workgroupBarrier();
             scale_rows(orow, rl, part, alpha[row]);
             workgroupBarrier();
             //@unroll NTH
-            o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
+            o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 4u], OS4);
             //@end
             workgroupBarrier();
             //@unroll NTH
-            coopStoreT(o{t+NTH}, &so[orow + {t}u * 16u], OS);
+            coopStoreT(o{t+NTH}, &so[orow + {t}u * 4u], OS4);
             //@end
             workgroupBarrier();
             scale_rows(orow, rl, part, alpha[row]);
             workgroupBarrier();
             //@unroll NTH
-            o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 16u], OS);
+            o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + {t}u * 4u], OS4);
             //@end
             if (lid == 0u) {
                 wmeta[2] = 0u;
@@ -263,21 +265,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let inv = select(0.0, 1.0 / l, l > 0.0);
     let tok = qb * 64u + row;
     //@unroll NTH
-    coopStoreT(o{t}, &so[orow + {t}u * 16u], OS);
+    coopStoreT(o{t}, &so[orow + {t}u * 4u], OS4);
     //@end
     workgroupBarrier();
     write_rows(orow, rl, part, bh, tok, 0u, inv);
     workgroupBarrier();
     //@unroll NTH
-    coopStoreT(o{t+NTH}, &so[orow + {t}u * 16u], OS);
+    coopStoreT(o{t+NTH}, &so[orow + {t}u * 4u], OS4);
     //@end
     workgroupBarrier();
     write_rows(orow, rl, part, bh, tok, HD / 2u, inv);
 }
 
 fn scale_rows(orow: u32, rl: u32, part: u32, f: f32) {
-    for (var c = 0u; c < CPL; c++) {
-        let ix = orow + rl * OS + part * CPL + c;
+    for (var c = 0u; c < CPL / 4u; c++) {
+        let ix = orow + rl * OS4 + part * (CPL / 4u) + c;
         so[ix] = so[ix] * f;
     }
 }
@@ -287,8 +289,8 @@ fn write_rows(orow: u32, rl: u32, part: u32, bh: u32, tok: u32, col0: u32, inv: 
         return;
     }
     for (var c = 0u; c < CPL; c += 4u) {
-        let ix = orow + rl * OS + part * CPL + c;
-        let val = vec4<f32>(so[ix], so[ix + 1u], so[ix + 2u], so[ix + 3u]) * inv;
+        let ix = orow + rl * OS4 + (part * CPL + c) / 4u;
+        let val = so[ix] * inv;
         out[(bh * P.sq + tok) * QV + (col0 + part * CPL + c) / 4u] = vec4<f16>(val);
     }
 }
