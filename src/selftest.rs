@@ -159,6 +159,72 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The tensor-core linear kernel in every tile configuration the adapter's auto-tune may pick
+/// ([`CoopConfig::CANDIDATES`] that fit), bf16 weights, against the reference on f16-rounded
+/// operands (M = 300: ragged 256- and 128-row tiles).
+fn coop_config_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    use crate::ops::linear::CoopConfig;
+    let (m, n, k) = (300usize, 136usize, 72usize);
+    for c in CoopConfig::CANDIDATES {
+        let variant = format!("tensor cores, tile {}x128 group {}", c.tile_rows, c.group);
+        let shape = format!("{m}x{n}x{k}");
+        let bound = 1e-4;
+        let skip = match gpu.caps().coop_subgroup() {
+            None => Some("no 16x16 cooperative matrices".to_string()),
+            Some(sg) if !c.fits(gpu.caps(), sg) => Some("exceeds the workgroup limits".into()),
+            Some(_) => None,
+        };
+        if let Some(why) = skip {
+            out.push(Row {
+                kernel: "linear".into(),
+                variant,
+                shape,
+                rel_err: 0.0,
+                bound,
+                skipped: Some(why),
+            });
+            continue;
+        }
+        let x = rng.normals(m * k, 1.0);
+        let w = round(DType::BF16, &rng.normals(n * k, 0.1));
+        let bias = rng.normals(n, 0.5);
+        let xt = gpu.upload_f32(&x, &[m, k])?;
+        let wt = upload(gpu, DType::BF16, &w, &[n, k])?;
+        let bt = gpu.upload_f32(&bias, &[n])?;
+        let y = gpu.empty(&[m, n], DType::F32)?;
+        gpu.fill_u32(&y, 0x7fc0_0000);
+        let mut b = gpu.batch();
+        crate::ops::linear::record_linear_with(
+            &mut b,
+            &xt,
+            &wt,
+            Some(&bt),
+            Activation::GeluTanh,
+            &y,
+            LinearKernel::CoopWith(c),
+        )?;
+        b.submit()?;
+        let want = reference::nn::linear::linear(
+            &round(DType::F16, &x),
+            &round(DType::F16, &w),
+            Some(&bias),
+            m,
+            n,
+            k,
+            Activation::GeluTanh,
+        );
+        out.push(Row {
+            kernel: "linear".into(),
+            variant,
+            shape,
+            rel_err: rel_l2(&gpu.read_f32(&y)?, &want),
+            bound,
+            skipped: None,
+        });
+    }
+    Ok(())
+}
+
 /// The fraction of elements of `got` that differ from `want` by more than `slack(i)` (a bf16
 /// autocast result against its reference: only a flipped bf16 rounding makes them differ).
 fn flip_fraction(got: &[f32], want: &[f32], slack: impl Fn(usize) -> f64) -> f64 {
@@ -316,7 +382,7 @@ fn linear_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
-    Ok(())
+    coop_config_rows(gpu, rng, out)
 }
 
 fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {

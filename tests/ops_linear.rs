@@ -489,9 +489,9 @@ fn every_variant_is_registered() {
     let per_weight = 5 + 2 * (3 * 2 + 2);
     assert_eq!(
         v.len(),
-        3 * per_weight * (1 + 3 * 3),
+        3 * per_weight * (1 + 3 * 3 * 2),
         "3 weight dtypes × 21 epilogue / rounding / storage combinations (+ coop × 3 subgroup \
-         sizes × 3 load widths)"
+         sizes × 3 load widths × 2 tile heights)"
     );
     for dt in ["f32", "f16", "bf16"] {
         for act in [
@@ -513,8 +513,10 @@ fn every_variant_is_registered() {
                 let name = format!("linalg/linear[{dt},{act}{io}]");
                 assert!(v.iter().any(|(n, _)| *n == name), "{name} missing");
                 for l in ["scalar", "vec4", "vec8"] {
-                    let coop = format!("{name}[coop,sg32,{l}]");
-                    assert!(v.iter().any(|(n, _)| *n == coop), "{coop} missing");
+                    for tm in [128, 256] {
+                        let coop = format!("{name}[coop,sg32,{l},tm{tm}]");
+                        assert!(v.iter().any(|(n, _)| *n == coop), "{coop} missing");
+                    }
                 }
             }
         }
@@ -2135,5 +2137,68 @@ fn f16_activations_dit_shapes_on_a_real_gpu() {
             flops / ms[1] / 1e9,
             ms[0] / ms[1]
         );
+    }
+}
+
+/// Every tile configuration of the tensor-core kernel (the candidates of the adapter's
+/// auto-tune) gives the default configuration's results bit for bit: ragged M, N and K, every
+/// load width (K % 8, K % 4, other), x stored f32 and f16. Real GPUs with 16×16 f16
+/// cooperative matrices; skipped elsewhere.
+#[test]
+fn coop_tile_configurations_agree_bit_for_bit() {
+    use nabla::ops::linear::CoopConfig;
+    let g = gpu();
+    let Some(sg) = g.caps().coop_subgroup() else {
+        eprintln!(
+            "no 16x16 cooperative matrices on {}: skipped",
+            g.caps().name
+        );
+        return;
+    };
+    let mut rng = Rng::fresh(0x711e);
+    let base = LinearKernel::CoopWith(CoopConfig::DEFAULT);
+    for (m, n, k, wdt) in [
+        (300usize, 200usize, 130usize, DType::BF16),
+        (2049, 40, 36, DType::F16),
+        (513, 136, 64, DType::BF16),
+        (257, 72, 48, DType::F32),
+    ] {
+        let x = rng.normals(m * k, 1.0);
+        let w = rng.normals(n * k, 0.05);
+        let b = rng.normals(n, 0.5);
+        let wt = upload_w(&w, n, k, wdt);
+        let mnk = (m, n, k);
+        for xdt in [DType::F32, DType::F16] {
+            if xdt == DType::F16 && !g.caps().f16 {
+                continue;
+            }
+            let want = run_io(
+                &x,
+                &wt,
+                Some(&b),
+                mnk,
+                Activation::GeluTanh,
+                xdt,
+                DType::F32,
+                base,
+            );
+            for c in CoopConfig::CANDIDATES
+                .iter()
+                .filter(|c| c.fits(g.caps(), sg))
+            {
+                let kc = LinearKernel::CoopWith(*c);
+                let got = run_io(
+                    &x,
+                    &wt,
+                    Some(&b),
+                    mnk,
+                    Activation::GeluTanh,
+                    xdt,
+                    DType::F32,
+                    kc,
+                );
+                assert_bits(&format!("{m}x{n}x{k} {wdt:?} x {xdt:?} {c:?}"), &got, &want);
+            }
+        }
     }
 }

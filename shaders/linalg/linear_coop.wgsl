@@ -15,21 +15,23 @@
 // (an error of at most 2^-25·|w| per product; 2^-14·|w| on a driver that flushes f16 subnormals
 // to 0), negligible next to the products of normal-sized x. Above 65504 it overflows to ±inf,
 // as without the mode.
-// One workgroup = a 128x128 output tile = 4 subgroups of 64x64 (4x4 accumulators each), K in
+// One workgroup = a TMx128 output tile (TM = 128 or 256 rows of x, a tuned choice) = TM/32
+// subgroups of 64x64 (4x4 accumulators each; at TM = 256 twice as many share the W tile), K in
 // steps of 32 through workgroup memory, the next step's operands loaded into registers during
 // the current step's MMAs. Edges are masked in the loads and the epilogue; each
 // accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
 // 16-byte boundary (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and
-// defines WDT, ACT, XDT and SG (workgroup = 4·SG threads).
+// defines WDT, ACT, XDT, SG and TM (workgroup = TM/32·SG threads).
 
 const KAV: u32 = 10u;          // vec4<f16> row stride of the staged tiles: 32 k + 8 pad halfs
-const WGS: u32 = 4u * SG;
+const NSG: u32 = TM / 32u;      // subgroups: (TM / 64) rows x 2 columns of 64x64 tiles
+const WGS: u32 = NSG * SG;
 
-var<workgroup> a_s: array<vec4<f16>, 128u * KAV>;   // x tile [128 rows][32 k]
+var<workgroup> a_s: array<vec4<f16>, TM * KAV>;     // x tile [TM rows][32 k]
 var<workgroup> b_s: array<vec4<f16>, 128u * KAV>;   // W tile [128 rows of W][32 k]
-var<workgroup> c_s: array<f32, 1024>;               // per subgroup one 16x16 f32 scratch
+var<workgroup> c_s: array<f32, 256u * NSG>;         // per subgroup one 16x16 f32 scratch
 
 // PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
 // bit 1 the matrix products; 0 in every real run.
@@ -81,7 +83,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let rows_in_band = min(P.group, P.tiles_m - band * P.group);
     let tm = band * P.group + in_band % rows_in_band;
     let tn = in_band / rows_in_band;
-    let m0 = tm * 128u;
+    let m0 = tm * TM;
     let n0 = tn * 128u;
     let sy = sg / 2u;
     let sx = sg % 2u;
@@ -92,29 +94,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c{t}3 = coop_mat16x16<f32, C>();
     //@end
     // Software pipeline: the next k-step's operands are loaded from storage into registers
-    // (SP spans of eight x and eight W values per thread, already rounded to f16) while the
+    // (SPX spans of eight x and SPW of eight W values per thread, already rounded to f16) while the
     // tensor cores work on the current one, so global-memory latency overlaps the MMAs. The
     // staging is unrolled with a constant trip count (a loop from `lid` with a run-time bound
     // kept every load in flight alone: ~6x slower on the H200). Four threads per row, eight k
     // each: with K % 8 == 0 each span is one 16-byte load (linear_loads_vec8.wgsl).
     let sr = lid / 4u;
     let sc = lid % 4u;
-    //@unroll SP
+    //@unroll SPX
     var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    //@end
+    //@unroll SPW
     var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
     //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
-        //@unroll SP
+        //@unroll SPX
         a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = xr{t}[0];
         a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = xr{t}[1];
+        //@end
+        //@unroll SPW
         b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = wr{t}[0];
         b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = wr{t}[1];
         //@end
         workgroupBarrier();
         let kn = k0 + 32u;
         if (kn < P.k) {
-            //@unroll SP
+            //@unroll SPX
             xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), kn + sc * 8u);
+            //@end
+            //@unroll SPW
             wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), kn + sc * 8u);
             //@end
         }

@@ -344,6 +344,10 @@ pub struct GemmArgs {
     /// kernel, its GEMM-only activations).
     #[arg(long, default_value = "f32")]
     x_dtype: String,
+    /// Time every tile configuration of the tensor-core kernel on each shape first (the
+    /// adapter's auto-tune, stored in the tuning cache) and print them.
+    #[arg(long)]
+    tune: bool,
     /// Rows M of the DiT shapes (tokens): 67200 = 14B at 1280x640, 81 frames.
     #[arg(long, default_value_t = 67200)]
     tokens: usize,
@@ -563,6 +567,22 @@ fn gemm(a: GemmArgs) -> Result<()> {
         drop(wv);
         let bv = rnd(n, 1.0);
         let b = gpu.upload_f32(&bv, &[n])?;
+        if a.tune && kernels.iter().any(|k| k.1 == Some(LinearKernel::Coop)) {
+            let wdt = w.dtype();
+            for r in nabla::ops::linear::tune_linear(&gpu, &[(m, n, k)], wdt, x_dtype, true)? {
+                let all: Vec<String> = r
+                    .times
+                    .iter()
+                    .map(|(c, ms)| format!("{}x{} {ms:.3}", c.tile_rows, c.group))
+                    .collect();
+                println!(
+                    "  tune {name}: chose tile rows {} group {} (ms by tile rows x group: {})",
+                    r.chosen.tile_rows,
+                    r.chosen.group,
+                    all.join(", ")
+                );
+            }
+        }
         let mut first: Option<Vec<f32>> = None;
         for (kn, kernel) in &kernels {
             let (t, y) = match kernel {

@@ -28,12 +28,16 @@ pub fn run() -> Result<()> {
                 println!("{}", g.caps());
                 match g.memory_info() {
                     Some((free, total)) => println!(
-                        "  memory: {:.2} GB device-local, {:.2} GB free for this process\n",
+                        "  memory: {:.2} GB device-local, {:.2} GB free for this process",
                         total as f64 / 1e9,
                         free as f64 / 1e9
                     ),
-                    None => println!("  memory: size not reported on this backend\n"),
+                    None => println!("  memory: size not reported on this backend"),
                 }
+                let (path, problem) = g.tune_cache_status();
+                let place = path.map_or("memory only".into(), |p| p.display().to_string());
+                let note = problem.map(|p| format!(" ({p})")).unwrap_or_default();
+                println!("  tuning cache: {place}{note}\n");
             }
             Err(e) => println!("{name}: cannot open: {e}\n"),
         }

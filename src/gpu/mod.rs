@@ -6,6 +6,7 @@
 mod caps;
 mod memory;
 mod tensor;
+pub mod tune;
 
 pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
 pub use tensor::{DType, Tensor};
@@ -13,6 +14,7 @@ pub use tensor::{DType, Tensor};
 use crate::error::{Error, Result};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -28,6 +30,8 @@ pub struct Gpu {
     labels: Mutex<HashMap<usize, String>>,
     /// Per-kernel GPU time while profiling ([`Gpu::start_profile`]).
     profile: Mutex<Option<BTreeMap<String, KernelTime>>>,
+    /// Tuned kernel configurations of this adapter ([`tune`]).
+    tune: Mutex<tune::TuneCache>,
 }
 
 /// Accumulated GPU time of one kernel variant in a profile.
@@ -165,6 +169,10 @@ impl Gpu {
             }
         }));
         let caps = Capabilities::read(&adapter, device.features());
+        let adapter_key = format!(
+            "{} | {} | {} {}",
+            caps.name, caps.backend, caps.driver, caps.driver_info
+        );
         Ok(Gpu {
             device,
             queue,
@@ -174,6 +182,7 @@ impl Gpu {
             labels: Mutex::default(),
             profile: Mutex::default(),
             errors,
+            tune: Mutex::new(tune::TuneCache::new(tune::default_path(), adapter_key)),
         })
     }
 
@@ -223,6 +232,26 @@ impl Gpu {
     /// allocating them.
     pub fn memory_info(&self) -> Option<(u64, u64)> {
         memory::device_memory(&self.device, self.memory_in_use())
+    }
+
+    /// The tuned configuration stored under `key` for this adapter ([`tune`]), if any.
+    pub fn tuned(&self, key: &str) -> Option<serde_json::Value> {
+        self.tune.lock().ok()?.get(key)
+    }
+
+    /// Stores a tuned configuration for this adapter (memory and the cache file).
+    pub fn store_tuned(&self, key: &str, value: serde_json::Value) {
+        if let Ok(mut t) = self.tune.lock() {
+            t.put(key, value);
+        }
+    }
+
+    /// The tuning cache's file (if kept in one) and its last problem (if any).
+    pub fn tune_cache_status(&self) -> (Option<PathBuf>, Option<String>) {
+        match self.tune.lock() {
+            Ok(t) => (t.path().cloned(), t.status().map(str::to_string)),
+            Err(_) => (None, Some("tuning cache lock poisoned".into())),
+        }
     }
 
     /// Returns the first GPU error raised since the last check (validation, out of memory).

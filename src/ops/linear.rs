@@ -9,6 +9,13 @@
 //! `unpack2x16float` is needed. The decode costs a few integer ops per weight per workgroup,
 //! against the 64 multiply-adds each loaded weight feeds.
 //!
+//! **Tile configurations.** The tensor-core kernel comes in tile configurations
+//! ([`CoopConfig`]: 128 or 256 rows of x per workgroup, and the band height of the tile order)
+//! that compute the same results bit for bit and differ in speed per adapter. [`tune_linear`]
+//! times them on a shape and keeps the fastest per adapter and shape class in the tuning cache
+//! ([`crate::gpu::tune`]); the Wan DiT calls it before a forward's first allocation. Untuned
+//! shapes use [`CoopConfig::DEFAULT`], the fastest on the H200.
+//!
 //! All products and sums are f32: accumulating thousands of terms (K up to 13 824) in f16 would
 //! lose the precision the reference comparison asks for (relative L2 error near 1e-6 against an
 //! f64 reference).
@@ -77,6 +84,163 @@ const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_v
 const LINEAR_LOADS_VEC8: &str = include_str!("../../shaders/linalg/linear_loads_vec8.wgsl");
 const LINEAR_LOADS_PAIR: &str = include_str!("../../shaders/linalg/linear_loads_pair.wgsl");
 
+/// Compile-time choices of a tensor-core kernel variant besides the storage types and epilogue:
+/// subgroup size, load width, tile rows, diagnostic probe (0 in real runs).
+#[derive(Clone, Copy, Debug)]
+struct CoopBuild {
+    sg: u32,
+    loads: Loads,
+    tm: u32,
+    probe: u32,
+}
+
+/// Row tiles the tensor-core kernel is built for.
+const COOP_TILE_ROWS: [u32; 2] = [128, 256];
+
+/// The tuning-cache key of a GEMM shape class: rows rounded up to a power of two (the DiT's
+/// token counts of nearby sizes share it), N, K, weight and x storage.
+fn tune_key(m: usize, n: usize, k: usize, wdt: DType, x16: bool) -> String {
+    format!(
+        "linear/coop/m{}/n{n}/k{k}/{}/x{}",
+        m.next_power_of_two(),
+        format!("{wdt:?}").to_lowercase(),
+        if x16 { "f16" } else { "f32" }
+    )
+}
+
+/// The tile configuration for this shape: the adapter's tuned one, else the default.
+fn coop_config(
+    gpu: &Gpu,
+    sg: u32,
+    m: usize,
+    n: usize,
+    k: usize,
+    wdt: DType,
+    x16: bool,
+) -> CoopConfig {
+    gpu.tuned(&tune_key(m, n, k, wdt, x16))
+        .and_then(|v| serde_json::from_value::<CoopConfig>(v).ok())
+        .filter(|c| c.fits(gpu.caps(), sg))
+        .unwrap_or(CoopConfig::DEFAULT)
+}
+
+/// GPU milliseconds of warm-up before [`tune_linear`] times a shape's candidates.
+const TUNE_WARM_MS: f64 = 200.0;
+/// Timed rounds over all candidates (the median of each is compared).
+const TUNE_ROUNDS: usize = 5;
+
+/// One tuned GEMM shape ([`tune_linear`]).
+#[derive(Clone, Debug)]
+pub struct TuneResult {
+    /// `(M, N, K)`.
+    pub shape: (usize, usize, usize),
+    /// The configuration chosen.
+    pub chosen: CoopConfig,
+    /// Median milliseconds of every candidate timed (empty: taken from the cache).
+    pub times: Vec<(CoopConfig, f64)>,
+}
+
+/// Picks the tensor-core kernel's tile configuration for each GEMM shape `(M, N, K)` with
+/// weights `wdt` and x stored as `x_dtype` by timing every fitting candidate
+/// ([`CoopConfig::CANDIDATES`]) on this adapter, and stores the fastest in the tuning cache
+/// ([`crate::gpu::tune`]), which [`LinearKernel::Coop`] and `Auto` consult. Shapes already in
+/// the cache are not timed again unless `force`. Does nothing (empty result) where the
+/// tensor-core kernel does not run: no cooperative matrices, or no GPU timestamps.
+pub fn tune_linear(
+    gpu: &Gpu,
+    shapes: &[(usize, usize, usize)],
+    wdt: DType,
+    x_dtype: DType,
+    force: bool,
+) -> Result<Vec<TuneResult>> {
+    let Some(sg) = gpu.caps().coop_subgroup() else {
+        return Ok(Vec::new());
+    };
+    if !gpu.caps().timestamps || weight_code(wdt).is_none() {
+        return Ok(Vec::new());
+    }
+    let x16 = x_dtype == DType::F16;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for &(m, n, k) in shapes {
+        let key = tune_key(m, n, k, wdt, x16);
+        if m == 0 || n == 0 || k == 0 || !seen.insert(key.clone()) {
+            continue;
+        }
+        if !force
+            && let Some(c) = gpu
+                .tuned(&key)
+                .and_then(|v| serde_json::from_value::<CoopConfig>(v).ok())
+        {
+            out.push(TuneResult {
+                shape: (m, n, k),
+                chosen: c,
+                times: Vec::new(),
+            });
+            continue;
+        }
+        // operands of the real shape (values do not change the timing of this kernel)
+        let x = gpu.empty(&[m, k], x_dtype)?;
+        let w = gpu.empty(&[n, k], wdt)?;
+        let y = gpu.empty(&[m, n], DType::F32)?;
+        gpu.fill_u32(&x, 0x3c00_3c00);
+        gpu.fill_u32(&w, 0x3c00_3c00);
+        let cands: Vec<CoopConfig> = CoopConfig::CANDIDATES
+            .into_iter()
+            .filter(|c| c.fits(gpu.caps(), sg))
+            .collect();
+        let run = |c: CoopConfig, b: &mut Batch<'_>| {
+            let kernel = LinearKernel::CoopWith(c);
+            record_linear_with(b, &x, &w, None, Activation::None, &y, kernel)
+        };
+        // every candidate once (pipelines), then the default until the GPU has worked
+        // >= TUNE_WARM_MS (clocks up: a cold first candidate read 3-4x slow on the H200)
+        for c in &cands {
+            gpu.time_ms_inner(1, 1, |b| run(*c, b))?;
+        }
+        let mut warm = 0.0;
+        let mut one = f64::INFINITY;
+        let started = std::time::Instant::now();
+        while warm < TUNE_WARM_MS && started.elapsed().as_secs_f64() < 5.0 {
+            let t = gpu.time_ms_inner(1, 1, |b| run(CoopConfig::DEFAULT, b))?[0];
+            warm += t;
+            one = one.min(t);
+        }
+        // rounds over all candidates in turn, so drifting clocks hit each alike; short GEMMs
+        // run as back-to-back copies of >= ~1 ms per sample (time per copy)
+        let copies = ((1.0 / one.max(1e-3)).ceil() as usize).clamp(1, 64);
+        let mut samples = vec![Vec::new(); cands.len()];
+        for _ in 0..TUNE_ROUNDS {
+            for (i, c) in cands.iter().enumerate() {
+                let t = gpu.time_ms_inner(1, copies, |b| run(*c, b))?[0];
+                samples[i].push(t);
+            }
+        }
+        let times: Vec<(CoopConfig, f64)> = cands
+            .iter()
+            .zip(samples)
+            .map(|(c, mut t)| {
+                t.sort_by(f64::total_cmp);
+                (*c, t[t.len() / 2])
+            })
+            .collect();
+        let chosen = times
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(CoopConfig::DEFAULT, |t| t.0);
+        gpu.store_tuned(
+            &key,
+            serde_json::to_value(chosen).map_err(|e| Error::Invalid(e.to_string()))?,
+        );
+        out.push(TuneResult {
+            shape: (m, n, k),
+            chosen,
+            times,
+        });
+    }
+    Ok(out)
+}
+
 /// How the tensor-core kernel loads x and W from storage (it stages spans of eight k).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Loads {
@@ -137,8 +301,67 @@ pub enum LinearKernel {
     Auto,
     /// Portable f32 math.
     Portable,
-    /// Tensor cores (f16 operands, f32 accumulation).
+    /// Tensor cores (f16 operands, f32 accumulation), with this adapter's tuned tile
+    /// configuration for the shape ([`tune_linear`]) or [`CoopConfig::DEFAULT`].
     Coop,
+    /// Tensor cores with an explicit tile configuration (tuning, tests).
+    CoopWith(CoopConfig),
+}
+
+/// Tile configuration of the tensor-core kernel. Every configuration computes the same
+/// results bit for bit (each output sums its k-steps in the same order); they differ in speed,
+/// which depends on the adapter, so [`tune_linear`] times them per adapter and shape class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CoopConfig {
+    /// Rows of x per workgroup: 128 (4 subgroups) or 256 (8 subgroups sharing each W tile).
+    pub tile_rows: u32,
+    /// Row tiles per band of the grouped tile order (neighbouring workgroups share W columns).
+    pub group: u32,
+}
+
+impl CoopConfig {
+    /// The configuration used where none was tuned (fastest on the H200).
+    pub const DEFAULT: CoopConfig = CoopConfig {
+        tile_rows: 128,
+        group: 16,
+    };
+
+    /// The configurations [`tune_linear`] times.
+    pub const CANDIDATES: [CoopConfig; 6] = [
+        CoopConfig::DEFAULT,
+        CoopConfig {
+            tile_rows: 128,
+            group: 4,
+        },
+        CoopConfig {
+            tile_rows: 128,
+            group: 64,
+        },
+        CoopConfig {
+            tile_rows: 256,
+            group: 16,
+        },
+        CoopConfig {
+            tile_rows: 256,
+            group: 4,
+        },
+        CoopConfig {
+            tile_rows: 256,
+            group: 64,
+        },
+    ];
+
+    /// Whether the adapter's workgroup limits allow this configuration with subgroup size `sg`
+    /// (workgroup memory: x and W tiles of 10 vec4<f16> per row, one 16×16 f32 scratch per
+    /// subgroup; tile_rows / 32 subgroups).
+    pub fn fits(&self, caps: &crate::gpu::Capabilities, sg: u32) -> bool {
+        let subgroups = self.tile_rows / 32;
+        let smem = (self.tile_rows + 128) * 10 * 8 + subgroups * 1024;
+        COOP_TILE_ROWS.contains(&self.tile_rows)
+            && self.group > 0
+            && caps.max_workgroup_storage >= smem
+            && caps.max_invocations >= subgroups * sg
+    }
 }
 
 /// The activation applied after the bias, fused into the linear kernel's epilogue.
@@ -361,26 +584,29 @@ fn source(wdt: DType, epi: Epilogue, rb16: bool, io: Io) -> Option<String> {
 
 /// WGSL source of the cooperative-matrix variant for subgroup size `sg` with `loads`; `probe`
 /// is a diagnostic (0 in real runs).
-fn coop_source(
-    wdt: DType,
-    epi: Epilogue,
-    rb16: bool,
-    io: Io,
-    sg: u32,
-    loads: Loads,
-    probe: u32,
-) -> Option<String> {
+fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) -> Option<String> {
+    let CoopBuild {
+        sg,
+        loads,
+        tm,
+        probe,
+    } = build;
     let w = weight_code(wdt)?;
     if !io.supported(epi, rb16) {
         return None;
     }
     let loads = loads.source();
-    // SP: spans of eight x and of eight W values each thread stages per k-step (128 rows × 4
-    // spans over 4·sg threads)
-    let body = crate::shaders::expand_unroll(LINEAR_COOP, &[("T4", 4), ("SP", 512 / (4 * sg))]);
+    // SPX / SPW: spans of eight x / W values each thread stages per k-step (tm or 128 rows × 4
+    // spans over tm/32·sg threads)
+    let threads = tm / 32 * sg;
+    let body = crate::shaders::expand_unroll(
+        LINEAR_COOP,
+        &[("T4", 4), ("SPX", 4 * tm / threads), ("SPW", 512 / threads)],
+    );
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst PROBE: u32 = {probe}u;\n{}\
+         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\n\
+         const PROBE: u32 = {probe}u;\n{}\
          {LINEAR_COMMON}{loads}{}{body}",
         epi.act().code(),
         rb16 as u32,
@@ -404,10 +630,19 @@ pub fn variants() -> Vec<(String, String)> {
                     }
                     for sg in crate::shaders::COOP_SUBGROUP_SIZES {
                         for loads in Loads::ALL {
-                            if let Some(src) = coop_source(wdt, epi, rb16, io, sg, loads, 0) {
+                            for tm in COOP_TILE_ROWS {
+                                let build = CoopBuild {
+                                    sg,
+                                    loads,
+                                    tm,
+                                    probe: 0,
+                                };
+                                let Some(src) = coop_source(wdt, epi, rb16, io, build) else {
+                                    continue;
+                                };
                                 let name = variant_name(wdt, epi, rb16, io);
                                 let l = loads.name();
-                                v.push((format!("{name}[coop,sg{sg},{l}]"), src));
+                                v.push((format!("{name}[coop,sg{sg},{l},tm{tm}]"), src));
                             }
                         }
                     }
@@ -873,11 +1108,38 @@ fn record(
             feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
             what: "the tensor-core linear kernel".into(),
         })?),
+        LinearKernel::CoopWith(c) => {
+            let sg = sg.ok_or_else(|| Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
+                what: "the tensor-core linear kernel".into(),
+            })?;
+            if !c.fits(gpu.caps(), sg) {
+                return Err(Error::Invalid(format!(
+                    "linear: tile configuration {c:?} does not fit {}'s workgroup limits \
+                     ({} bytes of workgroup memory, {} invocations); tile_rows must be one of \
+                     {COOP_TILE_ROWS:?}",
+                    gpu.caps().name,
+                    gpu.caps().max_workgroup_storage,
+                    gpu.caps().max_invocations
+                )));
+            }
+            Some(sg)
+        }
         LinearKernel::Auto => sg.filter(|_| m >= 64 && auto_uses_coop(gpu, w.dtype())),
     };
-    let tile = if coop.is_some() { 128 } else { TILE };
-    let tiles_m = m.div_ceil(tile);
-    let tiles_n = n.div_ceil(tile);
+    let cfg = match (kernel, coop) {
+        (LinearKernel::CoopWith(c), _) => c,
+        (_, Some(sg)) => coop_config(gpu, sg, m, n, k, w.dtype(), x.dtype() == DType::F16),
+        _ => CoopConfig::DEFAULT,
+    };
+    let (tile_m, tile_n) = if coop.is_some() {
+        (cfg.tile_rows as usize, 128)
+    } else {
+        (TILE, TILE)
+    };
+    let tiles_m = m.div_ceil(tile_m);
+    let tiles_n = n.div_ceil(tile_n);
     let tiles = tiles_m * tiles_n;
     let p = Params {
         m: m as u32,
@@ -891,7 +1153,7 @@ fn record(
                 "linear [{m}, {k}]·[{n}, {k}]ᵀ needs {tiles} tiles, more than 2³² − 1"
             ))
         })?,
-        group: GROUP,
+        group: if coop.is_some() { cfg.group } else { GROUP },
         has_gate: has_gate as u32,
         gate_off,
         _p0: 0,
@@ -912,13 +1174,20 @@ fn record(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            let src = coop_source(w.dtype(), shader_epi, rb16, io, sg, loads, probe)
+            let tm = cfg.tile_rows;
+            let build = CoopBuild {
+                sg,
+                loads,
+                tm,
+                probe,
+            };
+            let src = coop_source(w.dtype(), shader_epi, rb16, io, build)
                 .ok_or_else(|| no_kernel(w, io))?;
             // indices are validated by `check` and masked in the loads: no runtime checks
             // (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
-                "{}[coop,sg{sg},{},checked={checked}{}]",
+                "{}[coop,sg{sg},{},tm{tm},checked={checked}{}]",
                 variant_name(w.dtype(), shader_epi, rb16, io),
                 loads.name(),
                 if probe != 0 {

@@ -71,6 +71,15 @@ pub trait Backend {
     fn memory_info(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Prepares the GEMMs of shapes `(M, N, K)` with weights stored as `weights` (the DiT calls
+    /// it before it allocates a forward's workspace). The wgpu layer times its tensor-core
+    /// kernel's tile configurations there once per adapter and shape class
+    /// ([`crate::ops::linear::tune_linear`], cached on disk; `NABLA_TUNE=0` skips it); others
+    /// have nothing to prepare.
+    fn tune_gemms(&mut self, shapes: &[(usize, usize, usize)], weights: DType) -> Result<()> {
+        let _ = (shapes, weights);
+        Ok(())
+    }
     /// Bytes of device memory in use now, where the layer can tell. The default derives it
     /// from [`Backend::memory_info`] as `total - free` (on CUDA that is the whole device's use:
     /// this process's context and allocations, and any other process's). The wgpu layer
@@ -398,6 +407,29 @@ impl<'g> Backend for WgpuBackend<'g> {
     }
     fn memory_info(&self) -> Option<(u64, u64)> {
         self.gpu.memory_info()
+    }
+    fn tune_gemms(&mut self, shapes: &[(usize, usize, usize)], weights: DType) -> Result<()> {
+        if std::env::var("NABLA_TUNE").is_ok_and(|v| v == "0")
+            || !crate::ops::linear::auto_uses_coop(self.gpu, weights)
+        {
+            return Ok(());
+        }
+        let x = self.gemm_input_dtype(weights);
+        // the timing needs x, W and y of each shape at once: skip it (defaults stay) where
+        // that would not fit next to what is already allocated
+        let need = shapes
+            .iter()
+            .map(|&(m, n, k)| (m * k * x.size() as usize + n * k * 2 + m * n * 4) as u64)
+            .max()
+            .unwrap_or(0);
+        if self
+            .gpu
+            .memory_info()
+            .is_some_and(|(free, _)| need * 2 > free)
+        {
+            return Ok(());
+        }
+        crate::ops::linear::tune_linear(self.gpu, shapes, weights, x, false).map(|_| ())
     }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
         self.gpu.empty(shape, DType::F32)

@@ -489,6 +489,20 @@ impl<B: Backend> Dit<B> {
                 device: be.device_name(),
             });
         }
+        // the adapter's GEMM tile configurations for these shapes (timed once per adapter and
+        // shape class, then cached; before the workspace exists, so the timing's own operands
+        // come and go first)
+        let c = &self.cfg;
+        let s = lat.0 * lat.1 * lat.2 / 4;
+        let (d, l) = (c.dim, c.text_len);
+        let shapes = [
+            (s, d, d),
+            (s, c.ffn_dim, d),
+            (s, d, c.ffn_dim),
+            (l, d, d),
+            (l, d, c.text_dim),
+        ];
+        be.tune_gemms(&shapes, self.precision.dtype())?;
         let r = self.alloc_workspace(be, lat, sparse, key);
         if let Err(e) = &r
             && e.to_string().contains("out of GPU memory")
