@@ -504,14 +504,16 @@ fn rope_pool_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
         for (tok, h, d) in ROPE_POOL_CASES {
             let shape = format!("{}x{}x{} tokens, {h} heads, d{d}", tok.0, tok.1, tok.2);
             if dt == DType::F16 && !gpu.caps().f16 {
-                out.push(Row {
-                    kernel: "rope+pool".into(),
-                    variant: format!("{dt:?} heads"),
-                    shape,
-                    rel_err: 0.0,
-                    bound: 0.0,
-                    skipped: Some("no SHADER_F16".into()),
-                });
+                for kernel in ["rope+pool", "rope+split"] {
+                    out.push(Row {
+                        kernel: kernel.into(),
+                        variant: format!("{dt:?} heads"),
+                        shape: shape.clone(),
+                        rel_err: 0.0,
+                        bound: 0.0,
+                        skipped: Some("no SHADER_F16".into()),
+                    });
+                }
                 continue;
             }
             let (x, cos, sin, heads, s) = rope_pool_case(rng, tok, h, d);
@@ -544,8 +546,35 @@ fn rope_pool_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             out.push(Row {
                 kernel: "rope+pool".into(),
                 variant: format!("{dt:?} heads"),
-                shape,
+                shape: shape.clone(),
                 rel_err: e_heads.max(e_pool),
+                bound: rope_pool_bound(dt),
+                skipped: None,
+            });
+            // the same kernel without the pooling (the DiT's producer without a mask)
+            let o2 = gpu.empty(&[1, h, s, d], dt)?;
+            gpu.fill_u32(
+                &o2,
+                if dt == DType::F32 {
+                    0x7fc0_0000
+                } else {
+                    0x7e00_7e00
+                },
+            );
+            let mut b = gpu.batch();
+            crate::nabla::record_rope_split_heads(
+                &mut b,
+                &gpu.upload_f32(&x, &[s, h * d])?,
+                &gpu.upload_f32(&cos, &[s, d / 2])?,
+                &gpu.upload_f32(&sin, &[s, d / 2])?,
+                &o2,
+            )?;
+            b.submit()?;
+            out.push(Row {
+                kernel: "rope+split".into(),
+                variant: format!("{dt:?} heads"),
+                shape,
+                rel_err: rel_l2(&gpu.read_f32(&o2)?, &round(dt, &heads)),
                 bound: rope_pool_bound(dt),
                 skipped: None,
             });

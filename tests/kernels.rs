@@ -773,3 +773,65 @@ fn rope_pool_bad_inputs() {
     assert!(be.estimate_mask_prepooled(grid3, &algo, &ok).is_ok());
     be.flush().unwrap();
 }
+
+/// The fused RoPE + head split without pooling (the wgpu DiT's q/k producer when no mask is
+/// estimated) gives the heads of RoPE in place followed by the split, bit for bit, on f32 and
+/// f16 heads, S not a multiple of 64 (a ragged last block), head_dim 64 and 128; x stays
+/// untouched; the outputs are poisoned first.
+#[test]
+fn rope_split_fused_matches_rope_then_split() {
+    use nabla::ops::{elementwise::record_split_heads, rope};
+    let g = gpu();
+    let mut rng = Rng::fresh(0x5917);
+    for (tok, heads, d, fractal, f16) in [
+        ((1usize, 3usize, 5usize), 2usize, 64usize, false, false),
+        ((2, 8, 8), 3, 128, true, false),
+        ((1, 5, 7), 2, 64, false, true),
+        ((3, 8, 16), 1, 128, true, true),
+    ] {
+        if f16 && !g.caps().f16 {
+            eprintln!("no SHADER_F16: f16 case skipped");
+            continue;
+        }
+        let s = tok.0 * tok.1 * tok.2;
+        let (cos, sin) = rope::rope_tables(tok, d, fractal);
+        let ct = g.upload_f32(&cos, &[s, d / 2]).unwrap();
+        let st = g.upload_f32(&sin, &[s, d / 2]).unwrap();
+        let x = rng.normals(s * heads * d, 1.0);
+        let dt = if f16 { DType::F16 } else { DType::F32 };
+        let poison = if f16 { 0x7e00_7e00 } else { POISON };
+        // reference path: RoPE in place on a copy, then the split
+        let xr = g.upload_f32(&x, &[s, heads * d]).unwrap();
+        let want = g.empty(&[1, heads, s, d], dt).unwrap();
+        g.fill_u32(&want, poison);
+        let mut b = g.batch();
+        rope::record_rope(&mut b, &xr, &ct, &st, heads).unwrap();
+        record_split_heads(&mut b, &xr, &want).unwrap();
+        b.submit().unwrap();
+        // fused
+        let xf = g.upload_f32(&x, &[s, heads * d]).unwrap();
+        let got = g.empty(&[1, heads, s, d], dt).unwrap();
+        g.fill_u32(&got, poison);
+        let mut b = g.batch();
+        nabla::nabla::record_rope_split_heads(&mut b, &xf, &ct, &st, &got).unwrap();
+        b.submit().unwrap();
+        let what = format!("rope_split {tok:?} h{heads} d{d} {dt:?}");
+        // (f16 heads widen exactly to f32: equal bits there mean equal halves)
+        let bits = |t: &nabla::Tensor| -> Vec<u32> {
+            g.read_f32(t).unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let (gw, ww) = (bits(&got), bits(&want));
+        assert_eq!(gw.len(), ww.len(), "{what}");
+        let diff = gw.iter().zip(&ww).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "{what}: {diff} of {} words differ", gw.len());
+        assert_eq!(g.read_f32(&xf).unwrap(), x, "{what}: x was modified");
+        // the wgpu DiT layer takes this path
+        use nabla::wan::{Backend, WgpuBackend};
+        let mut be = WgpuBackend::new(g);
+        let viab = g.empty(&[1, heads, s, d], dt).unwrap();
+        g.fill_u32(&viab, poison);
+        be.rope_split_heads(&xf, &ct, &st, heads, &viab).unwrap();
+        be.flush().unwrap();
+        assert_eq!(bits(&viab), ww, "{what}: through the backend");
+    }
+}

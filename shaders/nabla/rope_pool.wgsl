@@ -16,7 +16,11 @@
 // groups, each thread rotates 4 channels (2 pairs) of a strided set of the block's 64 rows and
 // sums what it stores, then the row groups are added through workgroup memory. D must be a
 // multiple of 4 and at most 512 (the dispatcher asks for a multiple of 16, as the mask does), S a
-// multiple of 64. The prelude (added by the dispatcher) defines S4, the storage type of out.
+// multiple of 64. The prelude (added by the dispatcher) defines S4, the storage type of out, and
+// the source ends with POOL: false builds the same kernel without the pooling (the DiT's q/k
+// producer when no mask is estimated: one pass instead of RoPE in place and then the split), for
+// any S (the last block's rows past S are skipped) and D a multiple of 4 up to 512; `pooled` is
+// then bound to a dummy buffer and never touched.
 
 struct Params {
     s: u32,  // tokens
@@ -46,6 +50,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g < groups) {
         for (var r = g; r < 64u; r += groups) {
             let s = blk * 64u + r;
+            if (!POOL && s >= P.s) {
+                break;
+            }
             let xv = x[(s * P.h + h) * dv + c];
             let cv = cos_t[s * dv + c];
             let sv = sin_t[s * dv + c];
@@ -66,6 +73,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             out[(h * P.s + s) * dv + c] = S4(rot);
             acc += rot;
         }
+    }
+    if (!POOL) {
+        return;
     }
     part[lid] = acc;
     workgroupBarrier();

@@ -1043,8 +1043,8 @@ impl RopePoolTimes {
     }
 }
 
-/// Times RoPE in place + head split of q and k (the unfused producer,
-/// `WgpuBackend::rope_split_heads`) against the fused RoPE + split + pooling kernel, on
+/// Times the fused RoPE + head split of q and k without the pooling (the DiT's producer when
+/// no mask is estimated, `WgpuBackend::rope_split_heads`) against the same kernel with it, on
 /// synthetic `[S, H·D]` activations with the fractal RoPE tables of the token grid `tok`.
 #[allow(clippy::too_many_arguments)]
 fn time_rope_pool(
@@ -1057,7 +1057,7 @@ fn time_rope_pool(
     dt: DType,
     stages: &MaskStages,
 ) -> Result<RopePoolTimes> {
-    use nabla::ops::{elementwise::record_split_heads, rope};
+    use nabla::ops::rope;
     eprintln!("RoPE + pooling producer ...");
     let s = tok.0 * tok.1 * tok.2;
     let (cos, sin) = rope::upload_rope_tables(gpu, tok, d, true)?;
@@ -1069,11 +1069,10 @@ fn time_rope_pool(
     drop(x);
     let (oq, ok) = (gpu.empty(&[1, h, s, d], dt)?, gpu.empty(&[1, h, s, d], dt)?);
     let reps = reps.max(1) + 1;
+    // the baseline: the DiT's producer without a mask, the same kernel without the pooling
     let rope = gpu.time_ms_inner(reps, 10, |b| {
-        rope::record_rope(b, &xq, &cos, &sin, h)?;
-        record_split_heads(b, &xq, &oq)?;
-        rope::record_rope(b, &xk, &cos, &sin, h)?;
-        record_split_heads(b, &xk, &ok)
+        nabla::nabla::record_rope_split_heads(b, &xq, &cos, &sin, &oq)?;
+        nabla::nabla::record_rope_split_heads(b, &xk, &cos, &sin, &ok)
     })?;
     let rope_pool = gpu.time_ms_inner(reps, 10, |b| {
         record_rope_split_heads_pooled(b, &xq, &cos, &sin, &oq, stages, QkSide::Q)?;

@@ -16,7 +16,9 @@ pub use mask::{
     mask_from_pooled_with, record_estimate_mask, record_mask_from_pooled, time_mask_stages,
 };
 pub(crate) use rope_pool::variants as rope_pool_variants;
-pub use rope_pool::{record_rope_split_heads_pooled, rope_split_heads_pooled};
+pub use rope_pool::{
+    record_rope_split_heads, record_rope_split_heads_pooled, rope_split_heads_pooled,
+};
 pub use sta::sta_lists;
 
 /// Tokens per NABLA block (one 8×8 tile of one frame). Fixed by the reference.

@@ -21,17 +21,89 @@ struct Params {
     nb: u32,
 }
 
-/// The pipeline name of the kernel for heads stored as `dtype` (F32 or F16).
-fn key(dtype: DType) -> String {
-    format!("nabla/rope_pool[{}]", format!("{dtype:?}").to_lowercase())
+/// The pipeline name of the kernel for heads stored as `dtype` (F32 or F16), with or without
+/// the pooling.
+fn key(dtype: DType, pool: bool) -> String {
+    let name = if pool { "rope_pool" } else { "rope_split" };
+    format!("nabla/{name}[{}]", format!("{dtype:?}").to_lowercase())
 }
 
-/// Kernel variants of this module: `nabla/rope_pool[f32|f16]` (the storage type of the heads).
+/// The kernel's source: the storage type's prelude, the body, then the POOL constant.
+fn source(dtype: DType, pool: bool) -> String {
+    format!(
+        "{}\nconst POOL: bool = {pool};\n",
+        shaders::source(shaders::ROPE_POOL, dtype, None)
+    )
+}
+
+/// Kernel variants of this module: `nabla/rope_pool[f32|f16]` and `nabla/rope_split[f32|f16]`
+/// (the storage type of the heads; with and without the pooling).
 pub(crate) fn variants() -> Vec<(String, String)> {
-    [DType::F32, DType::F16]
-        .into_iter()
-        .map(|dt| (key(dt), shaders::source(shaders::ROPE_POOL, dt, None)))
-        .collect()
+    let mut v = Vec::new();
+    for pool in [true, false] {
+        for dt in [DType::F32, DType::F16] {
+            v.push((key(dt, pool), source(dt, pool)));
+        }
+    }
+    v
+}
+
+/// Checks x, the tables and the heads of the fused RoPE + head split; returns `(H, S, D)`.
+fn check_heads(
+    op: &str,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    out: &Tensor,
+    gpu: &Gpu,
+) -> Result<(usize, usize, usize)> {
+    let cs = cos.shape();
+    if cs.len() != 2 || cos.dtype() != DType::F32 || cs[1] == 0 {
+        return Err(Error::shape(format!(
+            "{op}: the cos table must be f32 [S, D/2], got {cs:?} {:?}",
+            cos.dtype()
+        )));
+    }
+    if sin.shape() != cs || sin.dtype() != DType::F32 {
+        return Err(Error::shape(format!(
+            "{op}: the sin table {:?} {:?} must match cos {cs:?} F32",
+            sin.shape(),
+            sin.dtype()
+        )));
+    }
+    let (h, s, d) = match *out.shape() {
+        [h, s, d] | [1, h, s, d] => (h, s, d),
+        ref o => {
+            return Err(Error::shape(format!(
+                "{op}: out must be [1, H, S, D] or [H, S, D], got {o:?}"
+            )));
+        }
+    };
+    crate::ops::elementwise::check_f32_or_f16(gpu, &format!("{op}: out"), out)?;
+    if cs != [s, d / 2] || d % 2 != 0 {
+        return Err(Error::shape(format!(
+            "{op}: tables {cs:?} do not fit heads {:?}: expected [{s}, {}]",
+            out.shape(),
+            d / 2
+        )));
+    }
+    let xs = x.shape();
+    let x_ok = matches!(*xs, [a, b] | [1, a, b] if a == s && b == h * d);
+    if x.dtype() != DType::F32 || !x_ok {
+        return Err(Error::shape(format!(
+            "{op}: x must be f32 [S, H·D] = [{s}, {}] for heads {:?}, got {xs:?} {:?}",
+            h * d,
+            out.shape(),
+            x.dtype()
+        )));
+    }
+    if h == 0 || s == 0 {
+        return Err(Error::shape(format!(
+            "{op}: heads {:?} are empty",
+            out.shape()
+        )));
+    }
+    Ok((h, s, d))
 }
 
 /// Records RoPE of `x` `[S, H·D]` (f32, or `[1, S, H·D]`) with the per-token tables `cos`, `sin`
@@ -57,53 +129,8 @@ pub fn record_rope_split_heads_pooled(
     side: QkSide,
 ) -> Result<()> {
     let op = "rope_split_heads_pooled";
-    let cs = cos.shape();
-    if cs.len() != 2 || cos.dtype() != DType::F32 || cs[1] == 0 {
-        return Err(Error::shape(format!(
-            "{op}: the cos table must be f32 [S, D/2], got {cs:?} {:?}",
-            cos.dtype()
-        )));
-    }
-    if sin.shape() != cs || sin.dtype() != DType::F32 {
-        return Err(Error::shape(format!(
-            "{op}: the sin table {:?} {:?} must match cos {cs:?} F32",
-            sin.shape(),
-            sin.dtype()
-        )));
-    }
-    let (h, s, d) = match *out.shape() {
-        [h, s, d] | [1, h, s, d] => (h, s, d),
-        ref o => {
-            return Err(Error::shape(format!(
-                "{op}: out must be [1, H, S, D] or [H, S, D], got {o:?}"
-            )));
-        }
-    };
     let gpu = batch.gpu();
-    crate::ops::elementwise::check_f32_or_f16(gpu, &format!("{op}: out"), out)?;
-    if cs != [s, d / 2] || d % 2 != 0 {
-        return Err(Error::shape(format!(
-            "{op}: tables {cs:?} do not fit heads {:?}: expected [{s}, {}]",
-            out.shape(),
-            d / 2
-        )));
-    }
-    let xs = x.shape();
-    let x_ok = matches!(*xs, [a, b] | [1, a, b] if a == s && b == h * d);
-    if x.dtype() != DType::F32 || !x_ok {
-        return Err(Error::shape(format!(
-            "{op}: x must be f32 [S, H·D] = [{s}, {}] for heads {:?}, got {xs:?} {:?}",
-            h * d,
-            out.shape(),
-            x.dtype()
-        )));
-    }
-    if h == 0 || s == 0 {
-        return Err(Error::shape(format!(
-            "{op}: heads {:?} are empty",
-            out.shape()
-        )));
-    }
+    let (h, s, d) = check_heads(op, x, cos, sin, out, gpu)?;
     if !s.is_multiple_of(BLOCK) {
         return Err(Error::shape(format!(
             "{op}: sequence length {s} is not a multiple of the {BLOCK}-token block; crop the \
@@ -137,11 +164,7 @@ pub fn record_rope_split_heads_pooled(
     check_size(gpu, op, "x", x)?;
     check_size(gpu, op, "out", out)?;
     check_size(gpu, op, "cos", cos)?;
-    let pipe = gpu.pipeline(
-        &key(out.dtype()),
-        &shaders::source(shaders::ROPE_POOL, out.dtype(), None),
-        true,
-    )?;
+    let pipe = gpu.pipeline(&key(out.dtype(), true), &source(out.dtype(), true), true)?;
     let p = Params {
         s: s as u32,
         h: h as u32,
@@ -169,4 +192,49 @@ pub fn rope_split_heads_pooled(
     let mut b = gpu.batch();
     record_rope_split_heads_pooled(&mut b, x, cos, sin, out, stages, side)?;
     b.submit()
+}
+
+/// Records RoPE of `x` `[S, H·D]` (f32, or `[1, S, H·D]`) with the per-token tables `cos`, `sin`
+/// (f32 `[S, D/2]`) written as heads `out` `[1, H, S, D]` (or `[H, S, D]`; f32, or f16 rounded to
+/// nearest even with `SHADER_F16`): [`record_rope_split_heads_pooled`]'s kernel without the
+/// pooling, one pass where [`crate::ops::rope::record_rope`] in place followed by
+/// [`crate::ops::elementwise::record_split_heads`] take two (and write `x`). The heads are
+/// bit-identical to those two ops'; `x` is left untouched. Any `S`; `D` a multiple of 4 up to
+/// 512.
+pub fn record_rope_split_heads(
+    batch: &mut Batch<'_>,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let op = "rope_split_heads";
+    let gpu = batch.gpu();
+    let (h, s, d) = check_heads(op, x, cos, sin, out, gpu)?;
+    if d == 0 || d % 4 != 0 || d > 512 {
+        return Err(Error::shape(format!(
+            "{op}: head_dim {d} must be a positive multiple of 4 up to 512 (64 and 128 are the \
+             usual ones)"
+        )));
+    }
+    check_distinct(op, ("x", x), ("out", out))?;
+    check_size(gpu, op, "x", x)?;
+    check_size(gpu, op, "out", out)?;
+    check_size(gpu, op, "cos", cos)?;
+    let pipe = gpu.pipeline(&key(out.dtype(), false), &source(out.dtype(), false), true)?;
+    // binding 5 (the pooled rows) is not touched without pooling: a 16-byte stand-in
+    let dummy = gpu.cached("nabla/rope_split/dummy", || gpu.empty(&[4], DType::F32))?;
+    let nb = s.div_ceil(BLOCK);
+    let p = Params {
+        s: s as u32,
+        h: h as u32,
+        d: d as u32,
+        nb: nb as u32,
+    };
+    batch.dispatch(
+        &pipe,
+        bytemuck::bytes_of(&p),
+        &[x, cos, sin, out, &dummy],
+        [nb as u32, h as u32, 1],
+    )
 }

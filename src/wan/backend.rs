@@ -574,6 +574,26 @@ impl<'g> Backend for WgpuBackend<'g> {
     fn split_heads(&mut self, x: &Tensor, out: &Tensor) -> Result<()> {
         crate::ops::elementwise::record_split_heads(self.b(), x, out)
     }
+    fn rope_split_heads(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+        out: &Tensor,
+    ) -> Result<()> {
+        // one pass (RoPE + split, nabla/rope_pool.wgsl without its pooling) where it applies:
+        // f32 x and D a multiple of 4 up to 512; else RoPE in place, then the split
+        let d = out.shape().last().copied().unwrap_or(0);
+        if x.dtype() == DType::F32 && d % 4 == 0 && d > 0 && d <= 512 && out.shape().len() >= 3 {
+            let h = out.shape()[out.shape().len() - 3];
+            if h == heads {
+                return crate::nabla::record_rope_split_heads(self.b(), x, cos, sin, out);
+            }
+        }
+        self.rope(x, cos, sin, heads)?;
+        self.split_heads(x, out)
+    }
     fn merge_heads(&mut self, x: &Tensor, out: &Tensor) -> Result<()> {
         crate::ops::elementwise::record_merge_heads(self.b(), x, out)
     }
