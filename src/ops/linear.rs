@@ -352,7 +352,7 @@ impl CoopConfig {
     ];
 
     /// Whether the adapter's workgroup limits allow this configuration with subgroup size `sg`
-    /// (workgroup memory: x and W tiles of 10 vec4<f16> per row, one 16×16 f32 scratch per
+    /// (workgroup memory: x and W tiles of 10 `vec4<f16>` per row, one 16×16 f32 scratch per
     /// subgroup; tile_rows / 32 subgroups).
     pub fn fits(&self, caps: &crate::gpu::Capabilities, sg: u32) -> bool {
         let subgroups = self.tile_rows / 32;
