@@ -835,3 +835,50 @@ fn rope_split_fused_matches_rope_then_split() {
         assert_eq!(bits(&viab), ww, "{what}: through the backend");
     }
 }
+
+/// Bad inputs of the fused RoPE + split without pooling are errors naming what is wrong.
+#[test]
+fn rope_split_bad_inputs() {
+    let g = gpu();
+    let (tok, heads, d) = ((1usize, 3usize, 5usize), 2usize, 64usize);
+    let s = tok.0 * tok.1 * tok.2;
+    let (cos, sin) = nabla::ops::rope::rope_tables(tok, d, false);
+    let ct = g.upload_f32(&cos, &[s, d / 2]).unwrap();
+    let st = g.upload_f32(&sin, &[s, d / 2]).unwrap();
+    let x = g
+        .upload_f32(&vec![0.5; s * heads * d], &[s, heads * d])
+        .unwrap();
+    let run = |x: &nabla::Tensor, c: &nabla::Tensor, sn: &nabla::Tensor, out: &nabla::Tensor| {
+        let mut b = g.batch();
+        let r = nabla::nabla::record_rope_split_heads(&mut b, x, c, sn, out);
+        drop(b);
+        r.map(|_| ()).map_err(|e| e.to_string())
+    };
+    // heads of another width than x
+    let out = g.empty(&[1, heads + 1, s, d], DType::F32).unwrap();
+    let e = run(&x, &ct, &st, &out).unwrap_err();
+    assert!(e.contains("x must be f32 [S, H·D]"), "{e}");
+    // tables of another length
+    let out = g.empty(&[1, heads, s, d], DType::F32).unwrap();
+    let short = g
+        .upload_f32(&cos[..(s - 1) * d / 2], &[s - 1, d / 2])
+        .unwrap();
+    let e = run(&x, &short, &short, &out).unwrap_err();
+    assert!(e.contains("do not fit heads"), "{e}");
+    // a head_dim that is not a multiple of 4
+    let d6 = 6;
+    let x6 = g
+        .upload_f32(&vec![0.5; s * heads * d6], &[s, heads * d6])
+        .unwrap();
+    let t6 = g.upload_f32(&vec![1.0; s * d6 / 2], &[s, d6 / 2]).unwrap();
+    let o6 = g.empty(&[1, heads, s, d6], DType::F32).unwrap();
+    let e = run(&x6, &t6, &t6, &o6).unwrap_err();
+    assert!(e.contains("multiple of 4"), "{e}");
+    // x and out the same buffer
+    let xs = g
+        .upload_f32(&vec![0.5; s * heads * d], &[1, heads, s, d])
+        .unwrap();
+    let xv = xs.reshape(&[s, heads * d]).unwrap();
+    let e = run(&xv, &ct, &st, &xs).unwrap_err();
+    assert!(e.contains("x") && e.contains("out"), "{e}");
+}
