@@ -161,10 +161,25 @@ pub fn record_rope_split_heads_pooled(
     check_distinct(op, ("x", x), ("out", out))?;
     check_distinct(op, ("out", out), ("pooled rows", pooled))?;
     check_distinct(op, ("x", x), ("pooled rows", pooled))?;
+    dispatch(batch, op, [x, cos, sin, out, pooled], true, (h, s, d))
+}
+
+/// Checks the binding sizes and records the kernel (with or without pooling) over
+/// `ceil(S / 64)` blocks × `H` heads; `bufs` are x, cos, sin, out and the pooled rows.
+fn dispatch(
+    batch: &mut Batch<'_>,
+    op: &str,
+    bufs: [&Tensor; 5],
+    pool: bool,
+    (h, s, d): (usize, usize, usize),
+) -> Result<()> {
+    let gpu = batch.gpu();
+    let [x, cos, _, out, _] = bufs;
     check_size(gpu, op, "x", x)?;
     check_size(gpu, op, "out", out)?;
     check_size(gpu, op, "cos", cos)?;
-    let pipe = gpu.pipeline(&key(out.dtype(), true), &source(out.dtype(), true), true)?;
+    let pipe = gpu.pipeline(&key(out.dtype(), pool), &source(out.dtype(), pool), true)?;
+    let nb = s.div_ceil(BLOCK);
     let p = Params {
         s: s as u32,
         h: h as u32,
@@ -174,7 +189,7 @@ pub fn record_rope_split_heads_pooled(
     batch.dispatch(
         &pipe,
         bytemuck::bytes_of(&p),
-        &[x, cos, sin, out, pooled],
+        &bufs,
         [nb as u32, h as u32, 1],
     )
 }
@@ -218,23 +233,7 @@ pub fn record_rope_split_heads(
         )));
     }
     check_distinct(op, ("x", x), ("out", out))?;
-    check_size(gpu, op, "x", x)?;
-    check_size(gpu, op, "out", out)?;
-    check_size(gpu, op, "cos", cos)?;
-    let pipe = gpu.pipeline(&key(out.dtype(), false), &source(out.dtype(), false), true)?;
     // binding 5 (the pooled rows) is not touched without pooling: a 16-byte stand-in
     let dummy = gpu.cached("nabla/rope_split/dummy", || gpu.empty(&[4], DType::F32))?;
-    let nb = s.div_ceil(BLOCK);
-    let p = Params {
-        s: s as u32,
-        h: h as u32,
-        d: d as u32,
-        nb: nb as u32,
-    };
-    batch.dispatch(
-        &pipe,
-        bytemuck::bytes_of(&p),
-        &[x, cos, sin, out, &dummy],
-        [nb as u32, h as u32, 1],
-    )
+    dispatch(batch, op, [x, cos, sin, out, &dummy], false, (h, s, d))
 }
