@@ -83,6 +83,8 @@ const LINEAR_LOADS: &str = include_str!("../../shaders/linalg/linear_loads.wgsl"
 const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_vec.wgsl");
 const LINEAR_LOADS_VEC8: &str = include_str!("../../shaders/linalg/linear_loads_vec8.wgsl");
 const LINEAR_LOADS_PAIR: &str = include_str!("../../shaders/linalg/linear_loads_pair.wgsl");
+const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
+const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
 
 /// Compile-time choices of a tensor-core kernel variant besides the storage types and epilogue:
 /// subgroup size, load width, tile rows, diagnostic probe (0 in real runs).
@@ -108,6 +110,13 @@ fn tune_key(m: usize, n: usize, k: usize, wdt: DType, x16: bool) -> String {
     )
 }
 
+/// The tuned configuration stored under `key`, if it parses and fits this adapter.
+fn cached_config(gpu: &Gpu, sg: u32, key: &str) -> Option<CoopConfig> {
+    gpu.tuned(key)
+        .and_then(|v| serde_json::from_value::<CoopConfig>(v).ok())
+        .filter(|c| c.fits(gpu.caps(), sg))
+}
+
 /// The tile configuration for this shape: the adapter's tuned one, else the default.
 fn coop_config(
     gpu: &Gpu,
@@ -118,10 +127,7 @@ fn coop_config(
     wdt: DType,
     x16: bool,
 ) -> CoopConfig {
-    gpu.tuned(&tune_key(m, n, k, wdt, x16))
-        .and_then(|v| serde_json::from_value::<CoopConfig>(v).ok())
-        .filter(|c| c.fits(gpu.caps(), sg))
-        .unwrap_or(CoopConfig::DEFAULT)
+    cached_config(gpu, sg, &tune_key(m, n, k, wdt, x16)).unwrap_or(CoopConfig::DEFAULT)
 }
 
 /// GPU milliseconds of warm-up before [`tune_linear`] times a shape's candidates.
@@ -167,11 +173,7 @@ pub fn tune_linear(
         if m == 0 || n == 0 || k == 0 || !seen.insert(key.clone()) {
             continue;
         }
-        if !force
-            && let Some(c) = gpu
-                .tuned(&key)
-                .and_then(|v| serde_json::from_value::<CoopConfig>(v).ok())
-        {
+        if !force && let Some(c) = cached_config(gpu, sg, &key) {
             out.push(TuneResult {
                 shape: (m, n, k),
                 chosen: c,
@@ -288,8 +290,6 @@ impl Loads {
         }
     }
 }
-const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
-const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
 
 /// Which GEMM kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1101,19 +1101,18 @@ fn record(
         return Ok(());
     }
     let sg = gpu.caps().coop_subgroup();
-    let coop = match kernel {
-        LinearKernel::Portable => None,
-        LinearKernel::Coop => Some(sg.ok_or_else(|| Error::Unsupported {
+    let need_sg = || {
+        sg.ok_or_else(|| Error::Unsupported {
             adapter: gpu.caps().name.clone(),
             feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
             what: "the tensor-core linear kernel".into(),
-        })?),
+        })
+    };
+    let coop = match kernel {
+        LinearKernel::Portable => None,
+        LinearKernel::Coop => Some(need_sg()?),
         LinearKernel::CoopWith(c) => {
-            let sg = sg.ok_or_else(|| Error::Unsupported {
-                adapter: gpu.caps().name.clone(),
-                feature: "cooperative matrices (16x16 f16, Vulkan, fixed subgroup size)",
-                what: "the tensor-core linear kernel".into(),
-            })?;
+            let sg = need_sg()?;
             if !c.fits(gpu.caps(), sg) {
                 return Err(Error::Invalid(format!(
                     "linear: tile configuration {c:?} does not fit {}'s workgroup limits \
