@@ -360,8 +360,29 @@ def param_shapes(cfg):
     return sh
 
 
+def wan_init(key, shape, g, device):
+    """One tensor as the reference's WanModel.init_weights() leaves it (f32)."""
+    import torch
+    t = torch.empty(shape, device=device, dtype=torch.float32)
+    fan_in, fan_out = (math.prod(shape[1:]), shape[0]) if len(shape) > 1 else (1, 1)
+    if key.endswith("modulation"):
+        return t.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=g)
+    if "norm" in key:
+        return t.fill_(1.0 if key.endswith("weight") else 0.0)
+    if key == "patch_embedding.bias":  # nn.Conv3d's default, left alone by init_weights
+        bound = 1.0 / math.sqrt(COMMON["in_dim"] * math.prod(COMMON["patch"]))
+        return t.uniform_(-bound, bound, generator=g)
+    if key.endswith("bias") or key == "head.head.weight":
+        return t.zero_()
+    if key.startswith(("text_embedding.", "time_embedding.")):
+        return t.normal_(0.0, 0.02, generator=g)
+    a = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform_ (patch embedding: flatten(1))
+    return t.uniform_(-a, a, generator=g)
+
+
 class WanDiT:
-    def __init__(self, cfg, device, cdt, state=None, seed=0, rope_f64=False, sparse=None):
+    def __init__(self, cfg, device, cdt, state=None, seed=0, rope_f64=False, sparse=None,
+                 init="synthetic"):
         import torch
         self.cfg, self.dev, self.cdt, self.rope_f64 = cfg, device, cdt, rope_f64
         self.heads, self.dim = cfg["num_heads"], cfg["dim"]
@@ -378,6 +399,8 @@ class WanDiT:
                 t = state[key].to(device=device, dtype=dt)
                 if tuple(t.shape) != tuple(shape):
                     die(f"golden {key} has shape {list(t.shape)}, expected {list(shape)}")
+            elif init == "wan":
+                t = wan_init(key, shape, g, device).to(dt)
             else:
                 t = torch.randn(shape, generator=g, device=device, dtype=dt).mul_(WEIGHT_STD)
                 if kind == "norm":
@@ -670,6 +693,9 @@ def main():
                     help="big-Linear weights/activations and attention operands")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default="synthetic", choices=["synthetic", "wan"],
+                    help="random weights: synthetic (N(0, 0.02), norms 1 + N(0, 0.02)) or wan "
+                         "(the reference's init_weights, as the fork builds its model)")
     ap.add_argument("--rope-f64", action="store_true", help="rotate q/k in f64 as the reference")
     ap.add_argument("--sparse-impl", default="auto", choices=["auto", "flex", "masked-sdpa"],
                     help="auto: compiled flex (CPU: probed, falls back to masked SDPA)")
@@ -716,7 +742,8 @@ def main():
     sparse = SparseAttention(dev, args.sparse_impl) if any(a is not None for a in algos) else None
     log(f"creating random {args.model} weights ({args.dtype}) on {dev} ...")
     t0 = time.perf_counter()
-    model = WanDiT(cfg, dev, cdt, seed=args.seed, rope_f64=args.rope_f64, sparse=sparse)
+    model = WanDiT(cfg, dev, cdt, seed=args.seed, rope_f64=args.rope_f64, sparse=sparse,
+                   init=args.init)
     if cuda:
         torch.cuda.synchronize()
     log(f"  {time.perf_counter() - t0:.1f} s, {model.weight_bytes() / 1e9:.2f} GB of weights")
@@ -730,7 +757,7 @@ def main():
            "model": args.model, "config": {k: v for k, v in cfg.items() if k != "patch"},
            "dtype": args.dtype, "video": [lw * 8, lh * 8, args.frames], "latent": [T, lh, lw],
            "tokens": S, "blocks": S // BLOCK if S % BLOCK == 0 else None, "timestep": t_step,
-           "runs": args.runs, "warmup": args.warmup, "weight_bytes": model.weight_bytes(),
+           "runs": args.runs, "warmup": args.warmup, "init": args.init, "weight_bytes": model.weight_bytes(),
            "rope": "f64" if args.rope_f64 else "f32 (f64 tables)",
            "dense_attention": "F.scaled_dot_product_attention (default backend)",
            "sparse_attention": sparse.name if sparse else None,

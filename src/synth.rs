@@ -100,6 +100,21 @@ pub fn structured(grid: &BlockGrid, heads: usize, d: usize, role: Role, seed: u6
 /// `n` approximately normal values of standard deviation `std`, deterministic for `seed`,
 /// generated on all CPU cores.
 pub fn noise(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    fill(n, |i| gauss(seed, i) * std)
+}
+
+/// `n` values uniform on `[-half_width, half_width)`, deterministic for `seed`, generated on
+/// all CPU cores.
+pub fn uniform(seed: u64, n: usize, half_width: f32) -> Vec<f32> {
+    fill(n, |i| {
+        let r = splitmix(seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        // 24 random bits: every value is exact in f32
+        ((r >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * half_width
+    })
+}
+
+/// `n` values `f(i)`, computed on all CPU cores.
+fn fill(n: usize, f: impl Fn(u64) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; n];
     let threads = std::thread::available_parallelism()
         .map(|t| t.get())
@@ -107,9 +122,10 @@ pub fn noise(seed: u64, n: usize, std: f32) -> Vec<f32> {
     let chunk = n.div_ceil(threads.max(1)).max(1 << 16);
     std::thread::scope(|sc| {
         for (ci, part) in out.chunks_mut(chunk).enumerate() {
+            let f = &f;
             sc.spawn(move || {
                 for (o, v) in part.iter_mut().enumerate() {
-                    *v = gauss(seed, (ci * chunk + o) as u64) * std;
+                    *v = f((ci * chunk + o) as u64);
                 }
             });
         }

@@ -356,3 +356,85 @@ fn malformed_checkpoints_are_errors() {
         &["names shard diffusion_pytorch_model-00001-of-00002.safetensors which is missing"],
     );
 }
+
+/// `RandomInit::Wan` draws every tensor as the reference's `init_weights()` leaves it.
+#[test]
+fn wan_random_init_follows_the_reference() {
+    use nabla::wan::{RandomInit, RandomWeights, WeightSource};
+    // small, but every fan-in and fan-out differs from the others
+    let cfg = WanConfig {
+        dim: 256,
+        ffn_dim: 640,
+        num_heads: 2,
+        num_layers: 2,
+        text_dim: 96,
+        ..tiny_base()
+    };
+    let rw = RandomWeights::with_init(&cfg, 7, RandomInit::Wan);
+    let d = cfg.dim;
+    let stats = |v: &[f32]| {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let amax = v.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        (mean, var.sqrt(), amax)
+    };
+    for name in nabla::wan::expected_tensors(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+    {
+        let (v, shape) = rw.get(&name).unwrap();
+        assert_eq!(v.len(), shape.iter().product::<usize>(), "{name}");
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        let (mean, std, amax) = stats(&v);
+        let fan_in: usize = shape[1..].iter().product();
+        let xavier = if shape.len() > 1 {
+            (6.0 / (fan_in + shape[0]) as f64).sqrt()
+        } else {
+            0.0
+        };
+        if name.contains("norm") {
+            let one = if name.ends_with("weight") { 1.0 } else { 0.0 };
+            assert!(v.iter().all(|&x| x == one), "{name}: every value {one}");
+        } else if name == "head.head.weight"
+            || (name.ends_with("bias") && name != "patch_embedding.bias")
+        {
+            assert!(v.iter().all(|&x| x == 0.0), "{name}: zero");
+        } else if name.ends_with("modulation") {
+            let want = 1.0 / (d as f64).sqrt();
+            assert!(
+                (std / want - 1.0).abs() < 0.1,
+                "{name}: std {std} vs {want}"
+            );
+        } else if name.starts_with("text_embedding.") || name.starts_with("time_embedding.") {
+            assert!((std / 0.02 - 1.0).abs() < 0.1, "{name}: std {std} vs 0.02");
+        } else if name == "patch_embedding.bias" {
+            let bound = 1.0 / ((cfg.in_dim * 4) as f64).sqrt();
+            assert!(
+                amax as f64 <= bound && amax as f64 > 0.8 * bound,
+                "{name}: max {amax}"
+            );
+        } else {
+            // Xavier uniform: |x| < a, std a / √3
+            assert!(amax as f64 <= xavier, "{name}: max {amax} above {xavier}");
+            let want = xavier / 3f64.sqrt();
+            assert!(
+                (std / want - 1.0).abs() < 0.1,
+                "{name}: std {std} vs {want}"
+            );
+            assert!(mean.abs() < 0.1 * want, "{name}: mean {mean}");
+        }
+    }
+    // and the default draw is a different one
+    let syn = RandomWeights::new(&cfg, 7);
+    let name = "blocks.0.self_attn.norm_q.weight";
+    assert_ne!(syn.get(name).unwrap().0, rw.get(name).unwrap().0);
+    assert!(
+        "bogus"
+            .parse::<RandomInit>()
+            .unwrap_err()
+            .to_string()
+            .contains("synthetic")
+    );
+    assert_eq!("wan".parse::<RandomInit>().unwrap(), RandomInit::Wan);
+}

@@ -44,6 +44,11 @@ pub struct DitArgs {
     /// Timed forwards per algorithm (after one warm-up).
     #[arg(long, default_value_t = 2)]
     reps: usize,
+    /// How the random weights are drawn: `synthetic` (nabla's: every tensor non-zero) or
+    /// `wan` (the reference's `init_weights()`, as the fork's benchmarks build the model). The
+    /// NABLA mask densities, and so the sparse forwards' times, depend on it.
+    #[arg(long, default_value = "synthetic")]
+    init: nabla::wan::RandomInit,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -73,6 +78,7 @@ struct DitRun<'a> {
     algos: &'a [Option<SparseAlgo>],
     reps: usize,
     model: &'a str,
+    init: nabla::wan::RandomInit,
 }
 
 impl DitRun<'_> {
@@ -87,22 +93,24 @@ impl DitRun<'_> {
         let cfg = self.cfg;
         let (t, lh, lw) = self.input.shape;
         eprintln!(
-            "uploading random {} weights ({:?}) ...",
-            self.model, self.precision
+            "uploading random {} weights ({:?}, {:?} init) ...",
+            self.model, self.precision, self.init
         );
         let t0 = std::time::Instant::now();
-        let mut model = Dit::random(be, cfg, self.precision, 0)?;
+        let source = nabla::wan::RandomWeights::with_init(cfg, 0, self.init);
+        let mut model = Dit::from_source(be, cfg, &source, self.precision)?;
         eprintln!(
             "  {:.1} s, {:.2} GB of weights",
             t0.elapsed().as_secs_f64(),
             model.weight_bytes() as f64 / 1e9
         );
         println!(
-            "model    Wan 2.1 {} (dim {}, {} layers), {:?} weights | latent {t}x{lh}x{lw}, {} tokens",
+            "model    Wan 2.1 {} (dim {}, {} layers), {:?} weights ({:?} init) | latent {t}x{lh}x{lw}, {} tokens",
             self.model,
             cfg.dim,
             cfg.num_layers,
             self.precision,
+            self.init,
             t * lh * lw / 4
         );
         let mut rows = Vec::new();
@@ -223,6 +231,7 @@ fn dit(a: DitArgs) -> Result<()> {
         algos: &algos,
         reps: a.reps,
         model: &a.model,
+        init: a.init,
     };
     let (device, rows) = match &cuda {
         #[cfg(feature = "cuda")]
@@ -265,7 +274,7 @@ fn dit(a: DitArgs) -> Result<()> {
         }
     };
     if let Some(p) = &a.json {
-        let doc = json!({"adapter": device, "backend": if cuda.is_some() { "cuda" } else { "wgpu" }, "model": a.model, "weights": a.weights, "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
+        let doc = json!({"adapter": device, "backend": if cuda.is_some() { "cuda" } else { "wgpu" }, "model": a.model, "weights": a.weights, "init": format!("{:?}", a.init), "latent": [t, lh, lw], "tokens": tokens, "rows": rows});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| Error::file(p.clone(), e))?;
     }
@@ -1068,18 +1077,25 @@ fn time_rope_pool(
     );
     drop(x);
     let (oq, ok) = (gpu.empty(&[1, h, s, d], dt)?, gpu.empty(&[1, h, s, d], dt)?);
-    let reps = reps.max(1) + 1;
-    // the baseline: the DiT's producer without a mask, the same kernel without the pooling
-    let rope = gpu.time_ms_inner(reps, 10, |b| {
-        nabla::nabla::record_rope_split_heads(b, &xq, &cos, &sin, &oq)?;
-        nabla::nabla::record_rope_split_heads(b, &xk, &cos, &sin, &ok)
-    })?;
-    let rope_pool = gpu.time_ms_inner(reps, 10, |b| {
-        record_rope_split_heads_pooled(b, &xq, &cos, &sin, &oq, stages, QkSide::Q)?;
-        record_rope_split_heads_pooled(b, &xk, &cos, &sin, &ok, stages, QkSide::K)
-    })?;
+    // the baseline: the DiT's producer without a mask, the same kernel without the pooling.
+    // The two alternate round by round. In each round the first sample is dropped: on the
+    // H200 the first sample of a timing read 2x the others (3.5 against 1.5-1.9 ms), which
+    // made an earlier form of this bench show the pooling as negative cost.
+    let (mut rope, mut rope_pool) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let a = gpu.time_ms_inner(2, 10, |b| {
+            nabla::nabla::record_rope_split_heads(b, &xq, &cos, &sin, &oq)?;
+            nabla::nabla::record_rope_split_heads(b, &xk, &cos, &sin, &ok)
+        })?;
+        let p = gpu.time_ms_inner(2, 10, |b| {
+            record_rope_split_heads_pooled(b, &xq, &cos, &sin, &oq, stages, QkSide::Q)?;
+            record_rope_split_heads_pooled(b, &xk, &cos, &sin, &ok, stages, QkSide::K)
+        })?;
+        rope.push(a[1]);
+        rope_pool.push(p[1]);
+    }
     Ok(RopePoolTimes {
-        rope_ms: median(&rope[1..]),
-        rope_pool_ms: median(&rope_pool[1..]),
+        rope_ms: median(&rope),
+        rope_pool_ms: median(&rope_pool),
     })
 }

@@ -245,14 +245,90 @@ impl WeightSource for Checkpoint {
 pub struct RandomWeights {
     shapes: std::collections::HashMap<String, Vec<usize>>,
     seed: u64,
+    init: RandomInit,
+}
+
+/// How [`RandomWeights`] draws its tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RandomInit {
+    /// Normal weights of standard deviation 1/√fan_in, norm scales 1 ± 0.1, biases and
+    /// modulation non-zero: every tensor takes part (nabla's own benchmarks and demos).
+    #[default]
+    Synthetic,
+    /// The reference's own `WanModel.init_weights()`, as a freshly built model of the fork has
+    /// it: Xavier-uniform linears with zero biases, normal(0.02) text and time embeddings,
+    /// Xavier-uniform patch embedding (its bias as PyTorch's Conv3d default), norm scales 1,
+    /// modulation N(0, 1/dim), a zero output head.
+    Wan,
+}
+
+impl std::str::FromStr for RandomInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<RandomInit> {
+        match s {
+            "synthetic" => Ok(RandomInit::Synthetic),
+            "wan" => Ok(RandomInit::Wan),
+            o => Err(Error::Invalid(format!(
+                "random weight init {o:?}: use synthetic (nabla's) or wan (the reference's init_weights)"
+            ))),
+        }
+    }
 }
 
 impl RandomWeights {
-    /// Random weights for `cfg`.
+    /// Random weights for `cfg` ([`RandomInit::Synthetic`]).
     pub fn new(cfg: &WanConfig, seed: u64) -> RandomWeights {
+        RandomWeights::with_init(cfg, seed, RandomInit::Synthetic)
+    }
+
+    /// Random weights for `cfg`, drawn as `init` says.
+    pub fn with_init(cfg: &WanConfig, seed: u64, init: RandomInit) -> RandomWeights {
         RandomWeights {
             shapes: super::expected_tensors(cfg).into_iter().collect(),
             seed,
+            init,
+        }
+    }
+
+    /// Synthetic init: (standard deviation, mean) of a normal draw.
+    fn synthetic(name: &str, shape: &[usize]) -> (f32, f32) {
+        if name.contains("norm") {
+            (0.1, 1.0)
+        } else if name.ends_with("modulation") {
+            (0.1, 0.0)
+        } else if name.ends_with("bias") {
+            (0.02, 0.0)
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            (1.0 / (fan_in.max(1) as f32).sqrt(), 0.0)
+        }
+    }
+
+    /// `WanModel.init_weights()` (and the constructors' defaults it leaves alone).
+    fn wan(&self, name: &str, shape: &[usize], n: usize, salt: u64) -> Vec<f32> {
+        let fans = |s: &[usize]| (s[1..].iter().product::<usize>().max(1), s[0].max(1));
+        let xavier = |s: &[usize]| {
+            let (fan_in, fan_out) = fans(s);
+            crate::synth::uniform(salt, n, (6.0 / (fan_in + fan_out) as f32).sqrt())
+        };
+        if name.ends_with("modulation") {
+            let dim = *shape.last().unwrap_or(&1);
+            crate::synth::noise(salt, n, 1.0 / (dim.max(1) as f32).sqrt())
+        } else if name.contains("norm") {
+            vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+        } else if name == "patch_embedding.bias" {
+            // nn.Conv3d's default bias: U(±1/√fan_in); init_weights leaves it
+            let fan_in = self
+                .shapes
+                .get("patch_embedding.weight")
+                .map_or(1, |w| fans(w).0);
+            crate::synth::uniform(salt, n, 1.0 / (fan_in as f32).sqrt())
+        } else if name.ends_with("bias") || name == "head.head.weight" {
+            vec![0.0; n]
+        } else if name.starts_with("text_embedding.") || name.starts_with("time_embedding.") {
+            crate::synth::noise(salt, n, 0.02)
+        } else {
+            xavier(shape)
         }
     }
 }
@@ -270,20 +346,17 @@ impl WeightSource for RandomWeights {
             .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
                 (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
             });
-        let (std, mean) = if name.contains("norm") {
-            (0.1, 1.0)
-        } else if name.ends_with("modulation") {
-            (0.1, 0.0)
-        } else if name.ends_with("bias") {
-            (0.02, 0.0)
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            (1.0 / (fan_in.max(1) as f32).sqrt(), 0.0)
+        let v = match self.init {
+            RandomInit::Synthetic => {
+                let (std, mean) = RandomWeights::synthetic(name, &shape);
+                let mut v = crate::synth::noise(salt, n, std);
+                if mean != 0.0 {
+                    v.iter_mut().for_each(|x| *x += mean);
+                }
+                v
+            }
+            RandomInit::Wan => self.wan(name, &shape, n, salt),
         };
-        let mut v = crate::synth::noise(salt, n, std);
-        if mean != 0.0 {
-            v.iter_mut().for_each(|x| *x += mean);
-        }
         Ok((v, shape))
     }
 }

@@ -15,5 +15,6 @@ pub use backend::{Backend, WgpuBackend};
 pub use checkpoint::{Checkpoint, Layout, expected_tensors, official_name};
 pub use config::WanConfig;
 pub use dit::{
-    Dit, DitInput, RandomWeights, Trace, WeightPrecision, WeightSource, planned_weight_bytes,
+    Dit, DitInput, RandomInit, RandomWeights, Trace, WeightPrecision, WeightSource,
+    planned_weight_bytes,
 };
