@@ -677,15 +677,11 @@ pub mod cuda {
                 let mask = (density <= 1.0)
                     .then(|| nabla::CudaMask::from_dense(c, &dense, h, nq, nk))
                     .transpose()?;
-                let o = poisoned(c, &[1, h, sq, d], dt)?;
-                attention::attention(
-                    c,
-                    &c.upload_as(&q, &[1, h, sq, d], dt)?,
-                    &c.upload_as(&k, &[1, h, skv, d], dt)?,
-                    &c.upload_as(&v, &[1, h, skv, d], dt)?,
-                    mask.as_ref(),
-                    &o,
-                )?;
+                let (qt, kt, vt) = (
+                    c.upload_as(&q, &[1, h, sq, d], dt)?,
+                    c.upload_as(&k, &[1, h, skv, d], dt)?,
+                    c.upload_as(&v, &[1, h, skv, d], dt)?,
+                );
                 let want =
                     reference::block_sparse_attention(&q, &k, &v, &dense, h, (h, sq, skv, d));
                 let bound = match dt {
@@ -693,14 +689,40 @@ pub mod cuda {
                     DType::BF16 => 1e-2,
                     _ => 1e-5,
                 };
-                out.push(Row {
-                    kernel: "cuda attention".into(),
-                    variant: format!("{dt:?}{}", if mask.is_none() { " dense" } else { "" }),
-                    shape: format!("h{h} sq{sq} skv{skv} d{d} p{}", density.min(1.0)),
-                    rel_err: rel_l2(&c.download_f32(&o)?, &want),
-                    bound,
-                    skipped: None,
-                });
+                // every tensor-core kernel this device runs (f32 has one kernel)
+                let kernels = match (dt, c.compute_capability()) {
+                    (DType::F32, _) => vec![attention::AttnKernel::Auto],
+                    (_, (9, 0)) => vec![
+                        attention::AttnKernel::MmaSync,
+                        attention::AttnKernel::Wgmma,
+                        attention::AttnKernel::WgmmaTma,
+                    ],
+                    _ => vec![attention::AttnKernel::MmaSync],
+                };
+                for kernel in kernels {
+                    let o = poisoned(c, &[1, h, sq, d], dt)?;
+                    let opts = attention::AttentionOptions {
+                        kernel,
+                        ..attention::AttentionOptions::from_env()?
+                    };
+                    attention::attention_with(c, &qt, &kt, &vt, mask.as_ref(), &o, opts)?;
+                    out.push(Row {
+                        kernel: "cuda attention".into(),
+                        variant: format!(
+                            "{dt:?}{}{}",
+                            if mask.is_none() { " dense" } else { "" },
+                            if dt == DType::F32 {
+                                String::new()
+                            } else {
+                                format!(" {}", kernel.label())
+                            }
+                        ),
+                        shape: format!("h{h} sq{sq} skv{skv} d{d} p{}", density.min(1.0)),
+                        rel_err: rel_l2(&c.download_f32(&o)?, &want),
+                        bound,
+                        skipped: None,
+                    });
+                }
             }
         }
         Ok(())

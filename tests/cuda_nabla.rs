@@ -941,7 +941,8 @@ fn golden_nabla_masks_cuda() {
 // ---------------------------------------------------------------------------------------------
 
 /// Options of the mma.sync kernel: `stages`, query rows per warp, rotated walk. `run_attention`
-/// also runs every 16-row case through the wgmma kernel on a compute-capability-9.0 device.
+/// also runs every 16-row case through both wgmma kernels (cp.async and TMA loads) on a
+/// compute-capability-9.0 device.
 fn o(stages: usize, rows_per_warp: usize, rotate: bool) -> AttentionOptions {
     AttentionOptions {
         kernel: AttnKernel::MmaSync,
@@ -1013,10 +1014,9 @@ fn run_attention(
     let (atol, rtol, l2) = attn_tol(dt);
     let mut variants = vec![opts];
     if c.compute_capability() == (9, 0) && opts.rows_per_warp == 16 && dt != DType::F32 {
-        variants.push(AttentionOptions {
-            kernel: AttnKernel::Wgmma,
-            ..opts
-        });
+        for kernel in [AttnKernel::Wgmma, AttnKernel::WgmmaTma] {
+            variants.push(AttentionOptions { kernel, ..opts });
+        }
     }
     for opts in variants {
         let out = poisoned(c, &[b, h, sq, d], dt);
@@ -1533,14 +1533,14 @@ fn timing_helpers_report_positive_times() {
     assert!(mask.density(c).unwrap() > 0.0);
 }
 
-/// The kernel choice needs no GPU: `Auto` is wgmma exactly on compute capability 9.0, and asking
-/// for wgmma elsewhere is an error naming the fallback.
+/// The kernel choice needs no GPU: `Auto` is wgmma (TMA loads) exactly on compute capability
+/// 9.0, and asking for either wgmma kernel elsewhere is an error naming the fallback.
 #[test]
 fn attention_kernel_choice_by_architecture() {
     for (cc, want) in [
         ((8, 0), AttnKernel::MmaSync),
         ((8, 9), AttnKernel::MmaSync),
-        ((9, 0), AttnKernel::Wgmma),
+        ((9, 0), AttnKernel::WgmmaTma),
         ((10, 0), AttnKernel::MmaSync),
     ] {
         assert_eq!(AttnKernel::Auto.resolve(cc, "gpu").unwrap(), want, "{cc:?}");
@@ -1553,12 +1553,15 @@ fn attention_kernel_choice_by_architecture() {
         AttnKernel::Wgmma.resolve((9, 0), "H200").unwrap(),
         AttnKernel::Wgmma
     );
-    let e = AttnKernel::Wgmma
-        .resolve((8, 6), "RTX 3090")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("RTX 3090") && e.contains("8.6") && e.contains("NABLA_CUDA_ATTN_KERNEL=mma"),
-        "{e}"
+    for k in [AttnKernel::Wgmma, AttnKernel::WgmmaTma] {
+        let e = k.resolve((8, 6), "RTX 3090").unwrap_err().to_string();
+        assert!(
+            e.contains("RTX 3090") && e.contains("8.6") && e.contains("NABLA_CUDA_ATTN_KERNEL=mma"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        AttnKernel::WgmmaTma.resolve((9, 0), "H200").unwrap(),
+        AttnKernel::WgmmaTma
     );
 }

@@ -114,7 +114,10 @@ pub(super) fn attention(c: &Cuda, a: &AttnArgs, sh: &Shape, algos: &[SparseAlgo]
         "shape    {} : B={b} H={h} S={s} D={d}, {nb} blocks of 64 | storage {dt:?}, kernel {} ({} stages)",
         sh.name,
         kernel.label(),
-        if kernel == attention::AttnKernel::Wgmma {
+        if matches!(
+            kernel,
+            attention::AttnKernel::Wgmma | attention::AttnKernel::WgmmaTma
+        ) {
             2
         } else {
             opts.stages

@@ -10,7 +10,8 @@
 //!
 //! | dtype | head dim | kernel | shared memory |
 //! |---|---|---|---|
-//! | f16, bf16 | 64, 128 | `wgmma` (sm_90a; default on compute capability 9.0): one warpgroup, Q + 2 stages of K and V tiles in the 128-byte swizzle | 1 KiB + 5 · 64 · D · 2 B (D = 128: 81 KiB) |
+//! | f16, bf16 | 64, 128 | `wgmma` + TMA (sm_90a; default on compute capability 9.0): one warpgroup, Q + 2 stages of K and V tiles in the 128-byte swizzle, loaded by the tensor memory accelerator onto mbarriers | 1 KiB + 5 · 64 · D · 2 B (D = 128: 81 KiB) |
+//! | f16, bf16 | 64, 128 | `wgmma` (sm_90a): the same with every thread copying its share by `cp.async` | the same |
 //! | f16, bf16 | 64, 128 | `mma.sync.m16n8k16` (default elsewhere), 4 warps × 16 rows, 3 stages (default) or 2 | stages · 2 · 64 · D · 2 B (D = 128: 96 / 64 KiB) |
 //! | f16, bf16 | 64, 128 | `mma.sync`, 2 warps × 32 rows, 2 stages | (64 · D + 2 · 2 · 64 · D) · 2 B (D = 128: 80 KiB) |
 //! | f32 | 64, 128 | f32 SIMT, 16-key tiles | 16 · D · 8 B |
@@ -20,7 +21,10 @@
 //! memory; P·V of block n is left running while block n + 1's copies are waited for and its S
 //! issued. On the H200 at wan14b-720p it runs 1.35–1.4× the `mma.sync` kernel (dense 226–236 ms,
 //! sparse ~400 effective TFLOP/s, FlexAttention's rate); the other forms measured are listed in
-//! `attention_sm90a.cu`.
+//! `attention_sm90a.cu`. Loading the tiles by TMA (one thread issues 64 × 64 box copies through
+//! tensor maps built per call) instead of 16 `cp.async` per thread and block took the dense
+//! 14B case from 221–224 to 198 ms (467 TFLOP/s) and the sparse ones from ~415 to ~455
+//! effective TFLOP/s: the kernel issues 23 % fewer instructions.
 //!
 //! The 32-row `mma.sync` form feeds every K/V fragment read from shared memory to two `mma` (the
 //! 16-row form re-reads the whole K and V tiles per 16 rows) at the cost of 255 registers per
@@ -31,11 +35,11 @@
 //! beyond rounding).
 //!
 //! [`attention`] reads its [`AttentionOptions`] from the environment
-//! (`NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma`, `NABLA_CUDA_ATTN_STAGES=2|3`,
+//! (`NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma|tma`, `NABLA_CUDA_ATTN_STAGES=2|3`,
 //! `NABLA_CUDA_ATTN_ROTATE=0|1`, `NABLA_CUDA_ATTN_ROWS=16|32`); [`attention_with`] takes them as
 //! an argument (benchmarks).
 
-use super::launch::{Arg, launch, max_shared_bytes};
+use super::launch::{Arg, launch, max_shared_bytes, tile_map_3d};
 use super::nabla::{CudaMask, check_aligned, check_arch, u32_of};
 use super::{Cuda, CudaTensor, cuda_err};
 use crate::error::{Error, Result};
@@ -130,12 +134,16 @@ fn check(
 /// Which tensor-core attention kernel runs (f16 / bf16 inputs; f32 always runs the f32 kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// `wgmma` on Hopper (compute capability 9.0), `mma.sync` elsewhere.
+    /// `wgmma` with TMA loads on Hopper (compute capability 9.0), `mma.sync` elsewhere.
     Auto,
     /// `mma.sync.m16n8k16` (`attention.cu`; every architecture from sm_80).
     MmaSync,
-    /// Warpgroup MMA (`attention_sm90a.cu`; compute capability 9.0 only).
+    /// Warpgroup MMA (`attention_sm90a.cu`; compute capability 9.0 only), tiles copied by
+    /// every thread with `cp.async`.
     Wgmma,
+    /// The same warpgroup-MMA kernel with its tiles loaded by the tensor memory accelerator
+    /// (one thread issues 64 × 64 box copies through tensor maps, completing on mbarriers).
+    WgmmaTma,
 }
 
 impl AttnKernel {
@@ -143,9 +151,9 @@ impl AttnKernel {
     /// is asked for elsewhere than 9.0.
     pub fn resolve(self, cc: (i32, i32), device: &str) -> Result<AttnKernel> {
         match self {
-            AttnKernel::Auto if cc == (9, 0) => Ok(AttnKernel::Wgmma),
+            AttnKernel::Auto if cc == (9, 0) => Ok(AttnKernel::WgmmaTma),
             AttnKernel::Auto => Ok(AttnKernel::MmaSync),
-            AttnKernel::Wgmma if cc != (9, 0) => Err(Error::Unsupported {
+            AttnKernel::Wgmma | AttnKernel::WgmmaTma if cc != (9, 0) => Err(Error::Unsupported {
                 adapter: device.to_string(),
                 feature: "wgmma (compute capability 9.0)",
                 what: format!(
@@ -158,12 +166,13 @@ impl AttnKernel {
         }
     }
 
-    /// Short name for tables: `mma.sync` or `wgmma`.
+    /// Short name for tables: `mma.sync`, `wgmma` or `wgmma+tma`.
     pub fn label(self) -> &'static str {
         match self {
             AttnKernel::Auto => "auto",
             AttnKernel::MmaSync => "mma.sync",
             AttnKernel::Wgmma => "wgmma",
+            AttnKernel::WgmmaTma => "wgmma+tma",
         }
     }
 }
@@ -197,7 +206,7 @@ impl Default for AttentionOptions {
 }
 
 impl AttentionOptions {
-    /// The defaults, overridden by `NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma`,
+    /// The defaults, overridden by `NABLA_CUDA_ATTN_KERNEL=auto|mma|wgmma|tma`,
     /// `NABLA_CUDA_ATTN_STAGES=2|3`, `NABLA_CUDA_ATTN_ROTATE=0|1` and `NABLA_CUDA_ATTN_ROWS=16|32`.
     pub fn from_env() -> Result<AttentionOptions> {
         let mut o = AttentionOptions::default();
@@ -206,11 +215,12 @@ impl AttentionOptions {
                 "auto" => AttnKernel::Auto,
                 "mma" => AttnKernel::MmaSync,
                 "wgmma" => AttnKernel::Wgmma,
+                "tma" => AttnKernel::WgmmaTma,
                 _ => {
                     return Err(Error::BadEnv {
                         var: "NABLA_CUDA_ATTN_KERNEL",
                         value: v,
-                        expected: "auto, mma or wgmma (the tensor-core attention kernel)",
+                        expected: "auto, mma, wgmma or tma (the tensor-core attention kernel)",
                     });
                 }
             };
@@ -295,7 +305,8 @@ pub fn attention_with(
     let kernel = opts
         .kernel
         .resolve(cuda.compute_capability(), cuda.name())?;
-    let wg = kernel == AttnKernel::Wgmma && q.dtype != DType::F32;
+    let tma = kernel == AttnKernel::WgmmaTma && q.dtype != DType::F32;
+    let wg = (kernel == AttnKernel::Wgmma || tma) && q.dtype != DType::F32;
     let wide = match opts.rows_per_warp {
         _ if wg => false,
         16 => false,
@@ -324,7 +335,7 @@ pub fn attention_with(
         // 1024 bytes to align the tiles for the 128-byte swizzle, Q, two K/V stages, the stage
         // table
         (
-            format!("attn_wg_{ty}_d{d}"),
+            format!("attn_{}_{ty}_d{d}", if tma { "tma" } else { "wg" }),
             128,
             1024 + 5 * 64 * d * 2 + 16,
         )
@@ -360,10 +371,22 @@ pub fn attention_with(
     } else {
         (MODULE, super::sources::ATTENTION)
     };
+    let inputs = if tma {
+        // (D, S, B·H) views of q, k, v for the tensor-memory-accelerator copies
+        let bf16 = q.dtype == DType::BF16;
+        [
+            Arg::Map(tile_map_3d("q", q.ptr(), (d, sq, bh), bf16)?),
+            Arg::Map(tile_map_3d("k", k.ptr(), (d, skv, bh), bf16)?),
+            Arg::Map(tile_map_3d("v", v.ptr(), (d, skv, bh), bf16)?),
+        ]
+    } else {
+        [Arg::U64(q.ptr()), Arg::U64(k.ptr()), Arg::U64(v.ptr())]
+    };
+    let [a0, a1, a2] = inputs;
     let args = [
-        Arg::U64(q.ptr()),
-        Arg::U64(k.ptr()),
-        Arg::U64(v.ptr()),
+        a0,
+        a1,
+        a2,
         Arg::U64(out.ptr()),
         Arg::U64(counts),
         Arg::U64(indices),

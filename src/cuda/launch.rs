@@ -6,7 +6,7 @@ use crate::error::Result;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// A kernel argument: device addresses, `u32` sizes, `f32` scalars.
+/// A kernel argument: device addresses, `u32` sizes, `f32` scalars, tensor maps.
 pub(crate) enum Arg {
     /// A device address (0 = null).
     U64(u64),
@@ -14,6 +14,73 @@ pub(crate) enum Arg {
     U32(u32),
     /// A scalar.
     F32(f32),
+    /// A TMA tensor map, passed by value (a `const __grid_constant__` parameter).
+    Map(TensorMap),
+}
+
+/// A `CUtensorMap` (128 opaque bytes, 64-byte aligned as the kernels declare it).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct TensorMap(pub(crate) [u64; 16]);
+
+// SAFETY: plain bytes, laid out as the kernels' `TmaMap` parameter (128 bytes, 64-byte aligned).
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+/// A tensor map over a packed 3-D tensor of 16-bit elements `dims = (inner, rows, planes)`
+/// (inner contiguous) at device address `ptr`, with `64 × 64 × 1` boxes in the 128-byte swizzle
+/// (the layout of the `wgmma` kernels' shared-memory tiles); reads outside the tensor fill zeros.
+/// `bf16` picks the element type (else f16). `what` names the tensor in errors.
+pub(crate) fn tile_map_3d(
+    what: &str,
+    ptr: u64,
+    dims: (usize, usize, usize),
+    bf16: bool,
+) -> Result<TensorMap> {
+    use cudarc::driver::sys;
+    let (d0, d1, d2) = (dims.0 as u64, dims.1 as u64, dims.2 as u64);
+    if !ptr.is_multiple_of(16) || !(d0 * 2).is_multiple_of(16) || d0 < 64 {
+        return Err(crate::error::Error::shape(format!(
+            "tensor map of {what}: the address must be 16-byte aligned and rows at least 64 \
+             elements of a multiple of 16 bytes (address {ptr:#x}, {d0} elements per row)"
+        )));
+    }
+    let dim = [d0, d1, d2];
+    let strides = [d0 * 2, d0 * d1 * 2]; // bytes, of dims 1 and 2
+    let boxd = [64u32, 64, 1];
+    let estr = [1u32, 1, 1];
+    let mut m = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let ty = if bf16 {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    // SAFETY: every pointer is to a live local array of the rank's length; the map is written
+    // by the driver before it is read.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            m.as_mut_ptr(),
+            ty,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dim.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(cuda_err(
+            &format!("encoding the tensor map of {what} ({d0} x {d1} x {d2} elements)"),
+            r,
+        ));
+    }
+    // SAFETY: initialised by the successful call above.
+    let m = unsafe { m.assume_init() };
+    Ok(TensorMap(m.opaque))
 }
 
 /// Launches kernel `name` of `module` (CUDA C `src`) with `args` in the kernel's parameter
@@ -53,6 +120,7 @@ pub(crate) fn launch(
             Arg::U64(v) => b.arg(v),
             Arg::U32(v) => b.arg(v),
             Arg::F32(v) => b.arg(v),
+            Arg::Map(v) => b.arg(v),
         };
     }
     // SAFETY: every call site passes the arguments in the order and with the types of the

@@ -12,9 +12,9 @@ static std::vector<char> rd(const std::string& p) {
 }
 int main(int argc, char** argv) {
     std::string d = argv[1];
-    unsigned BH, Sq, Skv, D, DT, ST, has_mask, MH, nq, nkv, rot = 0, w2 = 0;
+    unsigned BH, Sq, Skv, D, DT, ST, has_mask, MH, nq, nkv, rot = 0, w2 = 0, tma = 0;
     FILE* f = fopen((d + "/params.txt").c_str(), "r");
-    fscanf(f, "%u %u %u %u %u %u %u %u %u %u %u %u", &BH, &Sq, &Skv, &D, &DT, &ST, &has_mask, &MH, &nq, &nkv, &rot, &w2);
+    fscanf(f, "%u %u %u %u %u %u %u %u %u %u %u %u %u", &BH, &Sq, &Skv, &D, &DT, &ST, &has_mask, &MH, &nq, &nkv, &rot, &w2, &tma);
     fclose(f);
     // 16-byte aligned copies
     auto q = rd(d + "/q.bin"), k = rd(d + "/k.bin"), v = rd(d + "/v.bin");
@@ -40,8 +40,17 @@ int main(int argc, char** argv) {
 #define F32(NAME) launch(dim3{nq, BH, 1}, dim3{256, 1, 1}, [&] { NAME((const float*)qp, (const float*)kp, (const float*)vp, (float*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
 #define TC2(NAME) launch(dim3{nq, BH, 1}, dim3{64, 1, 1}, [&] { NAME((const u16*)qp, (const u16*)kp, (const u16*)vp, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
 #ifdef SM90A
-    // attention_sm90a.cu: f16 / bf16 only (the test skips f32 cases), its own 2-stage ring
+    // attention_sm90a.cu: f16 / bf16 only (the test skips f32 cases), its own 2-stage ring;
+    // tma = 1: the tensor-map form, maps as src/cuda/attention.rs builds them
     (void)ST; (void)w2;
+    const TmaMap mq = emu_tma_map(qp, D, Sq, BH, 64, 64), mk = emu_tma_map(kp, D, Skv, BH, 64, 64),
+                 mv = emu_tma_map(vp, D, Skv, BH, 64, 64);
+#define TMA(NAME) launch(dim3{nq, BH, 1}, dim3{128, 1, 1}, [&] { NAME(mq, mk, mv, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+    if (tma) {
+        if (DT == 1) { if (D == 64) TMA(attn_tma_f16_d64); else TMA(attn_tma_f16_d128); }
+        else if (DT == 2) { if (D == 64) TMA(attn_tma_bf16_d64); else TMA(attn_tma_bf16_d128); }
+        else { fprintf(stderr, "the wgmma kernels take f16 / bf16 only\n"); return 2; }
+    } else
     if (DT == 1) { if (D == 64) TC(attn_wg_f16_d64); else TC(attn_wg_f16_d128); }
     else if (DT == 2) { if (D == 64) TC(attn_wg_bf16_d64); else TC(attn_wg_bf16_d128); }
     else { fprintf(stderr, "the wgmma kernels take f16 / bf16 only\n"); return 2; }

@@ -10,6 +10,11 @@ s = s[:a] + '#include "' + prims + '"\n' + s[b:]
 if '// <wgmma-primitives>' in s:
     a = s.index('// <wgmma-primitives>'); b = s.index('// </wgmma-primitives>')
     s = s[:a] + '#include "prims_wgmma.h"\n' + s[b:]
+# ... and its tensor-map copies and mbarriers (prims_tma.h)
+if '// <tma-primitives>' in s:
+    a = s.index('// <tma-primitives>'); b = s.index('// </tma-primitives>')
+    s = s[:a] + '#include "prims_tma.h"\n' + s[b:]
+s = s.replace('__grid_constant__', '')
 s = s.replace('extern "C" __global__', '__global__')
 s = s.replace('extern __shared__', 'extern')
 s = re.sub(r'\b__shared__\b', 'static', s)

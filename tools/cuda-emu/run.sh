@@ -5,7 +5,8 @@
 # (C++20) and python3 with numpy; no GPU, no CUDA toolkit. Slow: keep shapes small.
 #   tools/cuda-emu/run.sh            all attention and mask cases
 #   ROT=0 / W2=1 tools/cuda-emu/run.sh attn   walk lists unrotated / the 32-rows-per-warp kernels
-#   tools/cuda-emu/run.sh attn90    the Hopper wgmma kernels (attention_sm90a.cu)
+#   tools/cuda-emu/run.sh attn90    the Hopper wgmma kernels (attention_sm90a.cu), both load forms
+#   tools/cuda-emu/run.sh tma       only its tensor-map (TMA + mbarrier) form
 #   tools/cuda-emu/run.sh rope      nabla.cu's RoPE + head split (+ pooling) kernels
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,5 +24,6 @@ python3 "$here/prep.py" "$root/src/cuda/kernels/attention_sm90a.cu" prims.h "$EM
 what="${1:-all}"
 if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi
+if [[ "$what" == all || "$what" == attn90 || "$what" == tma ]]; then KERNEL=tma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == mask ]]; then python3 "$here/test_nabla.py"; fi
 if [[ "$what" == all || "$what" == rope ]]; then python3 "$here/test_rope.py"; fi

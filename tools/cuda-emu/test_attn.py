@@ -2,8 +2,10 @@ import numpy as np, os, subprocess, sys, tempfile
 from emu_common import BUILD, from_bits, to_bits
 ROT = int(os.environ.get('ROT', '1'))
 W2 = int(os.environ.get('W2', '0'))
-# KERNEL=wgmma: attention_sm90a.cu (f16 / bf16 cases only)
-DRIVER = "attn90_driver" if os.environ.get('KERNEL') == 'wgmma' else "attn_driver"
+# KERNEL=wgmma: attention_sm90a.cu (f16 / bf16 cases only); KERNEL=tma: its tensor-map form
+KERNEL = os.environ.get('KERNEL', '')
+DRIVER = "attn90_driver" if KERNEL in ('wgmma', 'tma') else "attn_driver"
+TMA = int(KERNEL == 'tma')
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), 'little'))
 
 def reference(q, k, v, dense, mh):
@@ -53,7 +55,7 @@ def run(bh, sq, skv, d, dt, st, density, mh, dense_none=False, boost=False, tag=
                     idx[a, i, :len(js)] = js
                     idx[a, i, len(js):] = 0xDEADBEEF  # garbage after the count
             counts.tofile(td + "/counts.bin"); idx.tofile(td + "/indices.bin")
-        open(td + "/params.txt", "w").write(f"{bh} {sq} {skv} {d} {dt} {st} {0 if dense_none else 1} {mhh} {nq} {nk} {ROT} {W2}")
+        open(td + "/params.txt", "w").write(f"{bh} {sq} {skv} {d} {dt} {st} {0 if dense_none else 1} {mhh} {nq} {nk} {ROT} {W2} {TMA}")
         subprocess.run([os.path.join(BUILD, DRIVER), td], check=True)
         ob = np.fromfile(td + "/out.bin", np.float32 if dt == 0 else np.uint16).reshape(bh, sq, d)
     got = from_bits(ob, dt)

@@ -9,7 +9,8 @@
 // rescale (the running max moves only when a row maximum grows by more than 2^8), f32
 // statistics and accumulators, P rounded to the operand type.
 //
-// Kernels attn_wg_{f16,bf16}_d{64,128} (STAGES = 2):
+// Kernels attn_wg_{f16,bf16}_d{64,128} and attn_tma_{f16,bf16}_d{64,128} (STAGES = 2; the
+// second loads Q, K and V through tensor maps instead of cp.async, see attn_wg's TMA flag):
 //   * one CTA = one warpgroup (4 warps, 128 threads) = one 64-row query block of one head;
 //   * Q, and a ring of STAGES (K tile, V tile) pairs, in shared memory, filled by cp.async
 //     (16-byte chunks, zero-filled past Skv / Sq); block n + STAGES - 1 is loaded while block n
@@ -40,7 +41,8 @@
 //   (D = 128: 81 KB -> 2 CTAs per SM; D = 64: 41 KB).
 //
 // Measured on the H200 at wan14b-720p (benches/RESULTS.md, session 3): this form ran fastest of
-// those tried. 3 stages (113 KB, 1 CTA per SM) ran 20 % slower; issuing S(n) together with
+// those tried; session 6's TMA loads took it from 221-224 to 198 ms dense (23 % fewer issued
+// instructions, 138 instead of 156 registers). 3 stages (113 KB, 1 CTA per SM) ran 20 % slower; issuing S(n) together with
 // P(n-1) V(n-1) to overlap the softmax with P V (FlashAttention-3's intra-warpgroup overlap),
 // Q in registers, and 128-row CTAs of two warpgroups sharing each K/V tile (half the L2
 // traffic) all ran 0-15 % slower. The swapped V descriptor (LBO = 1024, SBO = 8192) fails
@@ -122,6 +124,49 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 // </wgmma-primitives>
 
+// <tma-primitives>  (tools/cuda-emu/prims_tma.h emulates this section on the CPU)
+// A CUtensorMap (128 bytes, opaque), passed by value as a __grid_constant__ kernel parameter.
+struct __align__(64) TmaMap {
+    u64 v[16];
+};
+// mbarrier in shared memory (8 bytes): `count` arrivals per phase, plus a transaction count.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// makes initialised barriers visible to the other threads and to the copy engine (then a
+// barrier)
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// this thread's arrival, announcing `bytes` of copies that complete on the barrier
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// waits until the phase of parity `parity` has completed (acquire: its copies are visible)
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+// the box of `map` at element coordinates (c0, c1, c2) into shared memory at `dst`, completing
+// its bytes on `bar`; rows outside the tensor arrive as zeros
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap& map, u32 bar, u32 c0, u32 c1,
+                                            u32 c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+        "{%2, %3, %4}], [%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(&map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+// </tma-primitives>
+
 // A 128-byte-swizzle shared-memory matrix descriptor.
 __device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) |
@@ -132,9 +177,15 @@ __device__ __forceinline__ u32 sw128_off(u32 row, u32 ch) {
     return (ch >> 3) * 8192u + row * 128u + (((ch & 7u) ^ (row & 7u)) << 4);
 }
 
-template <int D, int DT, int STAGES>
+// TMA = false: every thread copies its share of each tile by cp.async (16-byte chunks, the
+// swizzle computed per chunk). TMA = true: thread 0 loads each tile as D/64 boxes of 64 x 64
+// through the tensor maps `mq`, `mk`, `mv` (128-byte swizzle, the layout above), completing on
+// the stage's mbarrier, and the other threads only wait on it (no copy instructions, no proxy
+// fence, one CTA barrier per block instead of two).
+template <int D, int DT, int STAGES, bool TMA>
 __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __restrict__ k,
-                                        const u16* __restrict__ v, u16* __restrict__ out,
+                                        const u16* __restrict__ v, const TmaMap* mq,
+                                        const TmaMap* mk, const TmaMap* mv, u16* __restrict__ out,
                                         const u32* __restrict__ counts,
                                         const u32* __restrict__ indices, u32 Sq, u32 Skv, u32 nq,
                                         u32 nkv, u32 mask_heads, float sl2, u32 rotate) {
@@ -149,7 +200,9 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
     const u32 pad = ((raw + 1023u) & ~1023u) - raw;
     unsigned char* sm = smem_raw + pad;  // 1024-byte aligned: Q tile, then the stages
     const u32 sbase = raw + pad;
-    u32* skb = reinterpret_cast<u32*>(sm + TILE + STAGES * STAGE);  // key block per stage
+    // after the stages: the key block per stage (cp.async) or the stages' mbarriers (TMA)
+    u32* skb = reinterpret_cast<u32*>(sm + TILE + STAGES * STAGE);
+    const u32 bar0 = sbase + TILE + STAGES * STAGE;  // stage st's mbarrier: bar0 + 8 st
 
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 g = lane >> 2, tg = lane & 3u;
@@ -160,6 +213,17 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
 
     const BlockWalk walk(counts, indices, mask_heads, bh, nq, qb, nkv, rotate);
     const u32 count = walk.count;
+    // TMA (thread 0): block kb's K and V tiles into stage st, plus `extra` bytes already issued
+    // on the same barrier phase (Q with the first block)
+    auto tma_kv = [&](u32 kb, u32 st, u32 extra) {
+        const u32 ks = sbase + TILE + st * STAGE, bar = bar0 + 8u * st;
+        mbar_arrive_expect_tx(bar, STAGE + extra);
+#pragma unroll
+        for (u32 h = 0; h < D / 64u; ++h) {
+            tma_load_3d(ks + h * 8192u, *mk, bar, h * 64u, kb * 64u, bh);
+            tma_load_3d(ks + TILE + h * 8192u, *mv, bar, h * 64u, kb * 64u, bh);
+        }
+    };
     auto load_kv = [&](u32 kb, u32 st) {
         unsigned char* ks = sm + TILE + st * STAGE;
         unsigned char* vs = ks + TILE;
@@ -177,21 +241,40 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
         if (tid == 0) skb[st] = kb;
     };
 
-    // prologue: Q, then K/V blocks 0..STAGES-2 into stages 0..STAGES-2 (one group each)
+    // prologue: Q, then K/V blocks 0..STAGES-2 into stages 0..STAGES-2 (one group or barrier
+    // phase each; TMA: Q completes on stage 0's first phase)
+    if constexpr (TMA) {
+        if (tid == 0) {
 #pragma unroll
-    for (u32 i = 0; i < LOADS; ++i) {
-        const u32 c = tid + 128u * i;
-        const u32 row = c / CH, ch = c % CH;
-        const u32 tok = qb * 64u + row;
-        const bool ok = tok < Sq;
-        cp_async16(sm + sw128_off(row, ch), qh + (size_t)(ok ? tok : 0u) * D + ch * 8u,
-                   ok ? 16u : 0u);
-    }
-    cp_async_commit();
+            for (u32 s = 0; s < (u32)STAGES; ++s) mbar_init(bar0 + 8u * s, 1u);
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (tid == 0 && count > 0u) {
+            tma_kv(walk.at(0), 0, TILE);
 #pragma unroll
-    for (u32 s = 0; s + 1u < (u32)STAGES; ++s) {
-        if (s < count) load_kv(walk.at(s), s);
+            for (u32 h = 0; h < D / 64u; ++h)
+                tma_load_3d(sbase + h * 8192u, *mq, bar0, h * 64u, qb * 64u, bh);
+#pragma unroll
+            for (u32 s = 1; s + 1u < (u32)STAGES; ++s)
+                if (s < count) tma_kv(walk.at(s), s, 0u);
+        }
+    } else {
+#pragma unroll
+        for (u32 i = 0; i < LOADS; ++i) {
+            const u32 c = tid + 128u * i;
+            const u32 row = c / CH, ch = c % CH;
+            const u32 tok = qb * 64u + row;
+            const bool ok = tok < Sq;
+            cp_async16(sm + sw128_off(row, ch), qh + (size_t)(ok ? tok : 0u) * D + ch * 8u,
+                       ok ? 16u : 0u);
+        }
         cp_async_commit();
+#pragma unroll
+        for (u32 s = 0; s + 1u < (u32)STAGES; ++s) {
+            if (s < count) load_kv(walk.at(s), s);
+            cp_async_commit();
+        }
     }
     u32 kb_next = (u32)(STAGES - 1) < count ? walk.at(STAGES - 1) : 0u;
 
@@ -201,12 +284,18 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
     for (u32 n = 0; n < count; ++n) {
-        cp_async_wait<STAGES - 2>();  // block n (and Q) landed: this thread's copies
-        fence_proxy_async();
-        __syncthreads();              // ... everyone's
         const u32 st = n % STAGES;
+        u32 kb;
+        if constexpr (TMA) {
+            kb = walk.at(n);
+            mbar_wait(bar0 + 8u * st, (n / STAGES) & 1u);  // block n (and Q) landed
+        } else {
+            cp_async_wait<STAGES - 2>();  // block n (and Q) landed: this thread's copies
+            fence_proxy_async();
+            __syncthreads();  // ... everyone's
+            kb = skb[st];
+        }
         const u32 kaddr = sbase + TILE + st * STAGE, vaddr = kaddr + TILE;
-        const u32 kb = skb[st];
 
         // S = Q K^T (64 x 64)
         float s[32];
@@ -224,11 +313,16 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
         __syncthreads();  // every warp is past its wait: stage (n - 1) % STAGES is free
         {
             const u32 nn = n + STAGES - 1;
-            if (nn < count) {
-                load_kv(kb_next, nn % STAGES);
-                kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
+            if constexpr (TMA) {
+                if (tid == 0 && nn < count) tma_kv(kb_next, nn % STAGES, 0u);
+                if (nn < count) kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
+            } else {
+                if (nn < count) {
+                    load_kv(kb_next, nn % STAGES);
+                    kb_next = nn + 1u < count ? walk.at(nn + 1u) : 0u;
+                }
+                cp_async_commit();  // possibly empty: keeps the group count uniform
             }
-            cp_async_commit();  // possibly empty: keeps the group count uniform
         }
 
         mask_ragged_keys(s, kb, Skv, tg);
@@ -252,7 +346,7 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
     }
     wgmma_wait<0>();
     fence_regs(o);
-    cp_async_wait<0>();
+    if constexpr (!TMA) cp_async_wait<0>();
 
     store_rows<D, DT>(o, l0, l1, out + (size_t)bh * Sq * D, qb * 64u + warp * 16u + g, Sq, tg);
 }
@@ -265,11 +359,29 @@ __device__ __forceinline__ void attn_wg(const u16* __restrict__ q, const u16* __
              u16* __restrict__ out, const u32* __restrict__ counts,                               \
              const u32* __restrict__ indices, u32 Sq, u32 Skv, u32 nq, u32 nkv, u32 mask_heads,   \
              float sl2, u32 rotate) {                                                             \
-        attn_wg<D, DT, 2>(q, k, v, out, counts, indices, Sq, Skv, nq, nkv, mask_heads, sl2,       \
-                          rotate);                                                                \
+        attn_wg<D, DT, 2, false>(q, k, v, nullptr, nullptr, nullptr, out, counts, indices, Sq,     \
+                                 Skv, nq, nkv, mask_heads, sl2, rotate);                          \
     }
 
 ATTN_WG(attn_wg_f16_d64, 64, 1, 4)
 ATTN_WG(attn_wg_f16_d128, 128, 1, 2)
 ATTN_WG(attn_wg_bf16_d64, 64, 2, 4)
 ATTN_WG(attn_wg_bf16_d128, 128, 2, 2)
+
+// The TMA form: tensor maps of q, k, v as 3-D tensors (D, S, B*H) of 16-bit elements, boxes of
+// 64 x 64 x 1 with the 128-byte swizzle (the host builds them: src/cuda/attention.rs).
+#define ATTN_TMA(NAME, D, DT, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                       \
+        NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,               \
+             const __grid_constant__ TmaMap tv, u16* __restrict__ out,                            \
+             const u32* __restrict__ counts, const u32* __restrict__ indices, u32 Sq, u32 Skv,    \
+             u32 nq, u32 nkv, u32 mask_heads, float sl2, u32 rotate) {                            \
+        attn_wg<D, DT, 2, true>(nullptr, nullptr, nullptr, &tq, &tk, &tv, out, counts, indices,   \
+                                Sq, Skv, nq, nkv, mask_heads, sl2, rotate);                       \
+    }
+
+ATTN_TMA(attn_tma_f16_d64, 64, 1, 4)
+ATTN_TMA(attn_tma_f16_d128, 128, 1, 2)
+ATTN_TMA(attn_tma_bf16_d64, 64, 2, 4)
+ATTN_TMA(attn_tma_bf16_d128, 128, 2, 2)
+
