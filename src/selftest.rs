@@ -665,6 +665,7 @@ pub mod cuda {
                 (3, 130, 77, 64, 1.0),
                 (1, 320, 320, 64, 0.3),
                 (2, 256, 512, 128, 2.0),
+                (1, 200, 333, 128, 2.0),
             ] {
                 let q = round(dt, &rng.normals(h * sq * d, 1.5));
                 let k = round(dt, &rng.normals(h * skv * d, 1.5));
@@ -692,11 +693,17 @@ pub mod cuda {
                 // every tensor-core kernel this device runs (f32 has one kernel)
                 let kernels = match (dt, c.compute_capability()) {
                     (DType::F32, _) => vec![attention::AttnKernel::Auto],
-                    (_, (9, 0)) => vec![
-                        attention::AttnKernel::MmaSync,
-                        attention::AttnKernel::Wgmma,
-                        attention::AttnKernel::WgmmaTma,
-                    ],
+                    (_, (9, 0)) => {
+                        let mut k = vec![
+                            attention::AttnKernel::MmaSync,
+                            attention::AttnKernel::Wgmma,
+                            attention::AttnKernel::WgmmaTma,
+                        ];
+                        if mask.is_none() && d == 128 {
+                            k.push(attention::AttnKernel::WgmmaFa);
+                        }
+                        k
+                    }
                     _ => vec![attention::AttnKernel::MmaSync],
                 };
                 for kernel in kernels {

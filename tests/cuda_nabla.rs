@@ -1017,6 +1017,16 @@ fn run_attention(
         for kernel in [AttnKernel::Wgmma, AttnKernel::WgmmaTma] {
             variants.push(AttentionOptions { kernel, ..opts });
         }
+        if mask.is_none() && d == 128 {
+            // the dense FlashAttention-3 form, with both stage counts
+            for stages in [2, 3] {
+                variants.push(AttentionOptions {
+                    kernel: AttnKernel::WgmmaFa,
+                    stages,
+                    ..opts
+                });
+            }
+        }
     }
     for opts in variants {
         let out = poisoned(c, &[b, h, sq, d], dt);
@@ -1161,6 +1171,31 @@ fn attention_d64_both_types() {
         m,
         o(2, 32, true),
         false,
+    );
+}
+
+#[test]
+fn attention_dense_fa_shapes() {
+    // attn_fa's edges: odd and even key-pair counts, a ragged last pair, an odd number of
+    // 64-row query blocks (the second warpgroup of the last CTA has no rows), several heads
+    for (tag, bh, sq, skv, dt) in [
+        (230u64, (1usize, 3usize), 320usize, 700usize, DType::F16),
+        (231, (2, 1), 192, 256, DType::BF16),
+        (232, (1, 1), 64, 1, DType::F16),
+        (233, (1, 2), 1000, 129, DType::BF16),
+    ] {
+        run_attention(tag, bh, sq, skv, 128, dt, None, o(3, 16, true), false);
+    }
+    run_attention(
+        234,
+        (1, 1),
+        256,
+        640,
+        128,
+        DType::BF16,
+        None,
+        o(2, 16, false),
+        true,
     );
 }
 
@@ -1533,14 +1568,15 @@ fn timing_helpers_report_positive_times() {
     assert!(mask.density(c).unwrap() > 0.0);
 }
 
-/// The kernel choice needs no GPU: `Auto` is wgmma (TMA loads) exactly on compute capability
-/// 9.0, and asking for either wgmma kernel elsewhere is an error naming the fallback.
+/// The kernel choice needs no GPU: `Auto` is wgmma (the FA3 form for dense, TMA loads) exactly
+/// on compute capability 9.0, and asking for a wgmma kernel elsewhere is an error naming the
+/// fallback.
 #[test]
 fn attention_kernel_choice_by_architecture() {
     for (cc, want) in [
         ((8, 0), AttnKernel::MmaSync),
         ((8, 9), AttnKernel::MmaSync),
-        ((9, 0), AttnKernel::WgmmaTma),
+        ((9, 0), AttnKernel::WgmmaFa),
         ((10, 0), AttnKernel::MmaSync),
     ] {
         assert_eq!(AttnKernel::Auto.resolve(cc, "gpu").unwrap(), want, "{cc:?}");
@@ -1553,7 +1589,7 @@ fn attention_kernel_choice_by_architecture() {
         AttnKernel::Wgmma.resolve((9, 0), "H200").unwrap(),
         AttnKernel::Wgmma
     );
-    for k in [AttnKernel::Wgmma, AttnKernel::WgmmaTma] {
+    for k in [AttnKernel::Wgmma, AttnKernel::WgmmaTma, AttnKernel::WgmmaFa] {
         let e = k.resolve((8, 6), "RTX 3090").unwrap_err().to_string();
         assert!(
             e.contains("RTX 3090") && e.contains("8.6") && e.contains("NABLA_CUDA_ATTN_KERNEL=mma"),

@@ -46,6 +46,14 @@ int main(int argc, char** argv) {
     const TmaMap mq = emu_tma_map(qp, D, Sq, BH, 64, 64), mk = emu_tma_map(kp, D, Skv, BH, 64, 64),
                  mv = emu_tma_map(vp, D, Skv, BH, 64, 64);
 #define TMA(NAME) launch(dim3{nq, BH, 1}, dim3{128, 1, 1}, [&] { NAME(mq, mk, mv, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+    if (tma == 2) {  // the dense FlashAttention-3 form: 128 query rows per CTA, 384 threads
+        if (has_mask || D != 128) { fprintf(stderr, "attn_fa: dense, head_dim 128 only\n"); return 2; }
+        const unsigned gx = (nq + 1) / 2;
+#define FA(NAME) launch(dim3{gx, BH, 1}, dim3{384, 1, 1}, [&] { NAME(mq, mk, mv, (u16*)op, Sq, Skv, sl2, rot); })
+        if (DT == 1) { if (ST == 3) FA(attn_fa_f16_s3); else FA(attn_fa_f16_s2); }
+        else if (DT == 2) { if (ST == 3) FA(attn_fa_bf16_s3); else FA(attn_fa_bf16_s2); }
+        else { fprintf(stderr, "the wgmma kernels take f16 / bf16 only\n"); return 2; }
+    } else
     if (tma) {
         if (DT == 1) { if (D == 64) TMA(attn_tma_f16_d64); else TMA(attn_tma_f16_d128); }
         else if (DT == 2) { if (D == 64) TMA(attn_tma_bf16_d64); else TMA(attn_tma_bf16_d128); }

@@ -54,12 +54,48 @@ inline void mbar_init(u32 bar, u32 count) {
     emu_bars[bar] = EmuBar{count, count, 0, 0, {}};
 }
 inline void mbar_init_fence() {}
-inline void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+template <u32 N> inline void setmaxnreg_dec() {}
+template <u32 N> inline void setmaxnreg_inc() {}
+// the phase completes at its last arrival once no transaction bytes are outstanding (copies
+// land at a wait, so a barrier with copies completes there)
+inline void emu_bar_try_complete(EmuBar& b) {
+    if (b.pending == 0 && b.tx == 0 && b.copies.empty()) {
+        b.phase ^= 1u;
+        b.pending = b.count;
+    }
+}
+inline void emu_bar_arrive(u32 bar, u32 bytes) {
     std::lock_guard<std::mutex> g(emu_bar_mu);
     EmuBar& b = emu_bar(bar);
     if (b.pending == 0) { std::fprintf(stderr, "mbarrier: more arrivals than its count\n"); std::abort(); }
     b.tx += bytes;
     b.pending -= 1;
+    emu_bar_try_complete(b);
+}
+inline void mbar_arrive_expect_tx(u32 bar, u32 bytes) { emu_bar_arrive(bar, bytes); }
+inline void mbar_arrive(u32 bar) { emu_bar_arrive(bar, 0); }
+
+// named barriers: `count` threads arrive (bar.arrive) or arrive and wait (bar.sync)
+#include <condition_variable>
+struct EmuNamedBar { u32 arrived = 0; u64 gen = 0; };
+inline std::mutex emu_nb_mu;
+inline std::condition_variable emu_nb_cv;
+inline EmuNamedBar emu_nb[16];
+inline u64 emu_nb_arrive(u32 id, u32 count) {  // returns the generation arrived in
+    if (id == 0 || id > 15) { std::fprintf(stderr, "named barrier %u: use 1..15\n", id); std::abort(); }
+    EmuNamedBar& b = emu_nb[id];
+    const u64 gen = b.gen;
+    if (++b.arrived == count) { b.arrived = 0; b.gen++; emu_nb_cv.notify_all(); }
+    return gen;
+}
+inline void bar_arrive_n(u32 id, u32 count) {
+    std::lock_guard<std::mutex> g(emu_nb_mu);
+    emu_nb_arrive(id, count);
+}
+inline void bar_sync_n(u32 id, u32 count) {
+    std::unique_lock<std::mutex> g(emu_nb_mu);
+    const u64 gen = emu_nb_arrive(id, count);
+    emu_nb_cv.wait(g, [&] { return emu_nb[id].gen != gen; });
 }
 inline void tma_load_3d(u32 dst, const TmaMap& map, u32 bar, u32 c0, u32 c1, u32 c2) {
     std::lock_guard<std::mutex> g(emu_bar_mu);
@@ -77,10 +113,7 @@ inline void mbar_wait(u32 bar, u32 parity) {
                 }
                 b.copies.clear();
             }
-            if (b.pending == 0 && b.tx == 0) {  // phase complete
-                b.phase ^= 1u;
-                b.pending = b.count;
-            }
+            emu_bar_try_complete(b);
             if (b.tx < 0) { std::fprintf(stderr, "mbarrier: more bytes landed than expected\n"); std::abort(); }
             if ((b.phase & 1u) != (parity & 1u)) return;  // the phase of this parity completed
         }

@@ -69,6 +69,9 @@ inline void wg_mma(float* d, const u32* a, u64 da, u64 db, bool tb, u32 scale_d)
 template <int DT> inline void wgmma_ss_n64(float (&d)[32], u64 da, u64 db, u32 scale_d) {
     wg_mma<DT, 64>(d, nullptr, da, db, false, scale_d);
 }
+template <int DT> inline void wgmma_ss_n128(float (&d)[64], u64 da, u64 db, u32 scale_d) {
+    wg_mma<DT, 128>(d, nullptr, da, db, false, scale_d);
+}
 template <int DT> inline void wgmma_rs_n64_t(float (&d)[32], const u32 (&a)[4], u64 db) {
     wg_mma<DT, 64>(d, a, 0, db, true, 1u);
 }

@@ -7,6 +7,8 @@
 #   ROT=0 / W2=1 tools/cuda-emu/run.sh attn   walk lists unrotated / the 32-rows-per-warp kernels
 #   tools/cuda-emu/run.sh attn90    the Hopper wgmma kernels (attention_sm90a.cu), both load forms
 #   tools/cuda-emu/run.sh tma       only its tensor-map (TMA + mbarrier) form
+#   tools/cuda-emu/run.sh fa        its dense FlashAttention-3 form (producer warpgroup, ping-pong,
+#                                   P V overlapped with the next S)
 #   tools/cuda-emu/run.sh rope      nabla.cu's RoPE + head split (+ pooling) kernels
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,5 +27,6 @@ what="${1:-all}"
 if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 || "$what" == tma ]]; then KERNEL=tma python3 "$here/test_attn.py"; fi
+if [[ "$what" == all || "$what" == attn90 || "$what" == fa ]]; then KERNEL=fa python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == mask ]]; then python3 "$here/test_nabla.py"; fi
 if [[ "$what" == all || "$what" == rope ]]; then python3 "$here/test_rope.py"; fi

@@ -4,8 +4,8 @@ ROT = int(os.environ.get('ROT', '1'))
 W2 = int(os.environ.get('W2', '0'))
 # KERNEL=wgmma: attention_sm90a.cu (f16 / bf16 cases only); KERNEL=tma: its tensor-map form
 KERNEL = os.environ.get('KERNEL', '')
-DRIVER = "attn90_driver" if KERNEL in ('wgmma', 'tma') else "attn_driver"
-TMA = int(KERNEL == 'tma')
+DRIVER = "attn90_driver" if KERNEL in ('wgmma', 'tma', 'fa') else "attn_driver"
+TMA = {'tma': 1, 'fa': 2}.get(KERNEL, 0)  # fa: the dense FlashAttention-3 form (d128, no mask)
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), 'little'))
 
 def reference(q, k, v, dense, mh):
@@ -29,6 +29,8 @@ def reference(q, k, v, dense, mh):
 def run(bh, sq, skv, d, dt, st, density, mh, dense_none=False, boost=False, tag=""):
     if DRIVER == "attn90_driver" and dt == 0:
         return True  # f32 runs attention.cu's f32 kernel
+    if KERNEL == 'fa' and (not dense_none or d != 128):
+        return True  # attn_fa: dense, head_dim 128
     nq, nk = -(-sq // 64), -(-skv // 64)
     q = rng.normal(size=(bh, sq, d)) * 1.5
     k = rng.normal(size=(bh, skv, d)) * 1.5
@@ -84,7 +86,13 @@ allok = True
 for i, c in enumerate(cases):
     if sel and str(i) not in sel: continue
     allok &= run(*c, tag=str(i))
-if not sel:
+if KERNEL == 'fa':  # dense only: odd and even key pairs, ragged ends, 2 and 3 stages, rotation
+    for i, (bh, sq, skv, dt, st) in enumerate([(1, 64, 64, 1, 2), (2, 256, 512, 2, 3), (1, 100, 77, 1, 2),
+                                               (1, 192, 320, 1, 3), (2, 130, 200, 2, 2), (1, 1, 1, 1, 2),
+                                               (1, 320, 700, 1, 2)]):
+        allok &= run(bh, sq, skv, 128, dt, st, 1.0, 1, dense_none=True, tag=f"fa{i}")
+    allok &= run(1, 128, 640, 128, 2, 2, 1.0, 1, dense_none=True, boost=True, tag="fa-boost")
+elif not sel:
     allok &= run(1, 70, 150, 128, 1, 2, 1.0, 1, dense_none=True, tag="none")
     allok &= run(1, 256, 512, 128, 2, 3, 1.0, 1, boost=True, tag="boost")
     allok &= run(2, 1, 1, 64, 1, 2, 1.0, 1, dense_none=True, tag="tiny")

@@ -85,6 +85,20 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], u64 da, u64 db, u32
         WGMMA_SS_N64("bf16");
     }
 }
+#define WGMMA_SS_N128(TY)                                                                         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                     \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " WG_REGS64            \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                 \
+                 : WG_OUT64(d)                                                                    \
+                 : "l"(da), "l"(db), "r"(scale_d))
+template <int DT>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], u64 da, u64 db, u32 scale_d) {
+    if constexpr (DT == 1) {
+        WGMMA_SS_N128("f16");
+    } else {
+        WGMMA_SS_N128("bf16");
+    }
+}
 template <int DT>
 __device__ __forceinline__ void wgmma_rs_n64_t(float (&d)[32], const u32 (&a)[4], u64 db) {
     if constexpr (DT == 1) {
@@ -154,6 +168,27 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
             : "r"(bar), "r"(parity)
             : "memory");
     }
+}
+// a plain arrival (no transaction bytes)
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// this warpgroup's registers per thread, lowered or raised to N (a multiple of 8, 24..256); the
+// kernel's register cap at entry comes from __launch_bounds__(threads, 1)
+template <u32 N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <u32 N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// named CTA barrier `id` (1..15; 0 is __syncthreads) of `count` threads: wait, or arrive only
+__device__ __forceinline__ void bar_sync_n(u32 id, u32 count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive_n(u32 id, u32 count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // the box of `map` at element coordinates (c0, c1, c2) into shared memory at `dst`, completing
 // its bytes on `bar`; rows outside the tensor arrive as zeros
@@ -385,3 +420,187 @@ ATTN_TMA(attn_tma_f16_d128, 128, 1, 2)
 ATTN_TMA(attn_tma_bf16_d64, 64, 2, 4)
 ATTN_TMA(attn_tma_bf16_d128, 128, 2, 2)
 
+
+// ---------------------------------------------------------------------------------------------
+// Dense attention in the FlashAttention-3 form (head_dim 128; no mask): attn_fa_{f16,bf16}_s{NS}
+//   * one CTA = 128 query rows = two consumer warpgroups (warps 0-3 rows 0-63, warps 4-7 rows
+//     64-127, each its own Q tile) + a producer warpgroup (warps 8-11, one thread of which
+//     works): 384 threads; setmaxnreg gives the consumers 240 registers and the producer 24 (at
+//     the 168 of an even split, ptxas serialises the wgmma);
+//   * the producer's lane 0 loads both Q tiles, then 128-key stages (the K and V tiles of two
+//     64-key blocks, 64 KB) through tensor maps into a ring of NS stages: it waits for a stage's
+//     "empty" mbarrier (one arrival per consumer warp once it has finished reading the stage),
+//     then arms its "full" mbarrier with the stage's bytes;
+//   * each consumer warpgroup, per pair n: S = Q K^T as 8 x wgmma.m64n128k16 (both operands in
+//     shared memory), then pair n - 1's O += P V as 8 x wgmma.m64n128k16 (P from registers)
+//     issued behind it; it waits for S only, runs the online softmax over 128 keys while that
+//     P V runs (FA3's intra-warpgroup overlap), then waits for it, releases its stage, packs
+//     P of pair n and applies the lazy rescale to O. The two warpgroups take turns at issuing
+//     (named barriers 1 and 2, FA3's ping-pong), so one's softmax runs under the other's
+//     matrix products;
+//   * K stage layout: column half h (0, 1) of key block b (0, 1) at h * 16384 + b * 8192, so the
+//     128 keys of a half are 16 consecutive 8-row groups 1024 bytes apart (one K-major
+//     descriptor of N = 128); V stage: block b's tile (the layout of attn_wg) at 32768 +
+//     b * 16384;
+//   * the walk over key pairs starts at pair blockIdx.x mod pairs (rotate != 0), as attn_wg's.
+// Shared memory: 1024 (alignment) + 2 * 16384 (Q) + NS * 65536 + 8 * (2 NS + 1) bytes.
+// The consumer warpgroups of attn_fa (warps 0-7): see above.
+template <int DT, int NS>
+__device__ __forceinline__ void attn_fa_consumer(u16* __restrict__ out, u32 Sq, u32 Skv, float sl2,
+                                                 u32 sbase, u32 stages, u32 full0, u32 empty0,
+                                                 u32 qbar, u32 pairs, u32 rot) {
+    constexpr u32 D = 128;
+    constexpr u32 TILE = 64u * D * 2u;
+    constexpr u32 STAGE = 4u * TILE;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 bh = blockIdx.y;
+    const u32 w = warp >> 2u, g = lane >> 2u, tg = lane & 3u;
+    const u32 qaddr = sbase + w * TILE;
+    float o[D / 2];
+#pragma unroll
+    for (u32 i = 0; i < D / 2u; ++i) o[i] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    // P of pair n - 1 as the A fragments of its 8 k16 steps, and its V tile: its P V is issued
+    // behind pair n's S. Before the first pair it is a P V of zeros over that pair's own V tile,
+    // which keeps the wgmma issue free of branches (ptxas serialises wgmma in conditional code).
+    u32 pf[8][4];
+#pragma unroll
+    for (u32 j = 0; j < 8u; ++j) pf[j][0] = pf[j][1] = pf[j][2] = pf[j][3] = 0u;
+    u32 vprev = 0u;
+    auto issue_pv = [&](u32 vs) {
+        wgmma_fence();
+#pragma unroll
+        for (u32 j = 0; j < 8u; ++j)
+            wgmma_rs_n128_t<DT>(o, pf[j],
+                                sw128_desc(vs + (j >> 2) * 16384u + (j & 3u) * 2048u, 8192u, 1024u));
+        wgmma_commit();
+    };
+    mbar_wait(qbar, 0u);
+    if (w == 1u) bar_arrive_n(1u, 256u);  // warpgroup 0 takes the first turn
+    for (u32 n = 0; n < pairs; ++n) {
+        const u32 st = n % NS;
+        u32 p = n + rot;
+        if (p >= pairs) p -= pairs;
+        const u32 ks = stages + st * STAGE, vs = ks + 2u * TILE;
+        mbar_wait(full0 + 8u * st, (n / NS) & 1u);
+        if (n == 0u) vprev = vs;
+
+        // in turn with the other warpgroup: S = Q K^T (64 x 128), then the previous pair's
+        // O += P V behind it
+        float s[64];
+        bar_sync_n(1u + w, 256u);
+        wgmma_fence();
+#pragma unroll
+        for (u32 kk = 0; kk < D / 16u; ++kk) {
+            const u32 qo = (kk >> 2) * 8192u + (kk & 3u) * 32u;
+            const u32 ko = (kk >> 2) * 16384u + (kk & 3u) * 32u;
+            wgmma_ss_n128<DT>(s, sw128_desc(qaddr + qo, 16u, 1024u),
+                              sw128_desc(ks + ko, 16u, 1024u), kk > 0u ? 1u : 0u);
+        }
+        wgmma_commit();
+        issue_pv(vprev);
+        if (w == 0u || n + 1u < pairs) bar_arrive_n(2u - w, 256u);  // the other's turn
+        wgmma_wait<1>();  // S; the previous pair's P V may still run under the softmax
+        fence_regs(s);
+
+        if (p * 128u + 128u > Skv) {  // keys past the end
+#pragma unroll
+            for (u32 t = 0; t < 16u; ++t)
+#pragma unroll
+                for (u32 e = 0; e < 4u; ++e)
+                    if (p * 128u + t * 8u + 2u * tg + (e & 1u) >= Skv) s[4 * t + e] = NEG_INF;
+        }
+        float a0, a1;
+        const bool moved = softmax_p<128>(s, sl2, m0, m1, l0, l1, a0, a1);
+        wgmma_wait<0>();  // the previous pair's P V: O, its P registers and its stage are free
+        fence_regs(o);
+        if (n > 0u && lane == 0u) mbar_arrive(empty0 + 8u * ((n - 1u) % NS));
+#pragma unroll
+        for (u32 j = 0; j < 8u; ++j) p_fragment<DT, 128>(s, j, pf[j]);
+        if (moved) rescale_o<D>(o, a0, a1);
+        vprev = vs;
+    }
+    if (pairs > 0u) issue_pv(vprev);
+    wgmma_wait<0>();
+    fence_regs(o);
+    if (pairs > 0u && lane == 0u) mbar_arrive(empty0 + 8u * ((pairs - 1u) % NS));
+    store_rows<D, DT>(o, l0, l1, out + (size_t)bh * Sq * D,
+                      (2u * blockIdx.x + w) * 64u + (warp & 3u) * 16u + g, Sq, tg);
+}
+
+template <int DT, int NS>
+__device__ __forceinline__ void attn_fa(const TmaMap& mq, const TmaMap& mk, const TmaMap& mv,
+                                        u16* __restrict__ out, u32 Sq, u32 Skv, float sl2,
+                                        u32 rotate) {
+    constexpr u32 D = 128;
+    constexpr u32 TILE = 64u * D * 2u;  // 64 rows: 16 KB
+    constexpr u32 STAGE = 4u * TILE;    // K and V of 128 keys
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sbase = (raw + 1023u) & ~1023u;  // Q tiles of warpgroups 0 and 1
+    const u32 stages = sbase + 2u * TILE;
+    const u32 full0 = stages + NS * STAGE;  // full[s] at full0 + 8 s, empty[s] after them
+    const u32 empty0 = full0 + 8u * NS, qbar = full0 + 16u * NS;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 bh = blockIdx.y;
+    const u32 pairs = (Skv + 127u) / 128u;
+    const u32 rot = rotate != 0u ? blockIdx.x % pairs : 0u;
+
+    if (tid == 0) {
+#pragma unroll
+        for (u32 st = 0; st < (u32)NS; ++st) {
+            mbar_init(full0 + 8u * st, 1u);
+            mbar_init(empty0 + 8u * st, 8u);
+        }
+        mbar_init(qbar, 1u);
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warp >= 8u) {  // the producer warpgroup: one thread issues every copy
+        setmaxnreg_dec<24>();
+        if (warp == 8u && lane == 0u) {
+            mbar_arrive_expect_tx(qbar, 2u * TILE);
+#pragma unroll
+            for (u32 w = 0; w < 2u; ++w)
+#pragma unroll
+                for (u32 h = 0; h < 2u; ++h)
+                    tma_load_3d(sbase + w * TILE + h * 8192u, mq, qbar, h * 64u,
+                                (2u * blockIdx.x + w) * 64u, bh);
+            for (u32 n = 0; n < pairs + NS; ++n) {
+                const u32 st = n % NS;
+                if (n >= (u32)NS) mbar_wait(empty0 + 8u * st, (n / NS - 1u) & 1u);
+                if (n >= pairs) continue;  // the tail: every stage released before exit
+                u32 p = n + rot;
+                if (p >= pairs) p -= pairs;
+                const u32 ks = stages + st * STAGE, vs = ks + 2u * TILE, bar = full0 + 8u * st;
+                mbar_arrive_expect_tx(bar, STAGE);
+#pragma unroll
+                for (u32 b = 0; b < 2u; ++b)
+#pragma unroll
+                    for (u32 h = 0; h < 2u; ++h) {
+                        const u32 row = (2u * p + b) * 64u;
+                        tma_load_3d(ks + h * 16384u + b * 8192u, mk, bar, h * 64u, row, bh);
+                        tma_load_3d(vs + b * 16384u + h * 8192u, mv, bar, h * 64u, row, bh);
+                    }
+            }
+        }
+    } else {
+        setmaxnreg_inc<240>();
+        attn_fa_consumer<DT, NS>(out, Sq, Skv, sl2, sbase, stages, full0, empty0, qbar, pairs,
+                                      rot);
+    }
+}
+
+#define ATTN_FA(NAME, DT, NS)                                                                     \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,               \
+             const __grid_constant__ TmaMap tv, u16* __restrict__ out, u32 Sq, u32 Skv,          \
+             float sl2, u32 rotate) {                                                             \
+        attn_fa<DT, NS>(tq, tk, tv, out, Sq, Skv, sl2, rotate);                                   \
+    }
+
+ATTN_FA(attn_fa_f16_s2, 1, 2)
+ATTN_FA(attn_fa_f16_s3, 1, 3)
+ATTN_FA(attn_fa_bf16_s2, 2, 2)
+ATTN_FA(attn_fa_bf16_s3, 2, 3)

@@ -163,13 +163,16 @@ __device__ __forceinline__ void mask_ragged_keys(float (&s)[32], u32 kb, u32 Skv
 // One online-softmax step for the two rows (g, g + 8) this thread holds: s becomes
 // P = 2^(s sl2 - m) and l accumulates its row sums. The running maxima m0, m1 (base-2, scaled)
 // move only when a row maximum grows by more than 2^8 (lazy rescale: P <= 256, exact up to
-// rounding), and then O and l are rescaled first. A row lives in a lane quad.
-template <int D>
-__device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[D / 2], float sl2,
-                                             float& m0, float& m1, float& l0, float& l1) {
+// rounding); l is rescaled then, and the factors for O are returned in a0, a1 (1 for a row
+// whose maximum stayed), the result saying whether any row of the warp moved. A row lives in a
+// lane quad. NC: the keys of the step (64, or 128 for the 128-key tiles of attention_sm90a.cu's
+// dense kernel).
+template <int NC>
+__device__ __forceinline__ bool softmax_p(float (&s)[NC / 2], float sl2, float& m0, float& m1,
+                                          float& l0, float& l1, float& a0, float& a1) {
     float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
-    for (u32 t = 0; t < 8u; ++t) {
+    for (u32 t = 0; t < NC / 8u; ++t) {
         mx0 = fmaxf(mx0, fmaxf(s[4 * t], s[4 * t + 1]));
         mx1 = fmaxf(mx1, fmaxf(s[4 * t + 2], s[4 * t + 3]));
     }
@@ -179,8 +182,10 @@ __device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[D / 2], 
     mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
     const float c0 = mx0 * sl2, c1 = mx1 * sl2;
     const bool up0 = c0 > m0 + 8.f, up1 = c1 > m1 + 8.f;
-    if (__any_sync(FULL_MASK, up0 || up1)) {
-        float a0 = 1.f, a1 = 1.f;
+    a0 = 1.f;
+    a1 = 1.f;
+    const bool any = __any_sync(FULL_MASK, up0 || up1);
+    if (any) {
         if (up0) {
             a0 = ex2(m0 - c0);
             m0 = c0;
@@ -191,17 +196,10 @@ __device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[D / 2], 
         }
         l0 *= a0;
         l1 *= a1;
-#pragma unroll
-        for (u32 t = 0; t < D / 8u; ++t) {
-            o[4 * t] *= a0;
-            o[4 * t + 1] *= a0;
-            o[4 * t + 2] *= a1;
-            o[4 * t + 3] *= a1;
-        }
     }
     const float mm0 = m0 == NEG_INF ? 0.f : m0, mm1 = m1 == NEG_INF ? 0.f : m1;
 #pragma unroll
-    for (u32 t = 0; t < 8u; ++t) {
+    for (u32 t = 0; t < NC / 8u; ++t) {
         s[4 * t] = ex2(fmaf(s[4 * t], sl2, -mm0));
         s[4 * t + 1] = ex2(fmaf(s[4 * t + 1], sl2, -mm0));
         s[4 * t + 2] = ex2(fmaf(s[4 * t + 2], sl2, -mm1));
@@ -209,11 +207,30 @@ __device__ __forceinline__ void softmax_step(float (&s)[32], float (&o)[D / 2], 
         l0 += s[4 * t] + s[4 * t + 1];
         l1 += s[4 * t + 2] + s[4 * t + 3];
     }
+    return any;
+}
+// O rows g and g + 8 times a0 and a1.
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], float a0, float a1) {
+#pragma unroll
+    for (u32 t = 0; t < D / 8u; ++t) {
+        o[4 * t] *= a0;
+        o[4 * t + 1] *= a0;
+        o[4 * t + 2] *= a1;
+        o[4 * t + 3] *= a1;
+    }
+}
+// softmax_p, then O rescaled at once.
+template <int D, int NC = 64>
+__device__ __forceinline__ void softmax_step(float (&s)[NC / 2], float (&o)[D / 2], float sl2,
+                                             float& m0, float& m1, float& l0, float& l1) {
+    float a0, a1;
+    if (softmax_p<NC>(s, sl2, m0, m1, l0, l1, a0, a1)) rescale_o<D>(o, a0, a1);
 }
 
 // P of keys 16j..16j+15 as the A fragment of a k16 step: S tiles 2j and 2j + 1 are exactly it.
-template <int DT>
-__device__ __forceinline__ void p_fragment(const float (&s)[32], u32 j, u32 (&a)[4]) {
+template <int DT, int NC = 64>
+__device__ __forceinline__ void p_fragment(const float (&s)[NC / 2], u32 j, u32 (&a)[4]) {
     a[0] = pack2<DT>(s[8 * j], s[8 * j + 1]);
     a[1] = pack2<DT>(s[8 * j + 2], s[8 * j + 3]);
     a[2] = pack2<DT>(s[8 * j + 4], s[8 * j + 5]);
