@@ -694,15 +694,12 @@ pub mod cuda {
                 let kernels = match (dt, c.compute_capability()) {
                     (DType::F32, _) => vec![attention::AttnKernel::Auto],
                     (_, (9, 0)) => {
-                        let mut k = vec![
+                        vec![
                             attention::AttnKernel::MmaSync,
                             attention::AttnKernel::Wgmma,
                             attention::AttnKernel::WgmmaTma,
-                        ];
-                        if mask.is_none() && d == 128 {
-                            k.push(attention::AttnKernel::WgmmaFa);
-                        }
-                        k
+                            attention::AttnKernel::WgmmaFa,
+                        ]
                     }
                     _ => vec![attention::AttnKernel::MmaSync],
                 };

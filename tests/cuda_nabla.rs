@@ -941,8 +941,8 @@ fn golden_nabla_masks_cuda() {
 // ---------------------------------------------------------------------------------------------
 
 /// Options of the mma.sync kernel: `stages`, query rows per warp, rotated walk. `run_attention`
-/// also runs every 16-row case through both wgmma kernels (cp.async and TMA loads) on a
-/// compute-capability-9.0 device.
+/// also runs every 16-row case through the wgmma kernels (cp.async loads, TMA loads, the
+/// FlashAttention-3 forms) on a compute-capability-9.0 device.
 fn o(stages: usize, rows_per_warp: usize, rotate: bool) -> AttentionOptions {
     AttentionOptions {
         kernel: AttnKernel::MmaSync,
@@ -1017,15 +1017,19 @@ fn run_attention(
         for kernel in [AttnKernel::Wgmma, AttnKernel::WgmmaTma] {
             variants.push(AttentionOptions { kernel, ..opts });
         }
-        if mask.is_none() && d == 128 {
-            // the dense FlashAttention-3 form, with both stage counts
-            for stages in [2, 3] {
-                variants.push(AttentionOptions {
-                    kernel: AttnKernel::WgmmaFa,
-                    stages,
-                    ..opts
-                });
-            }
+        // the FlashAttention-3 forms: dense head_dim 128 with both stage counts, else the
+        // block-sparse form
+        let stage_counts: &[usize] = if mask.is_none() && d == 128 {
+            &[2, 3]
+        } else {
+            &[3]
+        };
+        for &stages in stage_counts {
+            variants.push(AttentionOptions {
+                kernel: AttnKernel::WgmmaFa,
+                stages,
+                ..opts
+            });
         }
     }
     for opts in variants {

@@ -149,11 +149,12 @@ pub enum AttnKernel {
     /// The same warpgroup-MMA kernel with its tiles loaded by the tensor memory accelerator
     /// (one thread issues 64 × 64 box copies through tensor maps, completing on mbarriers).
     WgmmaTma,
-    /// For dense attention at head_dim 128 (no mask): the FlashAttention-3 form of the wgmma
-    /// kernel (`attn_fa`: 128 query rows per CTA in two consumer warpgroups taking turns at
-    /// the tensor cores, 128-key tiles, each pair's P·V running under the next pair's
-    /// softmax, a producer warpgroup loading by TMA; `stages` 2 or 3 of 64 KiB, 3 by
-    /// default). Other calls run [`AttnKernel::WgmmaTma`].
+    /// The FlashAttention-3 forms of the wgmma kernel: a producer warpgroup loading by TMA,
+    /// two consumer warpgroups with 240 registers, each block's P·V running under the next
+    /// block's softmax. Dense attention at head_dim 128 (no mask): `attn_fa`, 128 query rows
+    /// per CTA sharing 128-key tiles, the two warpgroups taking turns at the tensor cores
+    /// (`stages` 2 or 3 of 64 KiB, 3 by default). Otherwise `attn_fs`: two query blocks per
+    /// CTA, each with its own list and its own ring of 3 key-block stages.
     WgmmaFa,
 }
 
@@ -186,7 +187,7 @@ impl AttnKernel {
             AttnKernel::MmaSync => "mma.sync",
             AttnKernel::Wgmma => "wgmma",
             AttnKernel::WgmmaTma => "wgmma+tma",
-            AttnKernel::WgmmaFa => "wgmma-fa3 (dense) / wgmma+tma",
+            AttnKernel::WgmmaFa => "wgmma-fa3",
         }
     }
 }
@@ -324,6 +325,8 @@ pub fn attention_with(
     if kernel == AttnKernel::WgmmaFa && mask.is_none() && d == 128 && sixteen {
         return attention_fa(cuda, q, k, v, out, (bh, sq, skv), opts);
     }
+    // the FA3 family's masked form (attn_fs: two query blocks per CTA, each its own ring)
+    let fs = kernel == AttnKernel::WgmmaFa && sixteen;
     let tma = matches!(kernel, AttnKernel::WgmmaTma | AttnKernel::WgmmaFa) && sixteen;
     let wg = (kernel == AttnKernel::Wgmma || tma) && q.dtype != DType::F32;
     let wide = match opts.rows_per_warp {
@@ -350,6 +353,13 @@ pub fn attention_with(
     };
     let (name, threads, smem) = if q.dtype == DType::F32 {
         (format!("attn_f32_d{d}"), 256, 0usize)
+    } else if fs {
+        // alignment, then per query block: Q and 3 stages of K and V; 7 mbarriers each
+        (
+            format!("attn_fs_{ty}_d{d}"),
+            384,
+            1024 + 2 * 7 * 64 * d * 2 + 112,
+        )
     } else if wg {
         // 1024 bytes to align the tiles for the 128-byte swizzle, Q, two K/V stages, the stage
         // table
@@ -376,10 +386,17 @@ pub fn attention_with(
         return Err(Error::Unsupported {
             adapter: cuda.name().to_string(),
             feature: "enough shared memory per block",
-            what: format!(
-                "the {stages}-stage attention kernel for head_dim {d} ({smem} bytes, the device \
-                 allows {limit}); use 2 stages"
-            ),
+            what: if fs {
+                format!(
+                    "the attention kernel {name} ({smem} bytes, the device allows {limit}); use \
+                     NABLA_CUDA_ATTN_KERNEL=tma"
+                )
+            } else {
+                format!(
+                    "the {stages}-stage attention kernel for head_dim {d} ({smem} bytes, the \
+                     device allows {limit}); use 2 stages"
+                )
+            },
         });
     }
     let (counts, indices, heads) =
@@ -423,7 +440,15 @@ pub fn attention_with(
         src,
         &name,
         LaunchConfig {
-            grid_dim: (u32_of("attention", "query blocks", nq)?, bh as u32, 1),
+            grid_dim: (
+                u32_of(
+                    "attention",
+                    "query blocks",
+                    if fs { nq.div_ceil(2) } else { nq },
+                )?,
+                bh as u32,
+                1,
+            ),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         },

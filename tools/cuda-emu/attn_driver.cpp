@@ -54,6 +54,13 @@ int main(int argc, char** argv) {
         else if (DT == 2) { if (ST == 3) FA(attn_fa_bf16_s3); else FA(attn_fa_bf16_s2); }
         else { fprintf(stderr, "the wgmma kernels take f16 / bf16 only\n"); return 2; }
     } else
+    if (tma == 3) {  // attn_fs: two query blocks per CTA, 384 threads
+        const unsigned gx = (nq + 1) / 2;
+#define FS(NAME) launch(dim3{gx, BH, 1}, dim3{384, 1, 1}, [&] { NAME(mq, mk, mv, (u16*)op, cp, ip, Sq, Skv, nq, nkv, MH, sl2, rot); })
+        if (DT == 1) { if (D == 64) FS(attn_fs_f16_d64); else FS(attn_fs_f16_d128); }
+        else if (DT == 2) { if (D == 64) FS(attn_fs_bf16_d64); else FS(attn_fs_bf16_d128); }
+        else { fprintf(stderr, "the wgmma kernels take f16 / bf16 only\n"); return 2; }
+    } else
     if (tma) {
         if (DT == 1) { if (D == 64) TMA(attn_tma_f16_d64); else TMA(attn_tma_f16_d128); }
         else if (DT == 2) { if (D == 64) TMA(attn_tma_bf16_d64); else TMA(attn_tma_bf16_d128); }

@@ -9,6 +9,7 @@
 #   tools/cuda-emu/run.sh tma       only its tensor-map (TMA + mbarrier) form
 #   tools/cuda-emu/run.sh fa        its dense FlashAttention-3 form (producer warpgroup, ping-pong,
 #                                   P V overlapped with the next S)
+#   tools/cuda-emu/run.sh fs        its block-sparse form (two query blocks per CTA)
 #   tools/cuda-emu/run.sh rope      nabla.cu's RoPE + head split (+ pooling) kernels
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -28,5 +29,6 @@ if [[ "$what" == all || "$what" == attn ]]; then python3 "$here/test_attn.py"; f
 if [[ "$what" == all || "$what" == attn90 ]]; then KERNEL=wgmma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 || "$what" == tma ]]; then KERNEL=tma python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == attn90 || "$what" == fa ]]; then KERNEL=fa python3 "$here/test_attn.py"; fi
+if [[ "$what" == all || "$what" == attn90 || "$what" == fs ]]; then KERNEL=fs python3 "$here/test_attn.py"; fi
 if [[ "$what" == all || "$what" == mask ]]; then python3 "$here/test_nabla.py"; fi
 if [[ "$what" == all || "$what" == rope ]]; then python3 "$here/test_rope.py"; fi

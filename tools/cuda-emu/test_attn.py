@@ -4,8 +4,9 @@ ROT = int(os.environ.get('ROT', '1'))
 W2 = int(os.environ.get('W2', '0'))
 # KERNEL=wgmma: attention_sm90a.cu (f16 / bf16 cases only); KERNEL=tma: its tensor-map form
 KERNEL = os.environ.get('KERNEL', '')
-DRIVER = "attn90_driver" if KERNEL in ('wgmma', 'tma', 'fa') else "attn_driver"
-TMA = {'tma': 1, 'fa': 2}.get(KERNEL, 0)  # fa: the dense FlashAttention-3 form (d128, no mask)
+DRIVER = "attn90_driver" if KERNEL in ('wgmma', 'tma', 'fa', 'fs') else "attn_driver"
+# fa: the dense FlashAttention-3 form (d128, no mask); fs: its block-sparse form
+TMA = {'tma': 1, 'fa': 2, 'fs': 3}.get(KERNEL, 0)
 rng = np.random.default_rng(int.from_bytes(os.urandom(4), 'little'))
 
 def reference(q, k, v, dense, mh):

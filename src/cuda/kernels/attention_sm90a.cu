@@ -444,88 +444,99 @@ ATTN_TMA(attn_tma_bf16_d128, 128, 2, 2)
 //     b * 16384;
 //   * the walk over key pairs starts at pair blockIdx.x mod pairs (rotate != 0), as attn_wg's.
 // Shared memory: 1024 (alignment) + 2 * 16384 (Q) + NS * 65536 + 8 * (2 NS + 1) bytes.
-// The consumer warpgroups of attn_fa (warps 0-7): see above.
-template <int DT, int NS>
-__device__ __forceinline__ void attn_fa_consumer(u16* __restrict__ out, u32 Sq, u32 Skv, float sl2,
-                                                 u32 sbase, u32 stages, u32 full0, u32 empty0,
-                                                 u32 qbar, u32 pairs, u32 rot) {
-    constexpr u32 D = 128;
-    constexpr u32 TILE = 64u * D * 2u;
-    constexpr u32 STAGE = 4u * TILE;
-    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
-    const u32 bh = blockIdx.y;
-    const u32 w = warp >> 2u, g = lane >> 2u, tg = lane & 3u;
-    const u32 qaddr = sbase + w * TILE;
+// One consumer warpgroup of attn_fa / attn_fs (see above): `count` steps of NK keys (64: one key
+// block, 128: two) from the stage ring at `ring` (NS stages of K then V, 2 NK/64 tiles each),
+// its Q tile at `qaddr`, output rows row0.. of head bh. key_at(n): the first key of step n.
+// PING: take turns with the other warpgroup at issuing (named barriers 1 and 2; both must run
+// the same number of steps). Each warp arrives once per step on the stage's empty barrier.
+template <int D, int DT, int NS, int NK, bool PING, class KeyAt>
+__device__ __forceinline__ void fa_consumer(u16* __restrict__ oh, u32 row0, u32 Sq, u32 Skv,
+                                            float sl2, u32 qaddr, u32 ring, u32 full0,
+                                            u32 empty0, u32 qbar, u32 count, KeyAt key_at) {
+    constexpr u32 TILE = 64u * D * 2u;             // 64 rows
+    constexpr u32 KT = (NK / 64u) * TILE;          // the K (or V) part of a stage
+    constexpr u32 STAGE = 2u * KT;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, w = warp >> 2u;
+    const u32 g = lane >> 2u, tg = lane & 3u;
     float o[D / 2];
 #pragma unroll
     for (u32 i = 0; i < D / 2u; ++i) o[i] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-    // P of pair n - 1 as the A fragments of its 8 k16 steps, and its V tile: its P V is issued
-    // behind pair n's S. Before the first pair it is a P V of zeros over that pair's own V tile,
-    // which keeps the wgmma issue free of branches (ptxas serialises wgmma in conditional code).
-    u32 pf[8][4];
+    // P of step n - 1 as the A fragments of its NK/16 k16 steps, and its V tile: its P V is
+    // issued behind step n's S. Before the first step it is a P V of zeros over that step's own
+    // V tile, which keeps the wgmma issue free of branches (ptxas serialises wgmma in
+    // conditional code).
+    u32 pf[NK / 16][4];
 #pragma unroll
-    for (u32 j = 0; j < 8u; ++j) pf[j][0] = pf[j][1] = pf[j][2] = pf[j][3] = 0u;
+    for (u32 j = 0; j < NK / 16u; ++j) pf[j][0] = pf[j][1] = pf[j][2] = pf[j][3] = 0u;
     u32 vprev = 0u;
     auto issue_pv = [&](u32 vs) {
         wgmma_fence();
 #pragma unroll
-        for (u32 j = 0; j < 8u; ++j)
-            wgmma_rs_n128_t<DT>(o, pf[j],
-                                sw128_desc(vs + (j >> 2) * 16384u + (j & 3u) * 2048u, 8192u, 1024u));
+        for (u32 j = 0; j < NK / 16u; ++j) {
+            const u64 dv = sw128_desc(vs + (j >> 2) * TILE + (j & 3u) * 2048u, 8192u, 1024u);
+            if constexpr (D == 128) {
+                wgmma_rs_n128_t<DT>(o, pf[j], dv);
+            } else {
+                wgmma_rs_n64_t<DT>(o, pf[j], dv);
+            }
+        }
         wgmma_commit();
     };
-    mbar_wait(qbar, 0u);
-    if (w == 1u) bar_arrive_n(1u, 256u);  // warpgroup 0 takes the first turn
-    for (u32 n = 0; n < pairs; ++n) {
+    if (count > 0u) mbar_wait(qbar, 0u);
+    if (PING && w == 1u) bar_arrive_n(1u, 256u);  // warpgroup 0 takes the first turn
+    for (u32 n = 0; n < count; ++n) {
         const u32 st = n % NS;
-        u32 p = n + rot;
-        if (p >= pairs) p -= pairs;
-        const u32 ks = stages + st * STAGE, vs = ks + 2u * TILE;
+        const u32 k0 = key_at(n);
+        const u32 ks = ring + st * STAGE, vs = ks + KT;
         mbar_wait(full0 + 8u * st, (n / NS) & 1u);
         if (n == 0u) vprev = vs;
 
-        // in turn with the other warpgroup: S = Q K^T (64 x 128), then the previous pair's
-        // O += P V behind it
-        float s[64];
-        bar_sync_n(1u + w, 256u);
+        // S = Q K^T (64 x NK), then the previous step's O += P V behind it
+        float s[NK / 2];
+        if constexpr (PING) bar_sync_n(1u + w, 256u);
         wgmma_fence();
 #pragma unroll
         for (u32 kk = 0; kk < D / 16u; ++kk) {
             const u32 qo = (kk >> 2) * 8192u + (kk & 3u) * 32u;
-            const u32 ko = (kk >> 2) * 16384u + (kk & 3u) * 32u;
-            wgmma_ss_n128<DT>(s, sw128_desc(qaddr + qo, 16u, 1024u),
-                              sw128_desc(ks + ko, 16u, 1024u), kk > 0u ? 1u : 0u);
+            const u32 ko = (kk >> 2) * (NK / 64u) * 8192u + (kk & 3u) * 32u;
+            const u64 da = sw128_desc(qaddr + qo, 16u, 1024u), db = sw128_desc(ks + ko, 16u, 1024u);
+            if constexpr (NK == 128) {
+                wgmma_ss_n128<DT>(s, da, db, kk > 0u ? 1u : 0u);
+            } else {
+                wgmma_ss_n64<DT>(s, da, db, kk > 0u ? 1u : 0u);
+            }
         }
         wgmma_commit();
         issue_pv(vprev);
-        if (w == 0u || n + 1u < pairs) bar_arrive_n(2u - w, 256u);  // the other's turn
-        wgmma_wait<1>();  // S; the previous pair's P V may still run under the softmax
+        if constexpr (PING) {
+            if (w == 0u || n + 1u < count) bar_arrive_n(2u - w, 256u);  // the other's turn
+        }
+        wgmma_wait<1>();  // S; the previous step's P V may still run under the softmax
         fence_regs(s);
 
-        if (p * 128u + 128u > Skv) {  // keys past the end
+        if (k0 + NK > Skv) {  // keys past the end
 #pragma unroll
-            for (u32 t = 0; t < 16u; ++t)
+            for (u32 t = 0; t < NK / 8u; ++t)
 #pragma unroll
                 for (u32 e = 0; e < 4u; ++e)
-                    if (p * 128u + t * 8u + 2u * tg + (e & 1u) >= Skv) s[4 * t + e] = NEG_INF;
+                    if (k0 + t * 8u + 2u * tg + (e & 1u) >= Skv) s[4 * t + e] = NEG_INF;
         }
         float a0, a1;
-        const bool moved = softmax_p<128>(s, sl2, m0, m1, l0, l1, a0, a1);
-        wgmma_wait<0>();  // the previous pair's P V: O, its P registers and its stage are free
+        const bool moved = softmax_p<NK>(s, sl2, m0, m1, l0, l1, a0, a1);
+        wgmma_wait<0>();  // the previous step's P V: O, its P registers and its stage are free
         fence_regs(o);
         if (n > 0u && lane == 0u) mbar_arrive(empty0 + 8u * ((n - 1u) % NS));
 #pragma unroll
-        for (u32 j = 0; j < 8u; ++j) p_fragment<DT, 128>(s, j, pf[j]);
+        for (u32 j = 0; j < NK / 16u; ++j) p_fragment<DT, NK>(s, j, pf[j]);
         if (moved) rescale_o<D>(o, a0, a1);
         vprev = vs;
     }
-    if (pairs > 0u) issue_pv(vprev);
+    if (count > 0u) issue_pv(vprev);
     wgmma_wait<0>();
     fence_regs(o);
-    if (pairs > 0u && lane == 0u) mbar_arrive(empty0 + 8u * ((pairs - 1u) % NS));
-    store_rows<D, DT>(o, l0, l1, out + (size_t)bh * Sq * D,
-                      (2u * blockIdx.x + w) * 64u + (warp & 3u) * 16u + g, Sq, tg);
+    if (count > 0u && lane == 0u) mbar_arrive(empty0 + 8u * ((count - 1u) % NS));
+    store_rows<D, DT>(o, l0, l1, oh, row0 + (warp & 3u) * 16u + g, Sq, tg);
 }
 
 template <int DT, int NS>
@@ -587,10 +598,105 @@ __device__ __forceinline__ void attn_fa(const TmaMap& mq, const TmaMap& mk, cons
         }
     } else {
         setmaxnreg_inc<240>();
-        attn_fa_consumer<DT, NS>(out, Sq, Skv, sl2, sbase, stages, full0, empty0, qbar, pairs,
-                                      rot);
+        const u32 w = warp >> 2u;
+        fa_consumer<D, DT, NS, 128, true>(out + (size_t)bh * Sq * D, (2u * blockIdx.x + w) * 64u,
+                                          Sq, Skv, sl2, sbase + w * TILE, stages, full0, empty0,
+                                          qbar, pairs, [&](u32 n) {
+                                              u32 p = n + rot;
+                                              if (p >= pairs) p -= pairs;
+                                              return p * 128u;
+                                          });
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Block-sparse attention in the same form: attn_fs_{f16,bf16}_d{64,128}. One CTA = two 64-row
+// query blocks (two mask rows, each with its own list of key blocks) = two consumer warpgroups,
+// each with its own Q tile and its own ring of NS = 3 stages (K and V tiles of one key block),
+// and a producer warpgroup of which lane 0 of warp 8 feeds warpgroup 0's ring and lane 0 of
+// warp 9 warpgroup 1's (by TMA, full / empty mbarriers per stage). The consumers run
+// fa_consumer with 64-key steps and no ping-pong (their lists differ in length); P V overlaps
+// the next block's softmax as in attn_fa. A query block past the end, or an empty list, loads
+// nothing and writes zeros (rows < Sq).
+// Shared memory: 1024 + 2 (64 D 2 (1 + 2 NS)) + 16 (2 NS + 1) bytes (D = 128: 225 KiB).
+template <int D, int DT, int NS>
+__device__ __forceinline__ void attn_fs(const TmaMap& mq, const TmaMap& mk, const TmaMap& mv,
+                                        u16* __restrict__ out, const u32* __restrict__ counts,
+                                        const u32* __restrict__ indices, u32 Sq, u32 Skv, u32 nq,
+                                        u32 nkv, u32 mask_heads, float sl2, u32 rotate) {
+    constexpr u32 TILE = 64u * D * 2u;
+    constexpr u32 STAGE = 2u * TILE;
+    constexpr u32 REGION = TILE + NS * STAGE;  // one warpgroup's Q tile and ring
+    constexpr u32 NB = 2u * NS + 1u;           // mbarriers per warpgroup: full, empty, Q
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sbase = (raw + 1023u) & ~1023u;
+    const u32 bars = sbase + 2u * REGION;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 bh = blockIdx.y;
+    if (tid == 0) {
+#pragma unroll
+        for (u32 w = 0; w < 2u; ++w) {
+#pragma unroll
+            for (u32 st = 0; st < (u32)NS; ++st) {
+                mbar_init(bars + 8u * (w * NB + st), 1u);
+                mbar_init(bars + 8u * (w * NB + NS + st), 4u);
+            }
+            mbar_init(bars + 8u * (w * NB + 2u * NS), 1u);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+    // this thread's warpgroup: consumers 0, 1 (warps 0-7); the producer lanes serve warp - 8
+    const u32 w = warp < 8u ? warp >> 2u : (warp - 8u) & 1u;
+    const u32 qb = 2u * blockIdx.x + w;
+    const BlockWalk walk(counts, indices, mask_heads, bh, nq, min(qb, nq - 1u), nkv, rotate);
+    const u32 count = qb < nq ? walk.count : 0u;
+    const u32 region = sbase + w * REGION, ring = region + TILE;
+    const u32 full0 = bars + 8u * (w * NB), empty0 = full0 + 8u * NS, qbar = full0 + 16u * NS;
+    if (warp >= 8u) {  // the producer warpgroup
+        setmaxnreg_dec<24>();
+        if (warp < 10u && lane == 0u && count > 0u) {
+            mbar_arrive_expect_tx(qbar, TILE);
+#pragma unroll
+            for (u32 h = 0; h < D / 64u; ++h)
+                tma_load_3d(region + h * 8192u, mq, qbar, h * 64u, qb * 64u, bh);
+            for (u32 n = 0; n < count + NS; ++n) {
+                const u32 st = n % NS;
+                if (n >= (u32)NS) mbar_wait(empty0 + 8u * st, (n / NS - 1u) & 1u);
+                if (n >= count) continue;  // the tail: every stage released before exit
+                const u32 kb = walk.at(n);
+                const u32 ks = ring + st * STAGE, bar = full0 + 8u * st;
+                mbar_arrive_expect_tx(bar, STAGE);
+#pragma unroll
+                for (u32 h = 0; h < D / 64u; ++h) {
+                    tma_load_3d(ks + h * 8192u, mk, bar, h * 64u, kb * 64u, bh);
+                    tma_load_3d(ks + TILE + h * 8192u, mv, bar, h * 64u, kb * 64u, bh);
+                }
+            }
+        }
+    } else {
+        setmaxnreg_inc<240>();
+        fa_consumer<D, DT, NS, 64, false>(out + (size_t)bh * Sq * D, qb * 64u, Sq, Skv, sl2,
+                                          region, ring, full0, empty0, qbar, count,
+                                          [&](u32 n) { return walk.at(n) * 64u; });
+    }
+}
+
+#define ATTN_FS(NAME, D, DT)                                                                      \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        NAME(const __grid_constant__ TmaMap tq, const __grid_constant__ TmaMap tk,               \
+             const __grid_constant__ TmaMap tv, u16* __restrict__ out,                            \
+             const u32* __restrict__ counts, const u32* __restrict__ indices, u32 Sq, u32 Skv,    \
+             u32 nq, u32 nkv, u32 mask_heads, float sl2, u32 rotate) {                            \
+        attn_fs<D, DT, 3>(tq, tk, tv, out, counts, indices, Sq, Skv, nq, nkv, mask_heads, sl2,    \
+                          rotate);                                                                \
+    }
+
+ATTN_FS(attn_fs_f16_d64, 64, 1)
+ATTN_FS(attn_fs_f16_d128, 128, 1)
+ATTN_FS(attn_fs_bf16_d64, 64, 2)
+ATTN_FS(attn_fs_bf16_d128, 128, 2)
 
 #define ATTN_FA(NAME, DT, NS)                                                                     \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
