@@ -11,7 +11,8 @@
 //! | dtype | head dim | kernel | shared memory |
 //! |---|---|---|---|
 //! | f16, bf16, dense | 128 | `wgmma` FlashAttention-3 form (sm_90a; default for dense attention on compute capability 9.0): 128 query rows per CTA in two consumer warpgroups taking turns (ping-pong), 128-key tiles, P·V of each pair under the next pair's softmax, a producer warpgroup loading by TMA into 3 stages | 1 KiB + 32 KiB + stages · 64 KiB (3 stages: 225 KiB) |
-//! | f16, bf16 | 64, 128 | `wgmma` + TMA (sm_90a; default for masked attention on compute capability 9.0): one warpgroup, Q + 2 stages of K and V tiles in the 128-byte swizzle, loaded by the tensor memory accelerator onto mbarriers | 1 KiB + 5 · 64 · D · 2 B (D = 128: 81 KiB) |
+//! | f16, bf16 | 64, 128 | `wgmma` FlashAttention-3 form for block lists (sm_90a; default for masked attention, and dense head_dim 64, on compute capability 9.0): two query blocks per CTA, each consumer warpgroup with its own list and ring of 3 key-block stages, P·V under the next block's softmax, TMA loads | 1 KiB + 2 · 7 · 64 · D · 2 B (D = 128: 225 KiB) |
+//! | f16, bf16 | 64, 128 | `wgmma` + TMA (sm_90a): one warpgroup, Q + 2 stages of K and V tiles in the 128-byte swizzle, loaded by the tensor memory accelerator onto mbarriers | 1 KiB + 5 · 64 · D · 2 B (D = 128: 81 KiB) |
 //! | f16, bf16 | 64, 128 | `wgmma` (sm_90a): the same with every thread copying its share by `cp.async` | the same |
 //! | f16, bf16 | 64, 128 | `mma.sync.m16n8k16` (default elsewhere), 4 warps × 16 rows, 3 stages (default) or 2 | stages · 2 · 64 · D · 2 B (D = 128: 96 / 64 KiB) |
 //! | f16, bf16 | 64, 128 | `mma.sync`, 2 warps × 32 rows, 2 stages | (64 · D + 2 · 2 · 64 · D) · 2 B (D = 128: 80 KiB) |
@@ -25,9 +26,10 @@
 //! `attention_sm90a.cu`. Loading the tiles by TMA (one thread issues 64 × 64 box copies through
 //! tensor maps built per call) instead of 16 `cp.async` per thread and block took the dense
 //! 14B case from 221–224 to 198 ms (467 TFLOP/s) and the sparse ones from ~415 to ~455
-//! effective TFLOP/s: the kernel issues 23 % fewer instructions. The FlashAttention-3 form runs
-//! the dense 14B case in 152.6 ms (606 TFLOP/s; cuDNN's SDPA on the same GPU: 150 ms) and the
-//! 1.3B one in 5.38 ms (669 TFLOP/s).
+//! effective TFLOP/s: the kernel issues 23 % fewer instructions. The FlashAttention-3 forms run
+//! the dense 14B case in 149.8–152.6 ms (606–617 TFLOP/s; cuDNN's SDPA in the same call:
+//! 146.8 ms) and the 1.3B one in 5.38 ms, and the sparse cases 1.5–4 % faster than the TMA
+//! kernel: 1.11–1.15× FlexAttention's speed on the same masks.
 //!
 //! The 32-row `mma.sync` form feeds every K/V fragment read from shared memory to two `mma` (the
 //! 16-row form re-reads the whole K and V tiles per 16 rows) at the cost of 255 registers per
@@ -328,7 +330,7 @@ pub fn attention_with(
     // the FA3 family's masked form (attn_fs: two query blocks per CTA, each its own ring)
     let fs = kernel == AttnKernel::WgmmaFa && sixteen;
     let tma = matches!(kernel, AttnKernel::WgmmaTma | AttnKernel::WgmmaFa) && sixteen;
-    let wg = (kernel == AttnKernel::Wgmma || tma) && q.dtype != DType::F32;
+    let wg = (kernel == AttnKernel::Wgmma && sixteen) || tma;
     let wide = match opts.rows_per_warp {
         _ if wg => false,
         16 => false,
@@ -408,13 +410,7 @@ pub fn attention_with(
         (MODULE, super::sources::ATTENTION)
     };
     let inputs = if tma {
-        // (D, S, B·H) views of q, k, v for the tensor-memory-accelerator copies
-        let bf16 = q.dtype == DType::BF16;
-        [
-            Arg::Map(tile_map_3d("q", q.ptr(), (d, sq, bh), bf16)?),
-            Arg::Map(tile_map_3d("k", k.ptr(), (d, skv, bh), bf16)?),
-            Arg::Map(tile_map_3d("v", v.ptr(), (d, skv, bh), bf16)?),
-        ]
+        tile_maps(q, k, v, (bh, sq, skv, d))?
     } else {
         [Arg::U64(q.ptr()), Arg::U64(k.ptr()), Arg::U64(v.ptr())]
     };
@@ -456,6 +452,22 @@ pub fn attention_with(
     )
 }
 
+/// Tensor maps of q, k, v as (D, S, B·H) tensors of 64 × 64 boxes, the TMA kernels' first
+/// three arguments.
+fn tile_maps(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    (bh, sq, skv, d): (usize, usize, usize, usize),
+) -> Result<[Arg; 3]> {
+    let bf16 = q.dtype == DType::BF16;
+    Ok([
+        Arg::Map(tile_map_3d("q", q.ptr(), (d, sq, bh), bf16)?),
+        Arg::Map(tile_map_3d("k", k.ptr(), (d, skv, bh), bf16)?),
+        Arg::Map(tile_map_3d("v", v.ptr(), (d, skv, bh), bf16)?),
+    ])
+}
+
 /// Dense attention at head_dim 128 through `attn_fa` (see [`AttnKernel::WgmmaFa`]); shapes
 /// already checked.
 fn attention_fa(
@@ -482,13 +494,17 @@ fn attention_fa(
             ),
         });
     }
-    let bf16 = q.dtype == DType::BF16;
-    let ty = if bf16 { "bf16" } else { "f16" };
+    let ty = if q.dtype == DType::BF16 {
+        "bf16"
+    } else {
+        "f16"
+    };
     let sl2 = (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32;
+    let [mq, mk, mv] = tile_maps(q, k, v, (bh, sq, skv, d))?;
     let args = [
-        Arg::Map(tile_map_3d("q", q.ptr(), (d, sq, bh), bf16)?),
-        Arg::Map(tile_map_3d("k", k.ptr(), (d, skv, bh), bf16)?),
-        Arg::Map(tile_map_3d("v", v.ptr(), (d, skv, bh), bf16)?),
+        mq,
+        mk,
+        mv,
         Arg::U64(out.ptr()),
         Arg::U32(sq as u32),
         Arg::U32(skv as u32),
