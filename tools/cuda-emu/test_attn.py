@@ -98,3 +98,4 @@ elif not sel:
     allok &= run(1, 256, 512, 128, 2, 3, 1.0, 1, boost=True, tag="boost")
     allok &= run(2, 1, 1, 64, 1, 2, 1.0, 1, dense_none=True, tag="tiny")
 print("ALL OK" if allok else "FAILURES")
+if not allok: raise SystemExit(1)

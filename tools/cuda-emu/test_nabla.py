@@ -178,3 +178,4 @@ def tiles():
     return ok
 case("tiles", tiles)
 print("ALL OK" if allok else "FAILURES")
+if not allok: raise SystemExit(1)
