@@ -5,6 +5,9 @@
 # and DiT forwards (both layers + benches/torch_dit.py) in the same run. Results land in $OUT;
 # everything is summarised in $OUT/summary.txt (printed at the end).
 #   STEPS="tests attn dit" DIT_MODEL=1.3b DIT_ALGOS=none,nabla-0.7 bash benches/h200_cuda.sh
+#   ATTN_VARIANTS="default NABLA_CUDA_ATTN_KERNEL=tma" compares the attention kernels in one call;
+#   DIT_INIT=wan draws the DiT's random weights as the reference fork's benchmarks do (the
+#   session-6 comparison with the fork: DIT_MODEL=14b DIT_SIZE=1280*640 DIT_INIT=wan)
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export NABLA_BACKEND=vulkan NABLA_GOLDEN_DIR=$PWD/.dev/golden
@@ -45,16 +48,17 @@ if [[ " $STEPS " == *" attn "* ]]; then
 fi
 if [[ " $STEPS " == *" dit "* ]]; then
   M=${DIT_MODEL:-1.3b}; SZ=${DIT_SIZE:-832*480}; AL=${DIT_ALGOS:-none,nabla-0.7}; R=${DIT_REPS:-2}
+  INIT=${DIT_INIT:-synthetic}
   for be in ${DIT_BACKENDS:-cuda wgpu}; do
     echo "== nabla bench dit $M $SZ ($be)" >> "$S"
     timeout ${DIT_TIMEOUT:-300} $B/nabla bench dit --backend $be --model "$M" --size "$SZ" --sparse-algo "$AL" --reps "$R" \
-      --json "$OUT/dit_${M}_$be.json" > "$OUT/dit_${M}_$be.txt" 2>&1
+      --init "$INIT" --json "$OUT/dit_${M}_$be.json" > "$OUT/dit_${M}_$be.txt" 2>&1
     grep -E "forward|  (attention|GEMM|NABLA mask|norms|elementwise) |error" "$OUT/dit_${M}_$be.txt" >> "$S"
   done
   if [ "${TORCH_DIT:-1}" = 1 ]; then
     echo "== torch_dit.py $M $SZ" >> "$S"
     timeout ${TORCH_TIMEOUT:-300} python3 benches/torch_dit.py --model "$M" --size "$SZ" --frames 81 --sparse-algo "$AL" \
-      --runs "$R" --warmup 0 --json "$OUT/torch_dit_$M.json" > "$OUT/torch_dit_$M.txt" 2>&1
+      --runs "$R" --warmup 0 --init "$INIT" --json "$OUT/torch_dit_$M.json" > "$OUT/torch_dit_$M.txt" 2>&1
     grep -vE "^wrote|^timing|^sparse " "$OUT/torch_dit_$M.txt" | tail -10 >> "$S"
   fi
 fi
