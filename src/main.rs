@@ -18,7 +18,21 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Print every GPU adapter and its capabilities (NABLA_ADAPTER / NABLA_BACKEND pick one).
-    Info,
+    Info {
+        /// Instead, print the driver compiler's statistics (registers, spills, shared memory...)
+        /// of every kernel variant whose name contains FILTER, on the chosen adapter (Vulkan
+        /// with VK_KHR_pipeline_executable_properties).
+        #[arg(long, value_name = "FILTER")]
+        kernel_stats: Option<String>,
+        /// With --kernel-stats: compile with runtime bounds checks (default: without, as the
+        /// validated kernels run).
+        #[arg(long)]
+        checked: bool,
+        /// With --kernel-stats: also write the driver's textual internal representations of
+        /// each kernel (where it offers any) into this directory.
+        #[arg(long, value_name = "DIR")]
+        ir_dir: Option<std::path::PathBuf>,
+    },
     /// Estimate a NABLA / STA block mask, print its density per head and write a PNG heatmap.
     Mask(cli::mask::MaskArgs),
     /// Every kernel variant this adapter offers against the CPU reference (fresh random inputs).
@@ -47,7 +61,12 @@ enum Cmd {
 fn main() {
     let args = Args::parse();
     let r = match args.cmd {
-        Cmd::Info => cli::info::run(),
+        Cmd::Info {
+            kernel_stats: Some(f),
+            checked,
+            ir_dir,
+        } => cli::info::kernel_stats(&f, checked, ir_dir.as_deref()),
+        Cmd::Info { .. } => cli::info::run(),
         Cmd::Mask(a) => cli::mask::run(a),
         Cmd::Bench { which } => cli::bench::run(which),
         Cmd::Selftest { seed, backend } => cli::selftest::run(seed, backend),

@@ -882,3 +882,42 @@ fn rope_split_bad_inputs() {
     let e = run(&xv, &ct, &st, &xs).unwrap_err();
     assert!(e.contains("x") && e.contains("out"), "{e}");
 }
+
+/// `Gpu::kernel_statistics` either reports the driver's statistics of a real kernel (every
+/// statistic named, at least one) or refuses with `Unsupported` (lavapipe has no
+/// VK_KHR_pipeline_executable_properties); a malformed kernel is an error naming it.
+#[test]
+fn kernel_statistics_report_or_refuse() {
+    let g = gpu();
+    let kernels: Vec<(String, String)> = nabla::shaders::all_variants()
+        .into_iter()
+        .filter(|(n, _)| n == "nabla/scores")
+        .collect();
+    assert_eq!(kernels.len(), 1);
+    match g.kernel_statistics(&kernels, false, true) {
+        Ok(stats) => {
+            assert_eq!(stats.len(), 1);
+            assert_eq!(stats[0].kernel, "nabla/scores");
+            assert!(!stats[0].stats.is_empty(), "no statistics reported");
+            assert!(stats[0].stats.iter().all(|s| !s.name.is_empty()));
+            let bad = vec![("broken".to_string(), "fn main( {".to_string())];
+            let e = g
+                .kernel_statistics(&bad, false, false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("broken"), "{e}");
+        }
+        Err(e) => {
+            assert!(
+                matches!(e, nabla::Error::Unsupported { .. }),
+                "unexpected error: {e}"
+            );
+            assert!(
+                e.to_string()
+                    .contains("VK_KHR_pipeline_executable_properties")
+                    || e.to_string().contains("Vulkan"),
+                "{e}"
+            );
+        }
+    }
+}

@@ -47,6 +47,55 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// `nabla info --kernel-stats FILTER`: the driver's statistics of each matching kernel variant.
+pub fn kernel_stats(filter: &str, checked: bool, ir_dir: Option<&std::path::Path>) -> Result<()> {
+    let gpu = Gpu::new()?;
+    let kernels: Vec<(String, String)> = nabla::shaders::all_variants()
+        .into_iter()
+        .filter(|(name, _)| name.contains(filter))
+        .collect();
+    if kernels.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no kernel variant's name contains {filter:?} (names look like \
+             attention/block_sparse_coop[d128,sg32] or linalg/linear[bf16,...][coop,...])"
+        )));
+    }
+    println!(
+        "{} ({}), {} kernel variant(s), runtime checks {}",
+        gpu.caps().name,
+        gpu.caps().driver_info,
+        kernels.len(),
+        if checked { "on" } else { "off" }
+    );
+    if let Some(d) = ir_dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::file(d.to_path_buf(), e))?;
+    }
+    for k in gpu.kernel_statistics(&kernels, checked, ir_dir.is_some())? {
+        let stats: Vec<String> = k
+            .stats
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.value))
+            .collect();
+        println!("{}\n    {}", k.kernel, stats.join(" | "));
+        if let Some(d) = ir_dir {
+            if k.internal.is_empty() {
+                println!("    (no textual internal representation offered)");
+            }
+            let stem: String = k
+                .kernel
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            for (i, (name, text)) in k.internal.iter().enumerate() {
+                let path = d.join(format!("{stem}.{i}.txt"));
+                std::fs::write(&path, text).map_err(|e| Error::file(path.clone(), e))?;
+                println!("    {name}: {} bytes -> {}", text.len(), path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The CUDA layer: libraries found, devices, memory.
 #[cfg(feature = "cuda")]
 fn cuda_info() {

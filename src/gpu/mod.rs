@@ -5,10 +5,12 @@
 
 mod caps;
 mod memory;
+mod stats;
 mod tensor;
 pub mod tune;
 
 pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
+pub use stats::{KernelStatistics, Statistic};
 pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};
