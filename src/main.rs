@@ -32,6 +32,11 @@ enum Cmd {
         /// each kernel (where it offers any) into this directory.
         #[arg(long, value_name = "DIR")]
         ir_dir: Option<std::path::PathBuf>,
+        /// With --kernel-stats: the WGSL kernels on the chosen adapter (wgpu, the default), or
+        /// the CUDA layer's kernels as ptxas reports them (cuda: needs `--features cuda` and
+        /// NVRTC, no GPU).
+        #[arg(long, value_enum, default_value = "wgpu")]
+        backend: cli::layer::BackendArg,
     },
     /// Estimate a NABLA / STA block mask, print its density per head and write a PNG heatmap.
     Mask(cli::mask::MaskArgs),
@@ -65,7 +70,8 @@ fn main() {
             kernel_stats: Some(f),
             checked,
             ir_dir,
-        } => cli::info::kernel_stats(&f, checked, ir_dir.as_deref()),
+            backend,
+        } => cli::info::kernel_stats(&f, checked, ir_dir.as_deref(), backend),
         Cmd::Info { .. } => cli::info::run(),
         Cmd::Mask(a) => cli::mask::run(a),
         Cmd::Bench { which } => cli::bench::run(which),

@@ -135,6 +135,69 @@ fn nabla_and_attention_compile_with_nvrtc() {
     }
 }
 
+/// ptxas's `-v` log parsed per kernel: entries open at "Compiling entry function", numbers
+/// become statistics named by their unit, warnings stay whole, lines before any entry are
+/// dropped.
+#[test]
+fn ptxas_logs_parse_per_kernel() {
+    let log = "ptxas info    : 0 bytes gmem\n\
+        ptxas info    : Compiling entry function 'k_a' for 'sm_90a'\n\
+        ptxas info    : Function properties for k_a\n\
+        ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+        ptxas info    : Used 168 registers, used 16 barriers, 80 bytes smem\n\
+        ptxas warning : wgmma serialized\n\
+        ptxas info    : Compiling entry function 'k_b' for 'sm_90a'\n\
+        ptxas info    : Used 40 registers\n";
+    let got = nabla::cuda::parse_ptxas_log(log);
+    let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["k_a", "k_b"]);
+    let get = |i: usize, k: &str| {
+        got[i]
+            .1
+            .iter()
+            .find(|s| s.name == k)
+            .map(|s| s.value.clone())
+    };
+    assert_eq!(get(0, "registers").as_deref(), Some("168"));
+    assert_eq!(get(0, "barriers").as_deref(), Some("16"));
+    assert_eq!(get(0, "bytes smem").as_deref(), Some("80"));
+    assert_eq!(get(0, "bytes spill stores").as_deref(), Some("4"));
+    assert_eq!(get(0, "bytes stack frame").as_deref(), Some("8"));
+    assert!(get(0, "warning").is_some_and(|w| w.contains("serialized")));
+    assert_eq!(get(1, "registers").as_deref(), Some("40"));
+    assert_eq!(got[1].1.len(), 1);
+    assert!(get(0, "bytes gmem").is_none());
+}
+
+/// `nabla info --kernel-stats --backend cuda` behind the scenes: every Hopper FlashAttention-3
+/// kernel reports its registers (the 240/24 split leaves ptxas at 168 per thread) and no spills.
+#[test]
+fn kernel_statistics_cover_the_hopper_kernels() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let stats = nabla::cuda::kernel_statistics("attention_sm90a/attn_fa_").unwrap();
+    assert_eq!(stats.len(), 4, "{stats:?}");
+    for k in &stats {
+        assert!(k.kernel.ends_with("[sm_90a]"), "{}", k.kernel);
+        let v = |name: &str| {
+            k.stats
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.value.clone())
+                .unwrap_or_else(|| panic!("{}: no {name} in {:?}", k.kernel, k.stats))
+        };
+        let regs: u32 = v("registers").parse().unwrap();
+        assert!((1..=255).contains(&regs), "{}: {regs} registers", k.kernel);
+        assert_eq!(v("bytes spill stores"), "0", "{}", k.kernel);
+    }
+    assert!(
+        nabla::cuda::kernel_statistics("ops/no such kernel")
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[test]
 fn kernels_assemble_to_sass_without_spills() {
     if !nvrtc_or_skip() {

@@ -48,7 +48,15 @@ pub fn run() -> Result<()> {
 }
 
 /// `nabla info --kernel-stats FILTER`: the driver's statistics of each matching kernel variant.
-pub fn kernel_stats(filter: &str, checked: bool, ir_dir: Option<&std::path::Path>) -> Result<()> {
+pub fn kernel_stats(
+    filter: &str,
+    checked: bool,
+    ir_dir: Option<&std::path::Path>,
+    backend: super::layer::BackendArg,
+) -> Result<()> {
+    if backend == super::layer::BackendArg::Cuda {
+        return cuda_kernel_stats(filter);
+    }
     let gpu = Gpu::new()?;
     let kernels: Vec<(String, String)> = nabla::shaders::all_variants()
         .into_iter()
@@ -94,6 +102,37 @@ pub fn kernel_stats(filter: &str, checked: bool, ir_dir: Option<&std::path::Path
         }
     }
     Ok(())
+}
+
+/// `nabla info --kernel-stats FILTER --backend cuda`: ptxas's statistics of the CUDA kernels.
+#[cfg(feature = "cuda")]
+fn cuda_kernel_stats(filter: &str) -> Result<()> {
+    let stats = nabla::cuda::kernel_statistics(filter)?;
+    if stats.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no CUDA kernel's name contains {filter:?} (names look like \
+             attention_sm90a/attn_fa_f16_s3 [sm_90a] or ops/layer_norm [sm_90])"
+        )));
+    }
+    println!("ptxas (through NVRTC), {} kernel(s)", stats.len());
+    for k in stats {
+        let s: Vec<String> = k
+            .stats
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.value))
+            .collect();
+        println!("{}\n    {}", k.kernel, s.join(" | "));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_kernel_stats(_filter: &str) -> Result<()> {
+    Err(Error::Invalid(
+        "--backend cuda: this binary was built without the CUDA layer; build with \
+         `cargo build --release --features cuda`"
+            .into(),
+    ))
 }
 
 /// The CUDA layer: libraries found, devices, memory.

@@ -129,6 +129,87 @@ pub fn compile_cubin(module: &str, src: &str, arch: &str) -> Result<String> {
     }
 }
 
+/// ptxas's statistics of every kernel of the layer whose `module/function` name contains
+/// `filter`: each module of [`sources::SOURCES`] compiled to a cubin for each architecture it is
+/// built for ([`sources::archs`]) by NVRTC with `--ptxas-options=-v` (no GPU needed). Each
+/// entry is named `module/function [arch]` and carries what ptxas reported (`registers`,
+/// `barriers`, `bytes smem`, `bytes stack frame`, `bytes spill stores`, ...; warnings as
+/// `warning`): the counterpart of [`crate::Gpu::kernel_statistics`] for the WGSL kernels.
+pub fn kernel_statistics(filter: &str) -> Result<Vec<crate::gpu::KernelStatistics>> {
+    let mut out = Vec::new();
+    for &(module, src) in sources::SOURCES {
+        // "module/function" filters name their module: compile only that one
+        if let Some((m, _)) = filter.split_once('/')
+            && !module.ends_with(m)
+        {
+            continue;
+        }
+        for &arch in sources::archs(module) {
+            let log = compile_cubin(module, src, arch)?;
+            out.extend(
+                parse_ptxas_log(&log)
+                    .into_iter()
+                    .map(|(f, stats)| crate::gpu::KernelStatistics {
+                        kernel: format!("{module}/{f} [{arch}]"),
+                        stats,
+                        internal: Vec::new(),
+                    })
+                    .filter(|k| k.kernel.contains(filter)),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `(function, statistics)` from a ptxas `-v` log: "Compiling entry function 'F'" opens an
+/// entry; "N unit, N unit" items (with "Used" dropped) become statistics named by their unit;
+/// warnings are kept whole.
+pub fn parse_ptxas_log(log: &str) -> Vec<(String, Vec<crate::gpu::Statistic>)> {
+    use crate::gpu::Statistic;
+    let mut out: Vec<(String, Vec<Statistic>)> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push((name, Vec::new()));
+            continue;
+        }
+        let Some((_, stats)) = out.last_mut() else {
+            continue;
+        };
+        if line.contains("warning") {
+            stats.push(Statistic {
+                name: "warning".into(),
+                value: line.trim().to_string(),
+            });
+            continue;
+        }
+        let body = line
+            .split_once(':')
+            .filter(|_| line.starts_with("ptxas info"))
+            .map_or(line, |(_, b)| b);
+        let body = body
+            .trim_start_matches("ptxas")
+            .trim()
+            .trim_start_matches('.');
+        for item in body.split(',') {
+            let item = item.trim();
+            let item = item
+                .strip_prefix("Used ")
+                .or_else(|| item.strip_prefix("used "))
+                .unwrap_or(item);
+            if let Some((n, unit)) = item.split_once(' ')
+                && n.parse::<u64>().is_ok()
+            {
+                stats.push(Statistic {
+                    name: unit.trim().to_string(),
+                    value: n.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// One NVIDIA GPU: context, stream, NVRTC module cache.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
