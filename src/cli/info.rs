@@ -79,12 +79,7 @@ pub fn kernel_stats(
         std::fs::create_dir_all(d).map_err(|e| Error::file(d.to_path_buf(), e))?;
     }
     for k in gpu.kernel_statistics(&kernels, checked, ir_dir.is_some())? {
-        let stats: Vec<String> = k
-            .stats
-            .iter()
-            .map(|s| format!("{}={}", s.name, s.value))
-            .collect();
-        println!("{}\n    {}", k.kernel, stats.join(" | "));
+        println!("{k}");
         if let Some(d) = ir_dir {
             if k.internal.is_empty() {
                 println!("    (no textual internal representation offered)");
@@ -116,12 +111,7 @@ fn cuda_kernel_stats(filter: &str) -> Result<()> {
     }
     println!("ptxas (through NVRTC), {} kernel(s)", stats.len());
     for k in stats {
-        let s: Vec<String> = k
-            .stats
-            .iter()
-            .map(|s| format!("{}={}", s.name, s.value))
-            .collect();
-        println!("{}\n    {}", k.kernel, s.join(" | "));
+        println!("{k}");
     }
     Ok(())
 }

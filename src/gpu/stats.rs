@@ -32,6 +32,18 @@ pub struct KernelStatistics {
     pub internal: Vec<(String, String)>,
 }
 
+impl std::fmt::Display for KernelStatistics {
+    /// The kernel's name, then its statistics as `name=value` on one indented line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stats: Vec<String> = self
+            .stats
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.value))
+            .collect();
+        write!(f, "{}\n    {}", self.kernel, stats.join(" | "))
+    }
+}
+
 impl Gpu {
     /// The driver's statistics for each `(name, wgsl)` kernel, compiled with runtime bounds
     /// checks on or off (`checked`), and with `internal`, the driver's textual internal
