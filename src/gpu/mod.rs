@@ -34,7 +34,28 @@ pub struct Gpu {
     profile: Mutex<Option<BTreeMap<String, KernelTime>>>,
     /// Tuned kernel configurations of this adapter ([`tune`]).
     tune: Mutex<tune::TuneCache>,
+    /// Bytes written with `write_buffer` since the last submission ([`Gpu::write_buffer`]).
+    unsubmitted_writes: std::sync::atomic::AtomicU64,
 }
+
+/// `data` mapped through `f`, on all CPU cores for large inputs (a Wan 14B checkpoint converts
+/// 14·10⁹ weights to 16 bits on upload).
+fn convert_par<T: Copy + Default + Send>(data: &[f32], f: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); data.len()];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = data.len().div_ceil(threads).max(1 << 20);
+    std::thread::scope(|sc| {
+        for (o, i) in out.chunks_mut(chunk).zip(data.chunks(chunk)) {
+            let f = &f;
+            sc.spawn(move || o.iter_mut().zip(i).for_each(|(o, &x)| *o = f(x)));
+        }
+    });
+    out
+}
+
+/// Bytes of `write_buffer` data after which [`Gpu::write_buffer`] submits and waits: wgpu keeps
+/// each write's host staging copy until the next submission has run.
+const WRITE_FLUSH_BYTES: u64 = 256 << 20;
 
 /// Accumulated GPU time of one kernel variant in a profile.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -185,6 +206,7 @@ impl Gpu {
             profile: Mutex::default(),
             errors,
             tune: Mutex::new(tune::TuneCache::new(tune::default_path(), adapter_key)),
+            unsubmitted_writes: Default::default(),
         })
     }
 
@@ -402,9 +424,35 @@ impl Gpu {
         };
         let t = self.empty(shape, dtype)?;
         if !data.is_empty() {
-            self.queue.write_buffer(&t.buffer, 0, data);
+            self.write_buffer(&t.buffer, 0, data)?;
         }
         Ok(t)
+    }
+
+    /// `queue.write_buffer`, bounding the host memory it holds: wgpu keeps a staging copy of
+    /// every write until the next submission, so a model uploaded tensor by tensor (29 GB of
+    /// Wan 14B weights) would hold a second copy of all of it in host memory. After every
+    /// [`WRITE_FLUSH_BYTES`] written this submits and waits, which releases those copies.
+    pub(crate) fn write_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.queue.write_buffer(buffer, offset, data);
+        let pending = self
+            .unsubmitted_writes
+            .fetch_add(data.len() as u64, Ordering::Relaxed)
+            + data.len() as u64;
+        if pending >= WRITE_FLUSH_BYTES {
+            self.unsubmitted_writes.store(0, Ordering::Relaxed);
+            self.queue.submit([]);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Gpu(format!("waiting for uploads: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Uploads f32 data.
@@ -414,13 +462,13 @@ impl Gpu {
 
     /// Uploads f32 data converted to f16 storage.
     pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let h = convert_par(data, half::f16::from_f32);
         self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::F16)
     }
 
     /// Uploads f32 data converted to bf16 storage (round to nearest even).
     pub fn upload_bf16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let h = convert_par(data, half::bf16::from_f32);
         self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::BF16)
     }
 
@@ -433,8 +481,8 @@ impl Gpu {
     pub fn fill_u32(&self, t: &Tensor, pattern: u32) {
         let words = (t.buffer.size() / 4) as usize;
         let data = vec![pattern; words];
-        self.queue
-            .write_buffer(&t.buffer, 0, bytemuck::cast_slice(&data));
+        // (a failed wait surfaces at the next submission or readback)
+        let _ = self.write_buffer(&t.buffer, 0, bytemuck::cast_slice(&data));
     }
 
     /// Reads a tensor back as raw bytes (waits for all submitted work).

@@ -459,8 +459,7 @@ impl<'g> Backend for WgpuBackend<'g> {
         // queue writes land before the next submission: submit what was recorded first
         self.flush()?;
         self.gpu
-            .queue()
-            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data));
+            .write_buffer(t.buffer(), 0, bytemuck::cast_slice(data))?;
         Ok(())
     }
     fn upload_weight(&mut self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
