@@ -34,8 +34,9 @@ pub struct Gpu {
     profile: Mutex<Option<BTreeMap<String, KernelTime>>>,
     /// Tuned kernel configurations of this adapter ([`tune`]).
     tune: Mutex<tune::TuneCache>,
-    /// Bytes written with `write_buffer` since the last submission ([`Gpu::write_buffer`]).
-    unsubmitted_writes: std::sync::atomic::AtomicU64,
+    /// Bytes written with `write_buffer` since its last wait ([`Gpu::write_buffer`]): staging
+    /// copies are freed only once the GPU has run their submission and the device is polled.
+    writes_since_wait: std::sync::atomic::AtomicU64,
 }
 
 /// `data` mapped through `f`, on all CPU cores for large inputs (a Wan 14B checkpoint converts
@@ -206,7 +207,7 @@ impl Gpu {
             profile: Mutex::default(),
             errors,
             tune: Mutex::new(tune::TuneCache::new(tune::default_path(), adapter_key)),
-            unsubmitted_writes: Default::default(),
+            writes_since_wait: Default::default(),
         })
     }
 
@@ -442,11 +443,11 @@ impl Gpu {
         use std::sync::atomic::Ordering;
         self.queue.write_buffer(buffer, offset, data);
         let pending = self
-            .unsubmitted_writes
+            .writes_since_wait
             .fetch_add(data.len() as u64, Ordering::Relaxed)
             + data.len() as u64;
         if pending >= WRITE_FLUSH_BYTES {
-            self.unsubmitted_writes.store(0, Ordering::Relaxed);
+            self.writes_since_wait.store(0, Ordering::Relaxed);
             self.queue.submit([]);
             self.device
                 .poll(wgpu::PollType::wait_indefinitely())
