@@ -921,3 +921,21 @@ fn kernel_statistics_report_or_refuse() {
         }
     }
 }
+
+/// The occupancy estimate printed next to NVIDIA's register counts, on the session-7
+/// measurements (RESULTS.md): the tensor-core attention at 240 registers and the GEMM at 229
+/// fit twice, 159 three times, the 256-thread GEMM form at 145 once; warp and workgroup caps.
+#[test]
+fn nvidia_occupancy_by_registers() {
+    use nabla::gpu::nvidia_workgroups_by_registers as wg;
+    assert_eq!(wg(240, 128), 2);
+    assert_eq!(wg(229, 128), 2);
+    assert_eq!(wg(213, 128), 2);
+    assert_eq!(wg(168, 128), 3);
+    assert_eq!(wg(159, 128), 3);
+    assert_eq!(wg(145, 256), 1);
+    assert_eq!(wg(128, 128), 4);
+    assert_eq!(wg(32, 1024), 2); // 64 warps per SM
+    assert_eq!(wg(16, 64), 32); // 32 workgroups per SM
+    assert_eq!(wg(255, 0), 0);
+}

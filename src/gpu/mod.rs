@@ -10,7 +10,7 @@ mod tensor;
 pub mod tune;
 
 pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
-pub use stats::{KernelStatistics, Statistic};
+pub use stats::{KernelStatistics, Statistic, nvidia_workgroups_by_registers};
 pub use tensor::{DType, Tensor};
 
 use crate::error::{Error, Result};

@@ -32,6 +32,19 @@ pub struct KernelStatistics {
     pub internal: Vec<(String, String)>,
 }
 
+/// Workgroups of `threads` invocations at `registers` per thread that fit one NVIDIA
+/// multiprocessor by registers alone: 65 536 registers per SM, allocated per warp of 32 in
+/// units of 256, at most 64 warps and 32 workgroups per SM (every architecture since Volta;
+/// shared memory may allow fewer).
+pub fn nvidia_workgroups_by_registers(registers: u32, threads: u32) -> u32 {
+    if threads == 0 {
+        return 0;
+    }
+    let warps = threads.div_ceil(32);
+    let per_warp = (registers.max(1) * 32).div_ceil(256) * 256;
+    (65_536 / (per_warp * warps)).min(64 / warps).min(32)
+}
+
 impl std::fmt::Display for KernelStatistics {
     /// The kernel's name, then its statistics as `name=value` on one indented line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,6 +190,8 @@ mod vulkan {
             .map_err(|e| Error::Gpu(format!("vkCreateDevice for kernel statistics: {e}")))?;
         let exe = ash::khr::pipeline_executable_properties::Device::new(instance, &device);
         let dev = StatsDevice { device, exe };
+        // SAFETY: `pd` is a valid physical device of `instance`.
+        let nvidia = unsafe { instance.get_physical_device_properties(pd) }.vendor_id == 0x10de;
         let lang = if api >= vk::API_VERSION_1_3 {
             (1, 6)
         } else {
@@ -185,8 +200,23 @@ mod vulkan {
         kernels
             .iter()
             .map(|(name, src)| {
-                let spv = spirv(name, src, lang, checked)?;
-                let (stats, internal) = compile(&dev, name, &spv.0, &spv.1, internal)?;
+                let (words, res, threads) = spirv(name, src, lang, checked)?;
+                let (mut stats, internal) = compile(&dev, name, &words, &res, internal)?;
+                let regs = stats
+                    .iter()
+                    .find(|s| s.name == "Register Count")
+                    .and_then(|s| s.value.parse::<u32>().ok());
+                let mut extra = vec![Statistic {
+                    name: "Workgroup Invocations".into(),
+                    value: threads.to_string(),
+                }];
+                if let (true, Some(r)) = (nvidia, regs) {
+                    extra.push(Statistic {
+                        name: "Workgroups per SM by registers (estimate)".into(),
+                        value: super::nvidia_workgroups_by_registers(r, threads).to_string(),
+                    });
+                }
+                stats.splice(0..0, extra);
                 Ok(KernelStatistics {
                     kernel: name.clone(),
                     stats,
@@ -196,7 +226,8 @@ mod vulkan {
             .collect()
     }
 
-    /// SPIR-V words and the `(group, binding) -> uniform?` resources of a WGSL kernel, written
+    /// SPIR-V words, the `(group, binding) -> uniform?` resources and the workgroup size of a
+    /// WGSL kernel, written
     /// with the options wgpu's Vulkan layer uses (driver-zeroed workgroup memory; bounds checks
     /// and loop bounding only when `checked`).
     type Resources = BTreeMap<(u32, u32), bool>;
@@ -206,7 +237,7 @@ mod vulkan {
         src: &str,
         lang: (u8, u8),
         checked: bool,
-    ) -> Result<(Vec<u32>, Resources)> {
+    ) -> Result<(Vec<u32>, Resources, u32)> {
         use naga::back::spv;
         let module = naga::front::wgsl::parse_str(src)
             .map_err(|e| Error::Gpu(format!("{name}: {}", e.emit_to_string(src))))?;
@@ -243,7 +274,12 @@ mod vulkan {
                 res.insert((b.group, b.binding), uniform);
             }
         }
-        Ok((words, res))
+        let threads = module
+            .entry_points
+            .iter()
+            .find(|e| e.name == "main")
+            .map_or(0, |e| e.workgroup_size.iter().product());
+        Ok((words, res, threads))
     }
 
     type Compiled = (Vec<Statistic>, Vec<(String, String)>);
