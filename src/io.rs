@@ -161,21 +161,16 @@ pub fn float_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
-/// Little-endian elements of `size` bytes decoded by `f`, on all CPU cores for large tensors
-/// (a Wan 14B checkpoint holds 14·10⁹ of them); a trailing partial element is ignored.
+/// Little-endian elements of `size` bytes decoded by `f`, on all CPU cores (a Wan 14B
+/// checkpoint holds 14·10⁹ of them); a trailing partial element is ignored.
 fn decode_par(bytes: &[u8], size: usize, f: impl Fn(&[u8]) -> f32 + Sync) -> Vec<f32> {
-    let n = bytes.len() / size;
-    let mut out = vec![0f32; n];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let chunk = n.div_ceil(threads).max(1 << 20);
-    std::thread::scope(|sc| {
-        for (o, b) in out.chunks_mut(chunk).zip(bytes.chunks(chunk * size)) {
-            let f = &f;
-            sc.spawn(move || {
-                for (o, e) in o.iter_mut().zip(b.chunks_exact(size)) {
-                    *o = f(e);
-                }
-            });
+    let mut out = vec![0f32; bytes.len() / size];
+    crate::par::for_chunks(&mut out, |first, part| {
+        for (o, e) in part
+            .iter_mut()
+            .zip(bytes[first * size..].chunks_exact(size))
+        {
+            *o = f(e);
         }
     });
     out

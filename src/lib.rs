@@ -31,6 +31,7 @@ pub mod gpu;
 pub mod io;
 pub mod nabla;
 pub mod ops;
+mod par;
 pub mod reference;
 pub mod selftest;
 pub mod shaders;

@@ -116,18 +116,9 @@ pub fn uniform(seed: u64, n: usize, half_width: f32) -> Vec<f32> {
 /// `n` values `f(i)`, computed on all CPU cores.
 fn fill(n: usize, f: impl Fn(u64) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; n];
-    let threads = std::thread::available_parallelism()
-        .map(|t| t.get())
-        .unwrap_or(1);
-    let chunk = n.div_ceil(threads.max(1)).max(1 << 16);
-    std::thread::scope(|sc| {
-        for (ci, part) in out.chunks_mut(chunk).enumerate() {
-            let f = &f;
-            sc.spawn(move || {
-                for (o, v) in part.iter_mut().enumerate() {
-                    *v = f((ci * chunk + o) as u64);
-                }
-            });
+    crate::par::for_chunks(&mut out, |first, part| {
+        for (o, v) in part.iter_mut().enumerate() {
+            *v = f((first + o) as u64);
         }
     });
     out

@@ -39,16 +39,13 @@ pub struct Gpu {
     writes_since_wait: std::sync::atomic::AtomicU64,
 }
 
-/// `data` mapped through `f`, on all CPU cores for large inputs (a Wan 14B checkpoint converts
-/// 14·10⁹ weights to 16 bits on upload).
+/// `data` mapped through `f`, on all CPU cores (a Wan 14B checkpoint converts 14·10⁹ weights
+/// to 16 bits on upload).
 fn convert_par<T: Copy + Default + Send>(data: &[f32], f: impl Fn(f32) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::default(); data.len()];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = data.len().div_ceil(threads).max(1 << 20);
-    std::thread::scope(|sc| {
-        for (o, i) in out.chunks_mut(chunk).zip(data.chunks(chunk)) {
-            let f = &f;
-            sc.spawn(move || o.iter_mut().zip(i).for_each(|(o, &x)| *o = f(x)));
+    crate::par::for_chunks(&mut out, |first, part| {
+        for (o, &x) in part.iter_mut().zip(&data[first..]) {
+            *o = f(x);
         }
     });
     out
