@@ -55,6 +55,13 @@ pub fn kernel_stats(
     backend: super::layer::BackendArg,
 ) -> Result<()> {
     if backend == super::layer::BackendArg::Cuda {
+        if checked || ir_dir.is_some() {
+            return Err(Error::Invalid(
+                "--checked and --ir-dir apply to the WGSL kernels (--backend wgpu); ptxas's \
+                 statistics of the CUDA kernels have neither"
+                    .into(),
+            ));
+        }
         return cuda_kernel_stats(filter);
     }
     let gpu = Gpu::new()?;
