@@ -34,8 +34,9 @@ pub struct KernelStatistics {
 
 /// Workgroups of `threads` invocations at `registers` per thread that fit one NVIDIA
 /// multiprocessor by registers alone: 65 536 registers per SM, allocated per warp of 32 in
-/// units of 256, at most 64 warps and 32 workgroups per SM (every architecture since Volta;
-/// shared memory may allow fewer).
+/// units of 256, at most 64 warps and 32 workgroups per SM. Those caps are the data-centre
+/// parts' (V100, A100, H100/H200); consumer Turing, Ampere and Ada allow 32 or 48 warps, and
+/// shared memory may allow fewer workgroups anywhere, so it is an upper bound.
 pub fn nvidia_workgroups_by_registers(registers: u32, threads: u32) -> u32 {
     if threads == 0 {
         return 0;
