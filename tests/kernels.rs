@@ -120,6 +120,22 @@ fn mask_d64_f16_storage() {
     );
 }
 
+/// Two 128-block score tiles (the second ragged) and every row of the first, over several
+/// 16-wide k-steps: head_dim 128 in f32 and 64 in f16 storage.
+#[test]
+fn mask_two_score_tiles() {
+    let grid = BlockGrid::new(2, 9, 9).unwrap(); // 162 blocks
+    run_mask_case(
+        6,
+        grid,
+        2,
+        128,
+        &["nabla-0.7", "nabla-0.2_sta-1-3-3"],
+        false,
+    );
+    run_mask_case(7, grid, 2, 64, &["nabla-0.5"], true);
+}
+
 /// Nb well above the workgroup size and not a power of two: exercises every loop stride.
 #[test]
 fn mask_from_pooled_large_nb() {

@@ -356,7 +356,7 @@ fn record_scores(
         sqrt_d: (d as f32).sqrt(),
         _pad: 0,
     };
-    let t = nb.div_ceil(64) as u32;
+    let t = nb.div_ceil(128) as u32;
     batch.dispatch(
         &pipe,
         bytemuck::bytes_of(&p),
