@@ -26,10 +26,14 @@ pub const THRESHOLD_ROWS: &str = include_str!("../shaders/nabla/threshold_rows.w
 /// Values per lane of the row-per-subgroup threshold kernel (Nb ≤ KL·SG).
 pub const THRESHOLD_ROWS_KL: [u32; 16] = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
 
-/// Source of the row-per-subgroup threshold kernel.
-pub fn threshold_rows_source(kl: u32, subgroup: u32) -> String {
+/// Source of the row-per-subgroup threshold kernel; `write_probs`: the row's probabilities
+/// are written back over its logits.
+pub fn threshold_rows_source(kl: u32, subgroup: u32, write_probs: bool) -> String {
     let body = expand_unroll(THRESHOLD_ROWS, &[("KL", kl)]);
-    format!("const KL: u32 = {kl}u;\nconst SG: u32 = {subgroup}u;\n{body}")
+    format!(
+        "const KL: u32 = {kl}u;\nconst SG: u32 = {subgroup}u;\nconst WRITE_PROBS: u32 = {}u;\n{body}",
+        write_probs as u32
+    )
 }
 
 /// Values per thread of the threshold kernel: Nb ≤ 256·K (exact up to 8, then powers of two).
@@ -155,7 +159,7 @@ pub fn all_variants() -> Vec<(String, String)> {
         for sg in [8, 16, 32, 64] {
             v.push((
                 format!("nabla/threshold_rows[kl{kl},sg{sg}]"),
-                threshold_rows_source(kl, sg),
+                threshold_rows_source(kl, sg, true),
             ));
         }
     }

@@ -171,6 +171,47 @@ fn mask_from_pooled_large_nb() {
     }
 }
 
+/// The STA union through every reduction, two heads, rows of two and more 32-key words.
+#[test]
+fn mask_sta_union_every_reduction() {
+    let g = gpu();
+    let mut rng = Rng::fresh(8);
+    for (grid, w) in [
+        (BlockGrid::new(2, 3, 7).unwrap(), "nabla-0.4_sta-3-3-3"),
+        (BlockGrid::new(3, 4, 6).unwrap(), "nabla-0.1_sta-1-3-5"),
+    ] {
+        let nb = grid.blocks();
+        let d = 128;
+        let qa = rng.normals(2 * nb * d, 0.8);
+        let ka = rng.normals(2 * nb * d, 0.8);
+        let qt = g.upload_f32(&qa, &[2, nb, d]).unwrap();
+        let kt = g.upload_f32(&ka, &[2, nb, d]).unwrap();
+        let algo: SparseAlgo = w.parse().unwrap();
+        let sta = reference::sta_mask(&grid, &algo.sta().unwrap());
+        for red in reductions(nb) {
+            let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
+            let map = g.read_f32(&probs).unwrap();
+            let dense = mask.to_dense(g).unwrap();
+            let (keep, mass) =
+                reference::threshold_mask_ties(&map, 2 * nb, nb, algo.threshold().unwrap());
+            let cut = algo.cut().unwrap() as f64;
+            for (e, &got) in dense.iter().enumerate() {
+                let in_sta = sta[e % (nb * nb)] == 1;
+                let want = if in_sta { 1 } else { keep[e] };
+                assert!(
+                    got == want || (mass[e] - cut).abs() < 1e-5,
+                    "{w} {red:?} grid {grid:?}: head {} row {} key {}: got {got}, want {want} \
+                     (STA {in_sta}, NABLA {})",
+                    e / (nb * nb),
+                    e / nb % nb,
+                    e % nb,
+                    keep[e]
+                );
+            }
+        }
+    }
+}
+
 /// Many exactly equal probabilities: the GPU keeps every entry tied at the cut.
 #[test]
 fn mask_ties_kept_together() {
@@ -562,7 +603,8 @@ fn run_rope_pool_case(
     let xq = tokens_field(&mut rng, s, heads, d, 0);
     let xk = tokens_field(&mut rng, s, heads, d, 1);
     let mut be = WgpuBackend::new(g);
-    let scratch = be.mask_scratch(heads, grid, d).unwrap();
+    let mut scratch = be.mask_scratch(heads, grid, d).unwrap();
+    scratch.keep_probs(true);
     let stg = scratch.stages();
     for t in [&stg.qa, &stg.ka, &stg.probs] {
         g.fill_u32(t, POISON);
@@ -647,6 +689,14 @@ fn run_rope_pool_case(
         let d1 = be.mask_dense(&m1).unwrap();
         let m2 = be.estimate_mask_prepooled(grid, &algo, &scratch).unwrap();
         assert_eq!(d1, be.mask_dense(&m2).unwrap(), "{what} {a}: repeatable");
+        // the DiT's form does not write the probabilities back: the same lists
+        scratch.keep_probs(false);
+        let m3 = be.estimate_mask_prepooled(grid, &algo, &scratch).unwrap();
+        assert_eq!(
+            d1,
+            be.mask_dense(&m3).unwrap(),
+            "{what} {a}: without the probabilities"
+        );
     }
 }
 

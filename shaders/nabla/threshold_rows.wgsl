@@ -3,7 +3,8 @@
 // the subgroup's registers (KL values per lane, key j = lane + t·SG), every reduction and the
 // list compaction are subgroup operations, and there is no workgroup barrier at all. Chosen
 // when the adapter has subgroups and Nb ≤ 64·SG; threshold.wgsl covers the rest.
-// The prelude defines KL and SG; the unroll blocks are expanded by the dispatcher.
+// The prelude defines KL, SG and WRITE_PROBS (0: the probabilities are not written back, the
+// DiT's form); the unroll blocks are expanded by the dispatcher.
 
 struct Params {
     nb: u32,
@@ -67,7 +68,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     //@unroll KL
     x{t} = x{t} / s;
     if (lane + {t}u * SG < n) {
-        if (live) {
+        if (live && WRITE_PROBS != 0u) {
             probs[base + lane + {t}u * SG] = x{t};
         }
     } else {
@@ -78,6 +79,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     pmax = subgroupMax(pmax);
 
     // bisection for the smallest bit pattern lo with F(lo) >= cut (lo <= bits(pmax))
+    // (counting the candidates in [lo, hi) after 10-18 passes and then summing only those
+    // measured slower on the H200: session 8, benches/RESULTS.md)
     var lo = 0u;
     var hi = bitcast<u32>(pmax);
     for (var it = 0u; it < 32u; it++) {

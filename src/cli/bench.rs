@@ -935,9 +935,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 })?;
                 if fused.is_some() {
                     // the rest of the mask from the pooled q/k the estimate above left in
-                    // `stages` (the same rows the fused producer would leave)
+                    // `stages` (the same rows the fused producer would leave), in the DiT's
+                    // form: the probabilities are not written back
+                    let dit = MaskStages {
+                        keep_probs: false,
+                        ..stages.clone()
+                    };
                     let tp = gpu.time_ms_inner(a.reps + 1, 10, |bt| {
-                        record_mask_from_pooled(bt, grid, algo, &stages, &m)
+                        record_mask_from_pooled(bt, grid, algo, &dit, &m)
                     })?;
                     prepooled_ms = Some(median(&tp[1..]));
                 }

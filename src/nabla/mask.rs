@@ -30,8 +30,12 @@ pub struct MaskStages {
     pub qa: Tensor,
     /// Pooled keys `[BH, Nb, D]`.
     pub ka: Tensor,
-    /// Block attention map `softmax(qa·kaᵀ/√D)` `[BH, Nb, Nb]`.
+    /// Block attention map `softmax(qa·kaᵀ/√D)` `[BH, Nb, Nb]` where `keep_probs`; otherwise
+    /// scratch for the logits `qa·kaᵀ/√D` (the probabilities may not be written back).
     pub probs: Tensor,
+    /// Whether the estimate writes the probabilities into `probs` (true from
+    /// [`MaskStages::alloc`]; the DiT's scratch turns it off: a 4·BH·Nb² byte write saved).
+    pub keep_probs: bool,
 }
 
 impl BlockMask {
@@ -389,9 +393,11 @@ fn rows_kl(nb: usize, sg: u32) -> Option<u32> {
         .find(|&k| k >= need)
 }
 
+/// `(probs, keep)`: the logits, overwritten with the probabilities where `keep` (the
+/// row-per-subgroup kernel skips that write otherwise; the others always write them).
 fn record_threshold(
     batch: &mut Batch<'_>,
-    probs: &Tensor,
+    (probs, keep): (&Tensor, bool),
     grid: &BlockGrid,
     algo: &SparseAlgo,
     out: &BlockMask,
@@ -444,8 +450,8 @@ fn record_threshold(
         rw,
     };
     if let Some((kl, sgs)) = rows_variant {
-        let key = format!("nabla/threshold_rows[kl{kl},sg{sgs}]");
-        let pipe = gpu.pipeline(&key, &shaders::threshold_rows_source(kl, sgs), true)?;
+        let key = format!("nabla/threshold_rows[kl{kl},sg{sgs},probs={keep}]");
+        let pipe = gpu.pipeline(&key, &shaders::threshold_rows_source(kl, sgs, keep), true)?;
         return batch.dispatch(
             &pipe,
             bytemuck::bytes_of(&p),
@@ -507,7 +513,15 @@ pub fn record_estimate_mask(
     record_pool(batch, q, &stages.qa, bh, s, d)?;
     record_pool(batch, k, &stages.ka, bh, s, d)?;
     record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
-    record_threshold(batch, &stages.probs, &grid, algo, out, bh, Reduction::Auto)
+    record_threshold(
+        batch,
+        (&stages.probs, stages.keep_probs),
+        &grid,
+        algo,
+        out,
+        bh,
+        Reduction::Auto,
+    )
 }
 
 impl MaskStages {
@@ -521,6 +535,7 @@ impl MaskStages {
             qa: gpu.empty(&[bh, nb, d], DType::F32)?,
             ka: gpu.empty(&[bh, nb, d], DType::F32)?,
             probs: gpu.empty(&[bh, nb, nb], DType::F32)?,
+            keep_probs: true,
         })
     }
 }
@@ -586,7 +601,7 @@ pub fn mask_from_pooled_with(
     let out = BlockMask::alloc(gpu, bh, nb)?;
     let mut b = gpu.batch();
     record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
-    record_threshold(&mut b, &probs, &grid, algo, &out, bh, reduction)?;
+    record_threshold(&mut b, (&probs, true), &grid, algo, &out, bh, reduction)?;
     b.submit()?;
     Ok((out, probs))
 }
@@ -659,7 +674,15 @@ pub fn record_mask_from_pooled(
         )));
     }
     record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
-    record_threshold(batch, &stages.probs, &grid, algo, out, bh, Reduction::Auto)
+    record_threshold(
+        batch,
+        (&stages.probs, stages.keep_probs),
+        &grid,
+        algo,
+        out,
+        bh,
+        Reduction::Auto,
+    )
 }
 
 /// GPU time (median ms over `reps`) of each mask stage on its own: pooling of q and k, block
@@ -689,8 +712,17 @@ pub fn time_mask_stages(
     let scores = gpu.time_ms_inner(reps, 10, |b| {
         record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d)
     })?;
+    // (the probabilities are not written back, as in the DiT: every run sees the logits)
     let thr = gpu.time_ms_inner(reps, 10, |b| {
-        record_threshold(b, &st.probs, &grid, algo, &out, bh, Reduction::Auto)
+        record_threshold(
+            b,
+            (&st.probs, false),
+            &grid,
+            algo,
+            &out,
+            bh,
+            Reduction::Auto,
+        )
     })?;
     Ok([
         med(pool[1..].to_vec()),

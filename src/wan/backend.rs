@@ -377,6 +377,12 @@ impl WgpuMaskScratch {
     pub fn stages(&self) -> &MaskStages {
         &self.stages
     }
+
+    /// Whether the estimates write the block map's probabilities into
+    /// [`MaskStages::probs`] for inspection (off by default: the forward never reads them).
+    pub fn keep_probs(&mut self, keep: bool) {
+        self.stages.keep_probs = keep;
+    }
 }
 
 impl<'g> Backend for WgpuBackend<'g> {
@@ -612,8 +618,10 @@ impl<'g> Backend for WgpuBackend<'g> {
         crate::ops::patch::record_unpatchify(self.b(), out, v)
     }
     fn mask_scratch(&mut self, heads: usize, grid: BlockGrid, d: usize) -> Result<WgpuMaskScratch> {
+        let mut stages = MaskStages::alloc(self.gpu, heads, grid.blocks(), d)?;
+        stages.keep_probs = false;
         Ok(WgpuMaskScratch {
-            stages: MaskStages::alloc(self.gpu, heads, grid.blocks(), d)?,
+            stages,
             lists: Arc::new(BlockMask::alloc(self.gpu, heads, grid.blocks())?),
         })
     }
