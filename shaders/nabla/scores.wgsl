@@ -129,22 +129,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let r1 = i0 + 64u + ti * 4u;
     let c0 = j0 + tj * 4u;
     let c1 = j0 + 64u + tj * 4u;
-    store_row(bh, r0, c0, a00);
-    store_row(bh, r0 + 1u, c0, a10);
-    store_row(bh, r0 + 2u, c0, a20);
-    store_row(bh, r0 + 3u, c0, a30);
-    store_row(bh, r0, c1, a01);
-    store_row(bh, r0 + 1u, c1, a11);
-    store_row(bh, r0 + 2u, c1, a21);
-    store_row(bh, r0 + 3u, c1, a31);
-    store_row(bh, r1, c0, b00);
-    store_row(bh, r1 + 1u, c0, b10);
-    store_row(bh, r1 + 2u, c0, b20);
-    store_row(bh, r1 + 3u, c0, b30);
-    store_row(bh, r1, c1, b01);
-    store_row(bh, r1 + 1u, c1, b11);
-    store_row(bh, r1 + 2u, c1, b21);
-    store_row(bh, r1 + 3u, c1, b31);
+    store4(bh, r0, c0, a00, a10, a20, a30);
+    store4(bh, r0, c1, a01, a11, a21, a31);
+    store4(bh, r1, c0, b00, b10, b20, b30);
+    store4(bh, r1, c1, b01, b11, b21, b31);
+}
+
+// four consecutive rows from gi, four columns from gj each
+fn store4(bh: u32, gi: u32, gj: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
+    store_row(bh, gi, gj, v0);
+    store_row(bh, gi + 1u, gj, v1);
+    store_row(bh, gi + 2u, gj, v2);
+    store_row(bh, gi + 3u, gj, v3);
 }
 
 fn store_row(bh: u32, gi: u32, gj: u32, v: vec4<f32>) {

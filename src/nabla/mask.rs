@@ -512,11 +512,24 @@ pub fn record_estimate_mask(
     let s = grid.tokens();
     record_pool(batch, q, &stages.qa, bh, s, d)?;
     record_pool(batch, k, &stages.ka, bh, s, d)?;
+    record_scores_threshold(batch, stages, &grid, algo, out, (bh, nb, d))
+}
+
+/// The block scores from the pooled rows in `stages`, then softmax, threshold and lists into
+/// `out` (shapes checked by the callers: `bh` heads, `nb` blocks, head dim `d`).
+fn record_scores_threshold(
+    batch: &mut Batch<'_>,
+    stages: &MaskStages,
+    grid: &BlockGrid,
+    algo: &SparseAlgo,
+    out: &BlockMask,
+    (bh, nb, d): (usize, usize, usize),
+) -> Result<()> {
     record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
     record_threshold(
         batch,
         (&stages.probs, stages.keep_probs),
-        &grid,
+        grid,
         algo,
         out,
         bh,
@@ -673,16 +686,7 @@ pub fn record_mask_from_pooled(
             out.heads, out.nb
         )));
     }
-    record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
-    record_threshold(
-        batch,
-        (&stages.probs, stages.keep_probs),
-        &grid,
-        algo,
-        out,
-        bh,
-        Reduction::Auto,
-    )
+    record_scores_threshold(batch, stages, &grid, algo, out, (bh, nb, d))
 }
 
 /// GPU time (median ms over `reps`) of each mask stage on its own: pooling of q and k, block
