@@ -41,6 +41,15 @@ fn in_use() -> Option<u64> {
     v
 }
 
+/// The figures are process-wide: every test of this file holds this lock, so no other test's
+/// uploads come and go between a test's two readings.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// This file's lock (a test that panicked while holding it does not poison the others).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Waits for all submitted GPU work (so that dropped resources can be released).
 fn wait_idle() {
     gpu()
@@ -50,9 +59,10 @@ fn wait_idle() {
 }
 
 /// One test function: the figures are process-wide, so the steps must not run concurrently
-/// with each other.
+/// with each other (nor with the other tests: [`serial`]).
 #[test]
 fn memory_in_use_follows_a_64_mib_tensor() {
+    let _serial = serial();
     let g = gpu();
     // warm up: pipeline-free staging and readback paths, so their own buffers come and go first
     let warm = g.upload_u32(&[1, 2, 3, 4], &[4]).unwrap();
@@ -82,8 +92,11 @@ fn memory_in_use_follows_a_64_mib_tensor() {
     }
     let with = in_use().expect("the report was there a moment ago");
     eprintln!("in use with the tensor: {with} bytes");
+    // wgpu may release some of its own small buffers counted in `before` (a CI run saw
+    // 131 120 of 655 688 bytes go): up to 1 MiB of them may leave between the readings
+    let released = before.min(MIB);
     assert!(
-        with >= before + BYTES,
+        with + released >= before + BYTES,
         "a live 64 MiB tensor raised memory_in_use by only {} bytes ({before} -> {with})",
         with as i64 - before as i64
     );
@@ -93,7 +106,7 @@ fn memory_in_use_follows_a_64_mib_tensor() {
         .memory_in_use()
         .expect("the wgpu layer forwards the report");
     assert!(
-        via_trait >= before + BYTES,
+        via_trait + released >= before + BYTES,
         "Backend::memory_in_use of the wgpu layer gave {via_trait} bytes with the tensor live \
          ({before} before it)"
     );
@@ -147,6 +160,7 @@ fn memory_info() -> Option<(u64, u64)> {
 /// precisions.
 #[test]
 fn planned_weight_bytes_are_the_uploaded_bytes() {
+    let _serial = serial();
     let cfg = nabla::wan::pipeline::demo_dit_config();
     for p in [WeightPrecision::F32, WeightPrecision::BF16] {
         let mut be = WgpuBackend::new(gpu());
@@ -163,6 +177,7 @@ fn planned_weight_bytes_are_the_uploaded_bytes() {
 /// bytes it needs and the bytes free.
 #[test]
 fn dit_weights_beyond_the_device_are_refused_up_front() {
+    let _serial = serial();
     let g = gpu();
     let Some((free, total)) = memory_info() else {
         return;
