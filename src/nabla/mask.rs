@@ -716,7 +716,9 @@ pub fn time_mask_stages(
     let scores = gpu.time_ms_inner(reps, 10, |b| {
         record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d)
     })?;
-    // (the probabilities are not written back, as in the DiT: every run sees the logits)
+    // (the probabilities are not written back, as in the DiT, so every run sees the logits;
+    // the workgroup-reduction kernels, used where the row-per-subgroup one cannot run, always
+    // write them back, and their later runs see probabilities)
     let thr = gpu.time_ms_inner(reps, 10, |b| {
         record_threshold(
             b,

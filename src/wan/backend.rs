@@ -373,7 +373,8 @@ pub struct WgpuMaskScratch {
 
 impl WgpuMaskScratch {
     /// The intermediates of the last estimate: pooled q/k (written by
-    /// [`Backend::rope_split_heads_pooled`] or [`Backend::estimate_mask`]) and the block map.
+    /// [`Backend::rope_split_heads_pooled`] or [`Backend::estimate_mask`]) and the block map
+    /// (its logits, unless [`WgpuMaskScratch::keep_probs`] asked for the probabilities).
     pub fn stages(&self) -> &MaskStages {
         &self.stages
     }
