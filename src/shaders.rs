@@ -157,10 +157,13 @@ pub fn all_variants() -> Vec<(String, String)> {
     v.push(("nabla/scores".into(), SCORES.to_string()));
     for kl in THRESHOLD_ROWS_KL {
         for sg in [8, 16, 32, 64] {
-            v.push((
-                format!("nabla/threshold_rows[kl{kl},sg{sg}]"),
-                threshold_rows_source(kl, sg, true),
-            ));
+            // both forms, named as the dispatcher keys its pipelines
+            for probs in [true, false] {
+                v.push((
+                    format!("nabla/threshold_rows[kl{kl},sg{sg},probs={probs}]"),
+                    threshold_rows_source(kl, sg, probs),
+                ));
+            }
         }
     }
     for k in THRESHOLD_K {

@@ -24,8 +24,9 @@
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
 // 16-byte boundary (GPU-NOTES.md). Exactly three workgroup variables: a fourth, of any type and
 // even one never touched, made this kernel 1.8x slower on the H200 (benches/RESULTS.md,
-// session 8; tests/shaders.rs guards it): new staging belongs inside a_s / b_s. The prelude enables f16 and wgpu_cooperative_matrix and
-// defines WDT, ACT, XDT, SG and TM (workgroup = TM/32·SG threads).
+// session 8; tests/shaders.rs guards it): new staging belongs inside a_s / b_s.
+// The prelude enables f16 and wgpu_cooperative_matrix and defines WDT, ACT, XDT, SG and TM
+// (workgroup = TM/32·SG threads).
 
 const KAV: u32 = 10u;          // vec4<f16> row stride of the staged tiles: 32 k + 8 pad halfs
 const NSG: u32 = TM / 32u;      // subgroups: (TM / 64) rows x 2 columns of 64x64 tiles

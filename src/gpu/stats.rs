@@ -227,12 +227,12 @@ mod vulkan {
             .collect()
     }
 
-    /// SPIR-V words, the `(group, binding) -> uniform?` resources and the workgroup size of a
-    /// WGSL kernel, written
-    /// with the options wgpu's Vulkan layer uses (driver-zeroed workgroup memory; bounds checks
-    /// and loop bounding only when `checked`).
+    /// `(group, binding) -> uniform?` of a kernel's resources.
     type Resources = BTreeMap<(u32, u32), bool>;
 
+    /// SPIR-V words, the resources and the workgroup size of a WGSL kernel, written with the
+    /// options wgpu's Vulkan layer uses (driver-zeroed workgroup memory; bounds checks and loop
+    /// bounding only when `checked`).
     fn spirv(
         name: &str,
         src: &str,
