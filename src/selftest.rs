@@ -6,7 +6,9 @@
 use crate::attention::{Kernel, coop_unavailable, record_attention_with};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::nabla::{BlockGrid, BlockMask, Reduction, SparseAlgo, mask_from_pooled_with};
+use crate::nabla::{
+    BlockGrid, BlockMask, MaskKernels, Reduction, Scores, SparseAlgo, mask_from_pooled_with,
+};
 use crate::ops::linear::{
     Activation, LinearKernel, LinearRounding, record_linear_gated_residual_rounded,
     record_linear_rounded,
@@ -386,11 +388,20 @@ fn linear_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
 }
 
 fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
-    for (rname, red) in [
+    let reductions = [
         ("workgroup tree", Reduction::Workgroup),
         ("subgroup reductions", Reduction::Subgroup),
         ("subgroup per row", Reduction::RowPerSubgroup),
-    ] {
+    ];
+    let scores = [
+        ("portable scores", Scores::Portable),
+        ("tensor-core scores", Scores::TensorCore),
+    ];
+    for ((rname, red), (sname, sc)) in scores
+        .iter()
+        .flat_map(|&s| reductions.iter().map(move |&r| (r, s)))
+    {
+        let rname = format!("{sname}, {rname}");
         for (grid, d, algo) in [
             ((3usize, 2usize, 5usize), 64usize, "nabla-0.7"),
             ((2, 3, 7), 128, "nabla-0.4_sta-3-3-3"),
@@ -409,12 +420,15 @@ fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 {
                     Some("no fixed subgroup size for this Nb".to_string())
                 }
+                _ if sc == Scores::TensorCore && c.coop_subgroup().is_none() => {
+                    Some("no 16x16 cooperative matrices".to_string())
+                }
                 _ => None,
             };
             if let Some(why) = skip {
                 out.push(Row {
                     kernel: "mask".into(),
-                    variant: rname.into(),
+                    variant: rname.clone(),
                     shape,
                     rel_err: 0.0,
                     bound: 0.0,
@@ -431,7 +445,10 @@ fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 &gpu.upload_f32(&ka, &[2, nb, d])?,
                 g,
                 &alg,
-                red,
+                MaskKernels {
+                    scores: sc,
+                    reduction: red,
+                },
             )?;
             let map = gpu.read_f32(&probs)?;
             let got = mask.to_dense(gpu)?;
@@ -454,7 +471,7 @@ fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             let e = rel_l2(&map, &map_ref).max(wrong as f64 / got.len() as f64);
             out.push(Row {
                 kernel: "mask".into(),
-                variant: rname.into(),
+                variant: rname.clone(),
                 shape,
                 rel_err: e,
                 bound: 1e-4,

@@ -13,6 +13,18 @@ pub const POOL: &str = include_str!("../shaders/nabla/pool.wgsl");
 pub const ROPE_POOL: &str = include_str!("../shaders/nabla/rope_pool.wgsl");
 /// Compressed attention logits `qa·kaᵀ/√D`.
 pub const SCORES: &str = include_str!("../shaders/nabla/scores.wgsl");
+/// NABLA block scores on cooperative matrices, f32-accurate by an f16 hi/lo split.
+pub const SCORES_COOP: &str = include_str!("../shaders/nabla/scores_coop.wgsl");
+
+/// Source of the cooperative-matrix scores kernel for subgroup size `subgroup`.
+pub fn scores_coop_source(subgroup: u32) -> String {
+    let wgs = 4 * subgroup;
+    let body = expand_unroll(
+        SCORES_COOP,
+        &[("T4", 4), ("QV", 512 / wgs), ("KV", 256 / wgs)],
+    );
+    format!("enable f16;\nenable wgpu_cooperative_matrix;\nconst SG: u32 = {subgroup}u;\n{body}")
+}
 /// Softmax + CDF threshold + STA union + per-row lists.
 pub const THRESHOLD: &str = include_str!("../shaders/nabla/threshold.wgsl");
 /// Workgroup-tree reductions + entry point of the threshold kernel (any adapter).
@@ -155,6 +167,9 @@ pub fn all_variants() -> Vec<(String, String)> {
         }
     }
     v.push(("nabla/scores".into(), SCORES.to_string()));
+    for sg in COOP_SUBGROUP_SIZES {
+        v.push((format!("nabla/scores_coop[sg{sg}]"), scores_coop_source(sg)));
+    }
     for kl in THRESHOLD_ROWS_KL {
         for sg in [8, 16, 32, 64] {
             // both forms, named as the dispatcher keys its pipelines

@@ -3,22 +3,40 @@
 mod common;
 
 use common::{POISON, Rng, assert_close, check_mask_against_reference, gpu, structured_qk};
-use nabla::nabla::{Reduction, estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with};
+use nabla::nabla::{
+    MaskKernels, Reduction, Scores, estimate_mask_with_stages, mask_from_pooled,
+    mask_from_pooled_with,
+};
 use nabla::{BlockGrid, BlockMask, DType, SparseAlgo, reference};
 
-/// Every reduction variant of the threshold kernel the adapter can run for rows of `nb` keys.
-fn reductions(nb: usize) -> Vec<Reduction> {
+/// Every pair of scores kernel and threshold reduction the adapter can run for rows of `nb`
+/// keys and head dim `d`.
+fn variants(nb: usize, d: usize) -> Vec<MaskKernels> {
     let c = gpu().caps();
-    let mut v = vec![Reduction::Workgroup];
+    let mut reductions = vec![Reduction::Workgroup];
     if c.subgroups {
-        v.push(Reduction::Subgroup);
+        reductions.push(Reduction::Subgroup);
         if c.subgroup_min == c.subgroup_max && nb <= 64 * c.subgroup_min as usize {
-            v.push(Reduction::RowPerSubgroup);
+            reductions.push(Reduction::RowPerSubgroup);
         }
     } else {
         eprintln!("no subgroups: only the workgroup reduction is tested");
     }
-    v
+    let mut scores = vec![Scores::Portable];
+    if c.coop_subgroup().is_some() && d.is_multiple_of(16) {
+        scores.push(Scores::TensorCore);
+    } else {
+        eprintln!("no 16x16 cooperative matrices: only the portable scores kernel is tested");
+    }
+    scores
+        .iter()
+        .flat_map(|&s| {
+            reductions.iter().map(move |&reduction| MaskKernels {
+                scores: s,
+                reduction,
+            })
+        })
+        .collect()
 }
 
 fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&str], f16: bool) {
@@ -149,7 +167,7 @@ fn mask_from_pooled_large_nb() {
     let qt = g.upload_f32(&qa, &[bh, nb, d]).unwrap();
     let kt = g.upload_f32(&ka, &[bh, nb, d]).unwrap();
     let algo: SparseAlgo = "nabla-0.5_sta-3-3-3".parse().unwrap();
-    for red in reductions(nb) {
+    for red in variants(nb, d) {
         let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
         let map = g.read_f32(&probs).unwrap();
         let map_ref = reference::block_map(&qa, &ka, bh, nb, d);
@@ -188,7 +206,7 @@ fn mask_sta_union_every_reduction() {
         let kt = g.upload_f32(&ka, &[2, nb, d]).unwrap();
         let algo: SparseAlgo = w.parse().unwrap();
         let sta = reference::sta_mask(&grid, &algo.sta().unwrap());
-        for red in reductions(nb) {
+        for red in variants(nb, d) {
             let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();
             let map = g.read_f32(&probs).unwrap();
             let dense = mask.to_dense(g).unwrap();
@@ -239,7 +257,7 @@ fn mask_ties_kept_together() {
     let kt = g.upload_f32(&ka, &[1, nb, d]).unwrap();
     for (thr, red) in [0.0, 0.3, 0.5, 0.8, 1.0]
         .into_iter()
-        .flat_map(|t| reductions(nb).into_iter().map(move |r| (t, r)))
+        .flat_map(|t| variants(nb, d).into_iter().map(move |r| (t, r)))
     {
         let algo = SparseAlgo::Nabla { thr };
         let (mask, probs) = mask_from_pooled_with(g, &qt, &kt, grid, &algo, red).unwrap();

@@ -35,7 +35,7 @@ fn selftest_passes_on_this_adapter() {
             "linear gated residual",
             "portable BF16 weights, bf16 autocast",
         ),
-        ("mask", "workgroup tree"),
+        ("mask", "portable scores, workgroup tree"),
     ] {
         assert!(
             rows.iter()

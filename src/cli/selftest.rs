@@ -50,8 +50,14 @@ pub fn run(seed: Option<u64>, backend: BackendArg) -> Result<()> {
 
 /// Prints the rows; returns how many failed.
 fn table(rows: &[Row]) -> usize {
+    // columns as wide as their longest entry
+    let width =
+        |f: fn(&Row) -> &str, min: usize| rows.iter().map(|r| f(r).len()).fold(min, usize::max);
+    let wk = width(|r| &r.kernel, 10);
+    let wv = width(|r| &r.variant, 24);
+    let ws = width(|r| &r.shape, 36);
     println!(
-        "{:<10} {:<24} {:<36} {:>10} {:>9}  result",
+        "{:<wk$} {:<wv$} {:<ws$} {:>10} {:>9}  result",
         "kernel", "variant", "shape", "rel err", "bound"
     );
     let mut failed = 0;
@@ -70,7 +76,7 @@ fn table(rows: &[Row]) -> usize {
             format!("{:.2e}", r.rel_err)
         };
         println!(
-            "{:<10} {:<24} {:<36} {:>10} {:>9.0e}  {result}",
+            "{:<wk$} {:<wv$} {:<ws$} {:>10} {:>9.0e}  {result}",
             r.kernel, r.variant, r.shape, err, r.bound
         );
     }

@@ -343,6 +343,59 @@ fn record_pool(
     )
 }
 
+/// Which kernel computes the block scores `qa·kaᵀ/√D`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scores {
+    /// Tensor cores where the adapter has 16×16 f16 cooperative matrices and D is a multiple
+    /// of 16, else the portable kernel.
+    #[default]
+    Auto,
+    /// The portable kernel: 128×128 tiles of f32 FMAs (any adapter).
+    Portable,
+    /// Cooperative matrices, f32-accurate by an f16 hi/lo split of each operand
+    /// (shaders/nabla/scores_coop.wgsl).
+    TensorCore,
+}
+
+/// The kernels of a mask estimation: how the block scores are computed and how the threshold
+/// kernel reduces over a row. `Default` (and [`From<Reduction>`]) picks the fastest the
+/// adapter runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaskKernels {
+    /// The block-scores kernel.
+    pub scores: Scores,
+    /// The threshold kernel's reduction.
+    pub reduction: Reduction,
+}
+
+impl From<Reduction> for MaskKernels {
+    fn from(reduction: Reduction) -> MaskKernels {
+        MaskKernels {
+            reduction,
+            ..MaskKernels::default()
+        }
+    }
+}
+
+impl Scores {
+    /// The subgroup size of the tensor-core kernel this choice runs on `gpu` for head dim `d`,
+    /// `None` for the portable kernel; an error when [`Scores::TensorCore`] cannot run there.
+    fn tensor_core(self, gpu: &Gpu, d: usize) -> Result<Option<u32>> {
+        let sg = gpu.caps().coop_subgroup().filter(|_| d.is_multiple_of(16));
+        match (self, sg) {
+            (Scores::Portable, _) => Ok(None),
+            (Scores::Auto, sg) => Ok(sg),
+            (Scores::TensorCore, Some(sg)) => Ok(Some(sg)),
+            (Scores::TensorCore, None) => Err(Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "16x16 f16 cooperative matrices with a fixed subgroup size of 16, 32 or 64 (and a head dim that is a multiple of 16)",
+                what: format!("the tensor-core block scores (head dim {d})"),
+            }),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn record_scores(
     batch: &mut Batch<'_>,
     qa: &Tensor,
@@ -351,15 +404,26 @@ fn record_scores(
     bh: usize,
     nb: usize,
     d: usize,
+    scores: Scores,
 ) -> Result<()> {
     let gpu = batch.gpu();
-    let pipe = gpu.pipeline("nabla/scores", shaders::SCORES, true)?;
     let p = ScoreParams {
         nb: nb as u32,
         d: d as u32,
         sqrt_d: (d as f32).sqrt(),
         _pad: 0,
     };
+    if let Some(sg) = scores.tensor_core(gpu, d)? {
+        let key = format!("nabla/scores_coop[sg{sg}]");
+        let pipe = gpu.pipeline(&key, &shaders::scores_coop_source(sg), true)?;
+        return batch.dispatch(
+            &pipe,
+            bytemuck::bytes_of(&p),
+            &[qa, ka, out],
+            [nb.div_ceil(64) as u32, nb.div_ceil(128) as u32, bh as u32],
+        );
+    }
+    let pipe = gpu.pipeline("nabla/scores", shaders::SCORES, true)?;
     let t = nb.div_ceil(128) as u32;
     batch.dispatch(
         &pipe,
@@ -370,10 +434,11 @@ fn record_scores(
 }
 
 /// How the threshold kernel reduces over a row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Reduction {
     /// One subgroup per row where the adapter has a fixed subgroup size and the row fits
     /// (Nb ≤ 64·SG), else the workgroup kernel with subgroup reductions, else the tree.
+    #[default]
     Auto,
     /// Workgroup-memory tree (any adapter).
     Workgroup,
@@ -525,7 +590,8 @@ fn record_scores_threshold(
     out: &BlockMask,
     (bh, nb, d): (usize, usize, usize),
 ) -> Result<()> {
-    record_scores(batch, &stages.qa, &stages.ka, &stages.probs, bh, nb, d)?;
+    let (qa, ka) = (&stages.qa, &stages.ka);
+    record_scores(batch, qa, ka, &stages.probs, bh, nb, d, Scores::Auto)?;
     record_threshold(
         batch,
         (&stages.probs, stages.keep_probs),
@@ -598,22 +664,25 @@ pub fn mask_from_pooled(
     mask_from_pooled_with(gpu, qa, ka, grid, algo, Reduction::Auto)
 }
 
-/// [`mask_from_pooled`] with an explicit reduction variant of the threshold kernel (tests).
+/// [`mask_from_pooled`] with explicit kernels: the scores kernel and the threshold kernel's
+/// reduction (a [`Reduction`] alone leaves the scores kernel to [`Scores::Auto`]). For tests
+/// and the selftest.
 pub fn mask_from_pooled_with(
     gpu: &Gpu,
     qa: &Tensor,
     ka: &Tensor,
     grid: BlockGrid,
     algo: &SparseAlgo,
-    reduction: Reduction,
+    kernels: impl Into<MaskKernels>,
 ) -> Result<(BlockMask, Tensor)> {
+    let MaskKernels { scores, reduction } = kernels.into();
     let (bh, d) = check_pooled(qa, ka, &grid, algo)?;
     let nb = grid.blocks();
     gpu.check_binding("block attention map", (bh * nb * nb * 4) as u64)?;
     let probs = gpu.empty(&[bh, nb, nb], DType::F32)?;
     let out = BlockMask::alloc(gpu, bh, nb)?;
     let mut b = gpu.batch();
-    record_scores(&mut b, qa, ka, &probs, bh, nb, d)?;
+    record_scores(&mut b, qa, ka, &probs, bh, nb, d, scores)?;
     record_threshold(&mut b, (&probs, true), &grid, algo, &out, bh, reduction)?;
     b.submit()?;
     Ok((out, probs))
@@ -714,7 +783,7 @@ pub fn time_mask_stages(
         record_pool(b, k, &st.ka, bh, s, d)
     })?;
     let scores = gpu.time_ms_inner(reps, 10, |b| {
-        record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d)
+        record_scores(b, &st.qa, &st.ka, &st.probs, bh, nb, d, Scores::Auto)
     })?;
     // (the probabilities are not written back, as in the DiT, so every run sees the logits;
     // the workgroup-reduction kernels, used where the row-per-subgroup one cannot run, always

@@ -12,8 +12,9 @@ pub use algo::{SparseAlgo, StaWindow};
 pub use fractal::{from_fractal, record_fractal, to_fractal};
 pub use grid::BlockGrid;
 pub use mask::{
-    BlockMask, MaskStages, Reduction, estimate_mask, estimate_mask_with_stages, mask_from_pooled,
-    mask_from_pooled_with, record_estimate_mask, record_mask_from_pooled, time_mask_stages,
+    BlockMask, MaskKernels, MaskStages, Reduction, Scores, estimate_mask,
+    estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with, record_estimate_mask,
+    record_mask_from_pooled, time_mask_stages,
 };
 pub(crate) use rope_pool::variants as rope_pool_variants;
 pub use rope_pool::{

@@ -1,0 +1,135 @@
+// Compressed attention logits on cooperative matrices (tensor cores), f32-accurate:
+// out[bh, i, j] = (qa[bh, i, :] . ka[bh, j, :]) / sqrt(D), qa, ka [BH, Nb, D] f32 (D a multiple
+// of 16, |values| < 65504), out [BH, Nb, Nb] f32.
+// Each f32 x is split into hi = x with its mantissa cut to 10 bits (exact in f16) and
+// lo = x - hi (exact in f32), stored as f16(lo · 2^11); the mask bits are cut with integer
+// operations, so no compiler can fold f32(f16(x)) back into x. The logit is
+// Σ hi_q·hi_k + 2^-11 · Σ (hi_q·lo_k + lo_q·hi_k): 21 significant bits per operand, the
+// lo·lo term (2^-22 relative) dropped, every product exact in the f32 accumulation.
+// One workgroup = a 128x64 output tile = 4 subgroups of 64x32 (4x2 accumulators for the hi·hi
+// sum and 4x2 for the cross sums), K in steps of 16 through workgroup memory (rows of 16 hi
+// halves, then the same rows' lo halves), the next step's f32 rows loaded during the current
+// step's products. Three workgroup variables: a fourth makes NVIDIA's compiled tensor-core
+// kernels 1.8x slower (benches/RESULTS.md, session 8). Every cooperative load/store starts at
+// a 16-byte boundary (row stride 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
+// The prelude enables f16 and wgpu_cooperative_matrix and defines SG (4·SG threads).
+
+struct Params {
+    nb: u32,
+    d: u32,
+    sqrt_d: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> qa: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> ka: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+const RS: u32 = 6u;             // vec4<f16> row stride: 16 k + 8 pad halves
+const QLO: u32 = 128u * RS;     // offset of the lo rows in q_s
+const KLO: u32 = 64u * RS;      // offset of the lo rows in k_s
+const WGS: u32 = 4u * SG;
+const QV: u32 = 512u / WGS;     // q vec4<f32> per thread and k-step (128 rows x 4)
+const KV: u32 = 256u / WGS;     // k vec4<f32> per thread and k-step (64 rows x 4)
+
+var<workgroup> q_s: array<vec4<f16>, 2u * 128u * RS>;
+var<workgroup> k_s: array<vec4<f16>, 2u * 64u * RS>;
+var<workgroup> c_s: array<f32, 4u * 256u>;
+
+// element e of a [rows][16 k] slab: row e / 4, k quad e % 4 (k0 + 4·(e % 4)), zero past nb
+fn ld(which: u32, bh: u32, row0: u32, k0: u32, e: u32) -> vec4<f32> {
+    let r = row0 + e / 4u;
+    if (r >= P.nb) {
+        return vec4<f32>(0.0);
+    }
+    let g = (bh * P.nb + r) * (P.d / 4u) + k0 / 4u + e % 4u;
+    if (which == 0u) {
+        return qa[g];
+    }
+    return ka[g];
+}
+
+// hi: the mantissa cut to 10 bits; lo: the rest, scaled by 2^11
+fn split(x: vec4<f32>) -> mat2x4<f16> {
+    let hi = bitcast<vec4<f32>>(bitcast<vec4<u32>>(x) & vec4<u32>(0xffffe000u));
+    return mat2x4<f16>(vec4<f16>(hi), vec4<f16>((x - hi) * 2048.0));
+}
+
+fn epilogue(hh: coop_mat16x16<f32, C>, x: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32, bh: u32) {
+    let acc = hh + x * (1.0 / 2048.0);
+    coopStoreT(acc, &c_s[sg * 256u], 16u);
+    workgroupBarrier();
+    for (var e = lane; e < 256u; e += SG) {
+        let r = row0 + e / 16u;
+        let c = col0 + e % 16u;
+        if (r < P.nb && c < P.nb) {
+            out[(bh * P.nb + r) * P.nb + c] = c_s[sg * 256u + e] / P.sqrt_d;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WGS)
+fn main(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_id) sg: u32,
+        @builtin(subgroup_invocation_id) lane: u32) {
+    let bh = wid.z;
+    let i0 = wid.y * 128u;
+    let j0 = wid.x * 64u;
+    let sy = sg / 2u;   // 64-row half of the tile
+    let sx = sg % 2u;   // 32-column half
+    //@unroll T4
+    var h{t}0 = coop_mat16x16<f32, C>();
+    var h{t}1 = coop_mat16x16<f32, C>();
+    var x{t}0 = coop_mat16x16<f32, C>();
+    var x{t}1 = coop_mat16x16<f32, C>();
+    //@end
+    //@unroll QV
+    var qr{t} = ld(0u, bh, i0, 0u, lid + {t}u * WGS);
+    //@end
+    //@unroll KV
+    var kr{t} = ld(1u, bh, j0, 0u, lid + {t}u * WGS);
+    //@end
+    for (var k0 = 0u; k0 < P.d; k0 += 16u) {
+        //@unroll QV
+        let qs{t} = split(qr{t});
+        q_s[((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = qs{t}[0];
+        q_s[QLO + ((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = qs{t}[1];
+        //@end
+        //@unroll KV
+        let ks{t} = split(kr{t});
+        k_s[((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = ks{t}[0];
+        k_s[KLO + ((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = ks{t}[1];
+        //@end
+        workgroupBarrier();
+        if (k0 + 16u < P.d) {
+            //@unroll QV
+            qr{t} = ld(0u, bh, i0, k0 + 16u, lid + {t}u * WGS);
+            //@end
+            //@unroll KV
+            kr{t} = ld(1u, bh, j0, k0 + 16u, lid + {t}u * WGS);
+            //@end
+        }
+        let bh0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u) * RS], RS);
+        let bh1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u + 16u) * RS], RS);
+        let bl0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[KLO + (sx * 32u) * RS], RS);
+        let bl1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[KLO + (sx * 32u + 16u) * RS], RS);
+        //@unroll T4
+        let ah{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 64u + {t}u * 16u) * RS], RS);
+        let al{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_s[QLO + (sy * 64u + {t}u * 16u) * RS], RS);
+        h{t}0 = coopMultiplyAdd(ah{t}, bh0, h{t}0);
+        h{t}1 = coopMultiplyAdd(ah{t}, bh1, h{t}1);
+        x{t}0 = coopMultiplyAdd(ah{t}, bl0, x{t}0);
+        x{t}1 = coopMultiplyAdd(ah{t}, bl1, x{t}1);
+        x{t}0 = coopMultiplyAdd(al{t}, bh0, x{t}0);
+        x{t}1 = coopMultiplyAdd(al{t}, bh1, x{t}1);
+        //@end
+        workgroupBarrier();
+    }
+    //@unroll T4
+    epilogue(h{t}0, x{t}0, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh);
+    epilogue(h{t}1, x{t}1, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh);
+    //@end
+}
