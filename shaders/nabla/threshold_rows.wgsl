@@ -21,21 +21,9 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> probs: array<f32>;
 @group(0) @binding(2) var<storage, read_write> counts: array<u32>;
 @group(0) @binding(3) var<storage, read_write> indices: array<u32>;
-
-fn absdiff(a: u32, b: u32) -> u32 {
-    return select(b - a, a - b, a > b);
-}
-
-fn sta_keep(qi: u32, j: u32) -> bool {
-    let hw = P.hb * P.wb;
-    let ti = qi / hw;
-    let yi = (qi % hw) / P.wb;
-    let xi = qi % P.wb;
-    let tj = j / hw;
-    let yj = (j % hw) / P.wb;
-    let xj = j % P.wb;
-    return absdiff(ti, tj) <= P.rt && absdiff(yi, yj) <= P.rh && absdiff(xi, xj) <= P.rw;
-}
+// the STA window as a bitmask [Nb, ceil(Nb/32)]: bit l of word w of row i = key block 32w + l
+// allowed (built once per grid and window on the host; one unread word without STA)
+@group(0) @binding(4) var<storage, read> sta_bits: array<u32>;
 
 @compute @workgroup_size(4 * SG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>,
@@ -107,8 +95,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if ({t}u * SG < n) {
         let j = lane + {t}u * SG;
         var keep = j < n && bitcast<u32>(x{t}) >= lo;
-        if (j < n && P.use_sta != 0u) {
-            keep = keep || sta_keep(qi, j);
+        // the STA word is loaded by every lane in subgroup-uniform control flow (no load in a
+        // lane-divergent branch right before the subgroup scan below)
+        if (P.use_sta != 0u) {
+            let word = sta_bits[qi * ((n + 31u) / 32u) + min(j, n - 1u) / 32u];
+            keep = keep | (j < n && ((word >> (j % 32u)) & 1u) != 0u);
         }
         let flag = select(0u, 1u, keep);
         let before = subgroupExclusiveAdd(flag);

@@ -515,12 +515,20 @@ fn record_threshold(
         rw,
     };
     if let Some((kl, sgs)) = rows_variant {
+        // the STA window's bitmask, built once per grid and window (one unread word without)
+        let sta = match algo.sta() {
+            Some(w) => gpu.cached(&format!("sta_bits/{grid:?}/{w:?}"), || {
+                let bits = super::sta::sta_bits(grid, &w);
+                gpu.upload_u32(&bits, &[bits.len()])
+            })?,
+            None => gpu.cached("sta_bits/none", || gpu.upload_u32(&[0], &[1]))?,
+        };
         let key = format!("nabla/threshold_rows[kl{kl},sg{sgs},probs={keep}]");
         let pipe = gpu.pipeline(&key, &shaders::threshold_rows_source(kl, sgs, keep), true)?;
         return batch.dispatch(
             &pipe,
             bytemuck::bytes_of(&p),
-            &[probs, &out.counts, &out.indices],
+            &[probs, &out.counts, &out.indices, &sta],
             [nb.div_ceil(4) as u32, bh as u32, 1],
         );
     }
