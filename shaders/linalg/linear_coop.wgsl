@@ -17,7 +17,8 @@
 // as without the mode.
 // One workgroup = a TMx128 output tile (TM = 128 or 256 rows of x, a tuned choice) = TM/32
 // subgroups of 64x64 (4x4 accumulators each; at TM = 256 twice as many share the W tile), K in
-// steps of 32 through workgroup memory. Edges are masked in the loads and the epilogue; each
+// steps of 32 through workgroup memory, each step's operands loaded right before they are
+// staged. Edges are masked in the loads and the epilogue; each
 // accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
@@ -95,23 +96,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c{t}2 = coop_mat16x16<f32, C>();
     var c{t}3 = coop_mat16x16<f32, C>();
     //@end
-    // Each k-step: every thread loads its spans (SPX spans of eight x and SPW of eight W values,
-    // already rounded to f16) from storage and stores them into the tiles. Four threads per
-    // row, eight k each: with K % 8 == 0 each span is one 16-byte load
-    // (linear_loads_vec8.wgsl). The staging is unrolled with a constant trip count (a loop from
-    // `lid` with a run-time bound kept every load in flight alone: ~6x slower on the H200).
-    // Loading the next step into registers during the MMAs (a software pipeline) measured 4 %
-    // slower on the H200 than this plain form, and two tile buffers 1.7x slower
-    // (benches/RESULTS.md, session 10): the latency is hidden by the other resident workgroups.
+    // Each k-step's operands are loaded from storage into registers (SPX spans of eight x and
+    // SPW of eight W values per thread, already rounded to f16) right before they are staged;
+    // the first step's before the loop. The staging is unrolled with a constant trip count (a
+    // loop from `lid` with a run-time bound kept every load in flight alone: ~6x slower on the
+    // H200). Four threads per row, eight k each: with K % 8 == 0 each span is one 16-byte load
+    // (linear_loads_vec8.wgsl). Measured on the H200 (benches/RESULTS.md, session 10): loading
+    // the next step during the MMAs was 3-5 % slower, and this same form with the loads as
+    // `let`s inside the loop (no load before it) 12-17 % slower; two tile buffers 1.7x slower.
     let sr = lid / 4u;
     let sc = lid % 4u;
+    //@unroll SPX
+    var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    //@end
+    //@unroll SPW
+    var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
-        //@unroll SPX
-        let xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
-        //@end
-        //@unroll SPW
-        let wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
-        //@end
+        if (k0 > 0u) {
+            //@unroll SPX
+            xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
+            //@end
+            //@unroll SPW
+            wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
+            //@end
+        }
         //@unroll SPX
         a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = xr{t}[0];
         a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = xr{t}[1];
