@@ -12,7 +12,12 @@ pub const POOL: &str = include_str!("../shaders/nabla/pool.wgsl");
 /// RoPE + head split + block average pooling in one pass (the DiT's q/k producer).
 pub const ROPE_POOL: &str = include_str!("../shaders/nabla/rope_pool.wgsl");
 /// Compressed attention logits `qa·kaᵀ/√D`.
-pub const SCORES: &str = include_str!("../shaders/nabla/scores.wgsl");
+pub const SCORES: &str = concat!(
+    include_str!("../shaders/nabla/scores_io.wgsl"),
+    include_str!("../shaders/nabla/scores.wgsl")
+);
+/// Params and bindings shared by both block-scores kernels.
+pub const SCORES_IO: &str = include_str!("../shaders/nabla/scores_io.wgsl");
 /// NABLA block scores on cooperative matrices, f32-accurate by an f16 hi/lo split.
 pub const SCORES_COOP: &str = include_str!("../shaders/nabla/scores_coop.wgsl");
 
@@ -23,7 +28,10 @@ pub fn scores_coop_source(subgroup: u32) -> String {
         SCORES_COOP,
         &[("T4", 4), ("QV", 512 / wgs), ("KV", 256 / wgs)],
     );
-    format!("enable f16;\nenable wgpu_cooperative_matrix;\nconst SG: u32 = {subgroup}u;\n{body}")
+    format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\nconst SG: u32 = {subgroup}u;\n\
+         {SCORES_IO}{body}"
+    )
 }
 /// Softmax + CDF threshold + STA union + per-row lists.
 pub const THRESHOLD: &str = include_str!("../shaders/nabla/threshold.wgsl");

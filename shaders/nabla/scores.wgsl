@@ -7,17 +7,7 @@
 // step's products. Each output sums its D products in ascending k, one multiply-add at a time,
 // then divides by sqrt(D). Edge tiles (Nb not a multiple of 128) are masked.
 
-struct Params {
-    nb: u32,
-    d: u32,
-    sqrt_d: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> qa: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ka: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// (Params and bindings: scores_io.wgsl, prepended by the dispatcher)
 
 // [k][row] layout: element (k, row) in vec4 slot k*32 + row/4, lane row%4
 var<workgroup> a_s: array<vec4<f32>, 512>;

@@ -14,17 +14,7 @@
 // a 16-byte boundary (row stride 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
 // The prelude enables f16 and wgpu_cooperative_matrix and defines SG (4·SG threads).
 
-struct Params {
-    nb: u32,
-    d: u32,
-    sqrt_d: f32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> qa: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> ka: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// (Params and bindings: scores_io.wgsl, prepended by the dispatcher)
 
 const RS: u32 = 6u;             // vec4<f16> row stride: 16 k + 8 pad halves
 const QLO: u32 = 128u * RS;     // offset of the lo rows in q_s
