@@ -347,13 +347,16 @@ fn record_pool(
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Scores {
     /// Tensor cores where the adapter has 16×16 f16 cooperative matrices and D is a multiple
-    /// of 16, else the portable kernel.
+    /// of 16, else the portable kernel. The tensor-core kernel needs pooled values below
+    /// 65504 in magnitude (f16's largest; the DiT's pooled q/k, RMS-normalised, are O(10));
+    /// larger ones would overflow to infinite logits: use [`Scores::Portable`] for them.
     #[default]
     Auto,
     /// The portable kernel: 128×128 tiles of f32 FMAs (any adapter).
     Portable,
     /// Cooperative matrices, f32-accurate by an f16 hi/lo split of each operand
-    /// (shaders/nabla/scores_coop.wgsl).
+    /// (shaders/nabla/scores_coop.wgsl): each product's error is at most ~2⁻²⁴ of |q|·|k|,
+    /// for pooled values below 65504 in magnitude.
     TensorCore,
 }
 
