@@ -15,7 +15,7 @@
 //! | norms, modulation, gates, residual stream | f32 | f32 | f32 |
 //! | RoPE | f64 angles, f32 rotation | same | same, fused with the head split (one rounding to f16) |
 //! | self/cross-attention | f32 q/k/v, f32 softmax/accumulation | q/k/v stored f16 (tensor cores where available), f32 softmax/accumulation | same |
-//! | NABLA mask (pool, scores, softmax, CDF) | f32 | f32 math on f16 q/k | same |
+//! | NABLA mask (pool, scores, softmax, CDF) | f32 (block scores on tensor cores where the adapter has them: each f32 operand split into two f16 parts, three products, f32 accumulation, ≈ f32) | f32 math on f16 q/k (scores as in the parity path) | same |
 //!
 //! The parity path matches the golden reference to ~1e-5; the fast paths to ~3e-3 relative L2
 //! (~5e-3 on wgpu with the bf16 autocast on: the reference itself runs in bf16, the golden is
