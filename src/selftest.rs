@@ -420,7 +420,7 @@ fn mask_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 {
                     Some("no fixed subgroup size for this Nb".to_string())
                 }
-                _ if sc == Scores::TensorCore && c.coop_subgroup().is_none() => {
+                _ if sc == Scores::TensorCore && !Scores::tensor_cores_run(gpu, d) => {
                     Some("no 16x16 cooperative matrices".to_string())
                 }
                 _ => None,

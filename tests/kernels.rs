@@ -23,7 +23,7 @@ fn variants(nb: usize, d: usize) -> Vec<MaskKernels> {
         eprintln!("no subgroups: only the workgroup reduction is tested");
     }
     let mut scores = vec![Scores::Portable];
-    if c.coop_subgroup().is_some() && d.is_multiple_of(16) {
+    if Scores::tensor_cores_run(gpu(), d) {
         scores.push(Scores::TensorCore);
     } else {
         eprintln!("no 16x16 cooperative matrices: only the portable scores kernel is tested");

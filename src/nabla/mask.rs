@@ -381,10 +381,20 @@ impl From<Reduction> for MaskKernels {
 }
 
 impl Scores {
+    /// Whether [`Scores::TensorCore`] runs on `gpu` for head dim `d`.
+    pub fn tensor_cores_run(gpu: &Gpu, d: usize) -> bool {
+        Scores::tensor_core_subgroup(gpu, d).is_some()
+    }
+
+    /// The subgroup size of the tensor-core kernel on `gpu` for head dim `d`, if it runs.
+    fn tensor_core_subgroup(gpu: &Gpu, d: usize) -> Option<u32> {
+        gpu.caps().coop_subgroup().filter(|_| d.is_multiple_of(16))
+    }
+
     /// The subgroup size of the tensor-core kernel this choice runs on `gpu` for head dim `d`,
     /// `None` for the portable kernel; an error when [`Scores::TensorCore`] cannot run there.
     fn tensor_core(self, gpu: &Gpu, d: usize) -> Result<Option<u32>> {
-        let sg = gpu.caps().coop_subgroup().filter(|_| d.is_multiple_of(16));
+        let sg = Scores::tensor_core_subgroup(gpu, d);
         match (self, sg) {
             (Scores::Portable, _) => Ok(None),
             (Scores::Auto, sg) => Ok(sg),
