@@ -43,8 +43,9 @@ pub const REDUCE_SG: &str = include_str!("../shaders/nabla/reduce_sg.wgsl");
 /// The threshold kernel with one subgroup per row (no workgroup barriers).
 pub const THRESHOLD_ROWS: &str = include_str!("../shaders/nabla/threshold_rows.wgsl");
 
-/// Values per lane of the row-per-subgroup threshold kernel (Nb ≤ KL·SG).
-pub const THRESHOLD_ROWS_KL: [u32; 16] = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
+/// Most values per lane of the row-per-subgroup threshold kernel (Nb ≤ KL·SG; the dispatcher
+/// builds it for KL = ceil(Nb / SG) exactly).
+pub const THRESHOLD_ROWS_KL_MAX: u32 = 64;
 
 /// Source of the row-per-subgroup threshold kernel; `write_probs`: the row's probabilities
 /// are written back over its logits.
@@ -214,7 +215,7 @@ pub fn all_variants() -> Vec<(String, String)> {
     for sg in COOP_SUBGROUP_SIZES {
         v.push((format!("nabla/scores_coop[sg{sg}]"), scores_coop_source(sg)));
     }
-    for kl in THRESHOLD_ROWS_KL {
+    for kl in 1..=THRESHOLD_ROWS_KL_MAX {
         for sg in [8, 16, 32, 64] {
             // both forms, named as the dispatcher keys its pipelines
             for probs in [true, false] {
