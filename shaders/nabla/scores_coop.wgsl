@@ -8,10 +8,12 @@
 // lo·lo term (2^-22 relative) dropped, every product exact in the f32 accumulation.
 // One workgroup = a 128x64 output tile = 4 subgroups of 64x32 (4x2 accumulators for the hi·hi
 // sum and 4x2 for the cross sums), K in steps of 16 through workgroup memory (rows of 16 hi
-// halves, then the same rows' lo halves), the next step's f32 rows loaded during the current
-// step's products. Three workgroup variables: a fourth makes NVIDIA's compiled tensor-core
-// kernels 1.8x slower (benches/RESULTS.md, session 8). Every cooperative load/store starts at
-// a 16-byte boundary (row stride 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
+// halves, then the same rows' lo halves): the first step's f32 rows are loaded before the loop,
+// each later step's at the top of its step (loading the next step's rows during the current
+// step's products measured 1.6 % slower on the H200, as in the GEMM). 22 KB of workgroup
+// memory: two workgroups share an SM's 48 KB on NVIDIA's Vulkan driver (tests/shaders.rs
+// guards the budget). Every cooperative load/store starts at a 16-byte boundary (row stride
+// 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
 // The prelude enables f16 and wgpu_cooperative_matrix and defines SG (4·SG threads).
 
 // (Params and bindings: scores_io.wgsl, prepended by the dispatcher)
@@ -83,6 +85,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var kr{t} = ld(1u, bh, j0, 0u, lid + {t}u * WGS);
     //@end
     for (var k0 = 0u; k0 < P.d; k0 += 16u) {
+        if (k0 > 0u) {
+            //@unroll QV
+            qr{t} = ld(0u, bh, i0, k0, lid + {t}u * WGS);
+            //@end
+            //@unroll KV
+            kr{t} = ld(1u, bh, j0, k0, lid + {t}u * WGS);
+            //@end
+        }
         //@unroll QV
         let qs{t} = split(qr{t});
         q_s[((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = qs{t}[0];
@@ -94,14 +104,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         k_s[KLO + ((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = ks{t}[1];
         //@end
         workgroupBarrier();
-        if (k0 + 16u < P.d) {
-            //@unroll QV
-            qr{t} = ld(0u, bh, i0, k0 + 16u, lid + {t}u * WGS);
-            //@end
-            //@unroll KV
-            kr{t} = ld(1u, bh, j0, k0 + 16u, lid + {t}u * WGS);
-            //@end
-        }
         let bh0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u) * RS], RS);
         let bh1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u + 16u) * RS], RS);
         let bl0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[KLO + (sx * 32u) * RS], RS);
