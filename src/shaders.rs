@@ -79,13 +79,13 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 
 /// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
-/// per softmax lane: 64 keys over SG/16 lanes per row) and `KST` (vec4s of a 64-row K/V tile
+/// per softmax lane: 32 keys over SG/16 lanes per row) and `KST` (vec4s of a 32-row K/V chunk
 /// each of the 4·SG threads stages).
 /// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, probe: u32) -> String {
     let nt = head_dim / 16;
-    let kpl4 = 64 / (subgroup / 16) / 4;
-    let kst = 64 * (head_dim / 4) / (4 * subgroup);
+    let kpl4 = 32 / (subgroup / 16) / 4;
+    let kst = 32 * (head_dim / 4) / (4 * subgroup);
     // the K/V staging takes its vec4s in adjacent pairs (`el` in block_sparse_coop.wgsl)
     assert!(kst.is_multiple_of(2), "odd K/V staging slot count {kst}");
     let body = expand_unroll(

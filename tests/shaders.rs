@@ -411,28 +411,44 @@ fn cooperative_kernels_keep_workgroup_memory_16_byte_aligned() {
     assert!(checked > 0, "no cooperative kernel found");
 }
 
+/// NVIDIA's Vulkan driver gives all the workgroups resident on an SM 48 KB of workgroup memory
+/// together (the H200, driver 580: `nabla bench occupancy`, benches/RESULTS.md session 11), so
+/// a tensor-core kernel there keeps 8 subgroups of 32 (256 invocations) per SM only with at
+/// most 192 bytes per invocation: 24 KB for a workgroup of 128. Above that one workgroup of 4
+/// subgroups runs per SM. That halved the speed of the GEMM (a fourth workgroup variable of 16
+/// bytes, session 8; 8 bytes more in a tile array, session 11) and held the attention at 4
+/// subgroups per SM until session 11. CI has no GPU to see it: every registered cooperative
+/// variant for 32-wide subgroups is checked here.
 #[test]
-fn tensor_core_gemm_keeps_three_workgroup_variables() {
-    // On the H200 (NVIDIA 580), a fourth workgroup variable of any type, even one no
-    // invocation ever touches, made the cooperative-matrix linear kernel 1.8x slower
-    // (benches/RESULTS.md, session 8). CI has no GPU to see that: guard it here. New staging
-    // belongs inside the existing arrays.
+fn tensor_core_kernels_keep_eight_subgroups_per_sm_in_48_kb() {
+    const PER_SM: u32 = 48 * 1024;
+    const INVOCATIONS: u32 = 8 * 32;
     let mut seen = 0;
-    for (name, src) in nabla::shaders::all_variants() {
-        if !(name.starts_with("linalg/linear") && name.contains("[coop,")) {
+    for (name, source) in nabla::shaders::all_variants() {
+        if !(uses_coop(&source) && name.contains("sg32")) {
             continue;
         }
         seen += 1;
-        let module = parse(&name, &src).unwrap_or_else(|e| panic!("{e}"));
-        let wg = module
+        let module = parse(&name, &source).unwrap_or_else(|e| panic!("{e}"));
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let bytes: u32 = module
             .global_variables
             .iter()
             .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-            .count();
+            .map(|(_, g)| layouter[g.ty].size)
+            .sum();
+        let [x, y, z] = module.entry_points[0].workgroup_size;
+        let invocations = x * y * z;
         assert!(
-            wg <= 3,
-            "{name}: {wg} workgroup variables; keep at most three (x tile, W tile, f32 scratch)"
+            bytes * INVOCATIONS <= PER_SM * invocations,
+            "{name}: {bytes} bytes of workgroup memory for {invocations} invocations; keep at \
+             most {} so that {INVOCATIONS} invocations share an SM's 48 KB",
+            PER_SM * invocations / INVOCATIONS
         );
     }
-    assert!(seen > 0, "no tensor-core linear variant registered");
+    assert!(
+        seen >= 3,
+        "only {seen} cooperative variants for 32-wide subgroups registered"
+    );
 }

@@ -22,9 +22,10 @@
 // accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
-// 16-byte boundary (GPU-NOTES.md). Exactly three workgroup variables: a fourth, of any type and
-// even one never touched, made this kernel 1.8x slower on the H200 (benches/RESULTS.md,
-// session 8; tests/shaders.rs guards it): new staging belongs inside a_s / b_s.
+// 16-byte boundary (GPU-NOTES.md). The three arrays are 24 KB at TM = 128: NVIDIA's Vulkan
+// driver gives the workgroups on an SM 48 KB together, so 8 more bytes (or a fourth variable)
+// leave one workgroup per SM instead of two and the kernel runs 1.8x slower on the H200
+// (benches/RESULTS.md, sessions 8 and 11; tests/shaders.rs guards the budget).
 // The prelude enables f16 and wgpu_cooperative_matrix and defines WDT, ACT, XDT, SG and TM
 // (workgroup = TM/32·SG threads).
 
