@@ -211,6 +211,10 @@ pub fn all_variants() -> Vec<(String, String)> {
             ));
         }
     }
+    v.push((
+        "gpu/occupancy[24592B,w128]".into(),
+        crate::gpu::occupancy::source(24592, 128),
+    ));
     v.push(("nabla/scores".into(), SCORES.to_string()));
     for sg in COOP_SUBGROUP_SIZES {
         v.push((format!("nabla/scores_coop[sg{sg}]"), scores_coop_source(sg)));

@@ -22,6 +22,9 @@ pub enum BenchCmd {
     Gemm(GemmArgs),
     /// One Wan DiT forward with random weights of the real shapes (no download needed).
     Dit(DitArgs),
+    /// How many workgroups run at once per compute unit as their workgroup memory grows
+    /// (what decides the tensor-core kernels' tile sizes; no API reports it).
+    Occupancy(super::bench_occupancy::OccupancyArgs),
 }
 
 #[derive(clap::Args)]
@@ -829,6 +832,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Attention(a) => a,
         BenchCmd::Gemm(g) => return gemm(g),
         BenchCmd::Dit(d) => return dit(d),
+        BenchCmd::Occupancy(o) => return super::bench_occupancy::run(o),
     };
     let sh = parse_shape(&a.shape)?;
     let algos: Vec<SparseAlgo> = a

@@ -3,6 +3,7 @@
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
+pub mod bench_occupancy;
 pub mod generate;
 pub mod info;
 pub mod layer;

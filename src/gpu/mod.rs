@@ -5,6 +5,7 @@
 
 mod caps;
 mod memory;
+pub mod occupancy;
 mod stats;
 mod tensor;
 pub mod tune;
