@@ -144,16 +144,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var seen = false;
     let start = select(0u, qb % max(cnt, 1u), cnt > 0u);
 
-    // Software pipeline over the chunks (two per listed block): each thread holds KST vec4s of
-    // the next K (or V) chunk in registers, loaded from storage while the tensor cores work
-    // (V during S = Q·Kᵀ, the next K during P·V); staging is unrolled with a constant trip
-    // count so all loads are in flight.
+    // Each chunk's K (then V) is loaded into registers right before it is staged: the next
+    // chunk's loads issued during this chunk's work (a register prefetch) held 20 more
+    // registers and measured 3.7 % slower on the H200. The staging is unrolled with a constant
+    // trip count so all of a chunk's loads are in flight together; while one workgroup waits
+    // for them, the other on the SM works.
     var kb = 0u;
     if (cnt > 0u) {
         kb = indices[mrow * P.nkb + start];
     }
     //@unroll KST
-    var kr{t} = ld(1u, bh, kb * 64u, P.skv, el(lid, {t}u));
+    var kr{t} = vec4<f16>(0.0h);
     //@end
     // (this barrier also orders the Q reads above before the first K stage)
     workgroupBarrier();
@@ -161,12 +162,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (var n = 0u; n < 2u * cnt; n++) {
         let key0 = kb * 64u + (n % 2u) * 32u;
         //@unroll KST
+        kr{t} = ld(1u, bh, key0, P.skv, el(lid, {t}u));
+        //@end
+        //@unroll KST
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
         workgroupBarrier();
-        //@unroll KST
-        kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
-        //@end
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup
         for (var j = 0u; j < 2u; j++) {
             var acc = coop_mat16x16<f32, C>();
@@ -182,19 +183,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
         //@unroll KST
+        kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
+        //@end
+        //@unroll KST
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
-        if (n + 1u < 2u * cnt) {
-            if (n % 2u == 1u) {
-                var idx = (n + 1u) / 2u + start;
-                if (idx >= cnt) {
-                    idx -= cnt;
-                }
-                kb = indices[mrow * P.nkb + idx];
+        if (n + 1u < 2u * cnt && n % 2u == 1u) {
+            var idx = (n + 1u) / 2u + start;
+            if (idx >= cnt) {
+                idx -= cnt;
             }
-            //@unroll KST
-            kr{t} = ld(1u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, el(lid, {t}u));
-            //@end
+            kb = indices[mrow * P.nkb + idx];
         }
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
