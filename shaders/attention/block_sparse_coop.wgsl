@@ -133,7 +133,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     stage_q(bh, qb * 64u + 32u, P.sq, lid);
     workgroupBarrier();
     // (cooperative loads need workgroup-uniform control flow: each subgroup keeps the tile of
-    // its half by weights 1 and 0, exact for the finite f16 values of Q)
+    // its half by weights 1 and 0, exact for finite f16 values. An inf or NaN in row i of Q
+    // also turns row i ± 32 of this block's output to NaN, through 0·inf; the reference turns
+    // row i alone to NaN. Either way such an input has no finite output.)
     let w1 = f16(sg / 2u);
     let w0 = 1.0h - w1;
     //@unroll NT
