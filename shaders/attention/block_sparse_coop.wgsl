@@ -155,6 +155,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (cnt > 0u) {
         kb = indices[mrow * P.nkb + start];
     }
+    // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KST
     var kr{t} = vec4<f16>(0.0h);
     //@end

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct OccupancyArgs {
-    /// Workgroup memory sizes to time, bytes, comma separated (default: 4 KB to the adapter's
-    /// limit, with 16 bytes over 16 and 24 KB).
+    /// Workgroup memory sizes to time, bytes, comma separated, timed in ascending order
+    /// (default: 4 KB to the adapter's limit, with 16 bytes over 16 and 24 KB).
     #[arg(long)]
     bytes: Option<String>,
     /// Invocations per workgroup.
@@ -45,7 +45,7 @@ pub fn run(a: OccupancyArgs) -> Result<()> {
     let gpu = Gpu::new()?;
     let caps = gpu.caps().clone();
     let limit = gpu.device().limits().max_compute_workgroup_storage_size;
-    let sizes = match &a.bytes {
+    let mut sizes: Vec<u32> = match &a.bytes {
         None => default_sizes(limit),
         Some(s) => s
             .split(',')
@@ -58,6 +58,9 @@ pub fn run(a: OccupancyArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?,
     };
+    // ascending, so that a step marks where fewer workgroups start to fit
+    sizes.sort_unstable();
+    sizes.dedup();
     println!(
         "adapter  {} ({}, {} {}), workgroup memory limit {} bytes",
         caps.name, caps.backend, caps.driver, caps.driver_info, limit
