@@ -82,6 +82,8 @@ const LINEAR_COOP: &str = include_str!("../../shaders/linalg/linear_coop.wgsl");
 const LINEAR_LOADS: &str = include_str!("../../shaders/linalg/linear_loads.wgsl");
 const LINEAR_LOADS_VEC: &str = include_str!("../../shaders/linalg/linear_loads_vec.wgsl");
 const LINEAR_LOADS_VEC8: &str = include_str!("../../shaders/linalg/linear_loads_vec8.wgsl");
+const LINEAR_LOADS_W8_WORDS: &str = include_str!("../../shaders/linalg/linear_loads_w8_words.wgsl");
+const LINEAR_LOADS_W8_F16: &str = include_str!("../../shaders/linalg/linear_loads_w8_f16.wgsl");
 const LINEAR_LOADS_PAIR: &str = include_str!("../../shaders/linalg/linear_loads_pair.wgsl");
 const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
 const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
@@ -281,12 +283,15 @@ impl Loads {
         }
     }
 
-    /// The binding and load functions of this form (the coop kernel's `load_x8` / `load_w8`).
-    fn source(self) -> String {
+    /// The binding and load functions of this form for weights stored as `wdt` (the coop
+    /// kernel's `load_x8` / `load_w8`). The 16-byte form reads f16 weights as f16, without
+    /// decoding them to f32 first.
+    fn source(self, wdt: DType) -> String {
         match self {
             Loads::Scalar => format!("{LINEAR_LOADS}{LINEAR_LOADS_PAIR}"),
             Loads::Vec4 => format!("{LINEAR_LOADS_VEC}{LINEAR_LOADS_PAIR}"),
-            Loads::Vec8 => LINEAR_LOADS_VEC8.to_string(),
+            Loads::Vec8 if wdt == DType::F16 => format!("{LINEAR_LOADS_VEC8}{LINEAR_LOADS_W8_F16}"),
+            Loads::Vec8 => format!("{LINEAR_LOADS_VEC8}{LINEAR_LOADS_W8_WORDS}"),
         }
     }
 }
@@ -595,7 +600,7 @@ fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) 
     if !io.supported(epi, rb16) {
         return None;
     }
-    let loads = loads.source();
+    let loads = loads.source(wdt);
     // SPX / SPW: spans of eight x / W values each thread stages per k-step (tm or 128 rows × 4
     // spans over tm/32·sg threads)
     let threads = tm / 32 * sg;
