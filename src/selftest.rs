@@ -3,7 +3,7 @@
 //! variants are only trustworthy on a GPU once this passes there; CI runs it on the software
 //! driver (portable variants) through `tests/selftest.rs`.
 
-use crate::attention::{Kernel, coop_unavailable, record_attention_with};
+use crate::attention::{Kernel, coop_pairs_unavailable, coop_unavailable, record_attention_with};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::nabla::{
@@ -96,6 +96,11 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
         ("portable f32", DType::F32, Kernel::Portable),
         ("portable f16", DType::F16, Kernel::Portable),
         ("tensor cores f16", DType::F16, Kernel::Coop),
+        (
+            "tensor cores f16, block pairs",
+            DType::F16,
+            Kernel::CoopPairs,
+        ),
     ];
     for (name, dt, kernel) in variants {
         for (h, sq, skv, d, density) in [
@@ -107,6 +112,7 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             let skip = match (dt, kernel) {
                 (DType::F16, _) if !gpu.caps().f16 => Some("no SHADER_F16".to_string()),
                 (_, Kernel::Coop) => coop_unavailable(gpu, dt, d),
+                (_, Kernel::CoopPairs) => coop_pairs_unavailable(gpu, dt, d),
                 _ => None,
             };
             let bound = if dt == DType::F16 { 2e-3 } else { 1e-5 };

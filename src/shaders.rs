@@ -80,21 +80,24 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 /// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
 /// per softmax lane: 32 keys over SG/16 lanes per row) and `KST` (vec4s of a 32-row K/V chunk
-/// each of the 4·SG threads stages).
+/// each of the NSG·SG threads stages); `KSTP` = 1 when KST is even (the staging then takes its
+/// vec4s in adjacent pairs, `el` in block_sparse_coop.wgsl). `pairs`: two query blocks per
+/// workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
 /// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
-pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, probe: u32) -> String {
+pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe: u32) -> String {
+    let nsg = if pairs { 8 } else { 4 };
     let nt = head_dim / 16;
     let kpl4 = 32 / (subgroup / 16) / 4;
-    let kst = 32 * (head_dim / 4) / (4 * subgroup);
-    // the K/V staging takes its vec4s in adjacent pairs (`el` in block_sparse_coop.wgsl)
-    assert!(kst.is_multiple_of(2), "odd K/V staging slot count {kst}");
+    let kst = (32 * (head_dim / 4) / (nsg * subgroup)).max(1);
+    let paired = kst.is_multiple_of(2) as u32;
     let body = expand_unroll(
         body,
         &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4), ("KST", kst)],
     );
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
-         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\nconst PROBE: u32 = {probe}u;\n{body}"
+         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\nconst PROBE: u32 = {probe}u;\n\
+         const KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n{body}"
     )
 }
 
@@ -205,10 +208,12 @@ pub fn all_variants() -> Vec<(String, String)> {
     }
     for hd in [64, 128] {
         for sg in COOP_SUBGROUP_SIZES {
-            v.push((
-                format!("attention/block_sparse_coop[d{hd},sg{sg}]"),
-                source_coop(BLOCK_SPARSE_COOP, hd, sg, 0),
-            ));
+            for pairs in [false, true] {
+                v.push((
+                    format!("attention/block_sparse_coop[d{hd},sg{sg},pairs={pairs}]"),
+                    source_coop(BLOCK_SPARSE_COOP, hd, sg, pairs, 0),
+                ));
+            }
         }
     }
     v.push((

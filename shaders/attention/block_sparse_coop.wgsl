@@ -1,20 +1,30 @@
 // Block-sparse flash attention on cooperative matrices (tensor cores), f16 operands, f32
 // accumulation. Same contract as block_sparse.wgsl: q, out [BH, SQ, HD]; k, v [BH, SKV, HD]
-// (vec4<f16> storage); counts [MH, NQB], indices [MH, NQB, NKB]; ragged tails handled.
+// (vec4<f16> storage); counts [MH, NQB], indices [MH, NQB, NKB] (each list ascending, as the
+// mask kernels and BlockMask::upload write them); ragged tails handled.
 //
-// One workgroup = 64 query rows of one head = 4 subgroups of 16 rows each. Every subgroup owns
-// its rows end to end: its Q tile lives in registers as A matrices, S = Q·Kᵀ and the softmax of
-// its rows go through its own slice of workgroup memory, O stays in C matrices. Each 64-key
-// block of the list is walked as two 32-key chunks: K of a chunk is staged, then V in the same
-// buffer (five barriers per chunk, two of them in the uniform load of the rescale flag). The
-// chunks keep the workgroup memory at 23 KB (d = 128): NVIDIA's Vulkan driver gives all the
-// workgroups on an SM 48 KB together (measured on the H200: `nabla bench occupancy`), and a
-// whole 64-key block (44 KB) left room for one workgroup of 4 subgroups per SM; two fit now.
+// One workgroup = one 64-row query block of one head = 4 subgroups of 16 rows each (NSG = 4),
+// or in the pair form (NSG = 8) two neighbouring blocks 2p, 2p+1 = 8 subgroups, 0-3 holding
+// block 2p and 4-7 block 2p+1. Every subgroup owns its rows end to end: its Q tile lives in
+// registers as A matrices, S = Q·Kᵀ and the softmax of its rows go through its own slice of
+// workgroup memory, O stays in C matrices. The workgroup walks the union of its blocks' KV
+// lists (merged on the fly by every thread; its length comes from one count of the common
+// blocks at the start), so in the pair form each staged K/V chunk serves 128 rows, and a key
+// block only one of the two lists holds is masked out of the other block's rows (-inf logits).
+// Each 64-key block is walked as two 32-key chunks: K of a chunk is staged, then V in the same
+// buffer (five barriers per chunk, two of them in the uniform load of the rescale flag).
+// Workgroup memory (d = 128): 23 KB, two workgroups per SM on NVIDIA's Vulkan driver (all the
+// workgroups on an SM share 48 KB: `nabla bench occupancy`); the pair form 37 KB, one.
+// Measured on the H200 (wan14b-720p, benches/RESULTS.md session 12): each chunk's products and
+// softmax done twice on the same staged K/V took 1.35x the time (dense 823 -> 1117 ms), so
+// the staging is ~2/3 of the one-block kernel; the pair form runs dense attention in 790 ms
+// instead of 824 (one workgroup per SM hides less than the ideal 1117 / 2), but sparse masks
+// 20-30 % slower (the union's extra blocks): the dispatcher uses it for dense attention only.
 // Online softmax in base 2 with lazy rescaling: a row keeps its reference maximum until a
 // chunk exceeds it by more than 2^8, and only then is O sent through workgroup memory to be
 // rescaled (workgroup-wide decision, rare after the first blocks). The KV list is walked
 // starting at a per-query-block offset so that neighbouring workgroups do not all read the same
-// key block.
+// key block (the union from the first key >= block 2p's starting key, then wrapped around).
 //
 // Matrices and per-lane rows are named variables (qa0.., o0.., s0..), never arrays indexed in
 // loops: the lines of each unroll block below are repeated with the t placeholders substituted
@@ -24,7 +34,8 @@
 // 16-byte boundary (row strides KSV, PSV (vec4 units), OS4 (vec4 units) and column offsets are
 // multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
 // (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
-// 128) and SG (the subgroup size; the workgroup has 4·SG threads).
+// 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form) and KSTP (1: the
+// K/V staging slots come in adjacent pairs, see `el`).
 
 const QV: u32 = HD / 4u;          // vec4s per row
 const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
@@ -33,7 +44,10 @@ const OS4: u32 = 9u;              // vec4<f32> row stride of S (32 keys) and of 
 const LPR: u32 = SG / 16u;        // lanes per row in the softmax
 const KPL: u32 = 32u / LPR;       // keys per lane
 const CPL: u32 = 32u / LPR;       // O columns per lane (two tiles)
-const WGS: u32 = 4u * SG;
+const BPW: u32 = NSG / 4u;         // query blocks per workgroup (1, or 2 in the pair form)
+const WGS: u32 = NSG * SG;
+const ROWS: u32 = 16u * NSG;
+const NONE: u32 = 0xffffffffu;     // past the end of a list
 
 struct Params {
     sq: u32,
@@ -55,10 +69,11 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f16>>;
 
 var<workgroup> kvs: array<vec4<f16>, 32u * KSV>;  // staged K or V chunk [32 keys][KSV]; Q at start
-var<workgroup> pbuf: array<vec4<f16>, 64u * PSV>; // P rows [64][PSV]
-var<workgroup> so: array<vec4<f32>, 64u * OS4>;   // per subgroup 16 rows: S, or two O tiles
-var<workgroup> alpha: array<f32, 64>;             // per-row rescale factors
-var<workgroup> wmeta: array<u32, 4>;              // [count, block, rescale flag, -]
+var<workgroup> pbuf: array<vec4<f16>, ROWS * PSV>; // P rows [ROWS][PSV]
+var<workgroup> so: array<vec4<f32>, ROWS * OS4>;   // per subgroup 16 rows: S, or two O tiles
+var<workgroup> alpha: array<f32, ROWS>;            // per-row rescale factors
+var<workgroup> wmeta: array<u32, 4>;               // [union length, -, rescale flag, -]
+var<workgroup> wcommon: array<atomic<u32>, 4>;     // [0]: blocks both lists hold (16 bytes)
 
 // rows [row0, row0+32) of a [BH, len, HD] Q tensor into kvs, zero past len
 fn stage_q(bh: u32, row0: u32, len: u32, lid: u32) {
@@ -79,7 +94,73 @@ fn stage_q(bh: u32, row0: u32, len: u32, lid: u32) {
 // (on the H200 this took 14B dense attention from 1 733 to 1 342 ms; one element per slot, at
 // lid + t·WGS, leaves twice as many 8-byte loads).
 fn el(lid: u32, t: u32) -> u32 {
+    if (KSTP == 0u) {
+        return lid + t * WGS;
+    }
     return ((lid + (t >> 1u) * WGS) << 1u) | (t & 1u);
+}
+
+// entry i of list `mrow` if i < end, else NONE
+fn entry(mrow: u32, i: u32, end: u32) -> u32 {
+    if (i >= end) {
+        return NONE;
+    }
+    return indices[mrow * P.nkb + i];
+}
+
+// the first position in list `mrow` (ascending, `n` entries) holding a key block >= key
+fn lower_bound(mrow: u32, n: u32, key: u32) -> u32 {
+    var lo = 0u;
+    var hi = n;
+    while (lo < hi) {
+        let mid = (lo + hi) / 2u;
+        if (indices[mrow * P.nkb + mid] < key) {
+            lo = mid + 1u;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+// The walk over the union of lists a and b: positions ia, ib in phase 0 (from the starting
+// positions sa, sb to the ends), then phase 1 (from 0 to sa, sb); ca, cb the entries there.
+struct Walk {
+    ia: u32,
+    ib: u32,
+    ea: u32,
+    eb: u32,
+    ca: u32,
+    cb: u32,
+    phase: u32,
+    sa: u32,
+    sb: u32,
+}
+
+// the next key block of the union and whether list a / b holds it (x, y, z); the entries after
+// it are loaded here, one block before they are needed
+fn walk_next(w: ptr<function, Walk>, ma: u32, mb: u32) -> vec3<u32> {
+    if ((*w).ca == NONE && (*w).cb == NONE && (*w).phase == 0u) {
+        (*w).phase = 1u;
+        (*w).ea = (*w).sa;
+        (*w).eb = (*w).sb;
+        (*w).ia = 0u;
+        (*w).ib = 0u;
+        (*w).ca = entry(ma, 0u, (*w).ea);
+        (*w).cb = entry(mb, 0u, (*w).eb);
+    }
+    let kb = min((*w).ca, (*w).cb);
+    let in_a = (*w).ca == kb;
+    let in_b = (*w).cb == kb;
+    if (in_a) {
+        (*w).ia += 1u;
+        (*w).ca = entry(ma, (*w).ia, (*w).ea);
+    }
+    if (in_b) {
+        (*w).ib += 1u;
+        (*w).cb = entry(mb, (*w).ib, (*w).eb);
+    }
+    return vec3<u32>(kb, u32(in_a), u32(in_b));
 }
 
 // element e (vec4 index within a 32-row chunk) of K (which = 1) or V (2) rows [row0, row0+32),
@@ -107,54 +188,91 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32,
         @builtin(subgroup_id) sg: u32,
         @builtin(subgroup_invocation_id) lane: u32) {
-    let qb = wid.x;
+    let tile = wid.x;           // this workgroup's ROWS query rows
     let bh = wid.y;
     let krow = (sg % 2u) * 16u * KSV; // this subgroup's Q rows in kvs (Q staged 32 rows at a time)
     let prow = sg * 16u * PSV;  // this subgroup's rows in pbuf
     let orow = sg * 16u * OS4;  // this subgroup's rows in so (vec4 units)
     let rl = lane / LPR;        // softmax: row within the subgroup
     let part = lane % LPR;
-    let row = sg * 16u + rl;    // row within the 64-row tile
+    let row = sg * 16u + rl;    // row within the tile of ROWS rows
+    let mine_b = sg >= 4u;      // this subgroup's rows belong to block 2p+1 (pair form)
 
-    // Q: rows 0..32 (subgroups 0 and 1), then rows 32..64 (subgroups 2 and 3)
-    stage_q(bh, qb * 64u, P.sq, lid);
     let mh = select(0u, bh, P.mask_heads > 1u);
-    let mrow = mh * P.nqb + qb;
+    let qa_blk = BPW * tile;
+    let ma = mh * P.nqb + qa_blk;
+    let mb = ma + 1u;
+    let cnt_a = counts[ma];
+    var cnt_b = 0u;
+    if (BPW == 2u && qa_blk + 1u < P.nqb) {
+        cnt_b = counts[mb];
+    }
+    // the union's length: |a| + |b| - the blocks both hold (pair form: each thread looks its
+    // share of a's entries up in b)
     if (lid == 0u) {
-        wmeta[0] = counts[mrow];
+        atomicStore(&wcommon[0], 0u);
+    }
+    // Q: rows 32·r .. 32·r+32 in round r; subgroup sg keeps round sg/2, by weights 1 and 0
+    // (cooperative loads need workgroup-uniform control flow; exact for finite f16 values. An
+    // inf or NaN in a Q row also turns the rows 32, 64 or 96 away in this tile to NaN, through
+    // 0·inf; the reference turns that row alone to NaN. Either way such an input has no finite
+    // output.)
+    stage_q(bh, tile * ROWS, P.sq, lid);
+    workgroupBarrier();
+    var shared_n = 0u;
+    for (var i = lid; i < select(0u, cnt_a, cnt_b > 0u); i += WGS) {
+        let key = indices[ma * P.nkb + i];
+        let j = lower_bound(mb, cnt_b, key);
+        if (j < cnt_b && indices[mb * P.nkb + j] == key) {
+            shared_n += 1u;
+        }
+    }
+    atomicAdd(&wcommon[0], shared_n);
+    let w0 = select(0.0h, 1.0h, sg / 2u == 0u);
+    //@unroll NT
+    var qa{t} = coopLoadT<coop_mat16x16<f16, A>>(&kvs[krow + {t}u * 4u], KSV) * w0;
+    var o{t} = coop_mat16x16<f32, C>();
+    //@end
+    for (var r = 1u; r < ROWS / 32u; r++) {
+        workgroupBarrier();
+        stage_q(bh, tile * ROWS + r * 32u, P.sq, lid);
+        workgroupBarrier();
+        let w = select(0.0h, 1.0h, sg / 2u == r);
+        //@unroll NT
+        qa{t} = qa{t} + coopLoadT<coop_mat16x16<f16, A>>(&kvs[krow + {t}u * 4u], KSV) * w;
+        //@end
+    }
+    if (lid == 0u) {
+        wmeta[0] = cnt_a + cnt_b - atomicLoad(&wcommon[0]);
         wmeta[2] = 0u;
     }
     let cnt = workgroupUniformLoad(&wmeta[0]);
-    //@unroll NT
-    var qa{t} = coopLoadT<coop_mat16x16<f16, A>>(&kvs[krow + {t}u * 4u], KSV);
-    var o{t} = coop_mat16x16<f32, C>();
-    //@end
-    workgroupBarrier();
-    stage_q(bh, qb * 64u + 32u, P.sq, lid);
-    workgroupBarrier();
-    // (cooperative loads need workgroup-uniform control flow: each subgroup keeps the tile of
-    // its half by weights 1 and 0, exact for finite f16 values. An inf or NaN in row i of Q
-    // also turns row i ± 32 of this block's output to NaN, through 0·inf; the reference turns
-    // row i alone to NaN. Either way such an input has no finite output.)
-    let w1 = f16(sg / 2u);
-    let w0 = 1.0h - w1;
-    //@unroll NT
-    qa{t} = qa{t} * w0 + coopLoadT<coop_mat16x16<f16, A>>(&kvs[krow + {t}u * 4u], KSV) * w1;
-    //@end
     var m_ref = -1.0e30;
     var l_part = 0.0;
     var seen = false;
-    let start = select(0u, qb % max(cnt, 1u), cnt > 0u);
 
-    // Each chunk's K (then V) is loaded into registers right before it is staged: the next
-    // chunk's loads issued during this chunk's work (a register prefetch) held 20 more
-    // registers and measured 3.7 % slower on the H200. The staging is unrolled with a constant
-    // trip count so all of a chunk's loads are in flight together; while one workgroup waits
-    // for them, the other on the SM works.
-    var kb = 0u;
+    // the union from the first block's entry at a per-block offset (or the second's, if the
+    // first list is empty): phase 0 from there to the ends, phase 1 the keys before it
+    var wk = Walk(0u, 0u, 0u, 0u, NONE, NONE, 1u, 0u, 0u);
+    var cur = vec3<u32>(0u);
     if (cnt > 0u) {
-        kb = indices[mrow * P.nkb + start];
+        var sa = 0u;
+        var sb = 0u;
+        if (cnt_a > 0u) {
+            sa = qa_blk % cnt_a;
+            sb = lower_bound(mb, cnt_b, indices[ma * P.nkb + sa]);
+        } else {
+            sb = qa_blk % cnt_b;
+        }
+        wk = Walk(sa, sb, cnt_a, cnt_b, entry(ma, sa, cnt_a), entry(mb, sb, cnt_b), 0u, sa, sb);
+        cur = walk_next(&wk, ma, mb);
     }
+    var kb = cur.x;
+    var member = select(cur.y, cur.z, mine_b) != 0u;
+    // Each chunk's K (then V) is loaded into registers right before it is staged (with 64-row
+    // workgroups, two per SM, a register prefetch of the next chunk held 20 more registers and
+    // measured 3.7 % slower on the H200). The staging is unrolled with a constant trip count so
+    // all of a chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KST
     var kr{t} = vec4<f16>(0.0h);
@@ -164,6 +282,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 
     for (var n = 0u; n < 2u * cnt; n++) {
         let key0 = kb * 64u + (n % 2u) * 32u;
+        let member_now = member;
         //@unroll KST
         kr{t} = ld(1u, bh, key0, P.skv, el(lid, {t}u));
         //@end
@@ -192,11 +311,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
-            var idx = (n + 1u) / 2u + start;
-            if (idx >= cnt) {
-                idx -= cnt;
-            }
-            kb = indices[mrow * P.nkb + idx];
+            cur = walk_next(&wk, ma, mb);
+            kb = cur.x;
+            member = select(cur.y, cur.z, mine_b) != 0u;
         }
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
@@ -204,7 +321,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         var bm = -1.0e30;
         //@unroll KPL4
         var s{t} = so[sbase + {t}u];
-        s{t} = select(vec4<f32>(-3.0e38), s{t}, kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv));
+        s{t} = select(vec4<f32>(-3.0e38), s{t}, (kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv)) & vec4<bool>(member_now));
         bm = max(bm, max(max(s{t}.x, s{t}.y), max(s{t}.z, s{t}.w)));
         //@end
         for (var x = 1u; x < LPR; x <<= 1u) {
@@ -229,7 +346,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         if (part == 0u) {
             alpha[row] = a;
         }
-        seen = true;
+        seen = seen || bm > -1.0e30;
         // (workgroupUniformLoad is barrier, load, barrier: its first barrier also publishes P,
         // alpha and the flag to the PV step below)
         if (workgroupUniformLoad(&wmeta[2]) != 0u) {
@@ -267,7 +384,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         l += subgroupShuffleXor(l, x);
     }
     let inv = select(0.0, 1.0 / l, l > 0.0);
-    let tok = qb * 64u + row;
+    let tok = tile * ROWS + row;
     //@unroll NTH
     coopStoreT(o{t}, &so[orow], OS4);
     coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);

@@ -902,7 +902,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         let full = BlockMask::full(&gpu, nb)?;
         let out = gpu.empty(&shape, dt)?;
         let t = gpu.time_ms(a.dense_reps + 1, |bt| {
-            record_attention_with(bt, &qt, &kt, &vt, &full, &out, kernel)
+            record_attention_with(bt, &qt, &kt, &vt, &full, &out, kernel.for_dense())
         })?;
         dense_ms = median(&t[1..]);
         dense_out = Some(gpu.read_f32(&out)?);
