@@ -1,7 +1,7 @@
 // The W binding of linear_loads_vec8.wgsl for f16 weights: eight of them per 16-byte
-// mat2x4<f16>, staged as stored. Decoding them to f32 first (as the other forms do) made the
-// tensor-core kernel 2.4x slower on the H200 (68.8 against 166.8 TFLOP/s for bf16 weights at
-// 4096^3, benches/RESULTS.md session 12); the values are the same, an f16 is exact in f32.
+// mat2x4<f16>, staged as stored. Decoded to f32 first (as the other forms do, with integer
+// code), the tensor-core kernel ran at 68.8 TFLOP/s at 4096^3 on the H200; staged as stored,
+// 156 (bf16 weights: 166; benches/RESULTS.md session 12). Same values: an f16 is exact in f32.
 
 @group(0) @binding(2) var<storage, read> w: array<mat2x4<f16>>;
 
