@@ -285,6 +285,20 @@ fn from_lists_rejects_bad_lists() {
     // an out-of-range index past the count is not read, so it is allowed
     BlockMask::from_lists(g, &[1, 1, 1, 0], &[0, 9, 1, 9, 1, 9, 9, 9], 2, 2).unwrap();
     expect_err(
+        "from_lists duplicate",
+        BlockMask::from_lists(g, &[2, 2, 1, 0], &[0, 1, 1, 1, 1, 0, 0, 0], 2, 2),
+        shape,
+        &["row 1", "key block 1 twice", "at most once"],
+    );
+    // any order within a row is accepted and stored ascending (the tensor-core attention's pair
+    // form merges two rows' lists)
+    let m = BlockMask::from_lists(g, &[2, 2, 1, 0], &[1, 0, 0, 1, 1, 0, 0, 0], 2, 2).unwrap();
+    let idx = g.read_u32(m.indices()).unwrap();
+    assert_eq!(&idx[0..2], &[0, 1], "row 0 stored ascending");
+    assert_eq!(&idx[2..4], &[0, 1]);
+    assert_eq!(idx[4], 1);
+    assert_eq!(m.to_dense(g).unwrap(), vec![1, 1, 1, 1, 0, 1, 0, 0]);
+    expect_err(
         "from_lists lengths",
         BlockMask::from_lists(g, &[2, 2, 1], &good_idx, 2, 2),
         shape,

@@ -64,7 +64,8 @@ impl BlockMask {
     }
 
     /// Uploads lists of `nq` query blocks over `nkv` key blocks (`counts [heads, nq]`,
-    /// `indices [heads, nq, nkv]`).
+    /// `indices [heads, nq, nkv]`), in any order within a row (stored ascending); a count above
+    /// `nkv`, an index `>= nkv` or a block listed twice in a row is an error.
     pub fn from_lists_rect(
         gpu: &Gpu,
         counts: &[u32],
@@ -83,23 +84,33 @@ impl BlockMask {
                 indices.len()
             )));
         }
+        // each row's list is stored ascending (the tensor-core kernel's pair form merges two
+        // rows' lists); a block listed twice is an error
+        let mut sorted = indices.to_vec();
         for (r, &c) in counts.iter().enumerate() {
             if c as usize > nb {
                 return Err(Error::shape(format!(
                     "block-mask row {r} has count {c}, more than Nb = {nb} blocks"
                 )));
             }
-            let row = &indices[r * nb..r * nb + c as usize];
+            let row = &mut sorted[r * nb..r * nb + c as usize];
             if let Some(j) = row.iter().find(|&&j| j as usize >= nb) {
                 return Err(Error::shape(format!(
                     "block-mask row {r} lists key block {j}; indices must be < Nb = {nb}"
+                )));
+            }
+            row.sort_unstable();
+            if let Some(w) = row.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::shape(format!(
+                    "block-mask row {r} lists key block {} twice; each block at most once",
+                    w[0]
                 )));
             }
         }
         gpu.check_binding("block-mask lists", (indices.len() * 4) as u64)?;
         Ok(BlockMask {
             counts: gpu.upload_u32(counts, &[heads, nq])?,
-            indices: gpu.upload_u32(indices, &[heads, nq, nkv])?,
+            indices: gpu.upload_u32(&sorted, &[heads, nq, nkv])?,
             heads,
             nb: nq,
             kv: nkv,
