@@ -88,7 +88,13 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe:
     let nsg = if pairs { 8 } else { 4 };
     let nt = head_dim / 16;
     let kpl4 = 32 / (subgroup / 16) / 4;
-    let kst = (32 * (head_dim / 4) / (nsg * subgroup)).max(1);
+    // every thread stages the same whole number of vec4s of a 32-row K/V chunk
+    let chunk = 32 * (head_dim / 4);
+    assert!(
+        chunk.is_multiple_of(nsg * subgroup) && chunk >= nsg * subgroup,
+        "a {chunk}-vec4 K/V chunk does not split over {nsg} subgroups of {subgroup}"
+    );
+    let kst = chunk / (nsg * subgroup);
     let paired = kst.is_multiple_of(2) as u32;
     let body = expand_unroll(
         body,
