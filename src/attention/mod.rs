@@ -159,10 +159,7 @@ pub fn coop_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Option<String> {
             c.subgroup_min, c.subgroup_max
         ));
     }
-    if let Some(why) = coop_form_unfit(c, d, false) {
-        return Some(why);
-    }
-    None
+    coop_form_unfit(c, d, false)
 }
 
 /// Why the pair form of the cooperative kernel ([`Kernel::CoopPairs`]) cannot run here, or
