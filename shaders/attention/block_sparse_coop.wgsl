@@ -34,8 +34,8 @@
 // 16-byte boundary (row strides KSV, PSV (vec4 units), OS4 (vec4 units) and column offsets are
 // multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
 // (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
-// 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form) and KSTP (1: the
-// K/V staging slots come in adjacent pairs, see `el`).
+// 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form), KSTP (1: the
+// K/V staging slots come in adjacent pairs, see `el`) and PREF (1: V is loaded before S).
 
 const QV: u32 = HD / 4u;          // vec4s per row
 const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
@@ -269,10 +269,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     var kb = cur.x;
     var member = select(cur.y, cur.z, mine_b) != 0u;
-    // Each chunk's K (then V) is loaded into registers right before it is staged (with 64-row
-    // workgroups, two per SM, a register prefetch of the next chunk held 20 more registers and
-    // measured 3.7 % slower on the H200). The staging is unrolled with a constant trip count so
-    // all of a chunk's loads are in flight together.
+    // Each chunk's K is loaded into registers right before it is staged; its V too in the pair
+    // form (PREF = 0), while the one-block form (PREF = 1) loads V before the chunk's S = Q·Kᵀ
+    // so that the loads are in flight during the products. Measured on the H200 (wan14b-720p,
+    // benches/RESULTS.md session 13): one-block form nabla-0.7 280.8 -> 274.1 ms; pair form
+    // dense 799 -> 803 ms; loading the next chunk's K before the softmax and P·V as well lost
+    // 3.5 % (one block) and 2.5 % (pairs). The staging is unrolled with a constant trip count
+    // so all of a chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KST
     var kr{t} = vec4<f16>(0.0h);
@@ -290,6 +293,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
         workgroupBarrier();
+        if (PREF == 1u) {
+            //@unroll KST
+            kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
+            //@end
+        }
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup
         for (var j = 0u; j < 2u; j++) {
             var acc = coop_mat16x16<f32, C>();
@@ -304,9 +312,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             coopStoreT(acc, &so[orow + j * 4u], OS4);
         }
         workgroupBarrier();
-        //@unroll KST
-        kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
-        //@end
+        if (PREF == 0u) {
+            //@unroll KST
+            kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
+            //@end
+        }
         //@unroll KST
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end

@@ -683,7 +683,8 @@ pub struct AttnArgs {
     /// Timed repetitions of dense attention (0 skips dense and the error column).
     #[arg(long, default_value_t = 3)]
     pub(super) dense_reps: usize,
-    /// Attention kernel: auto (tensor cores where available), portable or coop.
+    /// Attention kernel: auto (tensor cores where available), portable, coop, or pairs (the
+    /// tensor-core kernel with two query blocks per workgroup, also for the sparse masks).
     #[arg(long, default_value = "auto")]
     pub(super) kernel: String,
     /// Write the results as JSON.
@@ -872,9 +873,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         "portable" => Kernel::Portable,
         "coop" => Kernel::Coop,
+        "pairs" => Kernel::CoopPairs,
         o => {
             return Err(Error::Invalid(format!(
-                "--kernel {o:?}: use auto, portable or coop"
+                "--kernel {o:?}: use auto, portable, coop or pairs"
             )));
         }
     };
