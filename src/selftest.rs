@@ -3,7 +3,10 @@
 //! variants are only trustworthy on a GPU once this passes there; CI runs it on the software
 //! driver (portable variants) through `tests/selftest.rs`.
 
-use crate::attention::{Kernel, coop_pairs_unavailable, coop_unavailable, record_attention_with};
+use crate::attention::{
+    Kernel, coop_pairs_unavailable, coop_unavailable, record_attention_with,
+    record_dense_attention_with,
+};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::nabla::{
@@ -103,12 +106,18 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
         ),
     ];
     for (name, dt, kernel) in variants {
-        for (h, sq, skv, d, density) in [
-            (2usize, 192usize, 192usize, 128usize, 0.5f64),
-            (3, 130, 77, 64, 1.0),
-            (1, 320, 320, 64, 0.3),
+        // (the last: the dense path, whose walks start at scrambled blocks)
+        for (h, sq, skv, d, density, dense_path) in [
+            (2usize, 192usize, 192usize, 128usize, 0.5f64, false),
+            (3, 130, 77, 64, 1.0, false),
+            (1, 320, 320, 64, 0.3, false),
+            (2, 200, 333, 128, 1.0, true),
         ] {
-            let shape = format!("h{h} sq{sq} skv{skv} d{d} p{density}");
+            let shape = if dense_path {
+                format!("h{h} sq{sq} skv{skv} d{d} dense")
+            } else {
+                format!("h{h} sq{sq} skv{skv} d{d} p{density}")
+            };
             let skip = match (dt, kernel) {
                 (DType::F16, _) if !gpu.caps().f16 => Some("no SHADER_F16".to_string()),
                 (_, Kernel::Coop) => coop_unavailable(gpu, dt, d),
@@ -132,7 +141,7 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             let v = round(dt, &rng.normals(h * skv * d, 1.0));
             let (nq, nk) = (sq.div_ceil(64), skv.div_ceil(64));
             let dense: Vec<u8> = (0..h * nq * nk)
-                .map(|_| ((rng.normal() as f64 * 0.5 + 0.5) < density) as u8)
+                .map(|_| (dense_path || (rng.normal() as f64 * 0.5 + 0.5) < density) as u8)
                 .collect();
             let mask = BlockMask::from_dense_rect(gpu, &dense, h, nq, nk)?;
             let (qt, kt, vt) = (
@@ -150,7 +159,11 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 },
             );
             let mut b = gpu.batch();
-            record_attention_with(&mut b, &qt, &kt, &vt, &mask, &o, kernel)?;
+            if dense_path {
+                record_dense_attention_with(&mut b, &qt, &kt, &vt, &o, kernel)?;
+            } else {
+                record_attention_with(&mut b, &qt, &kt, &vt, &mask, &o, kernel)?;
+            }
             b.submit()?;
             let want = reference::block_sparse_attention(&q, &k, &v, &dense, h, (h, sq, skv, d));
             let e = rel_l2(&gpu.read_f32(&o)?, &want);

@@ -531,7 +531,8 @@ fn attention_coop_matches_reference() {
         let q = round(rng.normals(h * sq * d, 1.5));
         let mut k = rng.normals(h * skv * d, 1.5);
         if boost {
-            // keys of the last block align with every query: logits jump by >> 2^8 in base 2
+            // keys of the last block align with every query: logits jump by far more than the
+            // lazy-rescale threshold (2^15 in base 2)
             let start = (skv.saturating_sub(64)) * d;
             for hh in 0..h {
                 for i in start..skv * d {

@@ -22,7 +22,7 @@ struct Params {
     nkb: u32,
     mask_heads: u32,
     scale_log2e: f32,
-    _p0: u32,
+    _order: u32,
     _p1: u32,
 }
 

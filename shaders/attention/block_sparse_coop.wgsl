@@ -17,14 +17,23 @@
 // workgroups on an SM share 48 KB: `nabla bench occupancy`); the pair form 37 KB, one.
 // Measured on the H200 (wan14b-720p, benches/RESULTS.md session 12): each chunk's products and
 // softmax done twice on the same staged K/V took 1.35x the time (dense 823 -> 1117 ms), so
-// the staging is ~2/3 of the one-block kernel; the pair form runs dense attention in 790 ms
-// instead of 824 (one workgroup per SM hides less than the ideal 1117 / 2), but sparse masks
-// 20-30 % slower (the union's extra blocks): the dispatcher uses it for dense attention only.
+// the staging is ~2/3 of the one-block kernel; the pair form ran dense attention in 790 ms
+// instead of 824 (one workgroup per SM hides less than the ideal 1117 / 2) and sparse masks
+// 20-30 % slower (the union's extra blocks). Since the one-block form loads V before S
+// (session 13) it is faster for dense attention too (745 vs 806 ms): the dispatcher no
+// longer picks the pair form (`bench attention --kernel pairs` and the self-test run it).
 // Online softmax in base 2 with lazy rescaling: a row keeps its reference maximum until a
-// chunk exceeds it by more than 2^8, and only then is O sent through workgroup memory to be
-// rescaled (workgroup-wide decision, rare after the first blocks). The KV list is walked
-// starting at a per-query-block offset so that neighbouring workgroups do not all read the same
-// key block (the union from the first key >= block 2p's starting key, then wrapped around).
+// chunk exceeds it by more than RESCALE (log2 units), and only then is O sent through
+// workgroup memory to be rescaled (a workgroup-wide decision). P = exp2(s - reference) is
+// then at most 2^RESCALE; it is stored as f16, so RESCALE = 15 (P <= 32768 < 65504, f16's
+// largest) is the laziest safe choice. With 8 the rescales cost ~7 % of the kernel on the
+// H200 (benches/RESULTS.md session 13: a probe that skipped them, measured against one that
+// skipped the flag's barrier as well). The KV list is walked starting at a per-query-block
+// offset so that neighbouring workgroups do not all read the same key block (the union from
+// the first key >= block 2p's starting key, then wrapped around): the query block's index
+// for masks, or for full lists (P.order = 1, dense attention) a scramble of the query block
+// and head (neighbouring blocks 613 entries apart, heads 97), measured 8 % faster on full
+// lists and 2-3 % slower on NABLA masks of density 0.17-0.69.
 //
 // Matrices and per-lane rows are named variables (qa0.., o0.., s0..), never arrays indexed in
 // loops: the lines of each unroll block below are repeated with the t placeholders substituted
@@ -48,6 +57,7 @@ const BPW: u32 = NSG / 4u;         // query blocks per workgroup (1, or 2 in the
 const WGS: u32 = NSG * SG;
 const ROWS: u32 = 16u * NSG;
 const NONE: u32 = 0xffffffffu;     // past the end of a list
+const RESCALE: f32 = 15.0;         // lazy rescaling threshold (log2 units, see above)
 
 struct Params {
     sq: u32,
@@ -56,7 +66,7 @@ struct Params {
     nkb: u32,
     mask_heads: u32,
     scale_log2e: f32,
-    _p0: u32,
+    order: u32,     // 1: scrambled starting offsets (full lists), 0: by query block
     _p1: u32,
 }
 
@@ -258,11 +268,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     if (cnt > 0u) {
         var sa = 0u;
         var sb = 0u;
+        let off = select(qa_blk, qa_blk * 613u + bh * 97u, P.order != 0u);
         if (cnt_a > 0u) {
-            sa = qa_blk % cnt_a;
+            sa = off % cnt_a;
             sb = lower_bound(mb, cnt_b, indices[ma * P.nkb + sa]);
         } else {
-            sb = qa_blk % cnt_b;
+            sb = off % cnt_b;
         }
         wk = Walk(sa, sb, cnt_a, cnt_b, entry(ma, sa, cnt_a), entry(mb, sb, cnt_b), 0u, sa, sb);
         cur = walk_next(&wk, ma, mb);
@@ -338,7 +349,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             bm = max(bm, subgroupShuffleXor(bm, x));
         }
         var a = 1.0;
-        if (bm > m_ref + 8.0) {
+        if (bm > m_ref + RESCALE) {
             a = exp2(m_ref - bm);
             m_ref = bm;
             if (seen) {

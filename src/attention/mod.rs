@@ -15,7 +15,10 @@ struct Params {
     nkb: u32,
     mask_heads: u32,
     scale_log2e: f32,
-    _pad: [u32; 2],
+    /// Where each workgroup starts its walk: 0 at its query block's index (masks), 1 at a
+    /// scramble of the query block and head (full lists; block_sparse_coop.wgsl).
+    order: u32,
+    _pad: u32,
 }
 
 /// Validates q, k, v, out and the mask; returns (BH, Sq, Skv, D).
@@ -118,21 +121,11 @@ pub enum Kernel {
     /// The tensor-core kernel with two query blocks per workgroup of 8 subgroups, over the
     /// union of their lists: each staged K/V chunk serves 128 rows, but a block only one list
     /// holds is computed and masked for the other's rows, and one workgroup fits per SM where
-    /// two of [`Kernel::Coop`] do. Dense attention uses it (measured on the H200, wan14b-720p:
-    /// dense 824 → 790 ms; sparse masks 20–30 % slower than [`Kernel::Coop`]). Falls back to
-    /// [`Kernel::Coop`] where only the one-block form fits the adapter.
+    /// two of [`Kernel::Coop`] do. Never chosen by [`Kernel::Auto`]: on the H200 (wan14b-720p)
+    /// it is slower than [`Kernel::Coop`] for dense attention too since session 13 (806 vs
+    /// 745 ms) and 20–30 % slower on sparse masks. Falls back to [`Kernel::Coop`] where only the
+    /// one-block form fits the adapter.
     CoopPairs,
-}
-
-impl Kernel {
-    /// The kernel for a full (dense) mask: the pair form of the tensor-core kernel, whose
-    /// union of two full lists is the list itself.
-    pub fn for_dense(self) -> Kernel {
-        match self {
-            Kernel::Coop => Kernel::CoopPairs,
-            k => k,
-        }
-    }
 }
 
 /// Why the cooperative kernel cannot run here, or `None` when it can.
@@ -242,6 +235,21 @@ pub fn record_attention_with(
     out: &Tensor,
     kernel: Kernel,
 ) -> Result<()> {
+    record_walk(batch, q, k, v, mask, out, kernel, 0)
+}
+
+/// [`record_attention_with`] with the walk's starting `order` (see [`Params`]).
+#[allow(clippy::too_many_arguments)]
+fn record_walk(
+    batch: &mut Batch<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &BlockMask,
+    out: &Tensor,
+    kernel: Kernel,
+    order: u32,
+) -> Result<()> {
     let gpu = batch.gpu();
     let (bh, s, skv, d) = check(gpu, q, k, v, out, mask)?;
     let chosen = choose(gpu, q.dtype(), d, kernel)?;
@@ -283,7 +291,8 @@ pub fn record_attention_with(
         nkb: mask.kv_blocks() as u32,
         mask_heads: mask.heads() as u32,
         scale_log2e: (1.0 / (d as f64).sqrt() * std::f64::consts::LOG2_E) as f32,
-        _pad: [0; 2],
+        order,
+        _pad: 0,
     };
     batch.dispatch(
         &pipe,
@@ -327,16 +336,26 @@ pub fn record_dense_attention(
     v: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
+    record_dense_attention_with(batch, q, k, v, out, Kernel::Auto)
+}
+
+/// [`record_dense_attention`] with an explicit kernel choice (benchmarks). The tensor-core
+/// kernel walks full lists from scrambled starting blocks (measured 8 % faster than starting
+/// at the query block on the H200, wan14b-720p).
+pub fn record_dense_attention_with(
+    batch: &mut Batch<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    kernel: Kernel,
+) -> Result<()> {
     let (sq, skv) = (
         q.shape().get(2).copied().unwrap_or(0),
         k.shape().get(2).copied().unwrap_or(0),
     );
     let full = full_mask(batch.gpu(), sq, skv)?;
-    let d = q.shape().last().copied().unwrap_or(0);
-    // the pair form where the tensor-core kernel runs (a check error surfaces below)
-    let kernel =
-        choose(batch.gpu(), q.dtype(), d, Kernel::Auto).map_or(Kernel::Auto, Kernel::for_dense);
-    record_attention_with(batch, q, k, v, &full, out, kernel)
+    record_walk(batch, q, k, v, &full, out, kernel, 1)
 }
 
 /// Dense attention of `q` `[B, H, Sq, D]` over `k`, `v` `[B, H, Skv, D]` (any lengths).

@@ -2,7 +2,9 @@
 //! queries on the chosen adapter; a table on stdout, optional JSON and the masks for PyTorch.
 
 use super::{layer, median};
-use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
+use nabla::attention::{
+    Kernel, coop_unavailable, record_attention_with, record_dense_attention_with,
+};
 use nabla::io::write_safetensors;
 use nabla::nabla::{
     BLOCK, MaskStages, QkSide, record_estimate_mask, record_mask_from_pooled,
@@ -901,10 +903,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let mut dense_out = None;
     if a.dense_reps > 0 {
         eprintln!("dense attention ...");
-        let full = BlockMask::full(&gpu, nb)?;
         let out = gpu.empty(&shape, dt)?;
         let t = gpu.time_ms(a.dense_reps + 1, |bt| {
-            record_attention_with(bt, &qt, &kt, &vt, &full, &out, kernel.for_dense())
+            record_dense_attention_with(bt, &qt, &kt, &vt, &out, kernel)
         })?;
         dense_ms = median(&t[1..]);
         dense_out = Some(gpu.read_f32(&out)?);
