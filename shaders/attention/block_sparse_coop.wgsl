@@ -294,7 +294,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // (this barrier also orders the Q reads above before the first K stage)
     workgroupBarrier();
 
-    for (var n = 0u; n < 2u * cnt; n++) {
+    // The chunks run in an inner loop that leaves before the P·V of a chunk that needs a
+    // rescale; the outer loop rescales O, does that P·V and goes on with the next chunk. So the
+    // rescale code is not in the chunk loop's body: there it cost ~7 % of the kernel even
+    // when no rescale happened (benches/RESULTS.md session 13).
+    var n = 0u;
+    loop {
+    for (; n < 2u * cnt; n++) {
         let key0 = kb * 64u + (n % 2u) * 32u;
         let member_now = member;
         //@unroll KST
@@ -371,32 +377,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         // (workgroupUniformLoad is barrier, load, barrier: its first barrier also publishes P,
         // alpha and the flag to the PV step below)
         if (workgroupUniformLoad(&wmeta[2]) != 0u) {
-            // rare: O rows *= alpha through workgroup memory, two tiles (t, t + NTH) at a time
-            //@unroll NTH
-            coopStoreT(o{t}, &so[orow], OS4);
-            coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
-            workgroupBarrier();
-            scale_rows(orow, rl, part, alpha[row]);
-            workgroupBarrier();
-            o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow], OS4);
-            o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + 4u], OS4);
-            workgroupBarrier();
-            //@end
-            if (lid == 0u) {
-                wmeta[2] = 0u;
-            }
+            break;
         }
         // O += P V
-        for (var j = 0u; j < 2u; j++) {
-            if ((PROBE & 4u) != 0u) {
-                break;
-            }
-            let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow + j * 4u], PSV);
+        add_pv(prow,
             //@unroll NT
-            o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), o{t});
+            &o{t},
             //@end
-        }
+        );
         workgroupBarrier();
+    }
+    // (the flag is still set when the inner loop left for a rescale, clear at its end)
+    if (workgroupUniformLoad(&wmeta[2]) == 0u) {
+        break;
+    }
+    // rare: O rows *= alpha through workgroup memory, two tiles (t, t + NTH) at a time
+    //@unroll NTH
+    coopStoreT(o{t}, &so[orow], OS4);
+    coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
+    workgroupBarrier();
+    scale_rows(orow, rl, part, alpha[row]);
+    workgroupBarrier();
+    o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow], OS4);
+    o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + 4u], OS4);
+    workgroupBarrier();
+    //@end
+    if (lid == 0u) {
+        wmeta[2] = 0u;
+    }
+    // the P·V of the chunk that needed it
+    add_pv(prow,
+        //@unroll NT
+        &o{t},
+        //@end
+    );
+    workgroupBarrier();
+    n++;
     }
 
     // out = O / l, two tiles (t, t + NTH) at a time through workgroup memory
@@ -413,6 +429,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     write_rows(orow, rl, part, bh, tok, {t}u * 16u, {t+NTH}u * 16u, inv);
     workgroupBarrier();
     //@end
+}
+
+// O += P·V for this subgroup's rows: P in pbuf, the chunk's V staged in kvs
+fn add_pv(prow: u32,
+    //@unroll NT
+    o{t}: ptr<function, coop_mat16x16<f32, C>>,
+    //@end
+) {
+    for (var j = 0u; j < 2u; j++) {
+        if ((PROBE & 4u) != 0u) {
+            break;
+        }
+        let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow + j * 4u], PSV);
+        //@unroll NT
+        *o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), *o{t});
+        //@end
+    }
 }
 
 // this lane's part of its row of the two O tiles in so, times f
