@@ -26,9 +26,9 @@
 // chunk exceeds it by more than RESCALE (log2 units), and only then is O sent through
 // workgroup memory to be rescaled (a workgroup-wide decision). P = exp2(s - reference) is
 // then at most 2^RESCALE; it is stored as f16, so RESCALE = 15 (P <= 32768 < 65504, f16's
-// largest) is the laziest safe choice. With 8 the rescales cost ~7 % of the kernel on the
-// H200 (benches/RESULTS.md session 13: a probe that skipped them, measured against one that
-// skipped the flag's barrier as well). The KV list is walked starting at a per-query-block
+// largest) is the laziest safe choice (8 before: 15 measured 1.1-1.6 % faster on the H200,
+// benches/RESULTS.md session 13; the rescale's code is kept out of the chunk loop, see
+// there). The KV list is walked starting at a per-query-block
 // offset so that neighbouring workgroups do not all read the same key block (the union from
 // the first key >= block 2p's starting key, then wrapped around): the query block's index
 // for masks, or for full lists (P.order = 1, dense attention) a scramble of the query block
