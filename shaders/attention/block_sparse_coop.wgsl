@@ -11,6 +11,8 @@
 // lists (merged on the fly by every thread; its length comes from one count of the common
 // blocks at the start), so in the pair form each staged K/V chunk serves 128 rows, and a key
 // block only one of the two lists holds is masked out of the other block's rows (-inf logits).
+// The one-block form walks its single list with a plain index instead (no merge, no masking:
+// 210 -> 202 registers, 0.4-1 % faster on the H200, benches/RESULTS.md session 14).
 // Each 64-key block is walked as two 32-key chunks: K of a chunk is staged, then V in the same
 // buffer (five barriers per chunk, two of them in the uniform load of the rescale flag).
 // Workgroup memory (d = 128): 23 KB, two workgroups per SM on NVIDIA's Vulkan driver (all the
@@ -265,6 +267,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // first list is empty): phase 0 from there to the ends, phase 1 the keys before it
     var wk = Walk(0u, 0u, 0u, 0u, NONE, NONE, 1u, 0u, 0u);
     var cur = vec3<u32>(0u);
+    var npos = 0u;
+    var nxt = 0u;
     if (cnt > 0u) {
         var sa = 0u;
         var sb = 0u;
@@ -275,8 +279,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         } else {
             sb = off % cnt_b;
         }
-        wk = Walk(sa, sb, cnt_a, cnt_b, entry(ma, sa, cnt_a), entry(mb, sb, cnt_b), 0u, sa, sb);
-        cur = walk_next(&wk, ma, mb);
+        if (BPW == 1u) {
+            // one-block form: a plain walk around the list from sa, the next entry loaded one
+            // block before it is needed
+            cur = vec3<u32>(indices[ma * P.nkb + sa], 1u, 0u);
+            npos = select(sa + 1u, 0u, sa + 1u >= cnt_a);
+            nxt = indices[ma * P.nkb + npos];
+        } else {
+            wk = Walk(sa, sb, cnt_a, cnt_b, entry(ma, sa, cnt_a), entry(mb, sb, cnt_b), 0u, sa, sb);
+            cur = walk_next(&wk, ma, mb);
+        }
     }
     var kb = cur.x;
     var member = select(cur.y, cur.z, mine_b) != 0u;
@@ -302,7 +314,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     loop {
     for (; n < 2u * cnt; n++) {
         let key0 = kb * 64u + (n % 2u) * 32u;
-        let member_now = member;
+        let member_now = BPW == 1u || member;
         //@unroll KST
         kr{t} = ld(1u, bh, key0, P.skv, el(lid, {t}u));
         //@end
@@ -338,9 +350,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
-            cur = walk_next(&wk, ma, mb);
-            kb = cur.x;
-            member = select(cur.y, cur.z, mine_b) != 0u;
+            if (BPW == 1u) {
+                kb = nxt;
+                npos = select(npos + 1u, 0u, npos + 1u >= cnt_a);
+                nxt = indices[ma * P.nkb + npos];
+            } else {
+                cur = walk_next(&wk, ma, mb);
+                kb = cur.x;
+                member = select(cur.y, cur.z, mine_b) != 0u;
+            }
         }
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
