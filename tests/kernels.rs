@@ -80,7 +80,8 @@ fn run_mask_case(tag: u64, grid: BlockGrid, heads: usize, d: usize, algos: &[&st
             let ka = g.read_f32(&st.ka).unwrap();
             assert_close(&format!("{a} qa"), &qa, &qa_ref, 1e-5, 1e-5, 1e-6);
             assert_close(&format!("{a} ka"), &ka, &ka_ref, 1e-5, 1e-5, 1e-6);
-            let map = g.read_f32(&st.probs).unwrap();
+            assert_eq!(st.probs.shape()[2], nabla::nabla::map_stride(nb));
+            let map = st.read_map(g).unwrap();
             let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
             assert_close(&format!("{a} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
             check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid);
@@ -693,7 +694,7 @@ fn run_rope_pool_case(
                 );
             }
             _ => {
-                let map = g.read_f32(&stg.probs).unwrap();
+                let map = stg.read_map(g).unwrap();
                 let map_ref = reference::block_map(&qa, &ka, heads, nb, d);
                 assert_close(&format!("{what} {a} map"), &map, &map_ref, 1e-6, 1e-4, 1e-5);
                 check_mask_against_reference(a, &dense, &map, heads * nb, nb, &algo, &grid);

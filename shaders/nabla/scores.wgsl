@@ -137,7 +137,7 @@ fn store_row(bh: u32, gi: u32, gj: u32, v: vec4<f32>) {
     if (gi >= P.nb) {
         return;
     }
-    let base = (bh * P.nb + gi) * P.nb;
+    let base = (bh * P.nb + gi) * P.stride;
     if (gj < P.nb) {
         out[base + gj] = v.x / P.sqrt_d;
     }

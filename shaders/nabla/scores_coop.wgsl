@@ -1,6 +1,6 @@
 // Compressed attention logits on cooperative matrices (tensor cores), f32-accurate:
-// out[bh, i, j] = (qa[bh, i, :] . ka[bh, j, :]) / sqrt(D), qa, ka [BH, Nb, D] f32 (D a multiple
-// of 16, |values| < 65504), out [BH, Nb, Nb] f32.
+// out[bh, i, j] = (qa[bh, i, :] . ka[bh, j, :]) · (1/sqrt(D)), qa, ka [BH, Nb, D] f32 (D a
+// multiple of 16, |values| < 65504), out [BH, Nb, stride] f32.
 // Each f32 x is split into hi = x with its mantissa cut to 10 bits (exact in f16) and
 // lo = x - hi (exact in f32), stored as f16(lo · 2^11); the mask bits are cut with integer
 // operations, so no compiler can fold f32(f16(x)) back into x. The logit is
@@ -10,7 +10,12 @@
 // sum and 4x2 for the cross sums), K in steps of 16 through workgroup memory (rows of 16 hi
 // halves, then the same rows' lo halves): the first step's f32 rows are loaded before the loop,
 // each later step's at the top of its step (loading the next step's rows during the current
-// step's products measured 1.6 % slower on the H200, as in the GEMM). 22 KB of workgroup
+// step's products measured 1.6 % slower on the H200, as in the GEMM). A tile that lies inside
+// the rows and the row stride (a multiple of 4 floats) is stored straight from its matrices
+// into `out`; the others (the last row of tiles, or any tile when the stride is not 16-byte
+// aligned) go through a 16x16 scratch per subgroup, element by element, two barriers per
+// matrix. The mask's scratch rows are padded to a multiple of 64 (`MaskStages`), so only the
+// last row of tiles takes the scratch path there. 22 KB of workgroup
 // memory: two workgroups share an SM's 48 KB on NVIDIA's Vulkan driver (tests/shaders.rs
 // guards the budget). Every cooperative load/store starts at a 16-byte boundary (row stride
 // 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
@@ -49,17 +54,26 @@ fn split(x: vec4<f32>) -> mat2x4<f16> {
 }
 
 fn epilogue(hh: coop_mat16x16<f32, C>, x: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32, bh: u32) {
-    let acc = hh + x * (1.0 / 2048.0);
+    let acc = (hh + x * (1.0 / 2048.0)) * P.inv_sqrt_d;
     coopStoreT(acc, &c_s[sg * 256u], 16u);
     workgroupBarrier();
     for (var e = lane; e < 256u; e += SG) {
         let r = row0 + e / 16u;
         let c = col0 + e % 16u;
         if (r < P.nb && c < P.nb) {
-            out[(bh * P.nb + r) * P.nb + c] = c_s[sg * 256u + e] / P.sqrt_d;
+            out[(bh * P.nb + r) * P.stride + c] = c_s[sg * 256u + e];
         }
     }
     workgroupBarrier();
+}
+
+// the 16x16 logits at (row0, col0), all inside the rows and the stride, stored as they are
+// (the stride comes in as an argument: naga 30's SPIR-V writer panics on a uniform's field
+// as a cooperative store's stride)
+fn store_direct(hh: coop_mat16x16<f32, C>, x: coop_mat16x16<f32, C>, row0: u32, col0: u32, bh: u32, stride: u32) {
+    let acc = (hh + x * (1.0 / 2048.0)) * P.inv_sqrt_d;
+    let ix = (bh * P.nb + row0) * stride + col0;
+    coopStoreT(acc, &out[ix], stride);
 }
 
 @compute @workgroup_size(WGS)
@@ -120,8 +134,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         //@end
         workgroupBarrier();
     }
-    //@unroll T4
-    epilogue(h{t}0, x{t}0, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh);
-    epilogue(h{t}1, x{t}1, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh);
-    //@end
+    // (workgroup-uniform: the tile's position and the parameters)
+    if (i0 + 128u <= P.nb && j0 + 64u <= P.stride && P.stride % 4u == 0u) {
+        //@unroll T4
+        store_direct(h{t}0, x{t}0, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh, P.stride);
+        store_direct(h{t}1, x{t}1, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh, P.stride);
+        //@end
+    } else {
+        //@unroll T4
+        epilogue(h{t}0, x{t}0, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh);
+        epilogue(h{t}1, x{t}1, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh);
+        //@end
+    }
 }

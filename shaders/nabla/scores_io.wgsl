@@ -1,12 +1,16 @@
 // Bindings of both block-scores kernels (scores.wgsl, scores_coop.wgsl): pooled qa, ka
 // [BH, Nb, D] f32 read as vec4 (D a multiple of 4; of 16 for the tensor-core kernel), logits
-// out [BH, Nb, Nb] f32.
+// out [BH, Nb, stride] f32 (rows of Nb logits, `stride` >= Nb floats apart).
 
 struct Params {
     nb: u32,
     d: u32,
     sqrt_d: f32,
-    _pad: u32,
+    stride: u32,
+    inv_sqrt_d: f32,  // 1 / sqrt_d rounded to f32 (the tensor-core kernel multiplies by it)
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;

@@ -22,6 +22,10 @@ struct Params {
     rt: u32,
     rh: u32,
     rw: u32,
+    stride: u32,    // floats between the rows of probs (>= nb)
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -38,8 +42,9 @@ fn absdiff(a: u32, b: u32) -> u32 {
 fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     let qi = wid.x;
     let row = wid.y * P.nb + qi;
-    let base = row * P.nb;
+    let base = row * P.stride;  // the row in probs
     let n = P.nb;
+    let lbase = row * n;        // the row in indices
 
     // 1. softmax, in registers (x0.., one per 256 keys), written back in place
     var m = -3.4e38;
@@ -96,7 +101,7 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
     var offset = 0u;
     //@unroll K
     if ({t}u * WG < n) {
-        offset += compact(qi, base, lid + {t}u * WG, x{t}, lo, offset, lid, sg, lane);
+        offset += compact(qi, lbase, lid + {t}u * WG, x{t}, lo, offset, lid, sg, lane);
     }
     //@end
     if (lid == 0u) {
@@ -105,7 +110,7 @@ fn row_main(wid: vec3<u32>, lid: u32, sg: u32, lane: u32) {
 }
 
 // Writes the kept keys of one 256-key chunk after `offset` and returns how many it kept.
-fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid: u32, sg: u32, lane: u32) -> u32 {
+fn compact(qi: u32, lbase: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid: u32, sg: u32, lane: u32) -> u32 {
     let n = P.nb;
     let hw = P.hb * P.wb;
     var keep = false;
@@ -123,7 +128,7 @@ fn compact(qi: u32, base: u32, j: u32, p: f32, keep_from: u32, offset: u32, lid:
     }
     let pre = chunk_prefix(select(0u, 1u, keep), lid, sg, lane);
     if (keep) {
-        indices[base + offset + pre.x] = j;
+        indices[lbase + offset + pre.x] = j;
     }
     return pre.y;
 }

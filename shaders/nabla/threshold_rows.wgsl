@@ -15,6 +15,10 @@ struct Params {
     rt: u32,
     rh: u32,
     rw: u32,
+    stride: u32,    // floats between the rows of probs (>= nb)
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -35,7 +39,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let live = qi_raw < n;
     let qi = min(qi_raw, n - 1u);
     let row = wid.y * n + qi;
-    let base = row * n;
+    let base = row * P.stride;  // the row in probs
+    let lbase = row * n;        // the row in indices
 
     var m = -3.4e38;
     //@unroll KL
@@ -121,7 +126,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let below_hi = select(0u, b.y & ((1u << (lane - 32u)) - 1u), lane >= 32u);
         let before = countOneBits(below) + countOneBits(below_hi);
         if (keep && live) {
-            indices[base + offset + before] = j;
+            indices[lbase + offset + before] = j;
         }
         offset += countOneBits(b.x) + countOneBits(b.y);
     }

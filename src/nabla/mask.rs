@@ -30,8 +30,10 @@ pub struct MaskStages {
     pub qa: Tensor,
     /// Pooled keys `[BH, Nb, D]`.
     pub ka: Tensor,
-    /// Block attention map `softmax(qa·kaᵀ/√D)` `[BH, Nb, Nb]` where `keep_probs`; otherwise
-    /// scratch for the logits `qa·kaᵀ/√D` (the probabilities may not be written back).
+    /// Block attention map `softmax(qa·kaᵀ/√D)` `[BH, Nb, stride]` (row `i` in the first `Nb`
+    /// of its `stride >= Nb` floats; [`MaskStages::read_map`] drops the rest) where
+    /// `keep_probs`; otherwise scratch for the logits `qa·kaᵀ/√D` (the probabilities may not
+    /// be written back).
     pub probs: Tensor,
     /// Whether the estimate writes the probabilities into `probs` (true from
     /// [`MaskStages::alloc`]; the DiT's scratch turns it off: a 4·BH·Nb² byte write saved).
@@ -260,7 +262,9 @@ struct ScoreParams {
     nb: u32,
     d: u32,
     sqrt_d: f32,
-    _pad: u32,
+    stride: u32,
+    inv_sqrt_d: f32,
+    _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -274,6 +278,8 @@ struct ThresholdParams {
     rt: u32,
     rh: u32,
     rw: u32,
+    stride: u32,
+    _pad: [u32; 3],
 }
 
 /// Checks `[B, H, S, D]` q/k against the grid; returns (BH, D).
@@ -431,11 +437,14 @@ fn record_scores(
     scores: Scores,
 ) -> Result<()> {
     let gpu = batch.gpu();
+    let sqrt_d = (d as f32).sqrt();
     let p = ScoreParams {
         nb: nb as u32,
         d: d as u32,
-        sqrt_d: (d as f32).sqrt(),
-        _pad: 0,
+        sqrt_d,
+        stride: map_row_stride(out, bh, nb)? as u32,
+        inv_sqrt_d: 1.0 / sqrt_d,
+        _pad: [0; 3],
     };
     if let Some(sg) = scores.tensor_core(gpu, d)? {
         let key = format!("nabla/scores_coop[sg{sg}]");
@@ -535,6 +544,8 @@ fn record_threshold(
         rt,
         rh,
         rw,
+        stride: map_row_stride(probs, bh, nb)? as u32,
+        _pad: [0; 3],
     };
     if let Some((kl, sgs)) = rows_variant {
         // the STA window's bitmask, built once per grid and window (one unread word without)
@@ -595,7 +606,7 @@ pub fn record_estimate_mask(
     let gpu = batch.gpu();
     let (bh, d) = check_qk(gpu, q, k, &grid)?;
     let nb = grid.blocks();
-    if stages.qa.shape() != [bh, nb, d] || stages.probs.shape() != [bh, nb, nb] {
+    if stages.qa.shape() != [bh, nb, d] || map_row_stride(&stages.probs, bh, nb).is_err() {
         return Err(Error::shape("mask scratch tensors do not match q/k"));
     }
     if out.heads != bh || out.nb != nb || out.kv != nb {
@@ -633,19 +644,55 @@ fn record_scores_threshold(
     )
 }
 
+/// The row stride of [`MaskStages::probs`] for `nb` blocks: `nb` rounded up to a multiple of
+/// 64, so that the tensor-core scores kernel stores every full tile straight from its matrices
+/// (16-byte aligned rows, no tile crossing a row's end). On the H200 that is 0.32 instead of
+/// 0.37 ms at wan14b-720p (benches/RESULTS.md, session 14).
+pub fn map_stride(nb: usize) -> usize {
+    nb.next_multiple_of(64)
+}
+
+/// The row stride of a block map `[bh, nb, stride]` f32 with `stride >= nb`, else an error.
+fn map_row_stride(map: &Tensor, bh: usize, nb: usize) -> Result<usize> {
+    match *map.shape() {
+        [b, n, s] if b == bh && n == nb && s >= nb && map.dtype() == DType::F32 => Ok(s),
+        _ => Err(Error::shape(format!(
+            "block map {:?} {:?}: expected [{bh}, {nb}, >= {nb}] f32",
+            map.shape(),
+            map.dtype()
+        ))),
+    }
+}
+
 impl MaskStages {
-    /// Allocates scratch tensors for `bh` heads, `nb` blocks and head dim `d`.
+    /// Allocates scratch tensors for `bh` heads, `nb` blocks and head dim `d` (the block map's
+    /// rows [`map_stride`] floats apart).
     pub fn alloc(gpu: &Gpu, bh: usize, nb: usize, d: usize) -> Result<MaskStages> {
+        let stride = map_stride(nb);
         gpu.check_binding(
-            &format!("block attention map [{bh}, {nb}, {nb}]"),
-            (bh * nb * nb * 4) as u64,
+            &format!("block attention map [{bh}, {nb}, {stride}]"),
+            (bh * nb * stride * 4) as u64,
         )?;
         Ok(MaskStages {
             qa: gpu.empty(&[bh, nb, d], DType::F32)?,
             ka: gpu.empty(&[bh, nb, d], DType::F32)?,
-            probs: gpu.empty(&[bh, nb, nb], DType::F32)?,
+            probs: gpu.empty(&[bh, nb, stride], DType::F32)?,
             keep_probs: true,
         })
+    }
+
+    /// The block map `[BH, Nb, Nb]` read back from [`MaskStages::probs`] without its rows'
+    /// padding (probabilities where `keep_probs`, else logits).
+    pub fn read_map(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let &[_, nb, stride] = self.probs.shape() else {
+            return Err(Error::shape("the block map is not [BH, Nb, stride]"));
+        };
+        let padded = gpu.read_f32(&self.probs)?;
+        Ok(padded
+            .chunks_exact(stride)
+            .flat_map(|row| &row[..nb])
+            .copied()
+            .collect())
     }
 }
 
@@ -772,10 +819,10 @@ pub fn record_mask_from_pooled(
 ) -> Result<()> {
     let (bh, d) = check_pooled(&stages.qa, &stages.ka, &grid, algo)?;
     let nb = grid.blocks();
-    if stages.probs.shape() != [bh, nb, nb] || stages.probs.dtype() != DType::F32 {
+    if map_row_stride(&stages.probs, bh, nb).is_err() {
         return Err(Error::shape(format!(
             "mask scratch: the block map {:?} does not match the pooled q/k ({bh} heads of {nb} \
-             blocks)",
+             blocks: [{bh}, {nb}, >= {nb}] f32)",
             stages.probs.shape()
         )));
     }

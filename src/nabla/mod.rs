@@ -13,8 +13,8 @@ pub use fractal::{from_fractal, record_fractal, to_fractal};
 pub use grid::BlockGrid;
 pub use mask::{
     BlockMask, MaskKernels, MaskStages, Reduction, Scores, estimate_mask,
-    estimate_mask_with_stages, mask_from_pooled, mask_from_pooled_with, record_estimate_mask,
-    record_mask_from_pooled, time_mask_stages,
+    estimate_mask_with_stages, map_stride, mask_from_pooled, mask_from_pooled_with,
+    record_estimate_mask, record_mask_from_pooled, time_mask_stages,
 };
 pub(crate) use rope_pool::variants as rope_pool_variants;
 pub use rope_pool::{
