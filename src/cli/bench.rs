@@ -374,8 +374,8 @@ pub struct GemmArgs {
     json: Option<PathBuf>,
 }
 
-/// GPU time a kernel's warm-up reaches before it is timed (`bench gemm`, and the RoPE producer
-/// of `bench attention`): long enough for the clocks to climb back after the seconds the bench
+/// GPU time a kernel's warm-up reaches before it is timed (`bench gemm`; the RoPE producer and
+/// the DiT-form mask of `bench attention`): long enough for the clocks to climb back after the seconds the bench
 /// spends on the CPU making and uploading the next inputs.
 const WARM_MS: f64 = 300.0;
 /// Runs a warm-up makes at least (pipeline creation, caches, first-call costs).
@@ -391,7 +391,7 @@ const SAMPLE_COPIES: usize = 64;
 /// At most this many copies in one warm-up submission.
 const WARM_CHUNK: usize = 1024;
 
-/// How one kernel (a GEMM of `bench gemm`, a RoPE producer) was timed by [`time_warmed`].
+/// How one kernel (a GEMM, a RoPE producer, a mask) was timed by [`time_warmed`].
 struct WarmTiming {
     /// GPU ms of one run in each timed sample (a sample's time over its copies).
     samples: Vec<f64>,
@@ -1107,9 +1107,9 @@ fn time_rope_pool(
     drop(x);
     let (oq, ok) = (gpu.empty(&[1, h, s, d], dt)?, gpu.empty(&[1, h, s, d], dt)?);
     // the baseline: the DiT's producer without a mask, the same kernel without the pooling.
-    // Each is warmed up right before its samples, as the GEMMs of `bench gemm` are: timed after
-    // short idle gaps, the baseline read 1.5 to 3.6 ms from one run to the next on the H200
-    // (benches/RESULTS.md, sessions 5 and 14) and the pooling's cost came out negative.
+    // Each is warmed up right before its samples, as the GEMMs of `bench gemm` are. The
+    // baseline still reads 1.53 ms in most processes and 3.6 ms in some on the H200, warmed up
+    // or not (benches/RESULTS.md, sessions 5 and 14): `RopePoolTimes::report` says so.
     let rope = time_warmed(reps, |r, c| {
         gpu.time_ms_inner(r, c, |b| {
             nabla::nabla::record_rope_split_heads(b, &xq, &cos, &sin, &oq)?;
