@@ -24,10 +24,7 @@ pub const SCORES_COOP: &str = include_str!("../shaders/nabla/scores_coop.wgsl");
 /// Source of the cooperative-matrix scores kernel for subgroup size `subgroup`.
 pub fn scores_coop_source(subgroup: u32) -> String {
     let wgs = 4 * subgroup;
-    let body = expand_unroll(
-        SCORES_COOP,
-        &[("T4", 4), ("QV", 512 / wgs), ("KV", 256 / wgs)],
-    );
+    let body = expand_unroll(SCORES_COOP, &[("QV", 256 / wgs), ("KV", 256 / wgs)]);
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst SG: u32 = {subgroup}u;\n\
          {SCORES_IO}{body}"

@@ -139,8 +139,9 @@ fn mask_d64_f16_storage() {
     );
 }
 
-/// Two 128-block score tiles (the second ragged) and every row of the first, over several
-/// 16-wide k-steps: head_dim 128 in f32 and 64 in f16 storage.
+/// Two 128-block tiles of the portable scores kernel and three 64-block tiles of the
+/// tensor-core one (the last ragged: stored through its scratch, the others straight into the
+/// padded map), over several 16-wide k-steps: head_dim 128 in f32 and 64 in f16 storage.
 #[test]
 fn mask_two_score_tiles() {
     let grid = BlockGrid::new(2, 9, 9).unwrap(); // 162 blocks

@@ -6,33 +6,37 @@
 // operations, so no compiler can fold f32(f16(x)) back into x. The logit is
 // Σ hi_q·hi_k + 2^-11 · Σ (hi_q·lo_k + lo_q·hi_k): 21 significant bits per operand, the
 // lo·lo term (2^-22 relative) dropped, every product exact in the f32 accumulation.
-// One workgroup = a 128x64 output tile = 4 subgroups of 64x32 (4x2 accumulators for the hi·hi
-// sum and 4x2 for the cross sums), K in steps of 16 through workgroup memory (rows of 16 hi
-// halves, then the same rows' lo halves): the first step's f32 rows are loaded before the loop,
-// each later step's at the top of its step (loading the next step's rows during the current
-// step's products measured 1.6 % slower on the H200, as in the GEMM). A tile that lies inside
-// the rows and the row stride (a multiple of 4 floats) is stored straight from its matrices
-// into `out`; the others (the last row of tiles, or any tile when the stride is not 16-byte
-// aligned) go through a 16x16 scratch per subgroup, element by element, two barriers per
-// matrix. The mask's scratch rows are padded to a multiple of 64 (`MaskStages`), so only the
-// last row of tiles takes the scratch path there. 22 KB of workgroup
-// memory: two workgroups share an SM's 48 KB on NVIDIA's Vulkan driver (tests/shaders.rs
-// guards the budget). Every cooperative load/store starts at a 16-byte boundary (row stride
-// 6 vec4<f16> = 48 bytes; scratch rows of 16 f32).
-// The prelude enables f16 and wgpu_cooperative_matrix and defines SG (4·SG threads).
+// One workgroup = a 64x64 output tile = 4 subgroups of 32x32 (2x2 accumulators for the hi·hi
+// sum and 2x2 for the cross sums), K in steps of 16 through workgroup memory: each staged row
+// holds its 16 hi halves, then its 16 lo halves, then 8 halves of padding (an 80-byte stride,
+// which keeps the 16-byte rows of a cooperative load on distinct banks). The first step's f32
+// rows are loaded before the loop, each later step's at the top of its step (loading the next
+// step's rows during the current step's products measured 1.6 % slower on the H200, as in the
+// GEMM). A tile that lies inside the rows and the row stride (a multiple of 4 floats) is
+// stored straight from its matrices into `out`; the others (the last row of tiles, or any
+// tile when the stride is not 16-byte aligned) go through a 16x16 scratch per subgroup,
+// element by element, two barriers per matrix. The mask's scratch rows are padded to a
+// multiple of 64 (`MaskStages`), so only the last row of tiles takes the scratch path there.
+// 14 KB of workgroup memory and 130 registers on the H200: three workgroups share an SM's
+// 48 KB on NVIDIA's Vulkan driver (tests/shaders.rs guards the budget). Measured there
+// (benches/RESULTS.md, session 15): 0.295 ms at wan14b-720p, against 0.303 ms for 128x64
+// tiles of 4 subgroups of 64x32 (215 registers, two workgroups per SM) and 0.304 ms for the
+// same tiles with 8 subgroups of 32x32 (16 warps per SM): the number of warps in flight is
+// not what bounds this kernel.
+// Every cooperative load/store starts at a 16-byte boundary.
+// The prelude enables f16 and wgpu_cooperative_matrix and defines SG (4·SG threads); the
+// unroll counts are QV = 256 / (4·SG) and KV = 256 / (4·SG) vec4<f32> per thread and k-step.
 
 // (Params and bindings: scores_io.wgsl, prepended by the dispatcher)
 
-const RS: u32 = 6u;             // vec4<f16> row stride: 16 k + 8 pad halves
-const QLO: u32 = 128u * RS;     // offset of the lo rows in q_s
-const KLO: u32 = 64u * RS;      // offset of the lo rows in k_s
-const WGS: u32 = 4u * SG;
-const QV: u32 = 512u / WGS;     // q vec4<f32> per thread and k-step (128 rows x 4)
-const KV: u32 = 256u / WGS;     // k vec4<f32> per thread and k-step (64 rows x 4)
+const TR: u32 = 64u;            // rows of the tile
+const RS: u32 = 10u;            // vec4<f16> row stride: 16 hi + 16 lo + 8 pad halves
+const NSG: u32 = 4u;            // 2 x 2 subgroups of 32x32
+const WGS: u32 = NSG * SG;
 
-var<workgroup> q_s: array<vec4<f16>, 2u * 128u * RS>;
-var<workgroup> k_s: array<vec4<f16>, 2u * 64u * RS>;
-var<workgroup> c_s: array<f32, 4u * 256u>;
+var<workgroup> q_s: array<vec4<f16>, TR * RS>;
+var<workgroup> k_s: array<vec4<f16>, 64u * RS>;
+var<workgroup> c_s: array<f32, 256u * NSG>;
 
 // element e of a [rows][16 k] slab: row e / 4, k quad e % 4 (k0 + 4·(e % 4)), zero past nb
 fn ld(which: u32, bh: u32, row0: u32, k0: u32, e: u32) -> vec4<f32> {
@@ -82,16 +86,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(subgroup_id) sg: u32,
         @builtin(subgroup_invocation_id) lane: u32) {
     let bh = wid.z;
-    let i0 = wid.y * 128u;
+    let i0 = wid.y * TR;
     let j0 = wid.x * 64u;
-    let sy = sg / 2u;   // 64-row half of the tile
+    let sy = sg / 2u;   // 32-row half of the tile
     let sx = sg % 2u;   // 32-column half
-    //@unroll T4
-    var h{t}0 = coop_mat16x16<f32, C>();
-    var h{t}1 = coop_mat16x16<f32, C>();
-    var x{t}0 = coop_mat16x16<f32, C>();
-    var x{t}1 = coop_mat16x16<f32, C>();
-    //@end
+    var h00 = coop_mat16x16<f32, C>();
+    var h01 = coop_mat16x16<f32, C>();
+    var h10 = coop_mat16x16<f32, C>();
+    var h11 = coop_mat16x16<f32, C>();
+    var x00 = coop_mat16x16<f32, C>();
+    var x01 = coop_mat16x16<f32, C>();
+    var x10 = coop_mat16x16<f32, C>();
+    var x11 = coop_mat16x16<f32, C>();
     //@unroll QV
     var qr{t} = ld(0u, bh, i0, 0u, lid + {t}u * WGS);
     //@end
@@ -110,40 +116,47 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         //@unroll QV
         let qs{t} = split(qr{t});
         q_s[((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = qs{t}[0];
-        q_s[QLO + ((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = qs{t}[1];
+        q_s[((lid + {t}u * WGS) / 4u) * RS + 4u + (lid + {t}u * WGS) % 4u] = qs{t}[1];
         //@end
         //@unroll KV
         let ks{t} = split(kr{t});
         k_s[((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = ks{t}[0];
-        k_s[KLO + ((lid + {t}u * WGS) / 4u) * RS + (lid + {t}u * WGS) % 4u] = ks{t}[1];
+        k_s[((lid + {t}u * WGS) / 4u) * RS + 4u + (lid + {t}u * WGS) % 4u] = ks{t}[1];
         //@end
         workgroupBarrier();
         let bh0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u) * RS], RS);
         let bh1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u + 16u) * RS], RS);
-        let bl0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[KLO + (sx * 32u) * RS], RS);
-        let bl1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[KLO + (sx * 32u + 16u) * RS], RS);
-        //@unroll T4
-        let ah{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 64u + {t}u * 16u) * RS], RS);
-        let al{t} = coopLoadT<coop_mat16x16<f16, A>>(&q_s[QLO + (sy * 64u + {t}u * 16u) * RS], RS);
-        h{t}0 = coopMultiplyAdd(ah{t}, bh0, h{t}0);
-        h{t}1 = coopMultiplyAdd(ah{t}, bh1, h{t}1);
-        x{t}0 = coopMultiplyAdd(ah{t}, bl0, x{t}0);
-        x{t}1 = coopMultiplyAdd(ah{t}, bl1, x{t}1);
-        x{t}0 = coopMultiplyAdd(al{t}, bh0, x{t}0);
-        x{t}1 = coopMultiplyAdd(al{t}, bh1, x{t}1);
-        //@end
+        let bl0 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u) * RS + 4u], RS);
+        let bl1 = coopLoad<coop_mat16x16<f16, B>>(&k_s[(sx * 32u + 16u) * RS + 4u], RS);
+        let ah0 = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 32u) * RS], RS);
+        let ah1 = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 32u + 16u) * RS], RS);
+        let al0 = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 32u) * RS + 4u], RS);
+        let al1 = coopLoadT<coop_mat16x16<f16, A>>(&q_s[(sy * 32u + 16u) * RS + 4u], RS);
+        h00 = coopMultiplyAdd(ah0, bh0, h00);
+        h01 = coopMultiplyAdd(ah0, bh1, h01);
+        h10 = coopMultiplyAdd(ah1, bh0, h10);
+        h11 = coopMultiplyAdd(ah1, bh1, h11);
+        x00 = coopMultiplyAdd(ah0, bl0, x00);
+        x01 = coopMultiplyAdd(ah0, bl1, x01);
+        x10 = coopMultiplyAdd(ah1, bl0, x10);
+        x11 = coopMultiplyAdd(ah1, bl1, x11);
+        x00 = coopMultiplyAdd(al0, bh0, x00);
+        x01 = coopMultiplyAdd(al0, bh1, x01);
+        x10 = coopMultiplyAdd(al1, bh0, x10);
+        x11 = coopMultiplyAdd(al1, bh1, x11);
         workgroupBarrier();
     }
-    // (workgroup-uniform: the tile's position and the parameters)
-    if (i0 + 128u <= P.nb && j0 + 64u <= P.stride && P.stride % 4u == 0u) {
-        //@unroll T4
-        store_direct(h{t}0, x{t}0, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh, P.stride);
-        store_direct(h{t}1, x{t}1, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh, P.stride);
-        //@end
+    let r0 = i0 + sy * 32u;
+    let c0 = j0 + sx * 32u;
+    if (i0 + TR <= P.nb && j0 + 64u <= P.stride && P.stride % 4u == 0u) {
+        store_direct(h00, x00, r0, c0, bh, P.stride);
+        store_direct(h01, x01, r0, c0 + 16u, bh, P.stride);
+        store_direct(h10, x10, r0 + 16u, c0, bh, P.stride);
+        store_direct(h11, x11, r0 + 16u, c0 + 16u, bh, P.stride);
     } else {
-        //@unroll T4
-        epilogue(h{t}0, x{t}0, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u, bh);
-        epilogue(h{t}1, x{t}1, sg, lane, i0 + sy * 64u + {t}u * 16u, j0 + sx * 32u + 16u, bh);
-        //@end
+        epilogue(h00, x00, sg, lane, r0, c0, bh);
+        epilogue(h01, x01, sg, lane, r0, c0 + 16u, bh);
+        epilogue(h10, x10, sg, lane, r0 + 16u, c0, bh);
+        epilogue(h11, x11, sg, lane, r0 + 16u, c0 + 16u, bh);
     }
 }

@@ -453,7 +453,7 @@ fn record_scores(
             &pipe,
             bytemuck::bytes_of(&p),
             &[qa, ka, out],
-            [nb.div_ceil(64) as u32, nb.div_ceil(128) as u32, bh as u32],
+            [nb.div_ceil(64) as u32, nb.div_ceil(64) as u32, bh as u32],
         );
     }
     let pipe = gpu.pipeline("nabla/scores", shaders::SCORES, true)?;
