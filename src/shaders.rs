@@ -47,7 +47,7 @@ pub const THRESHOLD_ROWS_KL_MAX: u32 = 64;
 /// Source of the row-per-subgroup threshold kernel; `write_probs`: the row's probabilities
 /// are written back over its logits.
 pub fn threshold_rows_source(kl: u32, subgroup: u32, write_probs: bool) -> String {
-    let body = expand_sums(&expand_unroll(THRESHOLD_ROWS, &[("KL", kl)]), &[("KL", kl)]);
+    let body = expand_unroll(THRESHOLD_ROWS, &[("KL", kl)]);
     format!(
         "const KL: u32 = {kl}u;\nconst SG: u32 = {subgroup}u;\nconst WRITE_PROBS: u32 = {}u;\n{body}",
         write_probs as u32
@@ -142,42 +142,6 @@ pub fn expand_unroll(src: &str, vars: &[(&str, u32)]) -> String {
             }
         }
     }
-    out
-}
-
-/// Replaces every `@sum[NAME]{ EXPR }@` by the sum of `EXPR` for `t = 0..NAME` (with `{t}`
-/// replaced by `t`), written as a balanced tree of additions: independent adds instead of one
-/// chain (the compilers keep the order of f32 additions). `0` when NAME is 0.
-pub fn expand_sums(src: &str, vars: &[(&str, u32)]) -> String {
-    let mut out = String::with_capacity(src.len());
-    let mut rest = src;
-    while let Some(start) = rest.find("@sum[") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 5..];
-        let (name, after) = after.split_once("]{").expect("@sum[NAME]{ EXPR }@");
-        let (expr, after) = after.split_once("}@").expect("@sum[NAME]{ EXPR }@");
-        let n = vars
-            .iter()
-            .find(|(v, _)| *v == name)
-            .map(|(_, v)| *v)
-            .expect("@sum over an unknown name");
-        let mut terms: Vec<String> = (0..n)
-            .map(|t| format!("({})", expr.trim().replace("{t}", &t.to_string())))
-            .collect();
-        while terms.len() > 1 {
-            terms = terms
-                .chunks(2)
-                .map(|c| match c {
-                    [a, b] => format!("({a} + {b})"),
-                    [a] => a.clone(),
-                    _ => unreachable!(),
-                })
-                .collect();
-        }
-        out.push_str(terms.pop().as_deref().unwrap_or("0"));
-        rest = after;
-    }
-    out.push_str(rest);
     out
 }
 

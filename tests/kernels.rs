@@ -191,14 +191,26 @@ fn mask_from_pooled_large_nb() {
     }
 }
 
-/// The STA union through every reduction, two heads, rows of two and more 32-key words.
+/// The STA union through every reduction, two heads, rows of two and more 32-key words, and
+/// rows of more than 32 subgroup-wide chunks (the row-per-subgroup kernel keeps a row's STA
+/// words in two slots per lane: the second one serves chunks 32 and up), the last one ragged.
 #[test]
 fn mask_sta_union_every_reduction() {
     let g = gpu();
     let mut rng = Rng::fresh(8);
+    let sg = if g.caps().subgroups {
+        g.caps().subgroup_max as usize
+    } else {
+        8
+    };
     for (grid, w) in [
         (BlockGrid::new(2, 3, 7).unwrap(), "nabla-0.4_sta-3-3-3"),
         (BlockGrid::new(3, 4, 6).unwrap(), "nabla-0.1_sta-1-3-5"),
+        // 32·SG + 8 blocks
+        (
+            BlockGrid::new(2, 4, 4 * sg + 1).unwrap(),
+            "nabla-0.5_sta-3-3-5",
+        ),
     ] {
         let nb = grid.blocks();
         let d = 128;

@@ -75,7 +75,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // kept blocks are those with bits(x) >= lo). The answer lies in [lo, hi], kept
     // subgroup-uniform: hi starts at pmax (F = 1), lo at a bound from F(v) <= n·v (so no v
     // below cut / n qualifies; 1 % margin for the rounding of F, far above n·2^-24), 0 when
-    // cut <= 0 (every block kept). Sums are balanced trees over the KL values (@sum).
+    // cut <= 0 (every block kept).
     var hi = bitcast<u32>(pmax);
     var lo = min(bitcast<u32>(P.cut / f32(n) * 0.99), hi);
     if (P.cut <= 0.0) {
@@ -97,7 +97,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         let mid = lo + (hi - lo) / 2u;
         let v = bitcast<f32>(mid);
-        let fc = subgroupAdd(@sum[KL]{ select(vec2<f32>(0.0), vec2<f32>(x{t}, 1.0), x{t} <= v) }@);
+        // each lane's sum and count of its values at or below v, added under the comparison
+        // (a balanced tree of selects instead: the stage 0.258 instead of 0.209 ms at
+        // wan14b-720p on the H200, benches/RESULTS.md session 15)
+        var fs = 0.0;
+        var fn_ = 0.0;
+        //@unroll KL
+        if (x{t} <= v) {
+            fs += x{t};
+            fn_ += 1.0;
+        }
+        //@end
+        let fc = subgroupAdd(vec2<f32>(fs, fn_));
         if (fc.x >= P.cut) {
             hi = mid;
             n_hi = fc.y;
@@ -107,28 +118,46 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
 
-    // keep flags (+ STA) and compaction in ascending key order, SG keys at a time
+    // keep flags (+ STA) and compaction in ascending key order, SG keys at a time. The row's
+    // STA words (ceil(Nb/32) <= 2·SG of them) are loaded once, lane l holding words l and
+    // l + SG; key j's word (j / 32) then comes by a shuffle. With a load per chunk instead
+    // the stage ran 10-18 % slower on the H200 (session 15), without STA too (not explained).
     var offset = 0u;
+    let nw = (n + 31u) / 32u;
+    var w0 = 0u;
+    var w1 = 0u;
+    if (P.use_sta != 0u) {
+        w0 = sta_bits[qi * nw + min(lane, nw - 1u)];
+        w1 = sta_bits[qi * nw + min(lane + SG, nw - 1u)];
+    }
     //@unroll KL
     if ({t}u * SG < n) {
         let j = lane + {t}u * SG;
         var keep = j < n && bitcast<u32>(x{t}) >= lo;
-        // the STA word is loaded by every lane in subgroup-uniform control flow (no load in a
-        // lane-divergent branch right before the subgroup ballot below)
+        // (the words of chunk t sit in slot t / 32 for every subgroup size: the shuffle runs
+        // in subgroup-uniform control flow)
         if (P.use_sta != 0u) {
-            let word = sta_bits[qi * ((n + 31u) / 32u) + min(j, n - 1u) / 32u];
+            let word = subgroupShuffle(select(w0, w1, {t}u >= 32u), ((lane + {t}u * SG) / 32u) % SG);
             keep = keep | (j < n && ((word >> (j % 32u)) & 1u) != 0u);
         }
-        // rank among the kept lanes: the ballot's bits below this lane (SG <= 64; two
-        // subgroup scans instead measured 0.1 ms slower at wan14b-720p on the H200)
+        // rank among the kept lanes: the ballot's bits below this lane (two subgroup scans
+        // instead measured 0.1 ms slower at wan14b-720p on the H200)
         let b = subgroupBallot(keep);
-        let below = select(b.x & ((1u << lane) - 1u), b.x, lane >= 32u);
-        let below_hi = select(0u, b.y & ((1u << (lane - 32u)) - 1u), lane >= 32u);
-        let before = countOneBits(below) + countOneBits(below_hi);
-        if (keep && live) {
-            indices[lbase + offset + before] = j;
+        if (SG <= 32u) {
+            let before = countOneBits(b.x & ((1u << lane) - 1u));
+            if (keep && live) {
+                indices[lbase + offset + before] = j;
+            }
+            offset += countOneBits(b.x);
+        } else {
+            let below = select(b.x & ((1u << lane) - 1u), b.x, lane >= 32u);
+            let below_hi = select(0u, b.y & ((1u << (lane - 32u)) - 1u), lane >= 32u);
+            let before = countOneBits(below) + countOneBits(below_hi);
+            if (keep && live) {
+                indices[lbase + offset + before] = j;
+            }
+            offset += countOneBits(b.x) + countOneBits(b.y);
         }
-        offset += countOneBits(b.x) + countOneBits(b.y);
     }
     //@end
     if (lane == 0u && live) {
