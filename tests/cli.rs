@@ -318,3 +318,39 @@ fn bench_attention_times_the_fused_pooling() {
         assert!(v.is_finite() && v > 0.0, "{k} = {v}");
     }
 }
+
+#[test]
+fn bench_gemm_times_only_the_shapes_asked_for() {
+    let json = tmp_dir("gemm").join("gemm.json");
+    let o = nabla(&[
+        "bench",
+        "gemm",
+        "--kernels",
+        "portable",
+        "--shapes",
+        " 1.3B QKVO ",
+        "--tokens",
+        "64",
+        "--reps",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "bench failed:\n{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "one shape, one kernel: {rows:?}");
+    assert_eq!(rows[0]["shape"], "1.3B qkvo 1536->1536");
+    assert_eq!(rows[0]["m"], 64);
+    let ms = rows[0]["ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(ms.is_finite() && ms > 0.0, "ms = {ms}");
+
+    let bad = nabla(&["bench", "gemm", "--kernels", "portable", "--shapes", "nope"]);
+    let err = stderr(&bad);
+    assert!(!bad.status.success(), "an unknown shape must fail");
+    assert!(
+        err.contains("--shapes \"nope\" matches none") && err.contains("square 4096"),
+        "{err}"
+    );
+}

@@ -369,9 +369,42 @@ pub struct GemmArgs {
     /// GPU work and 3 runs (the median and the best are reported).
     #[arg(long, default_value_t = 10)]
     reps: usize,
+    /// Only the shapes whose name contains one of these comma-separated words (any case):
+    /// e.g. `square,14b` or `ffn.0`. Default: every shape.
+    #[arg(long)]
+    shapes: Option<String>,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// The shapes whose name contains one of the comma-separated `filter` words (any case), or
+/// all of them without a filter; an error naming the shapes when none matches.
+fn filter_shapes<T: Copy>(
+    shapes: &[(&'static str, T)],
+    filter: Option<&str>,
+) -> Result<Vec<(&'static str, T)>> {
+    let Some(f) = filter else {
+        return Ok(shapes.to_vec());
+    };
+    let words: Vec<String> = f
+        .split(',')
+        .map(|w| w.trim().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let kept: Vec<_> = shapes
+        .iter()
+        .filter(|(name, _)| words.iter().any(|w| name.to_lowercase().contains(w)))
+        .copied()
+        .collect();
+    if kept.is_empty() {
+        let names: Vec<&str> = shapes.iter().map(|(n, _)| *n).collect();
+        return Err(Error::Invalid(format!(
+            "--shapes {f:?} matches none of the shapes: {}",
+            names.join(", ")
+        )));
+    }
+    Ok(kept)
 }
 
 /// GPU time a kernel's warm-up reaches before it is timed (`bench gemm`; the RoPE producer and
@@ -529,16 +562,19 @@ fn gemm(a: GemmArgs) -> Result<()> {
         }
     };
     let m = a.tokens;
-    let shapes: Vec<(&str, usize, usize, usize)> = vec![
-        ("square 4096", 4096, 4096, 4096),
-        ("14B qkvo 5120->5120", m, 5120, 5120),
-        ("14B ffn.0 5120->13824", m, 13824, 5120),
-        ("14B ffn.2 13824->5120", m, 5120, 13824),
-        ("1.3B qkvo 1536->1536", m, 1536, 1536),
-        ("1.3B ffn.0 1536->8960", m, 8960, 1536),
-        ("1.3B ffn.2 8960->1536", m, 1536, 8960),
-        ("text 4096->5120 (512 rows)", 512, 5120, 4096),
-    ];
+    let shapes = filter_shapes(
+        &[
+            ("square 4096", (4096, 4096, 4096)),
+            ("14B qkvo 5120->5120", (m, 5120, 5120)),
+            ("14B ffn.0 5120->13824", (m, 13824, 5120)),
+            ("14B ffn.2 13824->5120", (m, 5120, 13824)),
+            ("1.3B qkvo 1536->1536", (m, 1536, 1536)),
+            ("1.3B ffn.0 1536->8960", (m, 8960, 1536)),
+            ("1.3B ffn.2 8960->1536", (m, 1536, 8960)),
+            ("text 4096->5120 (512 rows)", (512, 5120, 4096)),
+        ],
+        a.shapes.as_deref(),
+    )?;
     let mut rows = Vec::new();
     println!(
         "adapter  {} ({}, {} {}) | weights {} | x {}",
@@ -554,7 +590,7 @@ fn gemm(a: GemmArgs) -> Result<()> {
         "{:<28} {:>7} {:>6} {:>6} {:<9} {:>10} {:>10} {:>9} {:>9} {:>10}",
         "shape", "M", "N", "K", "kernel", "ms med", "ms best", "TFLOP/s", "best", "rel err"
     );
-    for (name, m, n, k) in shapes {
+    for (name, (m, n, k)) in shapes {
         let mut rng = 0x1234_5678u64 ^ (m * n * k) as u64;
         let mut rnd = |len: usize, scale: f32| -> Vec<f32> {
             (0..len)
