@@ -19,7 +19,7 @@
 // multiple of 64 (`MaskStages`), so only the last row of tiles takes the scratch path there.
 // 14 KB of workgroup memory and 130 registers on the H200: three workgroups share an SM's
 // 48 KB on NVIDIA's Vulkan driver (tests/shaders.rs guards the budget). Measured there
-// (benches/RESULTS.md, session 15): 0.295 ms at wan14b-720p, against 0.303 ms for 128x64
+// (benches/RESULTS.md, session 15): 0.295-0.300 ms at wan14b-720p, against 0.303 ms for 128x64
 // tiles of 4 subgroups of 64x32 (215 registers, two workgroups per SM) and 0.304 ms for the
 // same tiles with 8 subgroups of 32x32 (16 warps per SM): the number of warps in flight is
 // not what bounds this kernel.
