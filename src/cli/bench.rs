@@ -1090,8 +1090,8 @@ impl RopePoolTimes {
     ///
     /// A producer with the pooling cannot cost less than without it: when the baseline reads
     /// slower, the pooling counts as free and the line says so. (On the H200 the unfused
-    /// baseline runs 1.53 ms in most processes and 3.6 ms in about one in four, warmed up or
-    /// not, while the fused kernel holds at 1.52-1.53 ms: benches/RESULTS.md, session 14.)
+    /// baseline runs 1.53 ms in most processes and 3.6 ms in some, two of six in session 14,
+    /// warmed up or not, while the fused kernel holds at 1.52-1.53 ms: benches/RESULTS.md.)
     pub(super) fn report(&self, algo: &SparseAlgo, prepooled_ms: f64) -> serde_json::Value {
         let diff = self.rope_pool_ms - self.rope_ms;
         let pool_ms = diff.max(0.0);
