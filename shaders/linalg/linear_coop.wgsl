@@ -17,8 +17,8 @@
 // as without the mode.
 // One workgroup = a TMx128 output tile (TM = 128 or 256 rows of x, a tuned choice) = TM/32
 // subgroups of 64x64 (4x4 accumulators each; at TM = 256 twice as many share the W tile), K in
-// steps of 32 through workgroup memory, each step's operands loaded right before they are
-// staged. Edges are masked in the loads and the epilogue; each
+// steps of 32 through workgroup memory, each step's operands loaded one step ahead into
+// registers. Edges are masked by the staging (past K) and the epilogue (past M, N); each
 // accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
@@ -39,23 +39,25 @@ var<workgroup> c_s: array<f32, 256u * NSG>;         // per subgroup one 16x16 f3
 
 // PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
 // bit 1 the matrix products; 0 in every real run.
-fn stage_x(row: u32, k: u32) -> mat2x4<f16> {
+// A fetched x span (`fetch_x8`) as staged: f16, zeros past K.
+fn stage_x(v: mat2x4<XE>, row: u32, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
         return mat2x4<f16>(vec4<f16>(f16(row & 7u)), vec4<f16>(f16(row & 7u)));
     }
-    let v = load_x8(row, k);
+    let s = span_x8(v, k);
     if (XDT != 0u) {
         // f16 storage: as stored (a conversion of f16 to f16: none)
-        return mat2x4<f16>(v);
+        return mat2x4<f16>(s);
     }
-    return mat2x4<f16>(vec4<f16>(round_x4(vec4<f32>(v[0]))), vec4<f16>(round_x4(vec4<f32>(v[1]))));
+    return mat2x4<f16>(vec4<f16>(round_x4(vec4<f32>(s[0]))), vec4<f16>(round_x4(vec4<f32>(s[1]))));
 }
 
-fn stage_w(row: u32, k: u32) -> mat2x4<f16> {
+// A fetched W span (`fetch_w8`) as staged: f16, zeros past K.
+fn stage_w(v: WSPAN, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
         return mat2x4<f16>(vec4<f16>(f16(k & 7u)), vec4<f16>(f16(k & 7u)));
     }
-    return mat2x4<f16>(load_w8(row, k));
+    return mat2x4<f16>(span_w8(v, k));
 }
 
 fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) {
@@ -97,40 +99,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var c{t}2 = coop_mat16x16<f32, C>();
     var c{t}3 = coop_mat16x16<f32, C>();
     //@end
-    // Each k-step's operands are loaded from storage into registers (SPX spans of eight x and
-    // SPW of eight W values per thread, already rounded to f16) right before they are staged;
-    // the first step's before the loop. The staging is unrolled with a constant trip count (a
-    // loop from `lid` with a run-time bound kept every load in flight alone: ~6x slower on the
-    // H200). Four threads per row, eight k each: with K % 8 == 0 each span is one 16-byte load
-    // (linear_loads_vec8.wgsl). Measured on the H200 (benches/RESULTS.md, session 10): loading
-    // the next step during the MMAs was 3-5 % slower, and this same form with the loads as
-    // `let`s inside the loop (no load before it) 12-17 % slower; two tile buffers 1.7x slower.
+    // Each k-step's operands are fetched from storage into registers (SPX spans of eight x and
+    // SPW of eight W values per thread, as stored) one step ahead: step k+32's loads are issued
+    // before step k's products and only converted and stored into workgroup memory after them,
+    // so their latency hides behind the products instead of stalling every subgroup at the top
+    // of each step. Measured on the H200 (benches/RESULTS.md, session 16): 167 -> 205 TFLOP/s
+    // at 4096^3, 174-186 -> 226-238 at the 14B shapes. A prefetch had been 3-5 % slower in
+    // session 10, when the loads carried their bounds selects and decoding; the driver's machine
+    // code (session 16) shows such consumers placed right after the loads. The fetch is now
+    // unpredicated (clamped addresses) and all conversion happens in `stage_x` / `stage_w`.
+    // The staging is unrolled with a constant trip count (a loop from `lid` with a run-time
+    // bound kept every load in flight alone: ~6x slower). Four threads per row, eight k each:
+    // with K % 8 == 0 each span is one 16-byte load (linear_loads_vec8.wgsl).
     let sr = lid / 4u;
     let sc = lid % 4u;
     //@unroll SPX
-    var xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    var xr{t} = fetch_x8(m0 + sr + {t}u * (WGS / 4u), sc * 8u);
     //@end
     //@unroll SPW
-    var wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
+    var wr{t} = fetch_w8(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
     //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
-        if (k0 > 0u) {
-            //@unroll SPX
-            xr{t} = stage_x(m0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
-            //@end
-            //@unroll SPW
-            wr{t} = stage_w(n0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
-            //@end
-        }
         //@unroll SPX
-        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = xr{t}[0];
-        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = xr{t}[1];
+        let xs{t} = stage_x(xr{t}, m0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
+        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = xs{t}[0];
+        a_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = xs{t}[1];
         //@end
         //@unroll SPW
-        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = wr{t}[0];
-        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = wr{t}[1];
+        let ws{t} = stage_w(wr{t}, k0 + sc * 8u);
+        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u] = ws{t}[0];
+        b_s[(sr + {t}u * (WGS / 4u)) * KAV + sc * 2u + 1u] = ws{t}[1];
         //@end
         workgroupBarrier();
+        // the next step's operands (past K on the last step: clamped, never staged)
+        //@unroll SPX
+        xr{t} = fetch_x8(m0 + sr + {t}u * (WGS / 4u), k0 + 32u + sc * 8u);
+        //@end
+        //@unroll SPW
+        wr{t} = fetch_w8(n0 + sr + {t}u * (WGS / 4u), k0 + 32u + sc * 8u);
+        //@end
         for (var kk = 0u; kk < 2u; kk++) {
             if ((PROBE & 2u) != 0u) {
                 break;

@@ -2,13 +2,20 @@
 // mat2x4<f16>, staged as stored. Decoded to f32 first (as the other forms do, with integer
 // code), the tensor-core kernel ran at 68.8 TFLOP/s at 4096^3 on the H200; staged as stored,
 // 156 (bf16 weights: 166; benches/RESULTS.md session 12). Same values: an f16 is exact in f32.
+// Clamped like `fetch_x8` (a row past N only feeds outputs past N).
 
 @group(0) @binding(2) var<storage, read> w: array<mat2x4<f16>>;
 
-// w[row, k..k+8] in f16, zeros past N or K.
-fn load_w8(row: u32, k: u32) -> mat2x4<f16> {
-    if (row >= P.n || k >= P.k) {
-        return mat2x4<f16>();
-    }
-    return w[(row * P.k + k) / 8u];
+// What `fetch_w8` holds between its load and `span_w8`.
+alias WSPAN = mat2x4<f16>;
+
+// w[min(row, N - 1), min(k, K - 8)..+8] as stored.
+fn fetch_w8(row: u32, k: u32) -> mat2x4<f16> {
+    return w[(min(row, P.n - 1u) * P.k + min(k, P.k - 8u)) / 8u];
+}
+
+// The fetched span of columns k..k+8, zeros past K.
+fn span_w8(v: mat2x4<f16>, k: u32) -> mat2x4<f16> {
+    let live = k < P.k;
+    return mat2x4<f16>(select(vec4<f16>(), v[0], live), select(vec4<f16>(), v[1], live));
 }

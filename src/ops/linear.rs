@@ -261,7 +261,10 @@ impl Loads {
 
     /// The widest loads K allows; `NABLA_LINEAR_VEC=0|4` caps them (comparisons).
     fn for_k(k: usize) -> Loads {
-        let widest = if k.is_multiple_of(8) {
+        // K = 0 (y = bias): the 16-byte form clamps its addresses to K - 8, the others check K
+        let widest = if k == 0 {
+            Loads::Scalar
+        } else if k.is_multiple_of(8) {
             Loads::Vec8
         } else if k.is_multiple_of(4) {
             Loads::Vec4
@@ -284,8 +287,8 @@ impl Loads {
     }
 
     /// The binding and load functions of this form for weights stored as `wdt` (the coop
-    /// kernel's `load_x8` / `load_w8`). The 16-byte form reads f16 weights as f16, without
-    /// decoding them to f32 first.
+    /// kernel's `fetch_x8` / `span_x8` and `fetch_w8` / `span_w8`). The 16-byte form reads f16
+    /// weights as f16, without decoding them to f32 first.
     fn source(self, wdt: DType) -> String {
         match self {
             Loads::Scalar => format!("{LINEAR_LOADS}{LINEAR_LOADS_PAIR}"),
@@ -1187,8 +1190,8 @@ fn record(
             };
             let src = coop_source(w.dtype(), shader_epi, rb16, io, build)
                 .ok_or_else(|| no_kernel(w, io))?;
-            // indices are validated by `check` and masked in the loads: no runtime checks
-            // (NABLA_CHECKED=1 keeps them)
+            // indices are validated by `check`, then masked or clamped in the loads: no runtime
+            // checks (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
                 "{}[coop,sg{sg},{},tm{tm},checked={checked}{}]",
