@@ -297,8 +297,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // so that the loads are in flight during the products. Measured on the H200 (wan14b-720p,
     // benches/RESULTS.md session 13): one-block form nabla-0.7 280.8 -> 274.1 ms; pair form
     // dense 799 -> 803 ms; loading the next chunk's K before the softmax and P·V as well lost
-    // 3.5 % (one block) and 2.5 % (pairs). The staging is unrolled with a constant trip count
-    // so all of a chunk's loads are in flight together.
+    // 3.5 % (one block) and 2.5 % (pairs), and again 4.5 % (one block, into registers of its
+    // own, in session 16). The staging is unrolled with a constant trip count so all of a
+    // chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KST
     var kr{t} = vec4<f16>(0.0h);
@@ -327,19 +328,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
             //@end
         }
-        // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup
-        for (var j = 0u; j < 2u; j++) {
-            var acc = coop_mat16x16<f32, C>();
-            if ((PROBE & 4u) != 0u) {
-                coopStoreT(acc, &so[orow + j * 4u], OS4);
-                continue;
-            }
-            //@unroll NT
-            acc = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), acc);
+        // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup, as four independent
+        // chains of products (keys 0-15 and 16-31, each over the first and the second half of
+        // the head dim) so that no product waits on more than NT/2 - 1 others: the single chain
+        // per 16 keys before was eight dependent HMMAs in the driver's machine code. Measured
+        // on the H200 (benches/RESULTS.md, session 16): nabla-0.7 253.2 -> 248.9 ms, dense
+        // 637 -> 625 ms.
+        var s0a = coop_mat16x16<f32, C>();
+        var s0b = coop_mat16x16<f32, C>();
+        var s1a = coop_mat16x16<f32, C>();
+        var s1b = coop_mat16x16<f32, C>();
+        if ((PROBE & 4u) == 0u) {
+            //@unroll NTH
+            s0a = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[{t}u * 4u], KSV), s0a);
+            s1a = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[16u * KSV + {t}u * 4u], KSV), s1a);
+            s0b = coopMultiplyAdd(qa{t+NTH}, coopLoad<coop_mat16x16<f16, B>>(&kvs[{t+NTH}u * 4u], KSV), s0b);
+            s1b = coopMultiplyAdd(qa{t+NTH}, coopLoad<coop_mat16x16<f16, B>>(&kvs[16u * KSV + {t+NTH}u * 4u], KSV), s1b);
             //@end
-            acc = acc * P.scale_log2e;
-            coopStoreT(acc, &so[orow + j * 4u], OS4);
         }
+        coopStoreT((s0a + s0b) * P.scale_log2e, &so[orow], OS4);
+        coopStoreT((s1a + s1b) * P.scale_log2e, &so[orow + 4u], OS4);
         workgroupBarrier();
         if (PREF == 0u) {
             //@unroll KST
