@@ -20,8 +20,15 @@ The cache format is not documented; what this reads was worked out on driver 580
 decompressed sizes (two little-endian u32); a decompressed frame that holds a program starts
 with b"NVDANVVMNVuc", and the u32 at +0x4c is the code's size, the one at +0x50 its offset
 from +8. Anything else is reported and skipped, never guessed at.
+
+Each instruction line also gets its scheduling control bits, decoded from the code (bits 105-125
+of each 128-bit instruction, the layout from Volta on): `S` stall cycles, `Y` yield, `W`n the
+scoreboard its result sets (variable-latency ops: loads, LDSM), `R`n the scoreboard that frees
+its source registers, and `wait` the scoreboards it waits for (0-5). A consumer waiting on a
+scoreboard that later loads share waits for those loads too.
 """
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -43,6 +50,26 @@ def decompress(frame, size):
         # (the command complains about the bytes after a frame but writes the frame whole)
         out = subprocess.run([zstd, "-d", "-c", "-q"], input=frame, capture_output=True).stdout
     return out if len(out) == size else b""
+
+
+def control(code, addr):
+    """The scheduling control bits of the instruction at byte offset `addr`, as text."""
+    c = (int.from_bytes(code[addr:addr + 16], "little") >> 105) & ((1 << 21) - 1)
+    stall, yld, wb, rb, wait = c & 0xF, (c >> 4) & 1, (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 0x3F
+    waits = "".join(str(i) if wait >> i & 1 else "-" for i in range(6))
+    return (f"S{stall:02d} {'Y' if yld else '-'} W{wb if wb != 7 else '-'} "
+            f"R{rb if rb != 7 else '-'} wait:{waits}")
+
+
+def annotate(listing, code):
+    """The listing with each instruction's control bits appended (`/*addr*/` = byte offset)."""
+    out = []
+    for line in listing.split("\n"):
+        m = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if m and int(m.group(1), 16) + 16 <= len(code):
+            line = f"{line:<90} // {control(code, int(m.group(1), 16))}"
+        out.append(line)
+    return "\n".join(out)
 
 
 def programs(data):
@@ -82,7 +109,7 @@ def main():
                     out.write(code)
                 r = subprocess.run([nvdisasm, "-b", "SM90", path + ".code"], capture_output=True, text=True)
                 with open(path + ".sass", "w") as out:
-                    out.write(r.stdout + r.stderr)
+                    out.write(annotate(r.stdout, code) + r.stderr)
                 os.remove(path + ".code")
                 print(f"{path}.sass: {len(code)} bytes of code, {r.stdout.count(chr(10))} lines")
                 n += 1
