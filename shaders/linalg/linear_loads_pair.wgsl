@@ -1,9 +1,10 @@
 // Eight consecutive x and W values as two halves of four, from linear_loads.wgsl's or
 // linear_loads_vec.wgsl's loads: the tensor-core kernel stages in spans of eight (see
 // linear_loads_vec8.wgsl for the 16-byte form and the contract: `fetch_*8` loads a span,
-// `span_*8` gives its values with zeros past M, N or K). Here the loads already zero what lies
-// outside, so the span is the fetched value: these forms (K not a multiple of 8) consume their
-// loads when they fetch, without the prefetch the 16-byte form gets.
+// `span_*8` gives its values with zeros past K; a row past M or N may hold anything, its
+// outputs are never written). Here the loads already zero everything outside the tensors, so
+// the span is the fetched value: these forms (K not a multiple of 8) consume their loads when
+// they fetch, without the prefetch the 16-byte form gets.
 
 // What `fetch_w8` holds between its load and `span_w8`.
 alias WSPAN = mat2x4<f32>;
