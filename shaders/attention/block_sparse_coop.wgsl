@@ -175,24 +175,24 @@ fn walk_next(w: ptr<function, Walk>, ma: u32, mb: u32) -> vec3<u32> {
     return vec3<u32>(kb, u32(in_a), u32(in_b));
 }
 
-// element e (vec4 index within a 32-row chunk) of K (which = 1) or V (2) rows [row0, row0+32),
-// zero past len
+// element e (vec4 index within a 32-row chunk) of K (which = 1) or V (2) rows [row0, row0+32).
+// Rows past len read row len - 1 (len > 0 is validated by the dispatcher): the load is clamped,
+// not predicated, so no select-to-zero consumes it before the staging store (the machine code
+// showed those selects waiting for the V loads in the middle of the S products). The softmax
+// masks the logits of keys past len to -inf whenever a chunk reaches past the keys, so their
+// P is exactly 0 and the clamped rows' finite values add nothing. Measured on the H200
+// (wan14b-720p, benches/RESULTS.md session 17): nabla-0.7 247.0 -> 244.3 ms.
 fn ld(which: u32, bh: u32, row0: u32, len: u32, e: u32) -> vec4<f16> {
     // PROBE (diagnostics of the bench, wrong results): bit 0 skips these loads, bit 2 the MMAs
     if ((PROBE & 1u) != 0u) {
         return vec4<f16>(f16(e & 3u));
     }
-    let t = row0 + e / QV;
-    var x = vec4<f16>(0.0h);
-    if (t < len) {
-        let g = (bh * len + t) * QV + e % QV;
-        if (which == 1u) {
-            x = k[g];
-        } else {
-            x = v[g];
-        }
+    let t = min(row0 + e / QV, len - 1u);
+    let g = (bh * len + t) * QV + e % QV;
+    if (which == 1u) {
+        return k[g];
     }
-    return x;
+    return v[g];
 }
 
 @compute @workgroup_size(WGS)
@@ -372,9 +372,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
         let kbase = key0 + part * KPL;
         var bm = -1.0e30;
+        // the key masking only for chunks that need it (reaching past the keys, or a block this
+        // subgroup's list does not hold); the condition is uniform per subgroup. Alone it took
+        // nabla-0.7 from 247.0 to 243.4 ms on the H200, both together 240.6 (session 17)
         //@unroll KPL4
         var s{t} = so[sbase + {t}u];
-        s{t} = select(vec4<f32>(-3.0e38), s{t}, (kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv)) & vec4<bool>(member_now));
+        //@end
+        if (key0 + 32u > P.skv || !member_now) {
+            //@unroll KPL4
+            s{t} = select(vec4<f32>(-3.0e38), s{t}, (kbase + {t}u * 4u + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(P.skv)) & vec4<bool>(member_now));
+            //@end
+        }
+        //@unroll KPL4
         bm = max(bm, max(max(s{t}.x, s{t}.y), max(s{t}.z, s{t}.w)));
         //@end
         for (var x = 1u; x < LPR; x <<= 1u) {
