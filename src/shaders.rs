@@ -79,8 +79,7 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 /// per softmax lane: 32 keys over SG/16 lanes per row) and `KST` (vec4s of a 32-row K/V chunk
 /// each of the NSG·SG threads stages); `KSTP` = 1 when KST is even (the staging then takes its
 /// vec4s in adjacent pairs, `el` in block_sparse_coop.wgsl). `pairs`: two query blocks per
-/// workgroup of NSG = 8 subgroups (else one block, 4 subgroups); the one-block form loads each
-/// V chunk before its S = Q·Kᵀ (`PREF` = 1, measured faster there and not in the pair form).
+/// workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
 /// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe: u32) -> String {
     let nsg = if pairs { 8 } else { 4 };
@@ -94,7 +93,6 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe:
     );
     let kst = chunk / (nsg * subgroup);
     let paired = kst.is_multiple_of(2) as u32;
-    let prefetch = u32::from(!pairs);
     let body = expand_unroll(
         body,
         &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4), ("KST", kst)],
@@ -102,7 +100,7 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe:
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
          const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\nconst PROBE: u32 = {probe}u;\n\
-         const KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\nconst PREF: u32 = {prefetch}u;\n{body}"
+         const KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n{body}"
     )
 }
 

@@ -21,9 +21,11 @@
 // softmax done twice on the same staged K/V took 1.35x the time (dense 823 -> 1117 ms), so
 // the staging is ~2/3 of the one-block kernel; the pair form ran dense attention in 790 ms
 // instead of 824 (one workgroup per SM hides less than the ideal 1117 / 2) and sparse masks
-// 20-30 % slower (the union's extra blocks). Since the one-block form loads V before S
-// (session 13) it is faster for dense attention too (745 vs 806 ms): the dispatcher no
+// 20-30 % slower (the union's extra blocks). Since the one-block form loaded V before S
+// (session 13) it is faster for dense attention too (745 vs 806 ms then): the dispatcher no
 // longer picks the pair form (`bench attention --kernel pairs` and the self-test run it).
+// Both forms now load each chunk's K and V one chunk ahead (session 17: pair form dense 572 ms,
+// nabla-0.7 271 ms; one-block form 539 and 222 ms).
 // Online softmax in base 2 with lazy rescaling: a row keeps its reference maximum until a
 // chunk exceeds it by more than RESCALE (log2 units), and only then is O sent through
 // workgroup memory to be rescaled (a workgroup-wide decision). P = exp2(s - reference) is
@@ -46,7 +48,7 @@
 // multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
 // (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
 // 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form), KSTP (1: the
-// K/V staging slots come in adjacent pairs, see `el`) and PREF (1: V is loaded before S).
+// K/V staging slots come in adjacent pairs, see `el`).
 
 const QV: u32 = HD / 4u;          // vec4s per row
 const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
@@ -292,20 +294,29 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     }
     var kb = cur.x;
     var member = select(cur.y, cur.z, mine_b) != 0u;
-    // Each chunk's K is loaded into registers right before it is staged; its V too in the pair
-    // form (PREF = 0), while the one-block form (PREF = 1) loads V before the chunk's S = Q·Kᵀ
-    // so that the loads are in flight during the products. Measured on the H200 (wan14b-720p,
-    // benches/RESULTS.md session 13): one-block form nabla-0.7 280.8 -> 274.1 ms; pair form
-    // dense 799 -> 803 ms; loading the next chunk's K before the softmax and P·V as well lost
-    // 3.5 % (one block) and 2.5 % (pairs), and again 4.5 % (one block, into registers of its
-    // own, in session 16). The staging is unrolled with a constant trip count so all of a
-    // chunk's loads are in flight together.
+    // Each chunk's K and V are loaded into registers by the chunk before, right after that
+    // chunk has staged its V, so the loads are in flight through its softmax and P·V (and, for
+    // V, the next S = Q·Kᵀ) and are first used by the staging stores. The loads read clamped
+    // rows without predicates (`ld`), so nothing consumes them before those stores. Measured on
+    // the H200 (wan14b-720p, benches/RESULTS.md): V loaded before its chunk's S took nabla-0.7
+    // from 280.8 to 274.1 ms (session 13); K one chunk ahead lost 3.5-4.5 % (sessions 13, 16)
+    // while the loads carried select-to-zero moves, which the driver's machine code placed
+    // right after the loads. With clamped loads (session 17), K one chunk ahead took nabla-0.7
+    // from 240.6 to 236.0 ms (dense 603 -> 580 ms), and V one chunk ahead as well to 221.9 ms
+    // (dense 538 ms; 232 registers). The staging is unrolled with a constant trip count so all
+    // of a chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KST
     var kr{t} = vec4<f16>(0.0h);
+    var vr{t} = vec4<f16>(0.0h);
     //@end
     // (this barrier also orders the Q reads above before the first K stage)
     workgroupBarrier();
+    // the first chunk's K and V (each later chunk's are loaded by the chunk before)
+    //@unroll KST
+    kr{t} = ld(1u, bh, kb * 64u, P.skv, el(lid, {t}u));
+    vr{t} = ld(2u, bh, kb * 64u, P.skv, el(lid, {t}u));
+    //@end
 
     // The chunks run in an inner loop that leaves before the P·V of a chunk that needs a
     // rescale; the outer loop rescales O, does that P·V and goes on with the next chunk. So the
@@ -317,17 +328,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let key0 = kb * 64u + (n % 2u) * 32u;
         let member_now = BPW == 1u || member;
         //@unroll KST
-        kr{t} = ld(1u, bh, key0, P.skv, el(lid, {t}u));
-        //@end
-        //@unroll KST
         kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
         //@end
         workgroupBarrier();
-        if (PREF == 1u) {
-            //@unroll KST
-            kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
-            //@end
-        }
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup, as four independent
         // chains of products (keys 0-15 and 16-31, each over the first and the second half of
         // the head dim) so that no product waits on more than NT/2 - 1 others: the single chain
@@ -349,13 +352,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT((s0a + s0b) * P.scale_log2e, &so[orow], OS4);
         coopStoreT((s1a + s1b) * P.scale_log2e, &so[orow + 4u], OS4);
         workgroupBarrier();
-        if (PREF == 0u) {
-            //@unroll KST
-            kr{t} = ld(2u, bh, key0, P.skv, el(lid, {t}u));
-            //@end
-        }
         //@unroll KST
-        kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
+        kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = vr{t};
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
             if (BPW == 1u) {
@@ -368,6 +366,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
                 member = select(cur.y, cur.z, mine_b) != 0u;
             }
         }
+        // the next chunk's K and V (in flight through the softmax and P·V; past the last chunk
+        // clamped loads that are never used)
+        //@unroll KST
+        kr{t} = ld(1u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, el(lid, {t}u));
+        vr{t} = ld(2u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, el(lid, {t}u));
+        //@end
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
         let kbase = key0 + part * KPL;
