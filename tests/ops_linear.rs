@@ -2225,3 +2225,40 @@ fn coop_tile_configurations_agree_bit_for_bit() {
         }
     }
 }
+
+/// K = 0 (an empty input row): y = act(b), or act(0) without bias, on every kernel the adapter
+/// has and for every weight storage; the tensor-core kernel then takes its checked scalar loads
+/// (its 16-byte form clamps addresses to K - 8). Outputs are poisoned first.
+#[test]
+fn empty_inner_dimension_gives_the_bias() {
+    let g = gpu();
+    let mut kernels = vec![LinearKernel::Portable];
+    if g.caps().coop_subgroup().is_some() {
+        kernels.push(LinearKernel::Coop);
+    }
+    let mut rng = Rng::fresh(0x0c0);
+    let (m, n) = (37, 21);
+    let b = rng.normals(n, 0.5);
+    for kernel in kernels {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for act in Activation::ALL {
+                for bias in [false, true] {
+                    let bb = bias.then_some(b.as_slice());
+                    let got = run_gpu_rounded(
+                        &[],
+                        &[],
+                        bb,
+                        (m, n, 0),
+                        dtype,
+                        act,
+                        kernel,
+                        LinearRounding::None,
+                    );
+                    let want = reference::nn::linear::linear(&[], &[], bb, m, n, 0, act);
+                    let what = format!("K = 0 {kernel:?} {dtype:?} {act:?} bias={bias}");
+                    assert_close(&what, &got, &want, 1e-6, 1e-6, 1e-6);
+                }
+            }
+        }
+    }
+}
