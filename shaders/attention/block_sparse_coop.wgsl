@@ -114,6 +114,21 @@ fn el(lid: u32, t: u32) -> u32 {
     return ((lid + (t >> 1u) * WGS) << 1u) | (t & 1u);
 }
 
+// Where element el(lid, t) is staged in kvs. In the paired form, slots 2j and 2j+1 land at
+// 2h and 2h+1 for one h, written so that the compiler sees the even index: the two 8-byte
+// stores then merge into one 16-byte store (STS.128 in the H200's machine code; with the
+// same address computed from `el`, they stayed two STS.64). Measured on the H200
+// (wan14b-720p, benches/RESULTS.md session 18): nabla-0.7 221.9 -> 217.8 ms, dense 538.5 ->
+// 530.1 ms. Writing the P stores below the same way changed nothing (the same machine code).
+fn slot(lid: u32, t: u32) -> u32 {
+    if (KSTP == 0u) {
+        let e = el(lid, t);
+        return (e / QV) * KSV + e % QV;
+    }
+    let p = lid + (t >> 1u) * WGS;
+    return 2u * ((p / (QV / 2u)) * (KSV / 2u) + p % (QV / 2u)) + (t & 1u);
+}
+
 // entry i of list `mrow` if i < end, else NONE
 fn entry(mrow: u32, i: u32, end: u32) -> u32 {
     if (i >= end) {
@@ -328,7 +343,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let key0 = kb * 64u + (n % 2u) * 32u;
         let member_now = BPW == 1u || member;
         //@unroll KST
-        kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = kr{t};
+        kvs[slot(lid, {t}u)] = kr{t};
         //@end
         workgroupBarrier();
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup, as four independent
@@ -353,7 +368,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT((s1a + s1b) * P.scale_log2e, &so[orow + 4u], OS4);
         workgroupBarrier();
         //@unroll KST
-        kvs[(el(lid, {t}u) / QV) * KSV + el(lid, {t}u) % QV] = vr{t};
+        kvs[slot(lid, {t}u)] = vr{t};
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
             if (BPW == 1u) {
