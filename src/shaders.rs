@@ -76,9 +76,9 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 
 /// Source of a cooperative-matrix variant: f16 storage, head dim and subgroup size; the
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
-/// per softmax lane: 32 keys over SG/16 lanes per row) and `KST` (vec4s of a 32-row K/V chunk
-/// each of the NSG·SG threads stages); `KSTP` = 1 when KST is even (the staging then takes its
-/// vec4s in adjacent pairs, `el` in block_sparse_coop.wgsl). `pairs`: two query blocks per
+/// per softmax lane: 32 keys over SG/16 lanes per row) and `KSTH` (16-byte spans of a 32-row
+/// K/V chunk each of the NSG·SG threads stages, at least one); `KSTP` = 1 when the spans divide
+/// evenly over the threads (else some are staged twice, `span` in block_sparse_coop.wgsl). `pairs`: two query blocks per
 /// workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
 /// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe: u32) -> String {
@@ -95,7 +95,12 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe:
     let paired = kst.is_multiple_of(2) as u32;
     let body = expand_unroll(
         body,
-        &[("NT", nt), ("NTH", nt / 2), ("KPL4", kpl4), ("KST", kst)],
+        &[
+            ("NT", nt),
+            ("NTH", nt / 2),
+            ("KPL4", kpl4),
+            ("KSTH", kst.div_ceil(2)),
+        ],
     );
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\

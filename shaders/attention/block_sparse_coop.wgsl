@@ -1,6 +1,6 @@
 // Block-sparse flash attention on cooperative matrices (tensor cores), f16 operands, f32
-// accumulation. Same contract as block_sparse.wgsl: q, out [BH, SQ, HD]; k, v [BH, SKV, HD]
-// (vec4<f16> storage); counts [MH, NQB], indices [MH, NQB, NKB] (each list ascending, as the
+// accumulation. Same contract as block_sparse.wgsl: q, out [BH, SQ, HD] (vec4<f16> storage);
+// k, v [BH, SKV, HD] (read as mat2x4<f16>, 16-byte spans); counts [MH, NQB], indices [MH, NQB, NKB] (each list ascending, as the
 // mask kernels and BlockMask::upload write them); ragged tails handled.
 //
 // One workgroup = one 64-row query block of one head = 4 subgroups of 16 rows each (NSG = 4),
@@ -47,8 +47,9 @@
 // 16-byte boundary (row strides KSV, PSV (vec4 units), OS4 (vec4 units) and column offsets are
 // multiples of 16 bytes): NVIDIA's cooperative loads round misaligned addresses down
 // (GPU-NOTES.md). The prelude enables f16 and wgpu_cooperative_matrix and defines HD (64 or
-// 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form), KSTP (1: the
-// K/V staging slots come in adjacent pairs, see `el`).
+// 128), SG (the subgroup size), NSG (subgroups: 4, or 8 in the pair form), KSTP (1: every
+// thread stages whole 16-byte K/V spans of its own, 0: fewer spans than threads, see `span`).
+// The unroll block KSTH repeats once per span a thread stages.
 
 const QV: u32 = HD / 4u;          // vec4s per row
 const KSV: u32 = HD / 4u + 2u;    // vec4<f16> row stride of staged K / V / Q
@@ -76,8 +77,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f16>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f16>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> k: array<mat2x4<f16>>; // [BH, SKV, HD/8] spans of 8
+@group(0) @binding(3) var<storage, read> v: array<mat2x4<f16>>;
 @group(0) @binding(4) var<storage, read> counts: array<u32>;
 @group(0) @binding(5) var<storage, read> indices: array<u32>;
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f16>>;
@@ -103,30 +104,31 @@ fn stage_q(bh: u32, row0: u32, len: u32, lid: u32) {
     }
 }
 
-// The vec4 element of a 32-row K/V chunk that thread lid stages in unrolled slot t: slots 2j and
-// 2j+1 take two adjacent elements (one 16-byte span), which the compiler can merge into one load
-// (on the H200 this took 14B dense attention from 1 733 to 1 342 ms; one element per slot, at
-// lid + t·WGS, leaves twice as many 8-byte loads).
-fn el(lid: u32, t: u32) -> u32 {
+// The 16-byte span (two vec4: one `mat2x4<f16>` of the k / v bindings) of a 32-row K/V chunk
+// that thread lid stages in unrolled slot t: span lid + t·WGS of the chunk's 16·QV. Spans, not
+// single vec4, are the unit since session 4 (one vec4 per slot left twice as many 8-byte
+// loads: 14B dense attention 1 733 -> 1 342 ms on the H200). Loading each span as one
+// mat2x4<f16> rather than two adjacent vec4 leaves the same two 8-byte loads in the machine
+// code, but took nabla-0.7 from 218.9 to 215.9 ms and dense from 531.5 to 525.8 ms (231
+// registers against 229; benches/RESULTS.md session 18). When the chunk has fewer spans
+// than threads (KSTP = 0: 8 subgroups of 64 lanes at head dim 64), the second half of the
+// threads stages the first half's spans again: the same values to the same places.
+fn span(lid: u32, t: u32) -> u32 {
+    let p = lid + t * WGS;
     if (KSTP == 0u) {
-        return lid + t * WGS;
+        return p % (16u * QV);
     }
-    return ((lid + (t >> 1u) * WGS) << 1u) | (t & 1u);
+    return p;
 }
 
-// Where element el(lid, t) is staged in kvs. In the paired form, slots 2j and 2j+1 land at
-// 2h and 2h+1 for one h, written so that the compiler sees the even index: the two 8-byte
-// stores then merge into one 16-byte store (STS.128 in the H200's machine code; with the
-// same address computed from `el`, they stayed two STS.64). Measured on the H200
-// (wan14b-720p, benches/RESULTS.md session 18): nabla-0.7 221.9 -> 217.8 ms, dense 538.5 ->
-// 530.1 ms. Writing the P stores below the same way changed nothing (the same machine code).
-fn slot(lid: u32, t: u32) -> u32 {
-    if (KSTP == 0u) {
-        let e = el(lid, t);
-        return (e / QV) * KSV + e % QV;
-    }
-    let p = lid + (t >> 1u) * WGS;
-    return 2u * ((p / (QV / 2u)) * (KSV / 2u) + p % (QV / 2u)) + (t & 1u);
+// Where span p is staged in kvs (vec4 units). The index is written as 2·h so that the
+// compiler sees it even: the span's two 8-byte stores then merge into one 16-byte store
+// (STS.128 in the H200's machine code; the same address computed from the element index
+// stayed two STS.64). Measured on the H200 (wan14b-720p, benches/RESULTS.md session 18):
+// nabla-0.7 221.9 -> 217.8 ms, dense 538.5 -> 530.1 ms. Writing the P stores below the same
+// way changed nothing (the same machine code).
+fn slot(p: u32) -> u32 {
+    return 2u * ((p / (QV / 2u)) * (KSV / 2u) + p % (QV / 2u));
 }
 
 // entry i of list `mrow` if i < end, else NONE
@@ -192,20 +194,21 @@ fn walk_next(w: ptr<function, Walk>, ma: u32, mb: u32) -> vec3<u32> {
     return vec3<u32>(kb, u32(in_a), u32(in_b));
 }
 
-// element e (vec4 index within a 32-row chunk) of K (which = 1) or V (2) rows [row0, row0+32).
+// span p (16-byte index within a 32-row chunk, `span`) of K (which = 1) or V (2) rows
+// [row0, row0+32).
 // Rows past len read row len - 1 (len > 0 is validated by the dispatcher): the load is clamped,
 // not predicated, so no select-to-zero consumes it before the staging store (the machine code
 // showed those selects waiting for the V loads in the middle of the S products). The softmax
 // masks the logits of keys past len to -inf whenever a chunk reaches past the keys, so their
 // P is exactly 0 and the clamped rows' finite values add nothing. Measured on the H200
 // (wan14b-720p, benches/RESULTS.md session 17): nabla-0.7 247.0 -> 244.3 ms.
-fn ld(which: u32, bh: u32, row0: u32, len: u32, e: u32) -> vec4<f16> {
+fn ld(which: u32, bh: u32, row0: u32, len: u32, p: u32) -> mat2x4<f16> {
     // PROBE (diagnostics of the bench, wrong results): bit 0 skips these loads, bit 2 the MMAs
     if ((PROBE & 1u) != 0u) {
-        return vec4<f16>(f16(e & 3u));
+        return mat2x4<f16>(vec4<f16>(f16(p & 3u)), vec4<f16>(f16(p & 1u)));
     }
-    let t = min(row0 + e / QV, len - 1u);
-    let g = (bh * len + t) * QV + e % QV;
+    let t = min(row0 + p / (QV / 2u), len - 1u);
+    let g = (bh * len + t) * (QV / 2u) + p % (QV / 2u);
     if (which == 1u) {
         return k[g];
     }
@@ -321,16 +324,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // (dense 538 ms; 232 registers). The staging is unrolled with a constant trip count so all
     // of a chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
-    //@unroll KST
-    var kr{t} = vec4<f16>(0.0h);
-    var vr{t} = vec4<f16>(0.0h);
+    //@unroll KSTH
+    var kr{t} = mat2x4<f16>();
+    var vr{t} = mat2x4<f16>();
     //@end
     // (this barrier also orders the Q reads above before the first K stage)
     workgroupBarrier();
     // the first chunk's K and V (each later chunk's are loaded by the chunk before)
-    //@unroll KST
-    kr{t} = ld(1u, bh, kb * 64u, P.skv, el(lid, {t}u));
-    vr{t} = ld(2u, bh, kb * 64u, P.skv, el(lid, {t}u));
+    //@unroll KSTH
+    kr{t} = ld(1u, bh, kb * 64u, P.skv, span(lid, {t}u));
+    vr{t} = ld(2u, bh, kb * 64u, P.skv, span(lid, {t}u));
     //@end
 
     // The chunks run in an inner loop that leaves before the P·V of a chunk that needs a
@@ -342,8 +345,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     for (; n < 2u * cnt; n++) {
         let key0 = kb * 64u + (n % 2u) * 32u;
         let member_now = BPW == 1u || member;
-        //@unroll KST
-        kvs[slot(lid, {t}u)] = kr{t};
+        //@unroll KSTH
+        kvs[slot(span(lid, {t}u))] = kr{t}[0];
+        kvs[slot(span(lid, {t}u)) + 1u] = kr{t}[1];
         //@end
         workgroupBarrier();
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup, as four independent
@@ -367,8 +371,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT((s0a + s0b) * P.scale_log2e, &so[orow], OS4);
         coopStoreT((s1a + s1b) * P.scale_log2e, &so[orow + 4u], OS4);
         workgroupBarrier();
-        //@unroll KST
-        kvs[slot(lid, {t}u)] = vr{t};
+        //@unroll KSTH
+        kvs[slot(span(lid, {t}u))] = vr{t}[0];
+        kvs[slot(span(lid, {t}u)) + 1u] = vr{t}[1];
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
             if (BPW == 1u) {
@@ -383,9 +388,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         }
         // the next chunk's K and V (in flight through the softmax and P·V; past the last chunk
         // clamped loads that are never used)
-        //@unroll KST
-        kr{t} = ld(1u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, el(lid, {t}u));
-        vr{t} = ld(2u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, el(lid, {t}u));
+        //@unroll KSTH
+        kr{t} = ld(1u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, span(lid, {t}u));
+        vr{t} = ld(2u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, span(lid, {t}u));
         //@end
         // softmax of this subgroup's rows (LPR lanes per row, KPL keys each, 4 at a time)
         let sbase = orow + rl * OS4 + part * (KPL / 4u);
