@@ -125,7 +125,7 @@ fn span(lid: u32, t: u32) -> u32 {
 // compiler sees it even: the span's two 8-byte stores then merge into one 16-byte store
 // (STS.128 in the H200's machine code; the same address computed from the element index
 // stayed two STS.64). Measured on the H200 (wan14b-720p, benches/RESULTS.md session 18):
-// nabla-0.7 221.9 -> 217.8 ms, dense 538.5 -> 530.1 ms. Writing the P stores below the same
+// nabla-0.7 221.9 -> 217.8 ms, dense 538.5 -> 530.7 ms. Writing the P stores below the same
 // way changed nothing (the same machine code).
 fn slot(p: u32) -> u32 {
     return 2u * ((p / (QV / 2u)) * (KSV / 2u) + p % (QV / 2u));
