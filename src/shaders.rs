@@ -78,8 +78,8 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 /// `//@unroll` blocks are expanded with `NT = HD/16`, `NTH = HD/32` and `KPL4` (vec4s of keys
 /// per softmax lane: 32 keys over SG/16 lanes per row) and `KSTH` (16-byte spans of a 32-row
 /// K/V chunk each of the NSG·SG threads stages, at least one); `KSTP` = 1 when the spans divide
-/// evenly over the threads (else some are staged twice, `span` in block_sparse_coop.wgsl). `pairs`: two query blocks per
-/// workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
+/// evenly over the threads (else some are staged twice, `span` in block_sparse_coop.wgsl).
+/// `pairs`: two query blocks per workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
 /// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
 pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe: u32) -> String {
     let nsg = if pairs { 8 } else { 4 };

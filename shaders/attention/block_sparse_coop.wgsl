@@ -1,7 +1,8 @@
 // Block-sparse flash attention on cooperative matrices (tensor cores), f16 operands, f32
 // accumulation. Same contract as block_sparse.wgsl: q, out [BH, SQ, HD] (vec4<f16> storage);
-// k, v [BH, SKV, HD] (read as mat2x4<f16>, 16-byte spans); counts [MH, NQB], indices [MH, NQB, NKB] (each list ascending, as the
-// mask kernels and BlockMask::upload write them); ragged tails handled.
+// k, v [BH, SKV, HD] (read as mat2x4<f16>, 16-byte spans); counts [MH, NQB], indices
+// [MH, NQB, NKB] (each list ascending, as the mask kernels and BlockMask::upload write them);
+// ragged tails handled.
 //
 // One workgroup = one 64-row query block of one head = 4 subgroups of 16 rows each (NSG = 4),
 // or in the pair form (NSG = 8) two neighbouring blocks 2p, 2p+1 = 8 subgroups, 0-3 holding
