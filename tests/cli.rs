@@ -354,3 +354,38 @@ fn bench_gemm_times_only_the_shapes_asked_for() {
         "{err}"
     );
 }
+
+/// `NABLA_FEATURES_OFF` opens the device without the features it names (`info` shows them off)
+/// and refuses a name it does not know, listing the valid ones.
+#[test]
+fn features_off_are_honoured_and_checked() {
+    let run = |off: &str| {
+        Command::new(env!("CARGO_BIN_EXE_nabla"))
+            .args(["selftest", "--backend", "wgpu", "--seed", "3"])
+            .env("NABLA_FEATURES_OFF", off)
+            .output()
+            .expect("running the nabla binary")
+    };
+    let o = run("bogus");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("NABLA_FEATURES_OFF") && e.contains("\"bogus\"") && e.contains("i16, subgroups"),
+        "{e}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_nabla"))
+        .arg("info")
+        .env("NABLA_FEATURES_OFF", "i16, Subgroups")
+        .output()
+        .expect("running the nabla binary");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key:?} line in {out}"))
+            .to_string()
+    };
+    assert!(line("shader i16").ends_with("no"), "{out}");
+    assert!(line("subgroups").contains(" no "), "{out}");
+}

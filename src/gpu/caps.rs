@@ -32,6 +32,8 @@ pub struct Capabilities {
     pub driver_info: String,
     /// `SHADER_F16`: f16 storage and arithmetic in shaders.
     pub f16: bool,
+    /// `SHADER_I16`: 16-bit integers in shaders (the 16-byte f16 span loads, `shaders::h8`).
+    pub int16: bool,
     /// `SUBGROUP` operations.
     pub subgroups: bool,
     /// Smallest subgroup size.
@@ -82,6 +84,7 @@ impl Capabilities {
             driver: info.driver.clone(),
             driver_info: info.driver_info.clone(),
             f16: enabled.contains(wgpu::Features::SHADER_F16),
+            int16: enabled.contains(wgpu::Features::SHADER_I16),
             subgroups: enabled.contains(wgpu::Features::SUBGROUP),
             subgroup_min: info.subgroup_min_size,
             subgroup_max: info.subgroup_max_size,
@@ -131,6 +134,7 @@ impl fmt::Display for Capabilities {
         )?;
         writeln!(f, "driver             {} {}", self.driver, self.driver_info)?;
         writeln!(f, "shader f16         {}", yn(self.f16))?;
+        writeln!(f, "shader i16         {}", yn(self.int16))?;
         writeln!(
             f,
             "subgroups          {} (size {}..{})",

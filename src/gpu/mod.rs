@@ -88,6 +88,35 @@ fn backends_from_env() -> Result<Option<wgpu::Backends>> {
     }
 }
 
+/// The features `NABLA_FEATURES_OFF` asks to leave off (a comma-separated list of `f16`, `i16`,
+/// `subgroups`, `timestamps`, `coop`), so that the kernels a device without them would run can
+/// be run and compared on one that has them. Without f16 there are no cooperative matrices
+/// either (their operands are f16).
+fn features_off_from_env() -> Result<wgpu::Features> {
+    use wgpu::Features as F;
+    let Ok(v) = std::env::var("NABLA_FEATURES_OFF") else {
+        return Ok(F::empty());
+    };
+    let mut off = F::empty();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        off |= match name.to_ascii_lowercase().as_str() {
+            "f16" => F::SHADER_F16,
+            "i16" => F::SHADER_I16,
+            "subgroups" => F::SUBGROUP,
+            "timestamps" => F::TIMESTAMP_QUERY | F::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+            "coop" => F::EXPERIMENTAL_COOPERATIVE_MATRIX,
+            _ => {
+                return Err(Error::BadEnv {
+                    var: "NABLA_FEATURES_OFF",
+                    value: v.clone(),
+                    expected: "a comma-separated list of f16, i16, subgroups, timestamps, coop",
+                });
+            }
+        };
+    }
+    Ok(off)
+}
+
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;
@@ -125,9 +154,18 @@ pub fn enumerate_adapters() -> Result<Vec<wgpu::Adapter>> {
 }
 
 impl Gpu {
-    /// Opens the best adapter, honouring `NABLA_BACKEND` (vulkan|metal|dx12|gl) and
-    /// `NABLA_ADAPTER` (a case-insensitive substring of the adapter name).
+    /// Opens the best adapter, honouring `NABLA_BACKEND` (vulkan|metal|dx12|gl),
+    /// `NABLA_ADAPTER` (a case-insensitive substring of the adapter name) and
+    /// `NABLA_FEATURES_OFF`.
     pub fn new() -> Result<Gpu> {
+        Gpu::new_without(wgpu::Features::empty())
+    }
+
+    /// [`Gpu::new`] with the features `off` left off as well (as `NABLA_FEATURES_OFF` does):
+    /// the kernels a device without them runs, on one that has them (the fallback paths'
+    /// tests). Only features the kernels use matter: f16 (with cooperative matrices), 16-bit
+    /// integers, subgroups, timestamps, cooperative matrices.
+    pub fn new_without(off: wgpu::Features) -> Result<Gpu> {
         let filter = std::env::var("NABLA_ADAPTER").unwrap_or_default();
         let adapters = enumerate_adapters()?;
         let wanted = filter.to_lowercase();
@@ -135,7 +173,7 @@ impl Gpu {
             .into_iter()
             .find(|a| wanted.is_empty() || a.get_info().name.to_lowercase().contains(&wanted));
         match adapter {
-            Some(a) => Gpu::from_adapter(a),
+            Some(a) => Gpu::open(a, off),
             None => {
                 let mut f = String::new();
                 if let Ok(b) = std::env::var("NABLA_BACKEND") {
@@ -152,15 +190,26 @@ impl Gpu {
     }
 
     /// Opens a device on the given adapter with the adapter's own limits and every feature the
-    /// kernels can use (f16, subgroups, timestamps, cooperative matrices).
+    /// kernels can use (f16, 16-bit integers, subgroups, timestamps, cooperative matrices),
+    /// less those `NABLA_FEATURES_OFF` names.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        Gpu::open(adapter, wgpu::Features::empty())
+    }
+
+    fn open(adapter: wgpu::Adapter, off: wgpu::Features) -> Result<Gpu> {
         let info = adapter.get_info();
         let wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let features = adapter.features() & wanted;
+            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            | wgpu::Features::SHADER_I16;
+        let mut off = off | features_off_from_env()?;
+        if off.contains(wgpu::Features::SHADER_F16) {
+            // the cooperative kernels' operands are f16
+            off |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let features = adapter.features() & wanted & !off;
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
             label: Some("nabla"),
