@@ -71,6 +71,23 @@ pub const BLOCK_SPARSE: &str = include_str!("../shaders/attention/block_sparse.w
 /// Block-sparse flash attention on cooperative matrices (16×16×16 f16 → f32, Vulkan).
 pub const BLOCK_SPARSE_COOP: &str = include_str!("../shaders/attention/block_sparse_coop.wgsl");
 
+/// Spans of eight f16 values read as four u32 words (one 16-byte load), split into f16 by
+/// 16-bit integer bitcasts (needs `wgpu::Features::SHADER_I16`).
+pub const H8_WORDS: &str = include_str!("../shaders/gpu/h8_words.wgsl");
+/// The same spans turned into f16 through `unpack2x16float` (devices without 16-bit integers).
+pub const H8_UNPACK: &str = include_str!("../shaders/gpu/h8_unpack.wgsl");
+
+/// The `enable` directive (if any; it must open the module) and the `H8` span helpers
+/// (`h8_lo`, `h8_hi`, `h8_filler`): 16-bit integer bitcasts where the device has them
+/// (`int16`), else `unpack2x16float`.
+pub fn h8(int16: bool) -> (&'static str, &'static str) {
+    if int16 {
+        ("enable wgpu_int16;\n", H8_WORDS)
+    } else {
+        ("", H8_UNPACK)
+    }
+}
+
 /// Subgroup sizes the cooperative kernels are built for (4 subgroups per workgroup).
 pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 
@@ -80,8 +97,16 @@ pub const COOP_SUBGROUP_SIZES: [u32; 3] = [16, 32, 64];
 /// K/V chunk each of the NSG·SG threads stages, at least one); `KSTP` = 1 when the spans divide
 /// evenly over the threads (else some are staged twice, `span` in block_sparse_coop.wgsl).
 /// `pairs`: two query blocks per workgroup of NSG = 8 subgroups (else one block, 4 subgroups).
-/// `probe` is a diagnostic of `nabla bench attention` (0 in real runs).
-pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe: u32) -> String {
+/// `int16`: K and V spans as u32 words ([`h8`]). `probe` is a diagnostic of
+/// `nabla bench attention` (0 in real runs).
+pub fn source_coop(
+    body: &str,
+    head_dim: u32,
+    subgroup: u32,
+    pairs: bool,
+    int16: bool,
+    probe: u32,
+) -> String {
     let nsg = if pairs { 8 } else { 4 };
     let nt = head_dim / 16;
     let kpl4 = 32 / (subgroup / 16) / 4;
@@ -102,10 +127,12 @@ pub fn source_coop(body: &str, head_dim: u32, subgroup: u32, pairs: bool, probe:
             ("KSTH", kst.div_ceil(2)),
         ],
     );
+    let (enable16, h8) = h8(int16);
     format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\nalias S4 = vec4<f16>;\n\
-         const HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\nconst PROBE: u32 = {probe}u;\n\
-         const KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n{body}"
+        "{enable16}enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\n\
+         alias S4 = vec4<f16>;\nconst HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n\
+         const PROBE: u32 = {probe}u;\nconst KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n\
+         {h8}{body}"
     )
 }
 
@@ -181,10 +208,14 @@ pub fn all_variants() -> Vec<(String, String)> {
     for hd in [64, 128] {
         for sg in COOP_SUBGROUP_SIZES {
             for pairs in [false, true] {
-                v.push((
-                    format!("attention/block_sparse_coop[d{hd},sg{sg},pairs={pairs}]"),
-                    source_coop(BLOCK_SPARSE_COOP, hd, sg, pairs, 0),
-                ));
+                for int16 in [false, true] {
+                    v.push((
+                        format!(
+                            "attention/block_sparse_coop[d{hd},sg{sg},pairs={pairs},i16={int16}]"
+                        ),
+                        source_coop(BLOCK_SPARSE_COOP, hd, sg, pairs, int16, 0),
+                    ));
+                }
             }
         }
     }

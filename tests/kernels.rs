@@ -522,15 +522,26 @@ fn attention_ragged_rectangular() {
 /// The tensor-core kernel against the f64 reference: head dims 64/128, ragged lengths, shared
 /// and per-head masks, empty rows, long lists, and a later key block with much larger logits
 /// (forces the lazy O rescale). Runs where the adapter has 16×16 f16 cooperative matrices (a
-/// real GPU); on the software driver it reports why it is skipped.
+/// real GPU); on the software driver it reports why it is skipped. Where the adapter has 16-bit
+/// integers (K and V words split into f16 by bitcasts), again on a second device opened
+/// without them (the `unpack2x16float` form other GPUs run).
 #[test]
 fn attention_coop_matches_reference() {
-    use nabla::attention::{Kernel, coop_unavailable, record_attention_with};
     let g = gpu();
-    if let Some(why) = coop_unavailable(g, DType::F16, 128) {
+    if let Some(why) = nabla::attention::coop_unavailable(g, DType::F16, 128) {
         eprintln!("cooperative attention not available here ({why}): skipped");
         return;
     }
+    coop_attention_cases(g);
+    if g.caps().int16 {
+        let g2 = nabla::Gpu::new_without(wgpu::Features::SHADER_I16).unwrap();
+        assert!(!g2.caps().int16);
+        coop_attention_cases(&g2);
+    }
+}
+
+fn coop_attention_cases(g: &nabla::Gpu) {
+    use nabla::attention::{Kernel, record_attention_with};
     let mut rng = Rng::fresh(19);
     for (h, sq, skv, d, density, shared, boost) in [
         (2usize, 256usize, 256usize, 128usize, 0.5f64, false, false),
@@ -574,7 +585,10 @@ fn attention_coop_matches_reference() {
         b.submit().unwrap();
         let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (h, sq, skv, d));
         assert_close(
-            &format!("coop h{h} sq{sq} skv{skv} d{d} p{density} boost={boost}"),
+            &format!(
+                "coop h{h} sq{sq} skv{skv} d{d} p{density} boost={boost} i16={}",
+                g.caps().int16
+            ),
             &g.read_f32(&out).unwrap(),
             &want,
             5e-3,

@@ -19,8 +19,9 @@ fn uses_coop(source: &str) -> bool {
         .any(|l| l.trim_start().starts_with("enable") && l.contains("wgpu_cooperative_matrix"))
 }
 
-/// The validator capabilities a variant needs: none, SHADER_FLOAT16 for f16 storage, and for
-/// cooperative-matrix kernels COOPERATIVE_MATRIX + SUBGROUP (shuffles, subgroup ids).
+/// The validator capabilities a variant needs: none, SHADER_FLOAT16 for f16 storage, for
+/// cooperative-matrix kernels COOPERATIVE_MATRIX + SUBGROUP (shuffles, subgroup ids), and
+/// SHADER_INT16 / SHADER_FLOAT16_IN_FLOAT32 for their 16-byte f16 span loads.
 fn capabilities_for(source: &str) -> Capabilities {
     let mut c = Capabilities::empty();
     if uses_f16(source) {
@@ -31,6 +32,13 @@ fn capabilities_for(source: &str) -> Capabilities {
     }
     if source.contains("subgroup") {
         c |= Capabilities::SUBGROUP;
+    }
+    if source.contains("enable wgpu_int16;") {
+        c |= Capabilities::SHADER_INT16;
+    }
+    // wgpu grants it from the downlevel SHADER_F16_IN_F32, which every Vulkan device has
+    if source.contains("unpack2x16float") {
+        c |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     }
     c
 }
@@ -200,6 +208,31 @@ fn f16_variants_fail_without_shader_float16() {
             "{name}: validated without SHADER_FLOAT16 although it enables f16"
         );
     }
+}
+
+#[test]
+fn int16_variants_need_shader_int16_and_have_a_fallback() {
+    // The 16-bit-integer forms (16-byte f16 span loads) are rejected without SHADER_INT16, and
+    // every one has a twin without it under the same name (`i16=false`), for devices without.
+    let all = nabla::shaders::all_variants();
+    let names: std::collections::HashSet<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    let mut seen = 0;
+    for (name, src) in &all {
+        if !src.contains("enable wgpu_int16;") {
+            continue;
+        }
+        seen += 1;
+        let module = parse(name, src).unwrap_or_else(|e| panic!("{e}"));
+        let caps = capabilities_for(src) & !Capabilities::SHADER_INT16;
+        let r = Validator::new(ValidationFlags::all(), caps).validate(&module);
+        assert!(r.is_err(), "{name}: validated without SHADER_INT16");
+        let twin = name.replace("i16=true", "i16=false");
+        assert!(
+            twin != *name && names.contains(twin.as_str()),
+            "{name}: no fallback variant {twin}"
+        );
+    }
+    assert!(seen > 0, "no variant uses 16-bit integers");
 }
 
 fn wgsl_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -1,8 +1,8 @@
 // Block-sparse flash attention on cooperative matrices (tensor cores), f16 operands, f32
 // accumulation. Same contract as block_sparse.wgsl: q, out [BH, SQ, HD] (vec4<f16> storage);
-// k, v [BH, SKV, HD] (read as mat2x4<f16>, 16-byte spans); counts [MH, NQB], indices
-// [MH, NQB, NKB] (each list ascending, as the mask kernels and BlockMask::upload write them);
-// ragged tails handled.
+// k, v [BH, SKV, HD] (read in 16-byte spans of eight: H8 of h8_words.wgsl or
+// h8_unpack.wgsl); counts [MH, NQB], indices [MH, NQB, NKB] (each list ascending, as the mask
+// kernels and BlockMask::upload write them); ragged tails handled.
 //
 // One workgroup = one 64-row query block of one head = 4 subgroups of 16 rows each (NSG = 4),
 // or in the pair form (NSG = 8) two neighbouring blocks 2p, 2p+1 = 8 subgroups, 0-3 holding
@@ -78,8 +78,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f16>>;
-@group(0) @binding(2) var<storage, read> k: array<mat2x4<f16>>; // [BH, SKV, HD/8] spans of 8
-@group(0) @binding(3) var<storage, read> v: array<mat2x4<f16>>;
+@group(0) @binding(2) var<storage, read> k: array<H8>; // [BH, SKV, HD/8] spans of 8
+@group(0) @binding(3) var<storage, read> v: array<H8>;
 @group(0) @binding(4) var<storage, read> counts: array<u32>;
 @group(0) @binding(5) var<storage, read> indices: array<u32>;
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f16>>;
@@ -105,15 +105,15 @@ fn stage_q(bh: u32, row0: u32, len: u32, lid: u32) {
     }
 }
 
-// The 16-byte span (two vec4: one `mat2x4<f16>` of the k / v bindings) of a 32-row K/V chunk
-// that thread lid stages in unrolled slot t: span lid + t·WGS of the chunk's 16·QV. Spans, not
+// The 16-byte span (two vec4: one H8 of the k / v bindings) of a 32-row K/V chunk that
+// thread lid stages in unrolled slot t: span lid + t·WGS of the chunk's 16·QV. Spans, not
 // single vec4, are the unit since session 4 (one vec4 per slot left twice as many 8-byte
-// loads: 14B dense attention 1 733 -> 1 342 ms on the H200). Loading each span as one
-// mat2x4<f16> rather than two adjacent vec4 leaves the same two 8-byte loads in the machine
-// code, but took nabla-0.7 from 218.9 to 215.9 ms and dense from 531.5 to 525.8 ms (231
-// registers against 229; benches/RESULTS.md session 18). When the chunk has fewer spans
-// than threads (KSTP = 0: 8 subgroups of 64 lanes at head dim 64), the second half of the
-// threads stages the first half's spans again: the same values to the same places.
+// loads: 14B dense attention 1 733 -> 1 342 ms on the H200). A span is one register quad
+// until it is staged: four u32 words, one 16-byte load (as one mat2x4<f16>, two 8-byte
+// loads: nabla-0.7 215.0 ms on the H200 against 187.2, benches/RESULTS.md session 19). When
+// the chunk has fewer spans than threads (KSTP = 0: 8 subgroups of 64 lanes at head dim 64),
+// the second half of the threads stages the first half's spans again: the same values to the
+// same places.
 fn span(lid: u32, t: u32) -> u32 {
     let p = lid + t * WGS;
     if (KSTP == 0u) {
@@ -203,10 +203,10 @@ fn walk_next(w: ptr<function, Walk>, ma: u32, mb: u32) -> vec3<u32> {
 // masks the logits of keys past len to -inf whenever a chunk reaches past the keys, so their
 // P is exactly 0 and the clamped rows' finite values add nothing. Measured on the H200
 // (wan14b-720p, benches/RESULTS.md session 17): nabla-0.7 247.0 -> 244.3 ms.
-fn ld(which: u32, bh: u32, row0: u32, len: u32, p: u32) -> mat2x4<f16> {
+fn ld(which: u32, bh: u32, row0: u32, len: u32, p: u32) -> H8 {
     // PROBE (diagnostics of the bench, wrong results): bit 0 skips these loads, bit 2 the MMAs
     if ((PROBE & 1u) != 0u) {
-        return mat2x4<f16>(vec4<f16>(f16(p & 3u)), vec4<f16>(f16(p & 1u)));
+        return h8_filler(p);
     }
     let t = min(row0 + p / (QV / 2u), len - 1u);
     let g = (bh * len + t) * (QV / 2u) + p % (QV / 2u);
@@ -326,8 +326,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     // of a chunk's loads are in flight together.
     // (declared here and assigned in the loop: the form timed on the H200)
     //@unroll KSTH
-    var kr{t} = mat2x4<f16>();
-    var vr{t} = mat2x4<f16>();
+    var kr{t} = H8();
+    var vr{t} = H8();
     //@end
     // (this barrier also orders the Q reads above before the first K stage)
     workgroupBarrier();
@@ -347,8 +347,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         let key0 = kb * 64u + (n % 2u) * 32u;
         let member_now = BPW == 1u || member;
         //@unroll KSTH
-        kvs[slot(span(lid, {t}u))] = kr{t}[0];
-        kvs[slot(span(lid, {t}u)) + 1u] = kr{t}[1];
+        kvs[slot(span(lid, {t}u))] = h8_lo(kr{t});
+        kvs[slot(span(lid, {t}u)) + 1u] = h8_hi(kr{t});
         //@end
         workgroupBarrier();
         // S = (Q Kᵀ) · scale·log2(e): 16 rows x 32 keys per subgroup, as four independent
@@ -373,8 +373,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         coopStoreT((s1a + s1b) * P.scale_log2e, &so[orow + 4u], OS4);
         workgroupBarrier();
         //@unroll KSTH
-        kvs[slot(span(lid, {t}u))] = vr{t}[0];
-        kvs[slot(span(lid, {t}u)) + 1u] = vr{t}[1];
+        kvs[slot(span(lid, {t}u))] = h8_lo(vr{t});
+        kvs[slot(span(lid, {t}u)) + 1u] = h8_hi(vr{t});
         //@end
         if (n + 1u < 2u * cnt && n % 2u == 1u) {
             if (BPW == 1u) {

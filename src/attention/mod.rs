@@ -267,14 +267,15 @@ fn record_walk(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
+            // K and V in 16-byte loads of u32 words where the device has 16-bit integers
+            let i16 = gpu.caps().int16;
             let key = format!(
-                "attention/block_sparse_coop[d{d},sg{sg},pairs={pairs},checked={checked},probe={probe}]"
+                "attention/block_sparse_coop[d{d},sg{sg},pairs={pairs},i16={i16},checked={checked},\
+                 probe={probe}]"
             );
-            let pipe = gpu.pipeline(
-                &key,
-                &shaders::source_coop(shaders::BLOCK_SPARSE_COOP, d as u32, sg, pairs, probe),
-                checked,
-            )?;
+            let src =
+                shaders::source_coop(shaders::BLOCK_SPARSE_COOP, d as u32, sg, pairs, i16, probe);
+            let pipe = gpu.pipeline(&key, &src, checked)?;
             let per_group = if pairs { 2 } else { 1 };
             (pipe, mask.nb().div_ceil(per_group) as u32)
         }
