@@ -499,7 +499,7 @@ fn every_variant_is_registered() {
     // portable: 3 weight dtypes × (5 epilogues (3 activations, the residual in place or from a
     // separate tensor) with the bf16-autocast rounding, and without it × x f32 / f16 × (3
     // activations × y f32 / f16 + 2 residuals)); cooperative: the same × 3 subgroup sizes ×
-    // scalar or vector loads
+    // scalar, 8-byte or 16-byte loads × 2 tile heights
     let per_weight = 5 + 2 * (3 * 2 + 2);
     assert_eq!(
         v.len(),

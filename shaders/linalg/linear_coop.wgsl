@@ -40,7 +40,7 @@ var<workgroup> c_s: array<f32, 256u * NSG>;         // per subgroup one 16x16 f3
 // PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
 // bit 1 the matrix products; 0 in every real run.
 // A fetched x span (`fetch_x8`) as staged: f16, zeros past K.
-fn stage_x(v: mat2x4<XE>, row: u32, k: u32) -> mat2x4<f16> {
+fn stage_x(v: XSPAN, row: u32, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
         return mat2x4<f16>(vec4<f16>(f16(row & 7u)), vec4<f16>(f16(row & 7u)));
     }

@@ -6,14 +6,15 @@
 // the span is the fetched value: these forms (K not a multiple of 8) consume their loads when
 // they fetch, without the prefetch the 16-byte form gets.
 
-// What `fetch_w8` holds between its load and `span_w8`.
+// What `fetch_x8` / `fetch_w8` hold between their loads and `span_x8` / `span_w8`.
+alias XSPAN = mat2x4<XE>;
 alias WSPAN = mat2x4<f32>;
 
-fn fetch_x8(row: u32, k: u32) -> mat2x4<XE> {
+fn fetch_x8(row: u32, k: u32) -> XSPAN {
     return mat2x4<XE>(load_xv(row, k), load_xv(row, k + 4u));
 }
 
-fn span_x8(v: mat2x4<XE>, k: u32) -> mat2x4<XE> {
+fn span_x8(v: XSPAN, k: u32) -> mat2x4<XE> {
     return v;
 }
 

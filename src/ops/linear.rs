@@ -286,15 +286,28 @@ impl Loads {
         }
     }
 
-    /// The binding and load functions of this form for weights stored as `wdt` (the coop
-    /// kernel's `fetch_x8` / `span_x8` and `fetch_w8` / `span_w8`). The 16-byte form reads f16
-    /// weights as f16, without decoding them to f32 first.
-    fn source(self, wdt: DType) -> String {
+    /// The binding and load functions of this form for weights stored as `wdt` and x as f16
+    /// (`x16`) or f32 (the coop kernel's `fetch_x8` / `span_x8` and `fetch_w8` / `span_w8`).
+    /// The 16-byte form reads f16 x and f16 weights as u32 words (`H8` of
+    /// shaders/gpu/h8_unpack.wgsl, included by the caller) and stages them as f16, without
+    /// decoding them to f32 first.
+    fn source(self, wdt: DType, x16: bool) -> String {
+        let w8 = if wdt == DType::F16 {
+            LINEAR_LOADS_W8_F16
+        } else {
+            LINEAR_LOADS_W8_WORDS
+        };
+        // the x span type of linear_loads_vec8.wgsl and its eight values
+        let x8 = if x16 {
+            "alias XSPAN = H8;\n\
+             fn x8_values(v: XSPAN) -> mat2x4<XE> { return mat2x4<XE>(h8_lo(v), h8_hi(v)); }\n"
+        } else {
+            "alias XSPAN = mat2x4<XE>;\nfn x8_values(v: XSPAN) -> mat2x4<XE> { return v; }\n"
+        };
         match self {
             Loads::Scalar => format!("{LINEAR_LOADS}{LINEAR_LOADS_PAIR}"),
             Loads::Vec4 => format!("{LINEAR_LOADS_VEC}{LINEAR_LOADS_PAIR}"),
-            Loads::Vec8 if wdt == DType::F16 => format!("{LINEAR_LOADS_VEC8}{LINEAR_LOADS_W8_F16}"),
-            Loads::Vec8 => format!("{LINEAR_LOADS_VEC8}{LINEAR_LOADS_W8_WORDS}"),
+            Loads::Vec8 => format!("{x8}{LINEAR_LOADS_VEC8}{w8}"),
         }
     }
 }
@@ -603,7 +616,10 @@ fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) 
     if !io.supported(epi, rb16) {
         return None;
     }
-    let loads = loads.source(wdt);
+    let loads = loads.source(wdt, io.x16);
+    // the f16 span loads through unpack2x16float, not 16-bit integer bitcasts: those were 1-3 %
+    // slower here on the H200 (benches/RESULTS.md session 19), although they won in attention
+    let h8 = crate::shaders::H8_UNPACK;
     // SPX / SPW: spans of eight x / W values each thread stages per k-step (tm or 128 rows × 4
     // spans over tm/32·sg threads)
     let threads = tm / 32 * sg;
@@ -612,10 +628,10 @@ fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) 
         &[("T4", 4), ("SPX", 4 * tm / threads), ("SPW", 512 / threads)],
     );
     Some(format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\nconst ACT: u32 = {}u;\n\
-         const RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\nconst TM: u32 = {tm}u;\n\
-         const PROBE: u32 = {probe}u;\n{}\
-         {LINEAR_COMMON}{loads}{}{body}",
+        "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\n\
+         const ACT: u32 = {}u;\nconst RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\n\
+         const TM: u32 = {tm}u;\nconst PROBE: u32 = {probe}u;\n{}\
+         {LINEAR_COMMON}{h8}{loads}{}{body}",
         epi.act().code(),
         rb16 as u32,
         io.prelude(),
