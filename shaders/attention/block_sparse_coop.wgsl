@@ -15,7 +15,7 @@
 // The one-block form walks its single list with a plain index instead (no merge, no masking:
 // 210 -> 202 registers, 0.4-1 % faster on the H200, benches/RESULTS.md session 14).
 // Each 64-key block is walked as two 32-key chunks: K of a chunk is staged, then V in the same
-// buffer (five barriers per chunk, two of them in the uniform load of the rescale flag).
+// buffer (four barriers per chunk, one of them before the read of the rescale flag).
 // Workgroup memory (d = 128): 23 KB, two workgroups per SM on NVIDIA's Vulkan driver (all the
 // workgroups on an SM share 48 KB: `nabla bench occupancy`); the pair form 37 KB, one.
 // Measured on the H200 (wan14b-720p, benches/RESULTS.md session 12): each chunk's products and
@@ -434,9 +434,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             alpha[row] = a;
         }
         seen = seen || bm > -1.0e30;
-        // (workgroupUniformLoad is barrier, load, barrier: its first barrier also publishes P,
-        // alpha and the flag to the PV step below)
-        if (workgroupUniformLoad(&wmeta[2]) != 0u) {
+        // This barrier publishes P, alpha and the flag to the PV step below. The flag is read
+        // with a plain load, not workgroupUniformLoad (barrier, load, barrier): every thread
+        // reads the same value, since the next write to it comes after two more barriers, so
+        // the break is uniform at run time; naga cannot see that, which is why the module turns
+        // off `derivative_uniformity` (shaders.rs, `source_coop`). One barrier fewer per chunk:
+        // nabla-0.7 187.2 -> 185.5 ms, dense 456.6 -> 451.8 ms on the H200 (session 19).
+        workgroupBarrier();
+        if (wmeta[2] != 0u) {
             break;
         }
         // O += P V
