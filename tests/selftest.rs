@@ -44,3 +44,42 @@ fn selftest_passes_on_this_adapter() {
         );
     }
 }
+
+/// The self-test on a device opened without f16, 16-bit integers and subgroups (what a GPU
+/// lacking them runs: f32 storage, workgroup-tree reductions, no tensor cores): every variant
+/// that runs agrees with the reference, none of them needs a feature that is off, and the
+/// portable kernels all run.
+#[test]
+fn selftest_passes_without_f16_subgroups_and_int16() {
+    let off = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::SHADER_I16;
+    let gpu = Gpu::new_without(off).expect("a GPU adapter");
+    let caps = gpu.caps();
+    assert!(!caps.f16 && !caps.subgroups && !caps.int16 && caps.coop_matrix.is_empty());
+    let rows = nabla::selftest::run(&gpu, 11).unwrap();
+    for r in &rows {
+        assert!(
+            r.passed(),
+            "{} {} {} without f16/subgroups: rel err {:e} > {:e}",
+            r.kernel,
+            r.variant,
+            r.shape,
+            r.rel_err,
+            r.bound
+        );
+    }
+    let ran = rows.iter().filter(|r| r.skipped.is_none()).count();
+    assert!(
+        ran >= 20,
+        "only {ran} variants ran without f16 and subgroups"
+    );
+    for (kernel, variant) in [
+        ("attention", "portable f32"),
+        ("mask", "portable scores, workgroup tree"),
+    ] {
+        assert!(
+            rows.iter()
+                .any(|r| r.kernel == kernel && r.variant == variant && r.skipped.is_none()),
+            "{kernel} {variant} did not run"
+        );
+    }
+}
