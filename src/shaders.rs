@@ -133,7 +133,8 @@ pub fn source_coop(
     // uniformity that cooperative operations need through this diagnostic, so it is turned off
     // for this module (nothing here takes derivatives).
     format!(
-        "diagnostic(off, derivative_uniformity);\n{enable16}enable f16;\nenable wgpu_cooperative_matrix;\nalias S1 = f16;\n\
+        "diagnostic(off, derivative_uniformity);\n{enable16}enable f16;\n\
+         enable wgpu_cooperative_matrix;\nalias S1 = f16;\n\
          alias S4 = vec4<f16>;\nconst HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n\
          const PROBE: u32 = {probe}u;\nconst KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n\
          {h8}{body}"
