@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv | tee "$OUT/gp
 $BIN/nabla info 2>&1 > "$OUT/info.txt"; head -12 "$OUT/info.txt"
 # what the driver made of the tensor-core kernels: registers decide workgroups per SM
 # (RESULTS.md session 7); STATS="filter ..." adds kernels
-for f in "attention/block_sparse_coop[d128,sg32]" "linalg/linear[bf16,none,x_f16][coop,sg32,vec8" ${STATS:-}; do
+for f in "attention/block_sparse_coop[d128,sg32,pairs=false" "linalg/linear[bf16,none,x_f16][coop,sg32,vec8" ${STATS:-}; do
   $BIN/nabla info --kernel-stats "$f" 2>&1 | grep -vE "^(error: XDG|NVIDIA)" | paste - - | tee -a "$OUT/kernel_stats.txt"
 done
 for t in ${TESTS-kernels golden errors}; do
