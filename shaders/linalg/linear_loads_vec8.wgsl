@@ -3,7 +3,7 @@
 // dispatcher (linear.rs, `Loads::source`): f16 x is read as an `H8` span (h8_unpack.wgsl: four
 // u32 words, one 16-byte load, turned into f16 through unpack2x16float, exactly), f32 x as a
 // mat2x4<f32> (two 16-byte loads). The f16 form as a mat2x4<f16> binding was two 8-byte loads
-// on the H200; as words, 4096^3 went from 205 to 223 TFLOP/s and the 14B shapes gained 3-7 %
+// on the H200; as words, 4096^3 went from 205 to 222 TFLOP/s and the 14B shapes gained 3-7 %
 // (benches/RESULTS.md session 19); the 16-bit integer bitcasts of h8_words.wgsl, which won in
 // the attention kernel, were 1-3 % slower here than unpack2x16float. The W binding comes from
 // linear_loads_w8_words.wgsl (f32 / bf16 weights) or linear_loads_w8_f16.wgsl (f16 weights).
