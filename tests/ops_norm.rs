@@ -43,7 +43,11 @@ const L2: f64 = 1e-6;
 /// Checks all three LayerNorm modes and RMSNorm on `x` `[m, c]` (elementwise bound
 /// `tol + tol·|want|`).
 fn check_all_modes(what: &str, rng: &mut Rng, x: &[f32], m: usize, c: usize, tol: f32) {
-    let g = gpu();
+    check_all_modes_on(gpu(), what, rng, x, m, c, tol);
+}
+
+/// [`check_all_modes`] on the device `g`.
+fn check_all_modes_on(g: &Gpu, what: &str, rng: &mut Rng, x: &[f32], m: usize, c: usize, tol: f32) {
     let xt = g.upload_f32(x, &[m, c]).unwrap();
     let eps = EPS as f64;
 
@@ -104,6 +108,30 @@ fn all_modes_ragged_sizes() {
             let x = rng.normals(m * c, 2.0);
             check_all_modes(&format!("[{m}, {c}]"), &mut rng, &x, m, c, 2e-5);
         }
+    }
+}
+
+/// The row-in-registers kernel (C % 4 == 0 and C <= 8192) at its edges: one vec4 per row,
+/// exactly 8192 columns, 8196 (past it: the scalar kernel), a DiT width; with subgroup
+/// reductions where the adapter has them, and on a second device opened without subgroups
+/// (the workgroup-tree reductions).
+#[test]
+fn row_in_registers_edges_with_and_without_subgroups() {
+    let mut rng = Rng::fresh(0x18);
+    let g = gpu();
+    let no_sg = Gpu::new_without(wgpu::Features::SUBGROUP).unwrap();
+    assert!(!no_sg.caps().subgroups);
+    for (m, c) in [
+        (3usize, 4usize),
+        (2, 8192),
+        (2, 8196),
+        (129, 5120),
+        (5, 1000),
+    ] {
+        let x = rng.normals(m * c, 2.0);
+        check_all_modes_on(g, &format!("[{m}, {c}]"), &mut rng, &x, m, c, 2e-5);
+        let what = format!("[{m}, {c}] without subgroups");
+        check_all_modes_on(&no_sg, &what, &mut rng, &x, m, c, 2e-5);
     }
 }
 

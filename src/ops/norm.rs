@@ -3,11 +3,15 @@
 //! is stored; needs `SHADER_F16`): the Wan DiT's norm outputs only feed GEMMs, which on the
 //! tensor-core path read them as f16 (see [`crate::ops::linear`], "16-bit activations").
 //!
-//! One kernel, `shaders/nn/norm.wgsl`: one workgroup of 256 threads per row (a 2-D grid of rows,
-//! so any row count within the binding limits dispatches), f32 math with a stable two-pass
-//! reduction: the mean of `x − x₀` (x₀ = the row's first value, so the absolute mean is never
-//! rounded), then the mean of squared deviations. A constant row normalizes to exactly 0. Variants differ by a prelude that picks LayerNorm or
-//! RMSNorm and the epilogue ([`NormMode`]). CPU references: [`crate::reference::nn::norm`].
+//! One workgroup of 256 threads per row (a 2-D grid of rows, so any row count within the binding
+//! limits dispatches), f32 math with a stable two-pass reduction: the mean of `x − x₀` (x₀ = the
+//! row's first value, so the absolute mean is never rounded), then the mean of squared
+//! deviations. A constant row normalizes to exactly 0. Rows of C % 4 == 0 and C ≤ 8192 columns
+//! (every DiT and umT5 width) run `shaders/nn/norm_vec.wgsl`: the row in registers, read once in
+//! vec4s, subgroup reductions where the adapter has them; other rows `shaders/nn/norm.wgsl`,
+//! which reads x one f32 at a time, two or three times. Variants differ by a prelude that picks
+//! LayerNorm or RMSNorm and the epilogue ([`NormMode`]). CPU references:
+//! [`crate::reference::nn::norm`].
 //!
 //! In the DiT (spec §2.7): `norm1`/`norm2` are [`NormMode::Modulate`] with the `[6, dim]` table
 //! `m = modulation + e0` (rows 0/1 for self-attention, 3/4 for the FFN), `norm3` is
@@ -19,6 +23,12 @@ use crate::gpu::{Batch, DType, Gpu, Tensor, groups_2d};
 use crate::ops::elementwise::{check_distinct, check_f32, check_size};
 
 const BODY: &str = include_str!("../../shaders/nn/norm.wgsl");
+const BODY_VEC: &str = include_str!("../../shaders/nn/norm_vec.wgsl");
+const REDUCE_SG: &str = include_str!("../../shaders/nn/norm_vec_sg.wgsl");
+const REDUCE_WG: &str = include_str!("../../shaders/nn/norm_vec_wg.wgsl");
+
+/// vec4s of a row each thread of norm_vec.wgsl holds: rows up to 4·256·8 = 8192 columns.
+const VEC_PER_THREAD: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -102,6 +112,55 @@ impl Kind {
         }
     }
 
+    /// norm_vec.wgsl's epilogue over four columns `4·c4..`, with vec4 bindings.
+    fn prelude_vec(self) -> &'static str {
+        match self {
+            Kind::Plain => {
+                "const RMS: bool = false;\n\
+                 fn epilogue4(c4: u32, y: vec4<f32>) -> vec4<f32> { return y; }\n"
+            }
+            Kind::Affine => {
+                "const RMS: bool = false;\n\
+                 @group(0) @binding(3) var<storage, read> weight: array<vec4<f32>>;\n\
+                 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;\n\
+                 fn epilogue4(c4: u32, y: vec4<f32>) -> vec4<f32> {\n    \
+                 return y * weight[c4] + bias[c4];\n}\n"
+            }
+            Kind::Modulate => {
+                "const RMS: bool = false;\n\
+                 @group(0) @binding(3) var<storage, read> mods: array<vec4<f32>>;\n\
+                 fn epilogue4(c4: u32, y: vec4<f32>) -> vec4<f32> {\n    \
+                 return y * (1.0 + mods[P.scale_off / 4u + c4]) + mods[P.shift_off / 4u + c4];\n}\n"
+            }
+            Kind::Rms => {
+                "const RMS: bool = true;\n\
+                 @group(0) @binding(3) var<storage, read> weight: array<vec4<f32>>;\n\
+                 fn epilogue4(c4: u32, y: vec4<f32>) -> vec4<f32> { return y * weight[c4]; }\n"
+            }
+        }
+    }
+
+    /// The row-in-registers variant (norm_vec.wgsl) with an f32 or (`half`) f16 output and
+    /// subgroup or workgroup-tree reductions.
+    fn variant_vec(self, half: bool, subgroups: bool) -> (String, String) {
+        let out = if half {
+            "enable f16;\nalias OE = f16;\n"
+        } else {
+            "alias OE = f32;\n"
+        };
+        let body = crate::shaders::expand_unroll(BODY_VEC, &[("NV", VEC_PER_THREAD)]);
+        let reduce = if subgroups { REDUCE_SG } else { REDUCE_WG };
+        (
+            format!(
+                "nn/norm[{}{},vec,{}]",
+                self.name(),
+                if half { ",f16_out" } else { "" },
+                if subgroups { "sg" } else { "wg" }
+            ),
+            format!("{out}{}{body}{reduce}", self.prelude_vec()),
+        )
+    }
+
     /// The variant with an f32 or (`half`) f16 output.
     fn variant(self, half: bool) -> (String, String) {
         let out = if half {
@@ -121,15 +180,20 @@ impl Kind {
 }
 
 /// Every shader variant of this module: `(name, WGSL source)`; the LayerNorms also with an f16
-/// output.
+/// output; each also in the row-in-registers form, with subgroup or workgroup reductions.
 pub fn variants() -> Vec<(String, String)> {
-    let mut v: Vec<_> = Kind::ALL.iter().map(|k| k.variant(false)).collect();
-    v.extend(
-        Kind::ALL
-            .iter()
-            .filter(|&&k| k != Kind::Rms)
-            .map(|k| k.variant(true)),
-    );
+    let mut v = Vec::new();
+    for k in Kind::ALL {
+        for half in [false, true] {
+            if half && k == Kind::Rms {
+                continue;
+            }
+            v.push(k.variant(half));
+            for sg in [false, true] {
+                v.push(k.variant_vec(half, sg));
+            }
+        }
+    }
     v
 }
 
@@ -198,7 +262,13 @@ fn dispatch(
     let gpu = batch.gpu();
     // buffers[1] is the output
     let half = buffers.get(1).is_some_and(|o| o.dtype() == DType::F16);
-    let (key, src) = kind.variant(half);
+    // the row in registers where it fits (C % 4 == 0, C <= 8192: every DiT and umT5 width)
+    let vec = p.cols.is_multiple_of(4) && p.cols <= 4 * 256 * VEC_PER_THREAD;
+    let (key, src) = if vec {
+        kind.variant_vec(half, gpu.caps().subgroups)
+    } else {
+        kind.variant(half)
+    };
     let pipe = gpu.pipeline(&key, &src, true)?;
     let groups = groups_2d(rows, gpu.caps().max_workgroups_per_dim);
     batch.dispatch(&pipe, bytemuck::bytes_of(&p), buffers, groups)
