@@ -40,6 +40,13 @@
 // and head (neighbouring blocks 613 entries apart, heads 97), measured 8 % faster on full
 // lists and 2-3 % slower on NABLA masks of density 0.17-0.69.
 //
+// P·V is split over subgroup pairs: subgroups 2p and 2p+1 both hold O for the pair's 32 rows,
+// each for one half of the head dim (o_t: rows 0-15, o_(t+NTH): rows 16-31 of the pair, at
+// head-dim tile h·NTH + t), so each V tile a subgroup loads from workgroup memory feeds two
+// products: V's shared-memory reads halve and P's double, with the same matrices in registers
+// (H200, wan14b-720p, benches/RESULTS.md session 20: dense 452 -> 425 ms, nabla-0.7 186 -> 175
+// ms, registers 219 -> 208).
+//
 // Matrices and per-lane rows are named variables (qa0.., o0.., s0..), never arrays indexed in
 // loops: the lines of each unroll block below are repeated with the t placeholders substituted
 // by the dispatcher (shaders::expand_unroll), so no driver has to keep them in local memory.
@@ -229,6 +236,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let rl = lane / LPR;        // softmax: row within the subgroup
     let part = lane % LPR;
     let row = sg * 16u + rl;    // row within the tile of ROWS rows
+    let prow2 = (sg / 2u) * 32u * PSV; // the subgroup pair's 32 rows in pbuf
+    let h = sg % 2u;            // this subgroup's half of the head dim in P·V
+    let prow_pair = (sg / 2u) * 32u; // the pair's first row within the tile
     let mine_b = sg >= 4u;      // this subgroup's rows belong to block 2p+1 (pair form)
 
     let mh = select(0u, bh, P.mask_heads > 1u);
@@ -445,7 +455,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             break;
         }
         // O += P V
-        add_pv(prow,
+        add_pv(prow2, h,
             //@unroll NT
             &o{t},
             //@end
@@ -461,7 +471,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     coopStoreT(o{t}, &so[orow], OS4);
     coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
     workgroupBarrier();
-    scale_rows(orow, rl, part, alpha[row]);
+    scale_rows(orow, rl, part, alpha[prow_pair + rl], alpha[prow_pair + 16u + rl]);
     workgroupBarrier();
     o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow], OS4);
     o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + 4u], OS4);
@@ -471,7 +481,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         wmeta[2] = 0u;
     }
     // the P·V of the chunk that needed it
-    add_pv(prow,
+    add_pv(prow2, h,
         //@unroll NT
         &o{t},
         //@end
@@ -486,18 +496,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         l += subgroupShuffleXor(l, x);
     }
     let inv = select(0.0, 1.0 / l, l > 0.0);
-    let tok = tile * ROWS + row;
+    // every row's 1/l for the pair's other subgroup (alpha is free after the last chunk)
+    if (part == 0u) {
+        alpha[row] = inv;
+    }
+    workgroupBarrier();
+    let inv0 = alpha[prow_pair + rl];
+    let inv1 = alpha[prow_pair + 16u + rl];
+    let tok0 = tile * ROWS + prow_pair + rl;
     //@unroll NTH
     coopStoreT(o{t}, &so[orow], OS4);
     coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
     workgroupBarrier();
-    write_rows(orow, rl, part, bh, tok, {t}u * 16u, {t+NTH}u * 16u, inv);
+    write_rows(orow, rl, part, bh, tok0, (h * (HD / 32u) + {t}u) * 16u, inv0, inv1);
     workgroupBarrier();
     //@end
 }
 
-// O += P·V for this subgroup's rows: P in pbuf, the chunk's V staged in kvs
-fn add_pv(prow: u32,
+// O += P·V for this subgroup pair's 32 rows (two A tiles of P) and this subgroup's half h of
+// the head dim (NTH tiles of V, each used twice)
+fn add_pv(prow2: u32, h: u32,
     //@unroll NT
     o{t}: ptr<function, coop_mat16x16<f32, C>>,
     //@end
@@ -506,31 +524,37 @@ fn add_pv(prow: u32,
         if ((PROBE & 4u) != 0u) {
             break;
         }
-        let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow + j * 4u], PSV);
-        //@unroll NT
-        *o{t} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + {t}u * 4u], KSV), *o{t});
+        let pa0 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow2 + j * 4u], PSV);
+        let pa1 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow2 + 16u * PSV + j * 4u], PSV);
+        //@unroll NTH
+        let vb{t} = coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + (h * (HD / 32u) + {t}u) * 4u], KSV);
+        *o{t} = coopMultiplyAdd(pa0, vb{t}, *o{t});
+        *o{t+NTH} = coopMultiplyAdd(pa1, vb{t}, *o{t+NTH});
         //@end
     }
 }
 
-// this lane's part of its row of the two O tiles in so, times f
-fn scale_rows(orow: u32, rl: u32, part: u32, f: f32) {
+// row rl of this subgroup's slice of so holds row rl of the pair's first row tile in columns
+// 0-15 and of its second in
+// 16-31 (one head-dim tile): this lane's part of it, times f0 / f1
+fn scale_rows(orow: u32, rl: u32, part: u32, f0: f32, f1: f32) {
     for (var c = 0u; c < CPL / 4u; c++) {
-        let ix = orow + rl * OS4 + part * (CPL / 4u) + c;
-        so[ix] = so[ix] * f;
+        let col = part * CPL + c * 4u;
+        let ix = orow + rl * OS4 + col / 4u;
+        so[ix] = so[ix] * select(f1, f0, col < 16u);
     }
 }
 
-// this lane's part of its row of the two O tiles in so (columns ca.. and cb.. of the head),
-// times inv, into out
-fn write_rows(orow: u32, rl: u32, part: u32, bh: u32, tok: u32, ca: u32, cb: u32, inv: f32) {
-    if (tok >= P.sq) {
-        return;
-    }
+// the same layout into out: columns 0-15 to token tok0 (times inv0), 16-31 to tok0 + 16
+// (times inv1), at head-dim column hc
+fn write_rows(orow: u32, rl: u32, part: u32, bh: u32, tok0: u32, hc: u32, inv0: f32, inv1: f32) {
     for (var c = 0u; c < CPL; c += 4u) {
         let col = part * CPL + c;
-        let val = so[orow + rl * OS4 + col / 4u] * inv;
-        let dst = select(cb + col - 16u, ca + col, col < 16u);
-        out[(bh * P.sq + tok) * QV + dst / 4u] = vec4<f16>(val);
+        let first = col < 16u;
+        let tok = select(tok0 + 16u, tok0, first);
+        if (tok < P.sq) {
+            let val = so[orow + rl * OS4 + col / 4u] * select(inv1, inv0, first);
+            out[(bh * P.sq + tok) * QV + (hc + col % 16u) / 4u] = vec4<f16>(val);
+        }
     }
 }
