@@ -8,6 +8,7 @@
 //                                           outputs that only feed a GEMM: the f32 result
 //                                           rounded once as it is stored)
 // and any extra bindings (3..) the epilogue reads (weight, bias, modulation table).
+// norm_common.wgsl (appended by src/ops/norm.rs) holds the Params, P and `tree_sum`.
 //
 // LayerNorm: stable two-pass in f32, shifted by a pivot x0 (the row's first value) so the
 // absolute mean is never rounded: mu = sum(x - x0) / C, d = (x - x0) - mu (= x - mean),
@@ -16,39 +17,10 @@
 // d = 0 exactly, hence y = 0 exactly.
 // RMSNorm: pivot and mu are 0, so d = x and y = x * inverseSqrt(sum(x^2) / C + eps).
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    eps: f32,
-    shift_off: u32,
-    scale_off: u32,
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
-}
-
-@group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<OE>;
 
 const WG: u32 = 256u;
-var<workgroup> red: array<f32, WG>;
-var<workgroup> total: f32;
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        total = red[0];
-    }
-    return workgroupUniformLoad(&total);
-}
 
 @compute @workgroup_size(256)
 fn main(
@@ -72,14 +44,14 @@ fn main(
         for (var c = lid; c < n; c += WG) {
             s += x[base + c] - pivot;
         }
-        mu = reduce_sum(lid, s) / fc;
+        mu = tree_sum(s, lid) / fc;
     }
     var q = 0.0;
     for (var c = lid; c < n; c += WG) {
         let d = (x[base + c] - pivot) - mu;
         q += d * d;
     }
-    let r = inverseSqrt(reduce_sum(lid, q) / fc + P.eps);
+    let r = inverseSqrt(tree_sum(q, lid) / fc + P.eps);
     for (var c = lid; c < n; c += WG) {
         out[base + c] = OE(epilogue(c, ((x[base + c] - pivot) - mu) * r));
     }

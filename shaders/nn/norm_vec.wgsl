@@ -1,6 +1,6 @@
 // LayerNorm / RMSNorm with the row in registers, for rows of C columns with C % 4 == 0 and
 // C <= 4·256·NV (every DiT and umT5 width): the same math and prelude contract as norm.wgsl
-// (RMS, OE, the Params struct), with the epilogue applied to four columns at once
+// (RMS, OE; Params and P from norm_common.wgsl), with the epilogue applied to four columns at once
 // (`epilogue4`, whose weights / modulation rows are vec4 bindings). Each of the 256 threads
 // loads its NV vec4 of the row once (norm.wgsl reads x two or three times, one f32 at a time),
 // and the reductions (`reduce_sum` and the entry point: norm_vec_sg.wgsl with subgroups, else
@@ -8,18 +8,6 @@
 // Measured on the H200 (Vulkan, benches/RESULTS.md session 20): the Wan 14B forward's norms
 // and modulation took 157 ms instead of 309 ms (RMSNorm 0.90 -> 0.53 ms per 67 200 x 5120 rows).
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    eps: f32,
-    shift_off: u32,
-    scale_off: u32,
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
-}
-
-@group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> out: array<vec4<OE>>;
 

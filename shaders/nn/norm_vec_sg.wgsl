@@ -1,7 +1,7 @@
 // The reduction and entry point of norm_vec.wgsl on adapters with subgroups: a subgroup sum,
-// one partial per subgroup in workgroup memory, summed alike by every thread (two barriers).
+// one partial per subgroup in workgroup memory (`red` of norm_common.wgsl), summed alike by
+// every thread (two barriers).
 
-var<workgroup> red: array<f32, 256>;
 var<private> sg_id: u32;
 var<private> sg_lane: u32;
 var<private> sg_count: u32;

@@ -23,6 +23,7 @@ use crate::gpu::{Batch, DType, Gpu, Tensor, groups_2d};
 use crate::ops::elementwise::{check_distinct, check_f32, check_size};
 
 const BODY: &str = include_str!("../../shaders/nn/norm.wgsl");
+const COMMON: &str = include_str!("../../shaders/nn/norm_common.wgsl");
 const BODY_VEC: &str = include_str!("../../shaders/nn/norm_vec.wgsl");
 const REDUCE_SG: &str = include_str!("../../shaders/nn/norm_vec_sg.wgsl");
 const REDUCE_WG: &str = include_str!("../../shaders/nn/norm_vec_wg.wgsl");
@@ -157,7 +158,7 @@ impl Kind {
                 if half { ",f16_out" } else { "" },
                 if subgroups { "sg" } else { "wg" }
             ),
-            format!("{out}{}{body}{reduce}", self.prelude_vec()),
+            format!("{out}{}{COMMON}{body}{reduce}", self.prelude_vec()),
         )
     }
 
@@ -174,7 +175,7 @@ impl Kind {
                 self.name(),
                 if half { ",f16_out" } else { "" }
             ),
-            format!("{out}{}{BODY}", self.prelude()),
+            format!("{out}{}{COMMON}{BODY}", self.prelude()),
         )
     }
 }
