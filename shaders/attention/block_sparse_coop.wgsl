@@ -236,9 +236,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     let rl = lane / LPR;        // softmax: row within the subgroup
     let part = lane % LPR;
     let row = sg * 16u + rl;    // row within the tile of ROWS rows
-    let prow2 = (sg / 2u) * 32u * PSV; // the subgroup pair's 32 rows in pbuf
+    let pair_row = (sg / 2u) * 32u; // the subgroup pair's first row within the tile
+    let pair_p = pair_row * PSV;    // the pair's 32 rows in pbuf
     let h = sg % 2u;            // this subgroup's half of the head dim in P·V
-    let prow_pair = (sg / 2u) * 32u; // the pair's first row within the tile
     let mine_b = sg >= 4u;      // this subgroup's rows belong to block 2p+1 (pair form)
 
     let mh = select(0u, bh, P.mask_heads > 1u);
@@ -455,7 +455,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             break;
         }
         // O += P V
-        add_pv(prow2, h,
+        add_pv(pair_p, h,
             //@unroll NT
             &o{t},
             //@end
@@ -471,7 +471,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     coopStoreT(o{t}, &so[orow], OS4);
     coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
     workgroupBarrier();
-    scale_rows(orow, rl, part, alpha[prow_pair + rl], alpha[prow_pair + 16u + rl]);
+    scale_rows(orow, rl, part, alpha[pair_row + rl], alpha[pair_row + 16u + rl]);
     workgroupBarrier();
     o{t} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow], OS4);
     o{t+NTH} = coopLoadT<coop_mat16x16<f32, C>>(&so[orow + 4u], OS4);
@@ -481,7 +481,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         wmeta[2] = 0u;
     }
     // the P·V of the chunk that needed it
-    add_pv(prow2, h,
+    add_pv(pair_p, h,
         //@unroll NT
         &o{t},
         //@end
@@ -501,9 +501,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         alpha[row] = inv;
     }
     workgroupBarrier();
-    let inv0 = alpha[prow_pair + rl];
-    let inv1 = alpha[prow_pair + 16u + rl];
-    let tok0 = tile * ROWS + prow_pair + rl;
+    let inv0 = alpha[pair_row + rl];
+    let inv1 = alpha[pair_row + 16u + rl];
+    let tok0 = tile * ROWS + pair_row + rl;
     //@unroll NTH
     coopStoreT(o{t}, &so[orow], OS4);
     coopStoreT(o{t+NTH}, &so[orow + 4u], OS4);
@@ -515,7 +515,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
 
 // O += P·V for this subgroup pair's 32 rows (two A tiles of P) and this subgroup's half h of
 // the head dim (NTH tiles of V, each used twice)
-fn add_pv(prow2: u32, h: u32,
+fn add_pv(pair_p: u32, h: u32,
     //@unroll NT
     o{t}: ptr<function, coop_mat16x16<f32, C>>,
     //@end
@@ -524,8 +524,8 @@ fn add_pv(prow2: u32, h: u32,
         if ((PROBE & 4u) != 0u) {
             break;
         }
-        let pa0 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow2 + j * 4u], PSV);
-        let pa1 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[prow2 + 16u * PSV + j * 4u], PSV);
+        let pa0 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[pair_p + j * 4u], PSV);
+        let pa1 = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[pair_p + 16u * PSV + j * 4u], PSV);
         //@unroll NTH
         let vb{t} = coopLoadT<coop_mat16x16<f16, B>>(&kvs[j * 16u * KSV + (h * (HD / 32u) + {t}u) * 4u], KSV);
         *o{t} = coopMultiplyAdd(pa0, vb{t}, *o{t});
@@ -535,8 +535,7 @@ fn add_pv(prow2: u32, h: u32,
 }
 
 // row rl of this subgroup's slice of so holds row rl of the pair's first row tile in columns
-// 0-15 and of its second in
-// 16-31 (one head-dim tile): this lane's part of it, times f0 / f1
+// 0-15 and of its second in 16-31 (one head-dim tile): this lane's part of it, times f0 / f1
 fn scale_rows(orow: u32, rl: u32, part: u32, f0: f32, f1: f32) {
     for (var c = 0u; c < CPL / 4u; c++) {
         let col = part * CPL + c * 4u;
