@@ -224,6 +224,7 @@ pub fn all_variants() -> Vec<(String, String)> {
             }
         }
     }
+    v.push(("gpu/coop_layout".into(), crate::gpu::coop_layout::source()));
     v.push((
         "gpu/occupancy[24592B,w128]".into(),
         crate::gpu::occupancy::source(24592, 128),

@@ -26,6 +26,14 @@ pub fn run() -> Result<()> {
         match Gpu::from_adapter(a) {
             Ok(g) => {
                 println!("{}", g.caps());
+                match nabla::gpu::coop_layout::probe(&g) {
+                    Ok(Ok(l)) => println!(
+                        "  cooperative matrix element order: upper row {:?}, column {:?}",
+                        l.hi, l.col
+                    ),
+                    Ok(Err(why)) => println!("  cooperative matrix element order: none ({why})"),
+                    Err(e) => println!("  cooperative matrix element order: probe failed: {e}"),
+                }
                 match g.memory_info() {
                     Some((free, total)) => println!(
                         "  memory: {:.2} GB device-local, {:.2} GB free for this process",

@@ -56,6 +56,8 @@ pub struct Capabilities {
     pub max_workgroups_per_dim: u32,
     /// Storage buffers per shader stage.
     pub max_storage_buffers: u32,
+    /// `PASSTHROUGH_SHADERS` on Vulkan: SPIR-V modules built here ([`crate::gpu::spirv`]).
+    pub passthrough: bool,
 }
 
 impl Capabilities {
@@ -96,6 +98,8 @@ impl Capabilities {
             max_invocations: l.max_compute_invocations_per_workgroup,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             max_storage_buffers: l.max_storage_buffers_per_shader_stage,
+            passthrough: enabled.contains(wgpu::Features::PASSTHROUGH_SHADERS)
+                && info.backend == wgpu::Backend::Vulkan,
         }
     }
 
@@ -143,6 +147,7 @@ impl fmt::Display for Capabilities {
             self.subgroup_max
         )?;
         writeln!(f, "timestamp queries  {}", yn(self.timestamps))?;
+        writeln!(f, "SPIR-V passthrough {}", yn(self.passthrough))?;
         if self.coop_matrix.is_empty() {
             writeln!(f, "cooperative matrix no")?;
         } else {

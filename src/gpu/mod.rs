@@ -4,8 +4,10 @@
 //! pass, one submission), so a whole pipeline such as mask estimation runs without readback.
 
 mod caps;
+pub mod coop_layout;
 mod memory;
 pub mod occupancy;
+pub mod spirv;
 mod stats;
 mod tensor;
 pub mod tune;
@@ -203,7 +205,8 @@ impl Gpu {
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
-            | wgpu::Features::SHADER_I16;
+            | wgpu::Features::SHADER_I16
+            | wgpu::Features::PASSTHROUGH_SHADERS;
         let mut off = off | features_off_from_env()?;
         if off.contains(wgpu::Features::SHADER_F16) {
             // the cooperative kernels' operands are f16
@@ -364,7 +367,7 @@ impl Gpu {
         source: &str,
         checked: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        if let Some(p) = self.pipelines.lock().ok().and_then(|m| m.get(key).cloned()) {
+        if let Some(p) = self.cached_pipeline(key) {
             return Ok(p);
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -381,12 +384,30 @@ impl Gpu {
                     .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
             }
         };
+        self.finish_pipeline(key, scope, None, &module)
+    }
+
+    /// The pipeline created under `key`, if any.
+    fn cached_pipeline(&self, key: &str) -> Option<Arc<wgpu::ComputePipeline>> {
+        self.pipelines.lock().ok().and_then(|m| m.get(key).cloned())
+    }
+
+    /// The pipeline of `module`'s `main` (its bind group layout from `layout`, or derived from
+    /// the module), the validation errors of `scope` (opened before the module was created)
+    /// turned into an error, and the pipeline cached under `key`.
+    fn finish_pipeline(
+        &self,
+        key: &str,
+        scope: wgpu::ErrorScopeGuard,
+        layout: Option<&wgpu::PipelineLayout>,
+        module: &wgpu::ShaderModule,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(key),
-                layout: None,
-                module: &module,
+                layout,
+                module,
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions::default(),
                 cache: None,
@@ -402,6 +423,62 @@ impl Gpu {
             m.insert(Arc::as_ptr(&p) as usize, key.to_string());
         }
         Ok(p)
+    }
+
+    /// A compute pipeline from WGSL that may read and write single elements of cooperative
+    /// matrices ([`spirv`]): compiled by naga here, its element stubs rewritten, and handed to
+    /// the driver as SPIR-V (needs [`Capabilities::passthrough`]). Created once per `key`.
+    pub(crate) fn pipeline_spirv(
+        &self,
+        key: &str,
+        source: &str,
+        checked: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.cached_pipeline(key) {
+            return Ok(p);
+        }
+        if !self.caps.passthrough {
+            return Err(Error::Unsupported {
+                adapter: self.caps.name.clone(),
+                feature: "PASSTHROUGH_SHADERS",
+                what: format!("the SPIR-V kernel {key}"),
+            });
+        }
+        let c = spirv::compile(source, checked)
+            .map_err(|e| Error::Gpu(format!("pipeline {key}: {e}")))?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bgl = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(key),
+                entries: &c.entries,
+            });
+        let layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(key),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+        // SAFETY: the words are naga's own output for a validated module, changed only where a
+        // stub call became the composite instruction it stands for (same types and operands);
+        // kernels built this way are selected only after `coop_layout` measured the element
+        // order on this device, and `nabla selftest` checks them against the CPU reference.
+        let module = unsafe {
+            self.device
+                .create_shader_module_passthrough(wgpu::ShaderModuleDescriptorPassthrough {
+                    label: Some(key),
+                    entry_points: std::borrow::Cow::Owned(vec![
+                        wgpu::PassthroughShaderEntryPoint {
+                            name: "main".into(),
+                            workgroup_size: (1, 1, 1),
+                        },
+                    ]),
+                    spirv: Some(std::borrow::Cow::Owned(c.words)),
+                    ..Default::default()
+                })
+        };
+        self.finish_pipeline(key, scope, Some(&layout), &module)
     }
 
     /// Per-shape data (STA masks, full lists) computed once and kept.

@@ -266,8 +266,18 @@ mod vulkan {
             shader_stage: naga::ShaderStage::Compute,
             entry_point: "main".into(),
         };
-        let words = spv::write_vec(&module, &info, &opts, Some(&pipe))
+        // kernels with cooperative-matrix element stubs are built as Gpu::pipeline_spirv builds
+        // them (debug names kept to find the stubs, then each call rewritten)
+        let stubs = src.contains("fn cm_get") || src.contains("fn cm_set");
+        if stubs {
+            opts.flags |= spv::WriterFlags::DEBUG;
+        }
+        let mut words = spv::write_vec(&module, &info, &opts, Some(&pipe))
             .map_err(|e| Error::Gpu(format!("{name}: SPIR-V: {e}")))?;
+        if stubs {
+            crate::gpu::spirv::rewrite_stubs(&mut words)
+                .map_err(|e| Error::Gpu(format!("{name}: {e}")))?;
+        }
         let mut res = Resources::new();
         for (_, g) in module.global_variables.iter() {
             if let Some(b) = &g.binding {
