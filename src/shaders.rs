@@ -137,9 +137,12 @@ pub fn source_coop(
          enable wgpu_cooperative_matrix;\nalias S1 = f16;\n\
          alias S4 = vec4<f16>;\nconst HD: u32 = {head_dim}u;\nconst SG: u32 = {subgroup}u;\n\
          const PROBE: u32 = {probe}u;\nconst KSTP: u32 = {paired}u;\nconst NSG: u32 = {nsg}u;\n\
-         {h8}{body}"
+         {h8}{body}{BLOCK_SPARSE_COMMON}"
     )
 }
+
+/// What the two tensor-core attention kernels share (appended to both).
+pub const BLOCK_SPARSE_COMMON: &str = include_str!("../shaders/attention/block_sparse_common.wgsl");
 
 /// Repeats the lines between `//@unroll NAME` and `//@end` for `t = 0..NAME`, replacing `{t}`
 /// by `t` and `{t+OTHER}` by `t + OTHER` (names from `vars`). Cooperative matrices are kept in
