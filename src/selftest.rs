@@ -4,7 +4,7 @@
 //! driver (portable variants) through `tests/selftest.rs`.
 
 use crate::attention::{
-    Kernel, coop_pairs_unavailable, coop_unavailable, record_attention_with,
+    Kernel, coop_pairs_unavailable, coop_regs_unavailable, coop_unavailable, record_attention_with,
     record_dense_attention_with,
 };
 use crate::error::Result;
@@ -104,6 +104,11 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
             DType::F16,
             Kernel::CoopPairs,
         ),
+        (
+            "tensor cores f16, softmax in registers",
+            DType::F16,
+            Kernel::CoopRegs,
+        ),
     ];
     for (name, dt, kernel) in variants {
         // (the last: the dense path, whose walks start at scrambled blocks)
@@ -122,6 +127,7 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 (DType::F16, _) if !gpu.caps().f16 => Some("no SHADER_F16".to_string()),
                 (_, Kernel::Coop) => coop_unavailable(gpu, dt, d),
                 (_, Kernel::CoopPairs) => coop_pairs_unavailable(gpu, dt, d),
+                (_, Kernel::CoopRegs) => coop_regs_unavailable(gpu, dt, d)?,
                 _ => None,
             };
             let bound = if dt == DType::F16 { 2e-3 } else { 1e-5 };

@@ -144,6 +144,43 @@ pub fn source_coop(
 /// What the two tensor-core attention kernels share (appended to both).
 pub const BLOCK_SPARSE_COMMON: &str = include_str!("../shaders/attention/block_sparse_common.wgsl");
 
+/// Block-sparse flash attention on cooperative matrices with the softmax in registers (SPIR-V
+/// element access, [`crate::gpu::spirv`]; subgroups of 32).
+pub const BLOCK_SPARSE_REGS: &str = include_str!("../shaders/attention/block_sparse_regs.wgsl");
+
+/// Source of [`BLOCK_SPARSE_REGS`] for a head dim (64 or 128) and the device's element order
+/// ([`crate::gpu::coop_layout::Layout`]); `int16` and `probe` as in [`source_coop`]. Built for
+/// 4 subgroups of 32.
+pub fn source_regs(
+    head_dim: u32,
+    int16: bool,
+    layout: &crate::gpu::coop_layout::Layout,
+    probe: u32,
+) -> String {
+    let nt = head_dim / 16;
+    // 16-byte spans of a 32-row chunk per thread (K, and V): 8 vec4s of 128 at head dim 128
+    let kst = 32 * (head_dim / 4) / 128;
+    let body = expand_unroll(
+        BLOCK_SPARSE_REGS,
+        &[("NT", nt), ("KSTH", kst.div_ceil(2)), ("E", 8)],
+    );
+    let (enable16, h8) = h8(int16);
+    let mut consts = String::new();
+    for i in 0..8 {
+        consts += &format!(
+            "const RH{i}: u32 = {}u;\nconst CL{i}: u32 = {}u;\n",
+            layout.hi[i], layout.col[i]
+        );
+    }
+    format!(
+        "{enable16}enable f16;\n\
+         enable wgpu_cooperative_matrix;\nconst HD: u32 = {head_dim}u;\nconst SG: u32 = 32u;\n\
+         const NSG: u32 = 4u;\nconst PROBE: u32 = {probe}u;\nconst KSTP: u32 = {}u;\n{consts}{h8}{body}\
+         {BLOCK_SPARSE_COMMON}",
+        kst.is_multiple_of(2) as u32
+    )
+}
+
 /// Repeats the lines between `//@unroll NAME` and `//@end` for `t = 0..NAME`, replacing `{t}`
 /// by `t` and `{t+OTHER}` by `t + OTHER` (names from `vars`). Cooperative matrices are kept in
 /// named variables this way: arrays of them indexed in loops may land in local memory.
@@ -225,6 +262,19 @@ pub fn all_variants() -> Vec<(String, String)> {
                     ));
                 }
             }
+        }
+    }
+    // (the element order the H200 reports; other orders only permute constants)
+    let nv = crate::gpu::coop_layout::Layout {
+        hi: [0, 0, 0, 0, 1, 1, 1, 1],
+        col: [0, 1, 8, 9, 0, 1, 8, 9],
+    };
+    for hd in [64, 128] {
+        for int16 in [false, true] {
+            v.push((
+                format!("attention/block_sparse_regs[d{hd},i16={int16}]"),
+                source_regs(hd, int16, &nv, 0),
+            ));
         }
     }
     v.push(("gpu/coop_layout".into(), crate::gpu::coop_layout::source()));

@@ -532,16 +532,74 @@ fn attention_coop_matches_reference() {
         eprintln!("cooperative attention not available here ({why}): skipped");
         return;
     }
-    coop_attention_cases(g);
+    coop_attention_cases(g, nabla::attention::Kernel::Coop);
     if g.caps().int16 {
         let g2 = nabla::Gpu::new_without(wgpu::Features::SHADER_I16).unwrap();
         assert!(!g2.caps().int16);
-        coop_attention_cases(&g2);
+        coop_attention_cases(&g2, nabla::attention::Kernel::Coop);
     }
 }
 
-fn coop_attention_cases(g: &nabla::Gpu) {
+/// The same cases for the tensor-core kernel with the softmax in registers, where it can run
+/// (SPIR-V passthrough, subgroups of 32, a recognised element order: a real GPU).
+#[test]
+fn attention_coop_regs_matches_reference() {
+    let g = gpu();
+    match nabla::attention::coop_regs_unavailable(g, DType::F16, 128).unwrap() {
+        Some(why) => eprintln!("register-softmax attention not available here ({why}): skipped"),
+        None => coop_attention_cases(g, nabla::attention::Kernel::CoopRegs),
+    }
+}
+
+/// q, k and v as row ranges of one buffer: the register-softmax kernel (k and v bound
+/// read-write) must not run on them; the choice falls back and the result stays right.
+#[test]
+fn attention_on_one_packed_buffer() {
     use nabla::attention::{Kernel, record_attention_with};
+    let g = gpu();
+    if nabla::attention::coop_unavailable(g, DType::F16, 64).is_some() {
+        eprintln!("cooperative attention not available here: skipped");
+        return;
+    }
+    let (h, s, d) = (2usize, 128usize, 64usize);
+    let mut rng = Rng::fresh(23);
+    let round =
+        |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() };
+    let qkv = round(rng.normals(3 * h * s * d, 1.0));
+    let packed = g.upload_f16(&qkv, &[3, h, s, d]).unwrap();
+    let part = |i: usize| packed.rows(i, 1).unwrap();
+    let (qt, kt, vt) = (part(0), part(1), part(2));
+    let dense = vec![1u8; 2 * 2];
+    let mask = BlockMask::from_dense_rect(g, &dense, 1, 2, 2).unwrap();
+    for kernel in [Kernel::Auto, Kernel::CoopRegs] {
+        let out = g.empty(&[1, h, s, d], DType::F16).unwrap();
+        g.fill_u32(&out, 0x7e00_7e00);
+        let mut b = g.batch();
+        record_attention_with(&mut b, &qt, &kt, &vt, &mask, &out, kernel).unwrap();
+        b.submit().unwrap();
+        g.check().unwrap();
+        let n = h * s * d;
+        let want = reference::block_sparse_attention(
+            &qkv[..n],
+            &qkv[n..2 * n],
+            &qkv[2 * n..],
+            &dense,
+            1,
+            (h, s, s, d),
+        );
+        assert_close(
+            &format!("{kernel:?} on one packed buffer"),
+            &g.read_f32(&out).unwrap(),
+            &want,
+            5e-3,
+            5e-3,
+            2e-3,
+        );
+    }
+}
+
+fn coop_attention_cases(g: &nabla::Gpu, kernel: nabla::attention::Kernel) {
+    use nabla::attention::record_attention_with;
     let mut rng = Rng::fresh(19);
     for (h, sq, skv, d, density, shared, boost) in [
         (2usize, 256usize, 256usize, 128usize, 0.5f64, false, false),
@@ -581,12 +639,12 @@ fn coop_attention_cases(g: &nabla::Gpu) {
         let out = g.empty(&[1, h, sq, d], DType::F16).unwrap();
         g.fill_u32(&out, 0x7e00_7e00);
         let mut b = g.batch();
-        record_attention_with(&mut b, &qt, &kt, &vt, &mask, &out, Kernel::Coop).unwrap();
+        record_attention_with(&mut b, &qt, &kt, &vt, &mask, &out, kernel).unwrap();
         b.submit().unwrap();
         let want = reference::block_sparse_attention(&q, &k, &v, &dense, mh, (h, sq, skv, d));
         assert_close(
             &format!(
-                "coop h{h} sq{sq} skv{skv} d{d} p{density} boost={boost} i16={}",
+                "{kernel:?} h{h} sq{sq} skv{skv} d{d} p{density} boost={boost} i16={}",
                 g.caps().int16
             ),
             &g.read_f32(&out).unwrap(),

@@ -110,8 +110,9 @@ fn check(
 /// Which attention kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// Cooperative matrices where the adapter offers them (f16, Vulkan), else portable.
-    /// `NABLA_ATTENTION=portable|coop` overrides the choice.
+    /// The fastest kernel this adapter runs ([`resolve`]): the register-softmax tensor-core
+    /// kernel, else the tensor-core kernel, else the portable one.
+    /// `NABLA_ATTENTION=portable|coop|regs` overrides the choice.
     Auto,
     /// The portable f32-math kernel (any adapter, f32 or f16 storage).
     Portable,
@@ -126,6 +127,16 @@ pub enum Kernel {
     /// 745 ms) and 20–30 % slower on sparse masks. Falls back to [`Kernel::Coop`] where only the
     /// one-block form fits the adapter.
     CoopPairs,
+    /// The tensor-core kernel with the softmax in registers (`block_sparse_regs.wgsl`): S and P
+    /// never go through workgroup memory, two barriers per 32-key chunk instead of four. Needs
+    /// SPIR-V passthrough (Vulkan), subgroups of 32 and an element order of the cooperative
+    /// matrices that [`crate::gpu::coop_layout`] recognises. k and v are bound read-write
+    /// (a hint that keeps NVIDIA's compiler from delaying their loads; nothing writes them), so
+    /// it runs only when q, k, v and out are four different buffers. Falls back to
+    /// [`Kernel::Coop`] elsewhere. Chosen by [`Kernel::Auto`]: on the H200 (wan14b-720p,
+    /// benches/RESULTS.md session 21) dense attention 386 ms against 424, NABLA masks 8-10 %
+    /// faster.
+    CoopRegs,
 }
 
 /// Why the cooperative kernel cannot run here, or `None` when it can.
@@ -185,25 +196,76 @@ fn coop_form_unfit(c: &crate::gpu::Capabilities, d: usize, pairs: bool) -> Optio
     None
 }
 
-fn choose(gpu: &Gpu, dtype: DType, d: usize, k: Kernel) -> Result<Kernel> {
+/// Why the register-softmax form ([`Kernel::CoopRegs`]) cannot run here, or `None` when it can
+/// (the first call on a device runs the element-order probe).
+pub fn coop_regs_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Result<Option<String>> {
+    if let Some(why) = coop_unavailable(gpu, dtype, d) {
+        return Ok(Some(why));
+    }
+    let c = gpu.caps();
+    if !c.passthrough {
+        return Ok(Some("needs SPIR-V passthrough (Vulkan)".into()));
+    }
+    if c.subgroup_min != 32 {
+        return Ok(Some(format!(
+            "built for subgroups of 32 (adapter: {})",
+            c.subgroup_min
+        )));
+    }
+    // K and V of a 32-key chunk (Q staged there first)
+    let smem = (64 * (d / 4 + 2) * 8) as u32;
+    if smem > c.max_workgroup_storage {
+        return Ok(Some(format!(
+            "needs {smem} bytes of workgroup memory, the adapter has {}",
+            c.max_workgroup_storage
+        )));
+    }
+    Ok(match crate::gpu::coop_layout::layout(gpu)? {
+        Some(_) => None,
+        None => Some("the cooperative matrices' element order is not one it is built for".into()),
+    })
+}
+
+/// The kernel that runs for `k` on this adapter, for q/k/v of `dtype` and head dim `d` in four
+/// different buffers (see [`Kernel::CoopRegs`]): [`Kernel::Auto`] becomes the register-softmax
+/// kernel where it can run, else the tensor-core kernel, else the portable one;
+/// `NABLA_ATTENTION=portable|coop|regs` overrides the automatic choice.
+pub fn resolve(gpu: &Gpu, dtype: DType, d: usize, k: Kernel) -> Result<Kernel> {
+    choose(gpu, dtype, d, k, true)
+}
+
+/// [`resolve`]; `distinct`: q, k, v and out are four different buffers (the register-softmax
+/// kernel binds k and v read-write, which wgpu refuses next to a read-only binding of the same
+/// buffer; it is not used otherwise).
+fn choose(gpu: &Gpu, dtype: DType, d: usize, k: Kernel, distinct: bool) -> Result<Kernel> {
     let want = match (k, std::env::var("NABLA_ATTENTION").ok().as_deref()) {
         (Kernel::Auto, Some("portable")) => Kernel::Portable,
         (Kernel::Auto, Some("coop")) => Kernel::Coop,
+        (Kernel::Auto, Some("regs")) => Kernel::CoopRegs,
         (k, _) => k,
+    };
+    let regs = |gpu: &Gpu| -> Result<bool> {
+        Ok(distinct && coop_regs_unavailable(gpu, dtype, d)?.is_none())
     };
     match want {
         Kernel::Portable => Ok(Kernel::Portable),
+        // (falls back to the one-block form where it cannot run)
+        Kernel::CoopRegs if regs(gpu)? => Ok(want),
         // (the pair form falls back to the one-block form where only that fits)
         Kernel::CoopPairs if coop_pairs_unavailable(gpu, dtype, d).is_none() => Ok(want),
-        Kernel::Coop | Kernel::CoopPairs => match coop_unavailable(gpu, dtype, d) {
-            None => Ok(Kernel::Coop),
-            Some(why) => Err(Error::Unsupported {
-                adapter: gpu.caps().name.clone(),
-                feature: "cooperative matrices",
-                what: format!("the tensor-core attention kernel ({why})"),
-            }),
-        },
-        Kernel::Auto => Ok(if coop_unavailable(gpu, dtype, d).is_none() {
+        Kernel::Coop | Kernel::CoopPairs | Kernel::CoopRegs => {
+            match coop_unavailable(gpu, dtype, d) {
+                None => Ok(Kernel::Coop),
+                Some(why) => Err(Error::Unsupported {
+                    adapter: gpu.caps().name.clone(),
+                    feature: "cooperative matrices",
+                    what: format!("the tensor-core attention kernel ({why})"),
+                }),
+            }
+        }
+        Kernel::Auto => Ok(if regs(gpu)? {
+            Kernel::CoopRegs
+        } else if coop_unavailable(gpu, dtype, d).is_none() {
             Kernel::Coop
         } else {
             Kernel::Portable
@@ -252,8 +314,23 @@ fn record_walk(
 ) -> Result<()> {
     let gpu = batch.gpu();
     let (bh, s, skv, d) = check(gpu, q, k, v, out, mask)?;
-    let chosen = choose(gpu, q.dtype(), d, kernel)?;
+    let bufs = [q.buffer(), k.buffer(), v.buffer(), out.buffer()];
+    let distinct = (0..4).all(|i| (i + 1..4).all(|j| bufs[i] != bufs[j]));
+    let chosen = choose(gpu, q.dtype(), d, kernel, distinct)?;
     let (pipe, groups_x) = match chosen {
+        Kernel::CoopRegs => {
+            let layout = crate::gpu::coop_layout::layout(gpu)?
+                .ok_or_else(|| Error::Gpu("cooperative matrix layout unknown".into()))?;
+            let checked = crate::gpu::checked_override();
+            let probe = attn_probe();
+            let i16 = gpu.caps().int16;
+            let key = format!(
+                "attention/block_sparse_regs[d{d},i16={i16},checked={checked},probe={probe},\
+                 {layout:?}]"
+            );
+            let src = shaders::source_regs(d as u32, i16, &layout, probe);
+            (gpu.pipeline_spirv(&key, &src, checked)?, mask.nb() as u32)
+        }
         Kernel::Coop | Kernel::CoopPairs => {
             let pairs = chosen == Kernel::CoopPairs;
             let sg = gpu.caps().subgroup_min;
@@ -263,10 +340,7 @@ fn record_walk(
             let checked = crate::gpu::checked_override();
             // diagnostics only (wrong results): NABLA_ATTN_PROBE=1 skips the K/V storage
             // loads, 4 the matrix products
-            let probe: u32 = std::env::var("NABLA_ATTN_PROBE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let probe = attn_probe();
             // K and V in 16-byte loads of u32 words where the device has 16-bit integers
             let i16 = gpu.caps().int16;
             let key = format!(
@@ -301,6 +375,15 @@ fn record_walk(
         &[q, k, v, mask.counts(), mask.indices(), out],
         [groups_x, bh as u32, 1],
     )
+}
+
+/// `NABLA_ATTN_PROBE` (diagnostics of the benchmark, wrong results): 1 skips the K/V storage
+/// loads, 4 the matrix products; 0 when unset.
+fn attn_probe() -> u32 {
+    std::env::var("NABLA_ATTN_PROBE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Block-sparse attention: every query row of block `i` attends in full to the key blocks the

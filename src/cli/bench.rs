@@ -2,9 +2,7 @@
 //! queries on the chosen adapter; a table on stdout, optional JSON and the masks for PyTorch.
 
 use super::{layer, median};
-use nabla::attention::{
-    Kernel, coop_unavailable, record_attention_with, record_dense_attention_with,
-};
+use nabla::attention::{Kernel, record_attention_with, record_dense_attention_with};
 use nabla::io::write_safetensors;
 use nabla::nabla::{
     BLOCK, MaskStages, QkSide, record_estimate_mask, record_mask_from_pooled,
@@ -720,8 +718,9 @@ pub struct AttnArgs {
     /// Timed repetitions of dense attention (0 skips dense and the error column).
     #[arg(long, default_value_t = 3)]
     pub(super) dense_reps: usize,
-    /// Attention kernel: auto (tensor cores where available), portable, coop, or pairs (the
-    /// tensor-core kernel with two query blocks per workgroup, also for the sparse masks).
+    /// Attention kernel: auto (tensor cores where available), portable, coop, pairs (the
+    /// tensor-core kernel with two query blocks per workgroup, also for the sparse masks) or
+    /// regs (the tensor-core kernel with the softmax in registers, where it can run).
     #[arg(long, default_value = "auto")]
     pub(super) kernel: String,
     /// Write the results as JSON.
@@ -901,19 +900,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
     };
     let kernel = match a.kernel.as_str() {
-        "auto" => {
-            if coop_unavailable(&gpu, dt, sh.d).is_none() {
-                Kernel::Coop
-            } else {
-                Kernel::Portable
-            }
-        }
+        "auto" => nabla::attention::resolve(&gpu, dt, sh.d, Kernel::Auto)?,
         "portable" => Kernel::Portable,
         "coop" => Kernel::Coop,
         "pairs" => Kernel::CoopPairs,
+        "regs" => Kernel::CoopRegs,
         o => {
             return Err(Error::Invalid(format!(
-                "--kernel {o:?}: use auto, portable, coop or pairs"
+                "--kernel {o:?}: use auto, portable, coop, pairs or regs"
             )));
         }
     };
