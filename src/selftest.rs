@@ -127,7 +127,7 @@ fn attention_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                 (DType::F16, _) if !gpu.caps().f16 => Some("no SHADER_F16".to_string()),
                 (_, Kernel::Coop) => coop_unavailable(gpu, dt, d),
                 (_, Kernel::CoopPairs) => coop_pairs_unavailable(gpu, dt, d),
-                (_, Kernel::CoopRegs) => coop_regs_unavailable(gpu, dt, d)?,
+                (_, Kernel::CoopRegs) => coop_regs_unavailable(gpu, dt, d),
                 _ => None,
             };
             let bound = if dt == DType::F16 { 2e-3 } else { 1e-5 };

@@ -545,7 +545,7 @@ fn attention_coop_matches_reference() {
 #[test]
 fn attention_coop_regs_matches_reference() {
     let g = gpu();
-    match nabla::attention::coop_regs_unavailable(g, DType::F16, 128).unwrap() {
+    match nabla::attention::coop_regs_unavailable(g, DType::F16, 128) {
         Some(why) => eprintln!("register-softmax attention not available here ({why}): skipped"),
         None => coop_attention_cases(g, nabla::attention::Kernel::CoopRegs),
     }

@@ -198,32 +198,31 @@ fn coop_form_unfit(c: &crate::gpu::Capabilities, d: usize, pairs: bool) -> Optio
 
 /// Why the register-softmax form ([`Kernel::CoopRegs`]) cannot run here, or `None` when it can
 /// (the first call on a device runs the element-order probe).
-pub fn coop_regs_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Result<Option<String>> {
+pub fn coop_regs_unavailable(gpu: &Gpu, dtype: DType, d: usize) -> Option<String> {
     if let Some(why) = coop_unavailable(gpu, dtype, d) {
-        return Ok(Some(why));
+        return Some(why);
     }
     let c = gpu.caps();
     if !c.passthrough {
-        return Ok(Some("needs SPIR-V passthrough (Vulkan)".into()));
+        return Some("needs SPIR-V passthrough (Vulkan)".into());
     }
     if c.subgroup_min != 32 {
-        return Ok(Some(format!(
+        return Some(format!(
             "built for subgroups of 32 (adapter: {})",
             c.subgroup_min
-        )));
+        ));
     }
     // K and V of a 32-key chunk (Q staged there first)
     let smem = (64 * (d / 4 + 2) * 8) as u32;
     if smem > c.max_workgroup_storage {
-        return Ok(Some(format!(
+        return Some(format!(
             "needs {smem} bytes of workgroup memory, the adapter has {}",
             c.max_workgroup_storage
-        )));
+        ));
     }
-    Ok(match crate::gpu::coop_layout::layout(gpu)? {
-        Some(_) => None,
-        None => Some("the cooperative matrices' element order is not one it is built for".into()),
-    })
+    crate::gpu::coop_layout::probe(gpu)
+        .err()
+        .map(|why| format!("cooperative matrix element order: {why}"))
 }
 
 /// The kernel that runs for `k` on this adapter, for q/k/v of `dtype` and head dim `d` in four
@@ -244,13 +243,11 @@ fn choose(gpu: &Gpu, dtype: DType, d: usize, k: Kernel, distinct: bool) -> Resul
         (Kernel::Auto, Some("regs")) => Kernel::CoopRegs,
         (k, _) => k,
     };
-    let regs = |gpu: &Gpu| -> Result<bool> {
-        Ok(distinct && coop_regs_unavailable(gpu, dtype, d)?.is_none())
-    };
+    let regs = |gpu: &Gpu| distinct && coop_regs_unavailable(gpu, dtype, d).is_none();
     match want {
         Kernel::Portable => Ok(Kernel::Portable),
         // (falls back to the one-block form where it cannot run)
-        Kernel::CoopRegs if regs(gpu)? => Ok(want),
+        Kernel::CoopRegs if regs(gpu) => Ok(want),
         // (the pair form falls back to the one-block form where only that fits)
         Kernel::CoopPairs if coop_pairs_unavailable(gpu, dtype, d).is_none() => Ok(want),
         Kernel::Coop | Kernel::CoopPairs | Kernel::CoopRegs => {
@@ -263,7 +260,7 @@ fn choose(gpu: &Gpu, dtype: DType, d: usize, k: Kernel, distinct: bool) -> Resul
                 }),
             }
         }
-        Kernel::Auto => Ok(if regs(gpu)? {
+        Kernel::Auto => Ok(if regs(gpu) {
             Kernel::CoopRegs
         } else if coop_unavailable(gpu, dtype, d).is_none() {
             Kernel::Coop
@@ -319,8 +316,11 @@ fn record_walk(
     let chosen = choose(gpu, q.dtype(), d, kernel, distinct)?;
     let (pipe, groups_x) = match chosen {
         Kernel::CoopRegs => {
-            let layout = crate::gpu::coop_layout::layout(gpu)?
-                .ok_or_else(|| Error::Gpu("cooperative matrix layout unknown".into()))?;
+            let layout = crate::gpu::coop_layout::probe(gpu).map_err(|why| Error::Unsupported {
+                adapter: gpu.caps().name.clone(),
+                feature: "cooperative matrix element access",
+                what: format!("the register-softmax attention kernel ({why})"),
+            })?;
             let checked = crate::gpu::checked_override();
             let probe = attn_probe();
             let i16 = gpu.caps().int16;

@@ -27,12 +27,11 @@ pub fn run() -> Result<()> {
             Ok(g) => {
                 println!("{}", g.caps());
                 match nabla::gpu::coop_layout::probe(&g) {
-                    Ok(Ok(l)) => println!(
+                    Ok(l) => println!(
                         "  cooperative matrix element order: upper row {:?}, column {:?}",
                         l.hi, l.col
                     ),
-                    Ok(Err(why)) => println!("  cooperative matrix element order: none ({why})"),
-                    Err(e) => println!("  cooperative matrix element order: probe failed: {e}"),
+                    Err(why) => println!("  cooperative matrix element order: none ({why})"),
                 }
                 match g.memory_info() {
                     Some((free, total)) => println!(

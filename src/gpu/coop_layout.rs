@@ -99,30 +99,42 @@ pub fn decode(out: &[f32]) -> std::result::Result<Layout, String> {
 }
 
 /// This device's layout: measured on first use and cached; `None` where the device has no
-/// 16×16 f16 cooperative matrices, no subgroups of exactly 32, no SPIR-V passthrough, or a
-/// layout outside the family ([`probe`] says why).
-pub fn layout(gpu: &Gpu) -> Result<Option<Layout>> {
-    Ok(probe(gpu)?.ok())
+/// 16×16 f16 cooperative matrices, no subgroups of exactly 32, no SPIR-V passthrough, a layout
+/// outside the family, or where the probe itself fails ([`probe`] says why): the kernels that
+/// need it are then not used, nothing else changes.
+pub fn layout(gpu: &Gpu) -> Option<Layout> {
+    probe(gpu).ok()
 }
 
 /// [`layout`], or why there is none.
-pub fn probe(gpu: &Gpu) -> Result<std::result::Result<Layout, String>> {
+pub fn probe(gpu: &Gpu) -> std::result::Result<Layout, String> {
     let c = gpu.caps();
     if !c.passthrough || !c.has_coop_f16_16() || c.subgroup_min != 32 || c.subgroup_max != 32 {
-        return Ok(Err(
+        return Err(
             "needs SPIR-V passthrough, 16x16 f16 cooperative matrices and subgroups of 32".into(),
-        ));
+        );
     }
-    let found = gpu.cached("gpu/coop_layout", || {
+    let run = || -> Result<Vec<f32>> {
         let out = gpu.empty(&[512], super::DType::F32)?;
         gpu.fill_u32(&out, 0x7fc0_0000);
         let pipe = gpu.pipeline_spirv("gpu/coop_layout", &source(), true)?;
         let mut b = gpu.batch();
         b.dispatch(&pipe, &[], &[&out], [1, 1, 1])?;
         b.submit()?;
-        Ok(decode(&gpu.read_f32(&out)?))
-    })?;
-    Ok((*found).clone())
+        let v = gpu.read_f32(&out)?;
+        gpu.check()?;
+        Ok(v)
+    };
+    let found = gpu.cached("gpu/coop_layout", || -> Result<_> {
+        Ok(match run() {
+            Ok(v) => decode(&v),
+            Err(e) => Err(format!("the probe did not run: {e}")),
+        })
+    });
+    match found {
+        Ok(f) => (*f).clone(),
+        Err(e) => Err(format!("the probe did not run: {e}")),
+    }
 }
 
 #[cfg(test)]
