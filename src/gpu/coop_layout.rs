@@ -9,8 +9,8 @@
 //! family the order of the eight is free: [`Layout`] records it. This module measures it once
 //! per device (`shaders/gpu/coop_layout.wgsl`) and also checks that an f16 A matrix built from
 //! an f32 C matrix's elements, index by index, holds them where the C matrix did. A device whose
-//! layout is outside the family, or whose A and C orders differ, gets `None`, and the kernels
-//! that need it are not used there.
+//! layout is outside the family, or whose A and C orders differ, gets no layout ([`probe`] says
+//! why), and the kernels that need it are not used there.
 
 use super::Gpu;
 use crate::error::Result;
@@ -98,15 +98,10 @@ pub fn decode(out: &[f32]) -> std::result::Result<Layout, String> {
     Ok(l)
 }
 
-/// This device's layout: measured on first use and cached; `None` where the device has no
-/// 16×16 f16 cooperative matrices, no subgroups of exactly 32, no SPIR-V passthrough, a layout
-/// outside the family, or where the probe itself fails ([`probe`] says why): the kernels that
-/// need it are then not used, nothing else changes.
-pub fn layout(gpu: &Gpu) -> Option<Layout> {
-    probe(gpu).ok()
-}
-
-/// [`layout`], or why there is none.
+/// This device's layout, measured on first use and cached, or why there is none: no 16×16 f16
+/// cooperative matrices, no subgroups of exactly 32, no SPIR-V passthrough, a layout outside
+/// the family, or a probe that failed to run. The kernels that need a layout are then not used;
+/// nothing else changes.
 pub fn probe(gpu: &Gpu) -> std::result::Result<Layout, String> {
     let c = gpu.caps();
     if !c.passthrough || !c.has_coop_f16_16() || c.subgroup_min != 32 || c.subgroup_max != 32 {

@@ -111,11 +111,23 @@ pub fn rewrite_stubs(words: &mut [u32]) -> Result<usize, String> {
     Ok(n)
 }
 
-/// Compiles WGSL with naga as wgpu's Vulkan backend would (SPIR-V 1.6; runtime bounds checks
-/// off when `checked` is false), keeping debug names so that the stubs can be found, then
-/// rewrites the stub calls. Workgroup memory is not zero-initialised: kernels built this way
-/// write what they read.
-pub fn compile(source: &str, checked: bool) -> Result<Compiled, String> {
+/// Whether a WGSL source declares element stubs (`fn cm_get…` / `fn cm_set…`): such kernels
+/// are built by [`compile`] only, never by wgpu's own WGSL path.
+pub fn has_stubs(source: &str) -> bool {
+    source.contains("fn cm_get") || source.contains("fn cm_set")
+}
+
+/// WGSL → SPIR-V `lang` with naga, the module and its words: runtime bounds checks off unless
+/// `checked`; workgroup memory zeroed by the driver and loops bounded (when `checked`) as
+/// wgpu's Vulkan layer does unless `raw`. A source with element stubs ([`has_stubs`]) keeps its
+/// debug names and has its stub calls rewritten. [`compile`] and the kernel statistics
+/// (stats.rs) both write SPIR-V through here.
+pub fn write(
+    source: &str,
+    lang: (u8, u8),
+    raw: bool,
+    checked: bool,
+) -> Result<(naga::Module, Vec<u32>, usize), String> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
@@ -124,12 +136,19 @@ pub fn compile(source: &str, checked: bool) -> Result<Compiled, String> {
     .validate(&module)
     .map_err(|e| e.emit_to_string(source))?;
     let mut opts = spv::Options {
-        lang_version: (1, 6),
-        zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
-        force_loop_bounding: false,
+        lang_version: lang,
+        zero_initialize_workgroup_memory: if raw {
+            spv::ZeroInitializeWorkgroupMemoryMode::None
+        } else {
+            spv::ZeroInitializeWorkgroupMemoryMode::Native
+        },
+        force_loop_bounding: checked && !raw,
         ..Default::default()
     };
-    opts.flags |= spv::WriterFlags::DEBUG;
+    let stubs = has_stubs(source);
+    if stubs {
+        opts.flags |= spv::WriterFlags::DEBUG;
+    }
     if !checked {
         let u = naga::proc::BoundsCheckPolicy::Unchecked;
         opts.bounds_check_policies = naga::proc::BoundsCheckPolicies {
@@ -145,7 +164,16 @@ pub fn compile(source: &str, checked: bool) -> Result<Compiled, String> {
     };
     let mut words =
         spv::write_vec(&module, &info, &opts, Some(&pipe)).map_err(|e| e.to_string())?;
-    let rewritten = rewrite_stubs(&mut words)?;
+    let rewritten = if stubs { rewrite_stubs(&mut words)? } else { 0 };
+    Ok((module, words, rewritten))
+}
+
+/// Compiles a kernel with element stubs for [`crate::gpu::Gpu::pipeline_spirv`]: SPIR-V 1.6,
+/// runtime bounds checks off unless `checked`, the stub calls rewritten. Workgroup memory is not
+/// zero-initialised and loops are not bounded: kernels built this way write what they read and
+/// their loops end by construction.
+pub fn compile(source: &str, checked: bool) -> Result<Compiled, String> {
+    let (module, words, rewritten) = write(source, (1, 6), true, checked)?;
     let mut entries = Vec::new();
     for (_, gv) in module.global_variables.iter() {
         let Some(b) = &gv.binding else { continue };

@@ -239,45 +239,11 @@ mod vulkan {
         lang: (u8, u8),
         checked: bool,
     ) -> Result<(Vec<u32>, Resources, u32)> {
-        use naga::back::spv;
-        let module = naga::front::wgsl::parse_str(src)
-            .map_err(|e| Error::Gpu(format!("{name}: {}", e.emit_to_string(src))))?;
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .map_err(|e| Error::Gpu(format!("{name}: {}", e.emit_to_string(src))))?;
-        let mut opts = spv::Options {
-            lang_version: lang,
-            zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::Native,
-            force_loop_bounding: checked,
-            ..Default::default()
-        };
-        if !checked {
-            opts.bounds_check_policies = naga::proc::BoundsCheckPolicies {
-                index: naga::proc::BoundsCheckPolicy::Unchecked,
-                buffer: naga::proc::BoundsCheckPolicy::Unchecked,
-                image_load: naga::proc::BoundsCheckPolicy::Unchecked,
-                binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
-            };
-        }
-        let pipe = spv::PipelineOptions {
-            shader_stage: naga::ShaderStage::Compute,
-            entry_point: "main".into(),
-        };
-        // kernels with cooperative-matrix element stubs are built as Gpu::pipeline_spirv builds
-        // them (debug names kept to find the stubs, then each call rewritten)
-        let stubs = src.contains("fn cm_get") || src.contains("fn cm_set");
-        if stubs {
-            opts.flags |= spv::WriterFlags::DEBUG;
-        }
-        let mut words = spv::write_vec(&module, &info, &opts, Some(&pipe))
-            .map_err(|e| Error::Gpu(format!("{name}: SPIR-V: {e}")))?;
-        if stubs {
-            crate::gpu::spirv::rewrite_stubs(&mut words)
-                .map_err(|e| Error::Gpu(format!("{name}: {e}")))?;
-        }
+        // kernels with element stubs as Gpu::pipeline_spirv builds them, the others as wgpu's
+        // Vulkan layer does
+        let raw = crate::gpu::spirv::has_stubs(src);
+        let (module, words, _) = crate::gpu::spirv::write(src, lang, raw, checked)
+            .map_err(|e| Error::Gpu(format!("{name}: {e}")))?;
         let mut res = Resources::new();
         for (_, g) in module.global_variables.iter() {
             if let Some(b) = &g.binding {
