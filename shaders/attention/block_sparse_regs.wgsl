@@ -33,6 +33,23 @@
 //   to every logit first (16 multiplications fewer per invocation and chunk): about 1 % faster.
 // Result: dense 385 ms, nabla-0.4 64 ms, nabla-0.7 157 ms (run139).
 //
+// Since session 22 the walk is software-pipelined and the K/V addresses are flat (measured on
+// the H200 against the form above in the same calls, benches/RESULTS.md session 22):
+// - Iteration n runs the softmax of S(n), stages K(n+1) and V(n) (K one chunk ahead of V), then
+//   issues S(n+1) = Q·K(n+1)ᵀ and O = O·a(n) + P(n)·V(n) together: the two product chains are
+//   independent, and the driver interleaves them (S alone is four chains eight deep). The first
+//   chunk's S is computed before the loop; the last iteration's S (of the first chunk again) is
+//   never used. nabla-0.4 64.0 -> 62.9-63.3 ms, nabla-0.7 157-158 -> 154.4-156.2 ms, dense
+//   unchanged.
+// - A K/V span's index is the chunk's first element plus the span, clamped to the head's last
+//   element (`ld_flat`; one add-and-min per span instead of a clamp of the row and a multiply):
+//   with the pipelined walk, dense 386-390 -> 374-378 ms, nabla-0.4 -> 61.4-62.1 ms, nabla-0.7
+//   -> 151.2-153.1 ms.
+// - Tried, slower: the softmax of S(n+1) before P(n)·V(n) so that the products run through the
+//   barriers (dense 392-396 ms); unclamped loads in a branch for chunks inside the keys (453 ms:
+//   the driver moved the loads behind the last barrier again); a rescale skipped when no factor
+//   of the subgroup differs from 1 (1 % slower).
+//
 // Workgroup memory: one chunk's K (rows 0-31) and V (rows 32-63) of KSV vec4<f16> each, 17 KB at
 // head dim 128 (the 64 Q rows are staged there first). The prelude defines HD, SG (32), NSG
 // (4), PROBE, KSTP and the layout constants RH0..RH7, CL0..CL7; the unroll blocks are NT
@@ -102,57 +119,50 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     var l0 = 0.0;
     var l1 = 0.0;
 
-    // the walk: around the list from a per-block offset (scrambled for full lists)
-    var kb = 0u;
-    var npos = 0u;
-    var nxt = 0u;
+    // the walk: around the list from a per-block offset (scrambled for full lists). Chunk c
+    // (32 keys) lies in block indices[(sa + c/2) % cnt]; bA, bB, bC are the blocks of chunks
+    // n+1, n+2, n+3 in iteration n, pos the list position of bC.
+    var sa = 0u;
     if (cnt > 0u) {
-        let off = select(tile, tile * 613u + bh * 97u, P.order != 0u);
-        let sa = off % cnt;
-        kb = indices[ma * P.nkb + sa];
-        npos = select(sa + 1u, 0u, sa + 1u >= cnt);
-        nxt = indices[ma * P.nkb + npos];
+        sa = select(tile, tile * 613u + bh * 97u, P.order != 0u) % cnt;
     }
+    let lbase = ma * P.nkb;
+    var pos = select(sa + 1u, 0u, sa + 1u >= cnt);   // position of chunk 3's block
+    let b0 = indices[lbase + sa];
+    var bA = b0;                          // block of chunk n+1
+    var bB = indices[lbase + pos];        // of chunk n+2
+    var bC = bB;                          // of chunk n+3
+    // prologue: K(0) staged and S(0) = Q·K(0)ᵀ
     //@unroll KSTH
-    var kr{t} = H8();
+    var kr{t} = ld_flat(1u, bh, b0 * 64u, P.skv, span(lid, {t}u));
     var vr{t} = H8();
     //@end
     // (orders the Q reads above before the first staging)
     workgroupBarrier();
     //@unroll KSTH
-    kr{t} = ld(1u, bh, kb * 64u, P.skv, span(lid, {t}u));
-    vr{t} = ld(2u, bh, kb * 64u, P.skv, span(lid, {t}u));
+    kvs[slot(span(lid, {t}u))] = h8_lo(kr{t});
+    kvs[slot(span(lid, {t}u)) + 1u] = h8_hi(kr{t});
     //@end
-
+    workgroupBarrier();
+    //@unroll KSTH
+    kr{t} = ld_flat(1u, bh, b0 * 64u + 32u, P.skv, span(lid, {t}u));
+    vr{t} = ld_flat(2u, bh, b0 * 64u, P.skv, span(lid, {t}u));
+    //@end
+    var a0 = 1.0;
+    var a1 = 1.0;
+    var pa0 = coop_mat16x16<f16, A>();
+    var pa1 = coop_mat16x16<f16, A>();
+    var key0 = b0 * 64u;
+    var s0r = coop_mat16x16<f32, C>();
+    var s1r = coop_mat16x16<f32, C>();
+    if ((PROBE & 4u) == 0u) {
+        //@unroll NT
+        s0r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[{t}u * 4u], KSV), s0r);
+        s1r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[16u * KSV + {t}u * 4u], KSV), s1r);
+        //@end
+    }
     for (var n = 0u; n < 2u * cnt; n++) {
-        let key0 = kb * 64u + (n % 2u) * 32u;
-        //@unroll KSTH
-        kvs[slot(span(lid, {t}u))] = h8_lo(kr{t});
-        kvs[slot(span(lid, {t}u)) + 1u] = h8_hi(kr{t});
-        kvs[32u * KSV + slot(span(lid, {t}u))] = h8_lo(vr{t});
-        kvs[32u * KSV + slot(span(lid, {t}u)) + 1u] = h8_hi(vr{t});
-        //@end
-        workgroupBarrier();
-        if (n + 1u < 2u * cnt && n % 2u == 1u) {
-            kb = nxt;
-            npos = select(npos + 1u, 0u, npos + 1u >= cnt);
-            nxt = indices[ma * P.nkb + npos];
-        }
-        // the next chunk's K and V (past the last chunk: clamped loads never used)
-        //@unroll KSTH
-        kr{t} = ld(1u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, span(lid, {t}u));
-        vr{t} = ld(2u, bh, kb * 64u + ((n + 1u) % 2u) * 32u, P.skv, span(lid, {t}u));
-        //@end
-        // S = Q Kᵀ for keys 0-15 (s0r) and 16-31 (s1r), one product chain each (the logits are
-        // S · scale·log2(e): applied to the maxima and in exp2's argument below)
-        var s0r = coop_mat16x16<f32, C>();
-        var s1r = coop_mat16x16<f32, C>();
-        if ((PROBE & 4u) == 0u) {
-            //@unroll NT
-            s0r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[{t}u * 4u], KSV), s0r);
-            s1r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[16u * KSV + {t}u * 4u], KSV), s1r);
-            //@end
-        }
+        // the softmax of S(n) (held in s0r, s1r; keys from key0): factors a0, a1 and P(n)
         //@unroll E
         var x{t} = cm_get{t}_c32(s0r);
         var y{t} = cm_get{t}_c32(s1r);
@@ -163,41 +173,33 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             y{t} = select(-3.0e38, y{t}, key0 + 16u + c0 + CL{t} < P.skv);
             //@end
         }
-        // row maxima over the four invocations holding each row
-        var b0 = -1.0e30;
-        var b1 = -1.0e30;
+        var g0 = -1.0e30;
+        var g1 = -1.0e30;
         //@unroll E
         if (RH{t} == 0u) {
-            b0 = max(b0, max(x{t}, y{t}));
+            g0 = max(g0, max(x{t}, y{t}));
         } else {
-            b1 = max(b1, max(x{t}, y{t}));
+            g1 = max(g1, max(x{t}, y{t}));
         }
         //@end
-        b0 = max(b0, subgroupShuffleXor(b0, 1u));
-        b0 = max(b0, subgroupShuffleXor(b0, 2u));
-        b1 = max(b1, subgroupShuffleXor(b1, 1u));
-        b1 = max(b1, subgroupShuffleXor(b1, 2u));
-        // (the scale is positive: the maximum of the scaled logits is the scaled maximum)
-        b0 *= P.scale_log2e;
-        b1 *= P.scale_log2e;
-        var a0 = 1.0;
-        var a1 = 1.0;
-        if (b0 > m0 + RESCALE) {
-            a0 = exp2(m0 - b0);
-            m0 = b0;
+        g0 = max(g0, subgroupShuffleXor(g0, 1u));
+        g0 = max(g0, subgroupShuffleXor(g0, 2u));
+        g1 = max(g1, subgroupShuffleXor(g1, 1u));
+        g1 = max(g1, subgroupShuffleXor(g1, 2u));
+        g0 *= P.scale_log2e;
+        g1 *= P.scale_log2e;
+        a0 = 1.0;
+        a1 = 1.0;
+        if (g0 > m0 + RESCALE) {
+            a0 = exp2(m0 - g0);
+            m0 = g0;
         }
-        if (b1 > m1 + RESCALE) {
-            a1 = exp2(m1 - b1);
-            m1 = b1;
+        if (g1 > m1 + RESCALE) {
+            a1 = exp2(m1 - g1);
+            m1 = g1;
         }
-        // O's rows times their factors (1 unless the row's reference changed), in registers
-        //@unroll NT
-        rescale(&o{t}, a0, a1);
-        //@end
         var sum0 = 0.0;
         var sum1 = 0.0;
-        var pa0 = coop_mat16x16<f16, A>();
-        var pa1 = coop_mat16x16<f16, A>();
         //@unroll E
         let px{t} = exp2(fma(x{t}, P.scale_log2e, -select(m0, m1, RH{t} == 1u)));
         let py{t} = exp2(fma(y{t}, P.scale_log2e, -select(m0, m1, RH{t} == 1u)));
@@ -211,14 +213,44 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         //@end
         l0 = l0 * a0 + sum0;
         l1 = l1 * a1 + sum1;
-        // O += P V
+        // (the reads of K(n) above are done before K(n+1) is staged over them)
+        workgroupBarrier();
+        //@unroll KSTH
+        kvs[slot(span(lid, {t}u))] = h8_lo(kr{t});
+        kvs[slot(span(lid, {t}u)) + 1u] = h8_hi(kr{t});
+        kvs[32u * KSV + slot(span(lid, {t}u))] = h8_lo(vr{t});
+        kvs[32u * KSV + slot(span(lid, {t}u)) + 1u] = h8_hi(vr{t});
+        //@end
+        workgroupBarrier();
+        // K(n+2), V(n+1) (past the last chunk: clamped loads never used)
+        //@unroll KSTH
+        kr{t} = ld_flat(1u, bh, bB * 64u + (n % 2u) * 32u, P.skv, span(lid, {t}u));
+        vr{t} = ld_flat(2u, bh, bA * 64u + ((n + 1u) % 2u) * 32u, P.skv, span(lid, {t}u));
+        //@end
+        key0 = bA * 64u + ((n + 1u) % 2u) * 32u;
+        // S(n+1) = Q K(n+1)ᵀ and O = O·a(n) + P(n) V(n), independent chains (the last
+        // iteration's S is never used)
+        s0r = coop_mat16x16<f32, C>();
+        s1r = coop_mat16x16<f32, C>();
+        if ((PROBE & 4u) == 0u) {
+            //@unroll NT
+            s0r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[{t}u * 4u], KSV), s0r);
+            s1r = coopMultiplyAdd(qa{t}, coopLoad<coop_mat16x16<f16, B>>(&kvs[16u * KSV + {t}u * 4u], KSV), s1r);
+            //@end
+        }
+        //@unroll NT
+        rescale(&o{t}, a0, a1);
+        //@end
         if ((PROBE & 4u) == 0u) {
             //@unroll NT
             o{t} = coopMultiplyAdd(pa0, coopLoadT<coop_mat16x16<f16, B>>(&kvs[32u * KSV + {t}u * 4u], KSV), o{t});
             o{t} = coopMultiplyAdd(pa1, coopLoadT<coop_mat16x16<f16, B>>(&kvs[48u * KSV + {t}u * 4u], KSV), o{t});
             //@end
         }
-        workgroupBarrier();
+        bA = bB;
+        bB = bC;
+        pos = select(pos, select(pos + 1u, 0u, pos + 1u >= cnt), n % 2u == 0u);
+        bC = indices[lbase + pos];
     }
 
     // out = O / l from the registers
@@ -232,4 +264,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     //@unroll NT
     write_tile(o{t}, {t}u, bh, row0, c0, inv0, inv1);
     //@end
+}
+
+// Span p (`span`) of K (which = 1) or V (2) rows [row0, row0+32) of head bh: the element index
+// of the chunk's first span plus p, clamped to the head's last span. Spans past row len - 1 read
+// that span (finite, inside the head; len > 0 is validated by the dispatcher): the softmax masks
+// the logits of keys past len, so their P is exactly 0 (as with `ld` of
+// block_sparse_common.wgsl, which clamps the row: more instructions per span, 2-3 % slower here).
+fn ld_flat(which: u32, bh: u32, row0: u32, len: u32, p: u32) -> H8 {
+    // PROBE (diagnostics of the bench, wrong results): bit 0 skips these loads
+    if ((PROBE & 1u) != 0u) {
+        return h8_filler(p);
+    }
+    let g = min((bh * len + row0) * (QV / 2u) + p, (bh * len + len) * (QV / 2u) - 1u);
+    if (which == 1u) {
+        return k[g];
+    }
+    return v[g];
 }

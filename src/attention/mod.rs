@@ -128,14 +128,15 @@ pub enum Kernel {
     /// one-block form fits the adapter.
     CoopPairs,
     /// The tensor-core kernel with the softmax in registers (`block_sparse_regs.wgsl`): S and P
-    /// never go through workgroup memory, two barriers per 32-key chunk instead of four. Needs
+    /// never go through workgroup memory, two barriers per 32-key chunk instead of four, and the
+    /// products of the next chunk's S and this chunk's P·V are issued together. Needs
     /// SPIR-V passthrough (Vulkan), subgroups of 32 and an element order of the cooperative
     /// matrices that [`crate::gpu::coop_layout`] recognises. k and v are bound read-write
     /// (a hint that keeps NVIDIA's compiler from delaying their loads; nothing writes them), so
     /// it runs only when q, k, v and out are four different buffers. Falls back to
     /// [`Kernel::Coop`] elsewhere. Chosen by [`Kernel::Auto`]: on the H200 (wan14b-720p,
-    /// benches/RESULTS.md session 21) dense attention 386 ms against 424, NABLA masks 8-10 %
-    /// faster.
+    /// benches/RESULTS.md session 22) dense attention 374-378 ms against 424, NABLA masks
+    /// 13-14 % faster.
     CoopRegs,
 }
 
