@@ -48,7 +48,8 @@
 // - Tried, slower: the softmax of S(n+1) before P(n)·V(n) so that the products run through the
 //   barriers (dense 392-396 ms); unclamped loads in a branch for chunks inside the keys (453 ms:
 //   the driver moved the loads behind the last barrier again); a rescale skipped when no factor
-//   of the subgroup differs from 1 (1 % slower).
+//   of the subgroup differs from 1 (1 % slower); every prologue load (Q unrolled, K(0), K(1),
+//   V(0)) issued at once (1-2 % slower).
 //
 // Workgroup memory: one chunk's K (rows 0-31) and V (rows 32-63) of KSV vec4<f16> each, 17 KB at
 // head dim 128 (the 64 Q rows are staged there first). The prelude defines HD, SG (32), NSG
