@@ -3,6 +3,7 @@
 # (kernel + golden + error tests, built here and carried in .dev/bin) and times every variant
 # next to PyTorch in the same run. Results land in $OUT.
 #   RUNS="wan1.3b-480p:auto wan14b-720p:auto wan1.3b-480p:portable" TORCH_FOR="wan14b-720p" bash benches/h200.sh
+# GEMM=1, BANDWIDTH=1 and DIT="--model 14b ..." add those benchmarks.
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export NABLA_BACKEND=vulkan NABLA_GOLDEN_DIR=$PWD/.dev/golden
@@ -35,6 +36,10 @@ if [ "${GEMM:-0}" = 1 ]; then
     echo "== torch gemm"
     python3 benches/torch_gemm.py --json "$OUT/torch_gemm.json" 2>&1 | tee "$OUT/torch_gemm.txt"
   fi
+fi
+if [ "${BANDWIDTH:-0}" = 1 ]; then
+  echo "== nabla bench bandwidth (the ceiling of the kernels' 16-byte loads: L2 and HBM)"
+  $BIN/nabla bench bandwidth --json "$OUT/bandwidth.json" 2>&1 | tee "$OUT/bandwidth.txt"
 fi
 if [ -n "${DIT:-}" ]; then
   echo "== nabla bench dit $DIT"

@@ -282,6 +282,10 @@ pub fn all_variants() -> Vec<(String, String)> {
         "gpu/occupancy[24592B,w128]".into(),
         crate::gpu::occupancy::source(24592, 128),
     ));
+    v.push((
+        "gpu/bandwidth[w256]".into(),
+        crate::gpu::bandwidth::source(256),
+    ));
     v.push(("nabla/scores".into(), SCORES.to_string()));
     for sg in COOP_SUBGROUP_SIZES {
         v.push((format!("nabla/scores_coop[sg{sg}]"), scores_coop_source(sg)));

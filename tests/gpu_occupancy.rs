@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{assert_words_equal, gpu};
 use nabla::gpu::occupancy::{Probe, measure};
 use nabla::{DType, Error};
 
@@ -37,19 +37,7 @@ fn probe_matches_reference() {
             iters,
             groups,
         };
-        let got = run(p);
-        let want = p.reference();
-        assert_eq!(got.len(), want.len());
-        let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
-        assert!(
-            bad.is_empty(),
-            "{p:?}: {} of {} words differ, first at {} (got {:#x}, want {:#x})",
-            bad.len(),
-            got.len(),
-            bad[0],
-            got[bad[0]],
-            want[bad[0]]
-        );
+        assert_words_equal(&format!("{p:?}"), &run(p), &p.reference());
     }
 }
 

@@ -25,6 +25,9 @@ pub enum BenchCmd {
     /// How many workgroups run at once per compute unit as their workgroup memory grows
     /// (what decides the tensor-core kernels' tile sizes; no API reports it).
     Occupancy(super::bench_occupancy::OccupancyArgs),
+    /// Read bandwidth against the working set: L2 and device memory (the ceiling of the
+    /// tensor-core kernels' tile loads).
+    Bandwidth(super::bench_bandwidth::BandwidthArgs),
 }
 
 #[derive(clap::Args)]
@@ -870,6 +873,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Gemm(g) => return gemm(g),
         BenchCmd::Dit(d) => return dit(d),
         BenchCmd::Occupancy(o) => return super::bench_occupancy::run(o),
+        BenchCmd::Bandwidth(b) => return super::bench_bandwidth::run(b),
     };
     let sh = parse_shape(&a.shape)?;
     let algos: Vec<SparseAlgo> = a

@@ -1,6 +1,7 @@
 //! Subcommands of the `nabla` binary.
 
 pub mod bench;
+pub mod bench_bandwidth;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
 pub mod bench_occupancy;

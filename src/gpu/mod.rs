@@ -3,6 +3,7 @@
 //! [`Gpu`] owns the wgpu device. Kernels record their dispatches into a [`Batch`] (one compute
 //! pass, one submission), so a whole pipeline such as mask estimation runs without readback.
 
+pub mod bandwidth;
 mod caps;
 pub mod coop_layout;
 mod memory;

@@ -61,19 +61,7 @@ impl Probe {
                 self.bytes, caps.name, limit.max_compute_workgroup_storage_size
             )));
         }
-        if self.invocations == 0
-            || self.invocations > limit.max_compute_invocations_per_workgroup
-            || self.invocations > limit.max_compute_workgroup_size_x
-        {
-            return Err(Error::Invalid(format!(
-                "occupancy probe: {} invocations per workgroup; {} takes 1 to {}",
-                self.invocations,
-                caps.name,
-                limit
-                    .max_compute_invocations_per_workgroup
-                    .min(limit.max_compute_workgroup_size_x)
-            )));
-        }
+        check_invocations(gpu, self.invocations, "occupancy probe")?;
         if self.groups == 0 {
             return Err(Error::Invalid(
                 "occupancy probe: dispatch at least one workgroup".into(),
@@ -114,25 +102,46 @@ impl Probe {
         }
         let key = format!("gpu/occupancy[{}B,w{}]", self.bytes, self.invocations);
         let pipe = gpu.pipeline(&key, &source(self.bytes, self.invocations), true)?;
-        let max = gpu.caps().max_workgroups_per_dim;
-        let (x, y) = if self.groups <= max {
-            (self.groups, 1)
-        } else {
-            (max, self.groups.div_ceil(max))
-        };
-        if x * y != self.groups {
-            return Err(Error::Invalid(format!(
-                "occupancy probe: {} workgroups do not tile a grid of {max} per row; use a multiple of {max}",
-                self.groups
-            )));
-        }
+        let grid = probe_grid(gpu, self.groups, "occupancy probe")?;
         let p = Params {
             iters: self.iters,
             seed: SEED,
             _p: [0; 2],
         };
-        batch.dispatch(&pipe, bytemuck::bytes_of(&p), &[out], [x, y, 1])
+        batch.dispatch(&pipe, bytemuck::bytes_of(&p), &[out], grid)
     }
+}
+
+/// Refuses a probe workgroup of `invocations` this adapter cannot run (one-dimensional).
+pub(crate) fn check_invocations(gpu: &Gpu, invocations: u32, what: &str) -> Result<()> {
+    let limit = gpu.device.limits();
+    let max = limit
+        .max_compute_invocations_per_workgroup
+        .min(limit.max_compute_workgroup_size_x);
+    if invocations == 0 || invocations > max {
+        return Err(Error::Invalid(format!(
+            "{what}: {invocations} invocations per workgroup; {} takes 1 to {max}",
+            gpu.caps().name
+        )));
+    }
+    Ok(())
+}
+
+/// The dispatch grid of a probe's `groups` workgroups (numbered x + y·width): one row up to the
+/// adapter's per-dimension limit, then full rows of it (other counts are refused).
+pub(crate) fn probe_grid(gpu: &Gpu, groups: u32, what: &str) -> Result<[u32; 3]> {
+    let max = gpu.caps().max_workgroups_per_dim;
+    let (x, y) = if groups <= max {
+        (groups, 1)
+    } else {
+        (max, groups.div_ceil(max))
+    };
+    if x * y != groups {
+        return Err(Error::Invalid(format!(
+            "{what}: {groups} workgroups do not tile a grid of {max} per row; use a multiple of {max}"
+        )));
+    }
+    Ok([x, y, 1])
 }
 
 /// One measured size.

@@ -193,3 +193,18 @@ pub fn check_mask_against_reference(
     }
     eprintln!("{what}: {skipped} entries within 1e-5 of the cut skipped");
 }
+
+/// Fails naming how many u32 words differ and the first of them (`what` labels the case).
+pub fn assert_words_equal(what: &str, got: &[u32], want: &[u32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} words differ, first at {} (got {:#x}, want {:#x})",
+        bad.len(),
+        got.len(),
+        bad[0],
+        got[bad[0]],
+        want[bad[0]]
+    );
+}
