@@ -149,15 +149,20 @@ pub fn write(
     if stubs {
         opts.flags |= spv::WriterFlags::DEBUG;
     }
-    if !checked {
-        let u = naga::proc::BoundsCheckPolicy::Unchecked;
-        opts.bounds_check_policies = naga::proc::BoundsCheckPolicies {
-            index: u,
-            buffer: u,
-            image_load: u,
-            binding_array: u,
-        };
-    }
+    // naga's default policies are all Unchecked: the checked form asks for clamped indices
+    // explicitly (what wgpu's Vulkan layer asks for without robust buffer access; binding arrays
+    // stay unchecked there too)
+    let policy = if checked {
+        naga::proc::BoundsCheckPolicy::Restrict
+    } else {
+        naga::proc::BoundsCheckPolicy::Unchecked
+    };
+    opts.bounds_check_policies = naga::proc::BoundsCheckPolicies {
+        index: policy,
+        buffer: policy,
+        image_load: policy,
+        binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+    };
     let pipe = spv::PipelineOptions {
         shader_stage: naga::ShaderStage::Compute,
         entry_point: "main".into(),
@@ -169,9 +174,9 @@ pub fn write(
 }
 
 /// Compiles a kernel with element stubs for [`crate::gpu::Gpu::pipeline_spirv`]: SPIR-V 1.6,
-/// runtime bounds checks off unless `checked`, the stub calls rewritten. Workgroup memory is not
-/// zero-initialised and loops are not bounded: kernels built this way write what they read and
-/// their loops end by construction.
+/// runtime bounds checks (indices clamped into their arrays) only when `checked`, the stub calls
+/// rewritten. Workgroup memory is not zero-initialised and loops are not bounded: kernels built
+/// this way write what they read and their loops end by construction.
 pub fn compile(source: &str, checked: bool) -> Result<Compiled, String> {
     let (module, words, rewritten) = write(source, (1, 6), true, checked)?;
     let mut entries = Vec::new();
@@ -243,6 +248,41 @@ mod tests {
         assert!(ops.contains(&OP_COMPOSITE_INSERT));
         // the stubs' own bodies stay, but nothing calls them any more
         assert!(!ops.contains(&OP_FUNCTION_CALL));
+    }
+
+    /// The checked form clamps indices (naga's default policies check nothing; until session 22
+    /// `NABLA_CHECKED=1` therefore left the SPIR-V kernels unchecked): a kernel that indexes its
+    /// arrays with run-time values gains clamps, the unchecked one does not.
+    #[test]
+    fn checked_kernels_clamp_their_indices() {
+        let src = "@group(0) @binding(0) var<storage, read_write> buf: array<f32>;\n\
+            var<workgroup> w: array<f32, 64>;\n\
+            fn cm_get0_c32(x: f32) -> f32 { return x; }\n\
+            @compute @workgroup_size(64)\n\
+            fn main(@builtin(local_invocation_index) lid: u32) {\n\
+              w[lid * 3u] = buf[lid * 7u];\n\
+              workgroupBarrier();\n\
+              buf[lid * 5u] = w[lid * 2u];\n\
+            }\n";
+        let count = |words: &[u32], op: u32| {
+            let mut n = 0;
+            let mut i = 5;
+            while i < words.len() {
+                n += (words[i] & 0xffff == op) as usize;
+                i += (words[i] >> 16) as usize;
+            }
+            n
+        };
+        const OP_EXT_INST: u32 = 12;
+        let checked = compile(src, true).unwrap().words;
+        let unchecked = compile(src, false).unwrap().words;
+        // the clamps are GLSL.std.450 UMin instructions: two workgroup indices, two buffer ones
+        assert!(
+            count(&checked, OP_EXT_INST) >= 4 + count(&unchecked, OP_EXT_INST),
+            "checked {} words, unchecked {} words",
+            checked.len(),
+            unchecked.len()
+        );
     }
 
     #[test]
