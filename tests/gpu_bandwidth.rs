@@ -135,4 +135,10 @@ fn measure_reports_every_size_in_order() {
             "{bad} accepted"
         );
     }
+    // an empty dispatch is an error, not a division by zero
+    for (invocations, groups) in [(0, 8), (64, 0)] {
+        let e = measure(g, &[4096], 1 << 20, invocations, groups, 1)
+            .expect_err("an empty dispatch must be refused");
+        assert!(e.to_string().contains("at least one"), "{e}");
+    }
 }

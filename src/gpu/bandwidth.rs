@@ -163,20 +163,30 @@ pub fn measure(
     groups: u32,
     reps: usize,
 ) -> Result<Vec<Row>> {
+    // every size and the dispatch are checked before anything is allocated or divided
+    if let Some(&b) = bytes
+        .iter()
+        .find(|&&b| b < 16 || !b.is_power_of_two() || b / 16 > u32::MAX as u64)
+    {
+        return Err(Error::Invalid(format!(
+            "bandwidth probe: a working set of {b} bytes; use a power of two from 16 bytes to \
+             64 GiB"
+        )));
+    }
+    let threads = groups as u64 * invocations as u64;
+    if threads == 0 || threads > u32::MAX as u64 {
+        return Err(Error::Invalid(format!(
+            "bandwidth probe: {groups} workgroups of {invocations}; dispatch at least one \
+             invocation and fewer than 2³²"
+        )));
+    }
     let largest = bytes.iter().copied().max().unwrap_or(16);
     let src = gpu.empty(&[(largest / 4) as usize], DType::U32)?;
     gpu.fill_u32(&src, 0x9e37_79b9);
-    let threads = groups as u64 * invocations as u64;
     let out = gpu.empty(&[threads as usize], DType::U32)?;
     let rounds = (total / (threads * 64)).clamp(1, u32::MAX as u64) as u32;
     let mut rows = Vec::with_capacity(bytes.len());
     for &b in bytes {
-        if b < 16 || !b.is_power_of_two() || b / 16 > u32::MAX as u64 {
-            return Err(Error::Invalid(format!(
-                "bandwidth probe: a working set of {b} bytes; use a power of two from 16 bytes \
-                 to 64 GiB"
-            )));
-        }
         let probe = Probe {
             words: (b / 16) as u32,
             invocations,
