@@ -64,7 +64,6 @@ CONFIGS = {
     "tiny": dict(COMMON, dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, text_len=16),
 }
 DEFAULT_SIZE = {"1.3b": "832*480", "14b": "832*480", "tiny": "384*384"}
-WEIGHT_STD = 0.02
 
 
 def die(msg, code=2):
@@ -360,6 +359,20 @@ def param_shapes(cfg):
     return sh
 
 
+def synthetic_std(key, shape):
+    """(std, mean) of one tensor's normal draw in nabla's synthetic init (src/wan/dit.rs,
+    `RandomWeights::synthetic`), so that both forwards see the same weight distributions and
+    therefore NABLA masks of the same density: every name with "norm" N(1, 0.1) (norm3.bias
+    too, as there), modulations N(0, 0.1), biases N(0, 0.02), weights N(0, 1/fan_in)."""
+    if "norm" in key:
+        return 0.1, 1.0
+    if key.endswith("modulation"):
+        return 0.1, 0.0
+    if key.endswith("bias"):
+        return 0.02, 0.0
+    return 1.0 / math.sqrt(max(math.prod(shape[1:]), 1)), 0.0
+
+
 def wan_init(key, shape, g, device):
     """One tensor as the reference's WanModel.init_weights() leaves it (f32)."""
     import torch
@@ -402,9 +415,9 @@ class WanDiT:
             elif init == "wan":
                 t = wan_init(key, shape, g, device).to(dt)
             else:
-                t = torch.randn(shape, generator=g, device=device, dtype=dt).mul_(WEIGHT_STD)
-                if kind == "norm":
-                    t.add_(1.0)
+                std, mean = synthetic_std(key, shape)
+                t = (torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+                     .mul_(std).add_(mean).to(dt))
             self.p[key] = t
         self.p["patch_embedding.weight"] = self.p["patch_embedding.weight"].reshape(self.dim, -1)
         self._grid_cache = {}
@@ -694,7 +707,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", default="synthetic", choices=["synthetic", "wan"],
-                    help="random weights: synthetic (N(0, 0.02), norms 1 + N(0, 0.02)) or wan "
+                    help="random weights: synthetic (nabla's: see synthetic_std) or wan "
                          "(the reference's init_weights, as the fork builds its model)")
     ap.add_argument("--rope-f64", action="store_true", help="rotate q/k in f64 as the reference")
     ap.add_argument("--sparse-impl", default="auto", choices=["auto", "flex", "masked-sdpa"],
