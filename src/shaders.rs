@@ -265,10 +265,7 @@ pub fn all_variants() -> Vec<(String, String)> {
         }
     }
     // (the element order the H200 reports; other orders only permute constants)
-    let nv = crate::gpu::coop_layout::Layout {
-        hi: [0, 0, 0, 0, 1, 1, 1, 1],
-        col: [0, 1, 8, 9, 0, 1, 8, 9],
-    };
+    let nv = crate::gpu::coop_layout::Layout::NVIDIA;
     for hd in [64, 128] {
         for int16 in [false, true] {
             v.push((

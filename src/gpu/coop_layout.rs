@@ -10,7 +10,10 @@
 //! per device (`shaders/gpu/coop_layout.wgsl`) and also checks that an f16 A matrix built from
 //! an f32 C matrix's elements, index by index, holds them where the C matrix did. A device whose
 //! layout is outside the family, or whose A and C orders differ, gets no layout ([`probe`] says
-//! why), and the kernels that need it are not used there.
+//! why), and the kernels that need it are not used there. It checks, too, whether an f16 B
+//! matrix holds element `i` where the layout puts it with rows and columns swapped (row
+//! `2·(l%4) + col[i]`, column `l/4 + 8·hi[i]`: the k-pairs of NVIDIA's B fragments), which the
+//! linear kernel that builds W's fragments from storage needs ([`Layout::b_ok`]).
 
 use super::Gpu;
 use crate::error::Result;
@@ -27,6 +30,19 @@ pub struct Layout {
     pub hi: [u32; 8],
     /// Element `i`'s column offset from `2·(l%4)`.
     pub col: [u32; 8],
+    /// Whether an f16 B matrix holds element `i` at row `2·(l%4) + col[i]`, column
+    /// `l/4 + 8·hi[i]` (the transposed places).
+    pub b_ok: bool,
+}
+
+impl Layout {
+    /// The order the H200 reports (Vulkan, NVIDIA 580.159.04), B included: what the kernel
+    /// variant lists are built with (other orders only permute constants).
+    pub const NVIDIA: Layout = Layout {
+        hi: [0, 0, 0, 0, 1, 1, 1, 1],
+        col: [0, 1, 8, 9, 0, 1, 8, 9],
+        b_ok: true,
+    };
 }
 
 /// The probe's source (8 elements per invocation).
@@ -38,15 +54,17 @@ pub fn source() -> String {
 }
 
 /// Reads a [`Layout`] from the probe's output (`out[l·8 + i]` = r·16 + c of invocation `l`'s
-/// element `i`; then the 256 values of the A round trip), or says why it is outside the family
+/// element `i`; then the 256 values of the A round trip, then the 256 of the B round trip), or
+/// says why it is outside the family
 /// or how the A matrix's order differs from the C matrix's.
 pub fn decode(out: &[f32]) -> std::result::Result<Layout, String> {
-    if out.len() < 512 {
-        return Err(format!("{} values, expected 512", out.len()));
+    if out.len() < 768 {
+        return Err(format!("{} values, expected 768", out.len()));
     }
     let mut l = Layout {
         hi: [0; 8],
         col: [0; 8],
+        b_ok: false,
     };
     for (i, &v) in out[..8].iter().enumerate() {
         if v.fract() != 0.0 || !(0.0..256.0).contains(&v) {
@@ -95,6 +113,7 @@ pub fn decode(out: &[f32]) -> std::result::Result<Layout, String> {
             ));
         }
     }
+    l.b_ok = (0..256).all(|e| out[512 + e] == e as f32);
     Ok(l)
 }
 
@@ -110,7 +129,7 @@ pub fn probe(gpu: &Gpu) -> std::result::Result<Layout, String> {
         );
     }
     let run = || -> Result<Vec<f32>> {
-        let out = gpu.empty(&[512], super::DType::F32)?;
+        let out = gpu.empty(&[768], super::DType::F32)?;
         gpu.fill_u32(&out, 0x7fc0_0000);
         // (constant indices inside its arrays: no runtime checks, as it ran on the H200)
         let pipe = gpu.pipeline_spirv("gpu/coop_layout", &source(), false)?;
@@ -139,22 +158,31 @@ mod tests {
 
     /// The probe's output for a layout.
     fn output(l: &Layout) -> Vec<f32> {
-        let mut out = vec![0.0; 512];
+        let mut out = vec![0.0; 768];
         for lane in 0..32u32 {
             for i in 0..8 {
                 out[(lane * 8) as usize + i] =
                     ((lane / 4 + 8 * l.hi[i]) * 16 + 2 * (lane % 4) + l.col[i]) as f32;
             }
         }
-        for (e, v) in out[256..].iter_mut().enumerate() {
+        for (e, v) in out[256..512].iter_mut().enumerate() {
             *v = e as f32;
+        }
+        if l.b_ok {
+            for (e, v) in out[512..].iter_mut().enumerate() {
+                *v = e as f32;
+            }
         }
         out
     }
 
     #[test]
     fn decodes_layouts_of_the_family_and_rejects_others() {
-        let lay = |hi, col| Layout { hi, col };
+        let lay = |hi, col| Layout {
+            hi,
+            col,
+            b_ok: true,
+        };
         let nv = lay([0, 0, 1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 8, 9, 8, 9]);
         for (l, ok) in [
             (nv, true),
@@ -183,6 +211,13 @@ mod tests {
         let mut out = output(&nv);
         out[8] += 16.0;
         assert_eq!(decode(&out).ok(), None);
+        // B's order differs: the layout stands, B is not usable
+        let mut out = output(&nv);
+        out.swap(600, 601);
+        assert_eq!(decode(&out), Ok(Layout { b_ok: false, ..nv }));
+        let mut out = output(&nv);
+        out[700] = f32::NAN;
+        assert_eq!(decode(&out), Ok(Layout { b_ok: false, ..nv }));
         // unwritten output (NaN poison)
         let mut out = output(&nv);
         out[300] = f32::NAN;
@@ -193,6 +228,6 @@ mod tests {
     #[test]
     fn probe_compiles_with_its_stubs_rewritten() {
         let c = super::super::spirv::compile(&source(), true).unwrap();
-        assert_eq!(c.rewritten, 16);
+        assert_eq!(c.rewritten, 24);
     }
 }
