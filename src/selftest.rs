@@ -37,6 +37,18 @@ pub struct Row {
 }
 
 impl Row {
+    /// A linear variant the adapter cannot run, and why.
+    fn linear_skipped(variant: String, shape: String, bound: f64, why: String) -> Row {
+        Row {
+            kernel: "linear".into(),
+            variant,
+            shape,
+            rel_err: 0.0,
+            bound,
+            skipped: Some(why),
+        }
+    }
+
     /// Whether the variant ran and met its bound (NaN never passes).
     pub fn passed(&self) -> bool {
         self.skipped.is_some() || self.rel_err <= self.bound
@@ -202,14 +214,7 @@ fn coop_config_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> 
             Some(_) => None,
         };
         if let Some(why) = skip {
-            out.push(Row {
-                kernel: "linear".into(),
-                variant,
-                shape,
-                rel_err: 0.0,
-                bound,
-                skipped: Some(why),
-            });
+            out.push(Row::linear_skipped(variant, shape, bound, why));
             continue;
         }
         let x = rng.normals(m * k, 1.0);
@@ -245,6 +250,135 @@ fn coop_config_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> 
             variant,
             shape,
             rel_err: rel_l2(&gpu.read_f32(&y)?, &want),
+            bound,
+            skipped: None,
+        });
+    }
+    Ok(())
+}
+
+/// Operands of one linear check: x, W and the bias on the GPU, and as the reference sees them.
+struct LinearCase<'a> {
+    xt: &'a Tensor,
+    wt: &'a Tensor,
+    bt: &'a Tensor,
+    xr: &'a [f32],
+    wr: &'a [f32],
+    bias: &'a [f32],
+    mnk: (usize, usize, usize),
+}
+
+/// Runs `res += gate[5] ⊙ (x·Wᵀ + b)` in place with a fresh residual and `[6, N]` gate table;
+/// returns (GPU result, reference, the residual before).
+fn gated_residual_check(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    c: &LinearCase<'_>,
+    kernel: LinearKernel,
+    rounding: LinearRounding,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (m, n, k) = c.mnk;
+    let res = rng.normals(m * n, 1.0);
+    let table = rng.normals(6 * n, 1.0);
+    let rt = gpu.upload_f32(&res, &[m, n])?;
+    let tt = gpu.upload_f32(&table, &[6, n])?;
+    let mut b = gpu.batch();
+    record_linear_gated_residual_rounded(
+        &mut b,
+        c.xt,
+        c.wt,
+        Some(c.bt),
+        &rt,
+        Some((&tt, 5)),
+        &rt,
+        kernel,
+        rounding,
+    )?;
+    b.submit()?;
+    let want = reference::nn::linear::linear_gated_residual_rounded(
+        c.xr,
+        c.wr,
+        Some(c.bias),
+        &res,
+        Some(&table[5 * n..]),
+        m,
+        n,
+        k,
+        rounding,
+    );
+    Ok((gpu.read_f32(&rt)?, want, res))
+}
+
+/// The tensor-core linear kernel on f16 weights in fragment order ([`Gpu::upload_f16_frag`]:
+/// W's B fragments built from storage), in both tile heights, with the GELU epilogue and the
+/// DiT's gated residual in place, against the reference on f16-rounded operands. K a multiple of
+/// 32 (the layout's requirement); ragged M and N, one row, one 32-k step.
+fn frag_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
+    use crate::ops::linear::CoopConfig;
+    let usable = crate::ops::linear::frag_weights_usable(gpu);
+    let cases = [
+        (65usize, 130usize, 32usize, 128u32, false),
+        (300, 136, 96, 128, false),
+        (300, 136, 96, 256, false),
+        (1, 3, 64, 128, false),
+        (300, 136, 96, 128, true),
+    ];
+    for (m, n, k, tile_rows, residual) in cases {
+        let variant = format!(
+            "tensor cores, f16 weights in fragment order, tile {tile_rows}x128{}",
+            if residual { ", gated residual" } else { "" }
+        );
+        let shape = format!("{m}x{n}x{k}");
+        let bound = 1e-4;
+        let c = CoopConfig {
+            tile_rows,
+            group: CoopConfig::DEFAULT.group,
+        };
+        let skip = match gpu.caps().coop_subgroup() {
+            _ if !usable => Some("needs cooperative matrices with a verified element order".into()),
+            Some(sg) if !c.fits(gpu.caps(), sg) => Some("exceeds the workgroup limits".into()),
+            _ => None,
+        };
+        if let Some(why) = skip {
+            out.push(Row::linear_skipped(variant, shape, bound, why));
+            continue;
+        }
+        let x = rng.normals(m * k, 1.0);
+        let w = round(DType::F16, &rng.normals(n * k, 0.1));
+        let bias = rng.normals(n, 0.5);
+        let xt = gpu.upload_f32(&x, &[m, k])?;
+        let wt = gpu.upload_f16_frag(&w, &[n, k])?;
+        let bt = gpu.upload_f32(&bias, &[n])?;
+        let xr = round(DType::F16, &x);
+        let kernel = LinearKernel::CoopWith(c);
+        let (got, want) = if residual {
+            let case = LinearCase {
+                xt: &xt,
+                wt: &wt,
+                bt: &bt,
+                xr: &xr,
+                wr: &w,
+                bias: &bias,
+                mnk: (m, n, k),
+            };
+            let (got, want, _) =
+                gated_residual_check(gpu, rng, &case, kernel, LinearRounding::None)?;
+            (got, want)
+        } else {
+            let mut b = gpu.batch();
+            let y = gpu.empty(&[m, n], DType::F32)?;
+            gpu.fill_u32(&y, 0x7fc0_0000);
+            let act = Activation::GeluTanh;
+            crate::ops::linear::record_linear_with(&mut b, &xt, &wt, Some(&bt), act, &y, kernel)?;
+            b.submit()?;
+            let want = reference::nn::linear::linear(&xr, &w, Some(&bias), m, n, k, act);
+            (gpu.read_f32(&y)?, want)
+        };
+        out.push(Row {
+            kernel: "linear".into(),
+            variant,
+            shape,
+            rel_err: rel_l2(&got, &want),
             bound,
             skipped: None,
         });
@@ -328,37 +462,19 @@ fn linear_rows(gpu: &Gpu, rng: &mut Rng, out: &mut Vec<Row>) -> Result<()> {
                     } else {
                         (x.clone(), w.clone())
                     };
-                    let mut b = gpu.batch();
                     let (got, want, res) = if residual {
-                        let res = rng.normals(m * n, 1.0);
-                        let table = rng.normals(6 * n, 1.0);
-                        let rt = gpu.upload_f32(&res, &[m, n])?;
-                        let tt = gpu.upload_f32(&table, &[6, n])?;
-                        record_linear_gated_residual_rounded(
-                            &mut b,
-                            &xt,
-                            &wt,
-                            Some(&bt),
-                            &rt,
-                            Some((&tt, 5)),
-                            &rt,
-                            kernel,
-                            rounding,
-                        )?;
-                        b.submit()?;
-                        let want = reference::nn::linear::linear_gated_residual_rounded(
-                            &xr,
-                            &wr,
-                            Some(&bias),
-                            &res,
-                            Some(&table[5 * n..]),
-                            m,
-                            n,
-                            k,
-                            rounding,
-                        );
-                        (gpu.read_f32(&rt)?, want, res)
+                        let case = LinearCase {
+                            xt: &xt,
+                            wt: &wt,
+                            bt: &bt,
+                            xr: &xr,
+                            wr: &wr,
+                            bias: &bias,
+                            mnk: (m, n, k),
+                        };
+                        gated_residual_check(gpu, rng, &case, kernel, rounding)?
                     } else {
+                        let mut b = gpu.batch();
                         let o = gpu.empty(&[m, n], DType::F32)?;
                         gpu.fill_u32(&o, 0x7fc0_0000);
                         let act = Activation::GeluTanh;
@@ -633,6 +749,7 @@ pub fn run(gpu: &Gpu, seed: u64) -> Result<Vec<Row>> {
     rope_pool_rows(gpu, &mut rng, &mut rows)?;
     attention_rows(gpu, &mut rng, &mut rows)?;
     linear_rows(gpu, &mut rng, &mut rows)?;
+    frag_rows(gpu, &mut rng, &mut rows)?;
     Ok(rows)
 }
 

@@ -499,13 +499,14 @@ fn every_variant_is_registered() {
     // portable: 3 weight dtypes × (5 epilogues (3 activations, the residual in place or from a
     // separate tensor) with the bf16-autocast rounding, and without it × x f32 / f16 × (3
     // activations × y f32 / f16 + 2 residuals)); cooperative: the same × 3 subgroup sizes ×
-    // scalar, 8-byte or 16-byte loads × 2 tile heights
+    // scalar, 8-byte or 16-byte loads × 2 tile heights; plus f16 weights in fragment order
+    // (subgroups of 32, 16-byte loads) × 2 tile heights
     let per_weight = 5 + 2 * (3 * 2 + 2);
     assert_eq!(
         v.len(),
-        3 * per_weight * (1 + 3 * 3 * 2),
+        3 * per_weight * (1 + 3 * 3 * 2) + per_weight * 2,
         "3 weight dtypes × 21 epilogue / rounding / storage combinations (+ coop × 3 subgroup \
-         sizes × 3 load widths × 2 tile heights)"
+         sizes × 3 load widths × 2 tile heights, + f16 fragment order × 2 tile heights)"
     );
     for dt in ["f32", "f16", "bf16"] {
         for act in [
@@ -530,6 +531,9 @@ fn every_variant_is_registered() {
                     for tm in [128, 256] {
                         let coop = format!("{name}[coop,sg32,{l},tm{tm}]");
                         assert!(v.iter().any(|(n, _)| *n == coop), "{coop} missing");
+                        let frag = format!("{name}[coop,sg32,{l},tm{tm},wfrag]");
+                        let want = dt == "f16" && l == "vec8";
+                        assert_eq!(v.iter().any(|(n, _)| *n == frag), want, "{frag}");
                     }
                 }
             }
@@ -2259,6 +2263,136 @@ fn empty_inner_dimension_gives_the_bias() {
                     assert_close(&what, &got, &want, 1e-6, 1e-6, 1e-6);
                 }
             }
+        }
+    }
+}
+
+/// `KOrder::Frag32`: each run of 32 is a permutation that puts invocation q's eight k of a
+/// 32-k step (2q, 2q + 1, 2q + 8, 2q + 9 and the same + 16, the k its B fragments hold) at
+/// positions 8q .. 8q + 8, in that order (the kernel's `bfrag` reads them so).
+#[test]
+fn fragment_order_is_the_kernels_permutation() {
+    use nabla::ops::linear::{frag_position, permute_row_frag};
+    let mut seen = [false; 32];
+    for k in 0..32 {
+        let p = frag_position(k);
+        assert!(p < 32 && !seen[p], "k {k} -> {p}");
+        seen[p] = true;
+    }
+    for q in 0..4 {
+        let want = [2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9];
+        for (j, k) in want.iter().chain(want.map(|k| k + 16).iter()).enumerate() {
+            assert_eq!(frag_position(*k), 8 * q + j, "q {q} j {j}");
+        }
+    }
+    // rows of several blocks: block b's values stay in block b
+    let src: Vec<u32> = (0..96).collect();
+    let mut dst = vec![u32::MAX; 96];
+    permute_row_frag(&src, &mut dst);
+    for (k, v) in src.iter().enumerate() {
+        assert_eq!(dst[k / 32 * 32 + frag_position(k % 32)], *v);
+    }
+}
+
+/// `Gpu::upload_f16_frag` stores each row's f16 values (rounded to nearest even) in fragment
+/// order and marks the tensor so; shapes it cannot hold are refused with what is needed.
+#[test]
+fn fragment_order_upload_and_refusals() {
+    let g = gpu();
+    let mut rng = Rng::fresh(0xf7a9);
+    let (n, k) = (3, 64);
+    let w = rng.normals(n * k, 1.0);
+    let t = g.upload_f16_frag(&w, &[n, k]).unwrap();
+    assert_eq!(t.k_order(), nabla::gpu::KOrder::Frag32);
+    assert_eq!((t.shape(), t.dtype()), (&[n, k][..], DType::F16));
+    let bytes = g.read_bytes(&t).unwrap();
+    let got: Vec<half::f16> = bytemuck::cast_slice(&bytes[..n * k * 2]).to_vec();
+    for r in 0..n {
+        for kk in 0..k {
+            let pos = r * k + kk / 32 * 32 + nabla::ops::linear::frag_position(kk % 32);
+            assert_eq!(
+                got[pos],
+                half::f16::from_f32(w[r * k + kk]),
+                "row {r} k {kk}"
+            );
+        }
+    }
+    // bf16 weights: rounded to bf16, then stored as f16 (what the tensor-core kernel stages)
+    let tb = g.upload_bf16_frag(&w, &[n, k]).unwrap();
+    let bytes = g.read_bytes(&tb).unwrap();
+    let got: Vec<half::f16> = bytemuck::cast_slice(&bytes[..n * k * 2]).to_vec();
+    for (e, v) in w.iter().enumerate() {
+        let pos = e / 32 * 32 + nabla::ops::linear::frag_position(e % 32);
+        assert_eq!(
+            got[pos],
+            half::f16::from_f32(half::bf16::from_f32(*v).to_f32())
+        );
+    }
+    // views keep the order
+    assert_eq!(t.rows(1, 2).unwrap().k_order(), nabla::gpu::KOrder::Frag32);
+    for (shape, len) in [(vec![2, 48], 96), (vec![2, 2, 32], 128), (vec![2, 32], 63)] {
+        let e = g
+            .upload_f16_frag(&vec![0.0; len], &shape)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple of 32"), "{shape:?}: {e}");
+    }
+}
+
+/// Weights in fragment order give the reference's result on an adapter whose tensor-core kernel
+/// builds W's fragments from storage (f16-rounded operands), and a clear refusal elsewhere (the
+/// portable kernel does not read that order), never a silently wrong result.
+#[test]
+fn fragment_order_weights_match_the_reference_or_are_refused() {
+    let g = gpu();
+    let mut rng = Rng::fresh(0xf7aa);
+    let (m, n, k) = (70, 40, 96);
+    let (x, w, b) = operands(&mut rng, m, n, k);
+    let w16 = rounded(&w, DType::F16);
+    let xt = g.upload_f32(&x, &[m, k]).unwrap();
+    let wt = g.upload_f16_frag(&w16, &[n, k]).unwrap();
+    let bt = g.upload_f32(&b, &[n]).unwrap();
+    let portable = g.empty(&[m, n], DType::F32).unwrap();
+    let mut batch = g.batch();
+    let e = record_linear_with(
+        &mut batch,
+        &xt,
+        &wt,
+        Some(&bt),
+        Activation::None,
+        &portable,
+        LinearKernel::Portable,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fragment order"), "{e}");
+    drop(batch);
+    let usable = nabla::ops::linear::frag_weights_usable(g);
+    match linear(g, &xt, &wt, Some(&bt), Activation::GeluTanh) {
+        Ok(y) => {
+            assert!(usable, "ran without a usable fragment order");
+            let want = reference::nn::linear::linear(
+                &rounded(&x, DType::F16),
+                &w16,
+                Some(&b),
+                m,
+                n,
+                k,
+                Activation::GeluTanh,
+            );
+            assert_close(
+                "fragment order",
+                &g.read_f32(&y).unwrap(),
+                &want,
+                1e-3,
+                1e-3,
+                1e-4,
+            );
+        }
+        Err(e) => {
+            assert!(!usable, "refused although usable: {e}");
+            let e = e.to_string();
+            assert!(e.contains("fragment order"), "{e}");
         }
     }
 }

@@ -21,6 +21,13 @@
 // registers. Edges are masked by the staging (past K) and the epilogue (past M, N); each
 // accumulator goes through a 16x16 workgroup scratch for bias and `write_out` (activation and
 // f32 store, or the gated residual; linear_store.wgsl / linear_residual.wgsl).
+// W in fragment order (WFR blocks, `KOrder::Frag32`, f16 weights uploaded by
+// `Gpu::upload_f16_frag` / `upload_bf16_frag`): W is not staged (the WST blocks and the SPW
+// staging drop out, 14 KB of workgroup memory at TM = 128); each subgroup loads its 64 columns'
+// words one step ahead, one 16-byte load per row and k-step, and builds its B fragments from
+// them in registers (linear_loads_wfrag.wgsl), so W's staging stores and fragment loads leave
+// the load/store path that bounds this kernel: +9-16 % at the 14B shapes on the H200, 255
+// registers (benches/RESULTS.md session 23). x is staged as before.
 // Every workgroup array is a multiple of 16 bytes and every cooperative load/store starts at a
 // 16-byte boundary (GPU-NOTES.md). The three arrays are 24 KB at TM = 128: NVIDIA's Vulkan
 // driver gives the workgroups on an SM 48 KB together, so 8 more bytes (or a fourth variable)
@@ -34,7 +41,9 @@ const NSG: u32 = TM / 32u;      // subgroups: (TM / 64) rows x 2 columns of 64x6
 const WGS: u32 = NSG * SG;
 
 var<workgroup> a_s: array<vec4<f16>, TM * KAV>;     // x tile [TM rows][32 k]
+//@unroll WST
 var<workgroup> b_s: array<vec4<f16>, 128u * KAV>;   // W tile [128 rows of W][32 k]
+//@end
 var<workgroup> c_s: array<f32, 256u * NSG>;         // per subgroup one 16x16 f32 scratch
 
 // PROBE (diagnostics for `nabla bench gemm`, wrong results): bit 0 skips the storage loads,
@@ -52,6 +61,7 @@ fn stage_x(v: XSPAN, row: u32, k: u32) -> mat2x4<f16> {
     return mat2x4<f16>(vec4<f16>(round_x4(vec4<f32>(s[0]))), vec4<f16>(round_x4(vec4<f32>(s[1]))));
 }
 
+//@unroll WST
 // A fetched W span (`fetch_w8`) as staged: f16, zeros past K.
 fn stage_w(v: WSPAN, k: u32) -> mat2x4<f16> {
     if ((PROBE & 1u) != 0u) {
@@ -59,6 +69,7 @@ fn stage_w(v: WSPAN, k: u32) -> mat2x4<f16> {
     }
     return mat2x4<f16>(span_w8(v, k));
 }
+//@end
 
 fn epilogue(c: coop_mat16x16<f32, C>, sg: u32, lane: u32, row0: u32, col0: u32) {
     coopStoreT(c, &c_s[sg * 256u], 16u);
@@ -119,6 +130,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
     //@unroll SPW
     var wr{t} = fetch_w8(n0 + sr + {t}u * (WGS / 4u), sc * 8u);
     //@end
+    // W in fragment order (linear_loads_wfrag.wgsl): this subgroup's 64 columns of W, rows
+    // n = fn0 + 16·j (+ 8), invocation q's eight k of the step in one 16-byte load each
+    //@unroll WFR
+    let fq = lane % 4u;
+    let fn0 = n0 + sx * 64u + lane / 4u;
+    var wq00 = fetch_wf(fn0, fq * 8u);
+    var wq01 = fetch_wf(fn0 + 8u, fq * 8u);
+    var wq10 = fetch_wf(fn0 + 16u, fq * 8u);
+    var wq11 = fetch_wf(fn0 + 24u, fq * 8u);
+    var wq20 = fetch_wf(fn0 + 32u, fq * 8u);
+    var wq21 = fetch_wf(fn0 + 40u, fq * 8u);
+    var wq30 = fetch_wf(fn0 + 48u, fq * 8u);
+    var wq31 = fetch_wf(fn0 + 56u, fq * 8u);
+    //@end
     for (var k0 = 0u; k0 < P.k; k0 += 32u) {
         //@unroll SPX
         let xs{t} = stage_x(xr{t}, m0 + sr + {t}u * (WGS / 4u), k0 + sc * 8u);
@@ -138,14 +163,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
         //@unroll SPW
         wr{t} = fetch_w8(n0 + sr + {t}u * (WGS / 4u), k0 + 32u + sc * 8u);
         //@end
+        //@unroll WFR
+        let wn00 = fetch_wf(fn0, k0 + 32u + fq * 8u);
+        let wn01 = fetch_wf(fn0 + 8u, k0 + 32u + fq * 8u);
+        let wn10 = fetch_wf(fn0 + 16u, k0 + 32u + fq * 8u);
+        let wn11 = fetch_wf(fn0 + 24u, k0 + 32u + fq * 8u);
+        let wn20 = fetch_wf(fn0 + 32u, k0 + 32u + fq * 8u);
+        let wn21 = fetch_wf(fn0 + 40u, k0 + 32u + fq * 8u);
+        let wn30 = fetch_wf(fn0 + 48u, k0 + 32u + fq * 8u);
+        let wn31 = fetch_wf(fn0 + 56u, k0 + 32u + fq * 8u);
+        //@end
         for (var kk = 0u; kk < 2u; kk++) {
             if ((PROBE & 2u) != 0u) {
                 break;
             }
+            //@unroll WST
             let b0 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u) * KAV + kk * 4u], KAV);
             let b1 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 16u) * KAV + kk * 4u], KAV);
             let b2 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 32u) * KAV + kk * 4u], KAV);
             let b3 = coopLoad<coop_mat16x16<f16, B>>(&b_s[(sx * 64u + 48u) * KAV + kk * 4u], KAV);
+            //@end
+            //@unroll WFR
+            let b0 = bfrag(wq00, wq01, kk);
+            let b1 = bfrag(wq10, wq11, kk);
+            let b2 = bfrag(wq20, wq21, kk);
+            let b3 = bfrag(wq30, wq31, kk);
+            //@end
             //@unroll T4
             let a{t} = coopLoadT<coop_mat16x16<f16, A>>(&a_s[(sy * 64u + {t}u * 16u) * KAV + kk * 4u], KAV);
             c{t}0 = coopMultiplyAdd(a{t}, b0, c{t}0);
@@ -154,6 +197,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>,
             c{t}3 = coopMultiplyAdd(a{t}, b3, c{t}3);
             //@end
         }
+        //@unroll WFR
+        wq00 = wn00;
+        wq01 = wn01;
+        wq10 = wn10;
+        wq11 = wn11;
+        wq20 = wn20;
+        wq21 = wn21;
+        wq30 = wn30;
+        wq31 = wn31;
+        //@end
         workgroupBarrier();
     }
     //@unroll T4

@@ -348,8 +348,9 @@ fn print_breakdown(
 
 #[derive(clap::Args)]
 pub struct GemmArgs {
-    /// Kernels to time, comma separated: portable, coop (wgpu), cublaslt (the CUDA layer, in a
-    /// `--features cuda` build).
+    /// Kernels to time, comma separated: portable, coop (wgpu), coop-frag (wgpu, the weights
+    /// as f16 in fragment order: W's B fragments built from storage), cublaslt (the CUDA layer,
+    /// in a `--features cuda` build).
     #[arg(long, default_value = "portable,coop")]
     kernels: String,
     /// Weight storage: bf16, f16 or f32.
@@ -542,9 +543,10 @@ fn gemm(a: GemmArgs) -> Result<()> {
         .map(|k| match k.trim() {
             "portable" => Ok(("portable".to_string(), Some(LinearKernel::Portable))),
             "coop" => Ok(("coop".to_string(), Some(LinearKernel::Coop))),
+            "coop-frag" => Ok(("coop-frag".to_string(), Some(LinearKernel::Coop))),
             "cublaslt" => Ok(("cublaslt".to_string(), None)),
             o => Err(Error::Invalid(format!(
-                "--kernels: {o:?} is not portable, coop or cublaslt"
+                "--kernels: {o:?} is not portable, coop, coop-frag or cublaslt"
             ))),
         })
         .collect::<Result<_>>()?;
@@ -614,6 +616,20 @@ fn gemm(a: GemmArgs) -> Result<()> {
             "f32" => gpu.upload_f32(&wv, &[n, k])?,
             _ => gpu.upload_bf16(&wv, &[n, k])?,
         };
+        // coop-frag: the same weights as f16 in fragment order (the values the coop kernel
+        // stages: bf16 weights rounded to bf16 first), so its result matches coop's
+        let w_frag = if kernels.iter().any(|k| k.0 == "coop-frag") && k % 32 == 0 {
+            let vals: Vec<f32> = if a.dtype == "bf16" {
+                wv.iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect()
+            } else {
+                wv.clone()
+            };
+            Some(gpu.upload_f16_frag(&vals, &[n, k])?)
+        } else {
+            None
+        };
         drop(wv);
         let bv = rnd(n, 1.0);
         let b = gpu.upload_f32(&bv, &[n])?;
@@ -635,20 +651,23 @@ fn gemm(a: GemmArgs) -> Result<()> {
         }
         let mut first: Option<Vec<f32>> = None;
         for (kn, kernel) in &kernels {
+            let w = if kn == "coop-frag" {
+                let Some(wf) = &w_frag else {
+                    println!(
+                        "{name:<28} {m:>7} {n:>6} {k:>6} {kn:<9} unavailable: K is not a multiple of 32"
+                    );
+                    continue;
+                };
+                wf
+            } else {
+                &w
+            };
             let (t, y) = match kernel {
                 Some(kernel) => {
                     let out = gpu.empty(&[m, n], DType::F32)?;
                     let timed = time_warmed(a.reps, |reps, copies| {
                         gpu.time_ms_inner(reps, copies, |bt| {
-                            record_linear_with(
-                                bt,
-                                &x,
-                                &w,
-                                Some(&b),
-                                Activation::None,
-                                &out,
-                                *kernel,
-                            )
+                            record_linear_with(bt, &x, w, Some(&b), Activation::None, &out, *kernel)
                         })
                     });
                     match timed {
@@ -664,7 +683,7 @@ fn gemm(a: GemmArgs) -> Result<()> {
                     Some(c) => cublaslt_linear(
                         c,
                         &xv,
-                        &gpu.read_f32(&w)?,
+                        &gpu.read_f32(w)?,
                         &bv,
                         (m, n, k),
                         &a.dtype,

@@ -15,7 +15,7 @@ pub mod tune;
 
 pub use caps::{AdapterSummary, Capabilities, CoopMatrixShape};
 pub use stats::{KernelStatistics, Statistic, nvidia_workgroups_by_registers};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, KOrder, Tensor};
 
 use crate::error::{Error, Result};
 use std::any::Any;
@@ -590,6 +590,55 @@ impl Gpu {
     pub fn upload_f16(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         let h = convert_par(data, half::f16::from_f32);
         self.upload_bytes(bytemuck::cast_slice(&h), shape, DType::F16)
+    }
+
+    /// Uploads a linear layer's weight `[N, K]` as f16 (round to nearest even) with each row's
+    /// runs of 32 in [`KOrder::Frag32`] order, for the tensor-core linear kernel that builds its
+    /// B fragments from storage ([`crate::ops::linear::frag_weights_usable`] says when it runs).
+    /// The products are those of [`Gpu::upload_f16`]'s weights: that kernel rounds every weight
+    /// to f16 when staging it anyway. K must be a multiple of 32.
+    pub fn upload_f16_frag(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_frag(data, shape, half::f16::from_f32)
+    }
+
+    /// [`Gpu::upload_f16_frag`] of the weights rounded to bf16 first (nearest even): the values
+    /// [`Gpu::upload_bf16`] stores, as the tensor-core kernel stages them (bf16 to f16 is exact
+    /// in f16's normal range; smaller magnitudes round to f16 subnormals, larger ones overflow,
+    /// in the kernel's staging as here).
+    pub fn upload_bf16_frag(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_frag(data, shape, |v| {
+            half::f16::from_f32(half::bf16::from_f32(v).to_f32())
+        })
+    }
+
+    fn upload_frag(
+        &self,
+        data: &[f32],
+        shape: &[usize],
+        f: impl Fn(f32) -> half::f16 + Sync,
+    ) -> Result<Tensor> {
+        if !matches!(shape, [n, k] if k % 32 == 0 && n * k == data.len()) {
+            return Err(Error::shape(format!(
+                "a weight in fragment order must be [N, K] with K a multiple of 32 and N·K \
+                 values, got shape {shape:?} with {} values",
+                data.len()
+            )));
+        }
+        // position j of a run of 32 holds element src[j]
+        let mut src = [0usize; 32];
+        for kk in 0..32 {
+            src[crate::ops::linear::frag_position(kk)] = kk;
+        }
+        let mut p = vec![half::f16::ZERO; data.len()];
+        crate::par::for_chunks(&mut p, |first, part| {
+            for (i, o) in part.iter_mut().enumerate() {
+                let e = first + i;
+                *o = f(data[e - e % 32 + src[e % 32]]);
+            }
+        });
+        Ok(self
+            .upload_bytes(bytemuck::cast_slice(&p), shape, DType::F16)?
+            .with_k_order(KOrder::Frag32))
     }
 
     /// Uploads f32 data converted to bf16 storage (round to nearest even).

@@ -25,6 +25,18 @@ impl DType {
     }
 }
 
+/// The order of the last axis's elements in each row of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KOrder {
+    /// Row-major: element k at position k.
+    #[default]
+    Natural,
+    /// Each run of 32 elements permuted into the order the tensor-core linear kernel builds its
+    /// B fragments from ([`crate::ops::linear::frag_position`]): a linear layer's f16 weight
+    /// `[N, K]` uploaded by [`crate::gpu::Gpu::upload_f16_frag`], K a multiple of 32.
+    Frag32,
+}
+
 /// A buffer on the GPU with a row-major shape. Cloning shares the buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
@@ -33,6 +45,8 @@ pub struct Tensor {
     dtype: DType,
     /// Byte offset of the first element in the buffer (row-range views).
     offset: u64,
+    /// The order of each row's elements ([`KOrder::Natural`] unless uploaded otherwise).
+    k_order: KOrder,
 }
 
 impl Tensor {
@@ -42,7 +56,19 @@ impl Tensor {
             shape,
             dtype,
             offset: 0,
+            k_order: KOrder::Natural,
         }
+    }
+
+    /// The same tensor marked as holding its rows in `order` (the caller wrote them so).
+    pub(crate) fn with_k_order(mut self, order: KOrder) -> Tensor {
+        self.k_order = order;
+        self
+    }
+
+    /// The order of each row's elements.
+    pub fn k_order(&self) -> KOrder {
+        self.k_order
     }
 
     /// Byte offset of this view in its buffer (0 for whole tensors).
@@ -67,6 +93,7 @@ impl Tensor {
             shape,
             dtype: self.dtype,
             offset: self.offset + (start * row_elems) as u64 * self.dtype.size(),
+            k_order: self.k_order,
         })
     }
 
@@ -108,6 +135,7 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype: self.dtype,
             offset: self.offset,
+            k_order: self.k_order,
         })
     }
 }

@@ -73,7 +73,8 @@
 //! along N into several dispatches is future work.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Batch, DType, Gpu, Tensor, groups_2d};
+use crate::gpu::coop_layout::Layout;
+use crate::gpu::{Batch, DType, Gpu, KOrder, Tensor, groups_2d};
 
 /// The kernel body; [`source`] prepends the two constants that select a variant.
 const LINEAR: &str = include_str!("../../shaders/linalg/linear.wgsl");
@@ -85,6 +86,7 @@ const LINEAR_LOADS_VEC8: &str = include_str!("../../shaders/linalg/linear_loads_
 const LINEAR_LOADS_W8_WORDS: &str = include_str!("../../shaders/linalg/linear_loads_w8_words.wgsl");
 const LINEAR_LOADS_W8_F16: &str = include_str!("../../shaders/linalg/linear_loads_w8_f16.wgsl");
 const LINEAR_LOADS_PAIR: &str = include_str!("../../shaders/linalg/linear_loads_pair.wgsl");
+const LINEAR_LOADS_WFRAG: &str = include_str!("../../shaders/linalg/linear_loads_wfrag.wgsl");
 const LINEAR_STORE: &str = include_str!("../../shaders/linalg/linear_store.wgsl");
 const LINEAR_RESIDUAL: &str = include_str!("../../shaders/linalg/linear_residual.wgsl");
 
@@ -96,6 +98,9 @@ struct CoopBuild {
     loads: Loads,
     tm: u32,
     probe: u32,
+    /// W in fragment order ([`KOrder::Frag32`]), its B fragments built with this element order
+    /// (f16 weights, 16-byte loads only); `None`: W staged through workgroup memory.
+    wfrag: Option<Layout>,
 }
 
 /// Row tiles the tensor-core kernel is built for.
@@ -611,26 +616,50 @@ fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) 
         loads,
         tm,
         probe,
+        wfrag,
     } = build;
     let w = weight_code(wdt)?;
     if !io.supported(epi, rb16) {
         return None;
     }
-    let loads = loads.source(wdt, io.x16);
+    if wfrag.is_some() && (wdt != DType::F16 || loads != Loads::Vec8 || sg != 32) {
+        return None;
+    }
+    let mut loads = loads.source(wdt, io.x16);
+    // element order of the B fragments built from W in fragment order
+    let mut order = String::new();
+    if let Some(l) = &wfrag {
+        loads = loads.replace(LINEAR_LOADS_W8_F16, "")
+            + &crate::shaders::expand_unroll(LINEAR_LOADS_WFRAG, &[("E", 8)]);
+        for i in 0..8 {
+            order += &format!(
+                "const RH{i}: u32 = {}u;\nconst CL{i}: u32 = {}u;\n",
+                l.hi[i], l.col[i]
+            );
+        }
+    }
     // the f16 span loads through unpack2x16float, not 16-bit integer bitcasts: those were 1-3 %
     // slower here on the H200 (benches/RESULTS.md session 19), although they won in attention
     let h8 = crate::shaders::H8_UNPACK;
     // SPX / SPW: spans of eight x / W values each thread stages per k-step (tm or 128 rows × 4
     // spans over tm/32·sg threads)
     let threads = tm / 32 * sg;
+    // WST / WFR: the lines of W staged through workgroup memory, of W in fragment order
+    let frag = wfrag.is_some() as u32;
     let body = crate::shaders::expand_unroll(
         LINEAR_COOP,
-        &[("T4", 4), ("SPX", 4 * tm / threads), ("SPW", 512 / threads)],
+        &[
+            ("T4", 4),
+            ("SPX", 4 * tm / threads),
+            ("SPW", (1 - frag) * 512 / threads),
+            ("WST", 1 - frag),
+            ("WFR", frag),
+        ],
     );
     Some(format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\nconst WDT: u32 = {w}u;\n\
          const ACT: u32 = {}u;\nconst RB16: u32 = {}u;\nconst SG: u32 = {sg}u;\n\
-         const TM: u32 = {tm}u;\nconst PROBE: u32 = {probe}u;\n{}\
+         const TM: u32 = {tm}u;\nconst PROBE: u32 = {probe}u;\n{order}{}\
          {LINEAR_COMMON}{h8}{loads}{}{body}",
         epi.act().code(),
         rb16 as u32,
@@ -642,7 +671,8 @@ fn coop_source(wdt: DType, epi: Epilogue, rb16: bool, io: Io, build: CoopBuild) 
 /// Kernel variants of this module: every weight dtype (f32, f16, bf16) × every epilogue (each
 /// [`Activation`], and the residual in place or from a separate tensor) × the bf16-autocast
 /// rounding × x stored as f32 or f16 × (plain epilogue) y stored as f32 or f16 — the f16
-/// storage not with the rounding —, portable and cooperative.
+/// storage not with the rounding —, portable and cooperative (f16 weights also in fragment
+/// order, [`KOrder::Frag32`]).
 pub fn variants() -> Vec<(String, String)> {
     let mut v = Vec::new();
     for wdt in [DType::F32, DType::F16, DType::BF16] {
@@ -660,6 +690,7 @@ pub fn variants() -> Vec<(String, String)> {
                                     loads,
                                     tm,
                                     probe: 0,
+                                    wfrag: None,
                                 };
                                 let Some(src) = coop_source(wdt, epi, rb16, io, build) else {
                                     continue;
@@ -667,6 +698,14 @@ pub fn variants() -> Vec<(String, String)> {
                                 let name = variant_name(wdt, epi, rb16, io);
                                 let l = loads.name();
                                 v.push((format!("{name}[coop,sg{sg},{l},tm{tm}]"), src));
+                                // W in fragment order (the H200's element order)
+                                let frag = CoopBuild {
+                                    wfrag: Some(Layout::NVIDIA),
+                                    ..build
+                                };
+                                if let Some(src) = coop_source(wdt, epi, rb16, io, frag) {
+                                    v.push((format!("{name}[coop,sg{sg},{l},tm{tm},wfrag]"), src));
+                                }
                             }
                         }
                     }
@@ -734,6 +773,13 @@ fn check(
             w.dtype()
         )));
     }
+    if w.k_order() == KOrder::Frag32 && (w.dtype() != DType::F16 || k % 32 != 0) {
+        return Err(Error::shape(format!(
+            "a linear weight in fragment order must be f16 with in_features K a multiple of 32 \
+             (Gpu::upload_f16_frag), got {:?} {ws:?}",
+            w.dtype()
+        )));
+    }
     if w.dtype() != DType::F32 && k % 2 != 0 {
         return Err(Error::shape(format!(
             "a {:?} linear weight needs an even in_features K (two values per 32-bit word), \
@@ -798,6 +844,47 @@ fn check(
     let out_bytes = (m * n) as u64 * out.map_or(4, |o| o.dtype().size());
     gpu.check_binding(&format!("linear output [{m}, {n}]"), out_bytes)?;
     Ok((m, n, k))
+}
+
+/// Where [`KOrder::Frag32`] stores element `k` (0..32) of a run of 32: invocation
+/// q = lane % 4 of a subgroup finds the eight k its B fragments hold for one weight row in a
+/// 32-k step (2q, 2q + 1, 2q + 8, 2q + 9 and the same + 16) at positions 8q .. 8q + 8, so one
+/// 16-byte load brings them (shaders/linalg/linear_loads_wfrag.wgsl).
+pub fn frag_position(k: usize) -> usize {
+    let (half, r) = (k / 16 % 2, k % 16);
+    let (hi8, p) = (r / 8, r % 8);
+    (p / 2) * 8 + half * 4 + hi8 * 2 + p % 2
+}
+
+/// Writes row `src` (K values, K a multiple of 32) into `dst` in [`KOrder::Frag32`] order.
+pub fn permute_row_frag<T: Copy>(src: &[T], dst: &mut [T]) {
+    for (s, d) in src.chunks_exact(32).zip(dst.chunks_exact_mut(32)) {
+        for (k, v) in s.iter().enumerate() {
+            d[frag_position(k)] = *v;
+        }
+    }
+}
+
+/// The element order the tensor-core kernel builds B fragments in from weights in fragment
+/// order: the layout probe's, where it also verified B matrices (subgroups of 32 only).
+fn frag_layout(gpu: &Gpu) -> std::result::Result<Layout, String> {
+    if gpu.caps().coop_subgroup() != Some(32) {
+        return Err("needs 16x16 f16 cooperative matrices in subgroups of 32".into());
+    }
+    let l = crate::gpu::coop_layout::probe(gpu)?;
+    if !l.b_ok {
+        return Err(
+            "the driver's B matrices do not hold their elements in the probed order".into(),
+        );
+    }
+    Ok(l)
+}
+
+/// Whether weights uploaded in fragment order ([`Gpu::upload_f16_frag`]) run on this adapter:
+/// the tensor-core kernel with B fragments built from storage needs cooperative matrices,
+/// subgroups of 32, SPIR-V passthrough and an element order the layout probe verified.
+pub fn frag_weights_usable(gpu: &Gpu) -> bool {
+    frag_layout(gpu).is_ok()
 }
 
 /// Whether [`LinearKernel::Auto`] picks the tensor-core kernel for weights stored as `weights`
@@ -1125,6 +1212,7 @@ fn record(
         return Ok(());
     }
     let sg = gpu.caps().coop_subgroup();
+    let frag = w.k_order() == KOrder::Frag32;
     let need_sg = || {
         sg.ok_or_else(|| Error::Unsupported {
             adapter: gpu.caps().name.clone(),
@@ -1149,7 +1237,24 @@ fn record(
             }
             Some(sg)
         }
+        LinearKernel::Auto if frag => sg,
         LinearKernel::Auto => sg.filter(|_| m >= 64 && auto_uses_coop(gpu, w.dtype())),
+    };
+    // weights in fragment order run only on the tensor-core kernel that reads them so
+    let wfrag = match (frag, coop) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(Error::Invalid(
+                "linear: weights in fragment order (Gpu::upload_f16_frag) run only on the \
+                 tensor-core kernel; upload them with Gpu::upload_f16 for the portable one"
+                    .into(),
+            ));
+        }
+        (true, Some(_)) => Some(frag_layout(gpu).map_err(|why| Error::Unsupported {
+            adapter: gpu.caps().name.clone(),
+            feature: "cooperative matrix element access",
+            what: format!("the linear kernel for weights in fragment order ({why})"),
+        })?),
     };
     let cfg = match (kernel, coop) {
         (LinearKernel::CoopWith(c), _) => c,
@@ -1203,6 +1308,7 @@ fn record(
                 loads,
                 tm,
                 probe,
+                wfrag,
             };
             let src = coop_source(w.dtype(), shader_epi, rb16, io, build)
                 .ok_or_else(|| no_kernel(w, io))?;
@@ -1210,16 +1316,22 @@ fn record(
             // checks (NABLA_CHECKED=1 keeps them)
             let checked = crate::gpu::checked_override();
             let key = format!(
-                "{}[coop,sg{sg},{},tm{tm},checked={checked}{}]",
+                "{}[coop,sg{sg},{},tm{tm},checked={checked}{}{}]",
                 variant_name(w.dtype(), shader_epi, rb16, io),
                 loads.name(),
                 if probe != 0 {
                     format!(",probe={probe}")
                 } else {
                     String::new()
-                }
+                },
+                wfrag.map_or(String::new(), |l| format!(",wfrag,{l:?}"))
             );
-            gpu.pipeline(&key, &src, checked)?
+            if wfrag.is_some() {
+                // element stubs: through the SPIR-V path
+                gpu.pipeline_spirv(&key, &src, checked)?
+            } else {
+                gpu.pipeline(&key, &src, checked)?
+            }
         }
         None => {
             let src = source(w.dtype(), shader_epi, rb16, io).ok_or_else(|| no_kernel(w, io))?;

@@ -278,6 +278,10 @@ pub struct WgpuBackend<'g> {
     fuse_residual: bool,
     bf16_autocast: bool,
     f16_activations: Option<bool>,
+    frag_weights: bool,
+    /// Whether bf16 weights were uploaded in fragment order (f16 storage of bf16 values: the
+    /// bf16-autocast rounding still belongs to them).
+    frag_bf16: bool,
 }
 
 impl<'g> WgpuBackend<'g> {
@@ -286,7 +290,9 @@ impl<'g> WgpuBackend<'g> {
     /// rounding of the GEMMs is off unless `NABLA_BF16_AUTOCAST=1`
     /// (see [`WgpuBackend::set_bf16_autocast`]); GEMM-only activations are f16 where the
     /// tensor-core GEMM runs, or as `NABLA_F16_ACTIVATIONS=1` / `0` forces (see
-    /// [`WgpuBackend::set_f16_activations`]).
+    /// [`WgpuBackend::set_f16_activations`]); 16-bit weights are uploaded in fragment order
+    /// where the adapter runs that kernel, unless `NABLA_FRAG_WEIGHTS=0` (see
+    /// [`WgpuBackend::set_frag_weights`]).
     pub fn new(gpu: &'g Gpu) -> Self {
         let on = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
         let f16_activations = match std::env::var("NABLA_F16_ACTIVATIONS").as_deref() {
@@ -300,7 +306,24 @@ impl<'g> WgpuBackend<'g> {
             fuse_residual: on("NABLA_FUSED_RESIDUAL"),
             bf16_autocast: on("NABLA_BF16_AUTOCAST"),
             f16_activations,
+            frag_weights: std::env::var("NABLA_FRAG_WEIGHTS").map_or(true, |v| v != "0")
+                && crate::ops::linear::frag_weights_usable(gpu),
+            frag_bf16: false,
         }
+    }
+
+    /// Whether 16-bit linear weights (f16, bf16) with in_features a multiple of 32 are uploaded
+    /// as f16 in fragment order ([`Gpu::upload_f16_frag`]), where the tensor-core GEMM builds
+    /// W's fragments from storage instead of staging W through workgroup memory (+9-16 % on the
+    /// H200's DiT shapes, benches/RESULTS.md session 23). The products are unchanged: that
+    /// kernel rounds every weight to f16 anyway (bf16 weights are rounded to bf16 first, then
+    /// to f16, exactly as it stages them). On by default where
+    /// [`crate::ops::linear::frag_weights_usable`], for weights uploaded without the bf16-autocast
+    /// rounding (turned on later, it still applies to bf16 weights stored this way); turning it
+    /// on elsewhere has no effect. The tile configuration is the default one or the one tuned
+    /// for f16 weights of the shape.
+    pub fn set_frag_weights(&mut self, on: bool) {
+        self.frag_weights = on && crate::ops::linear::frag_weights_usable(self.gpu);
     }
 
     /// Whether the activations that only feed block / text GEMMs (LayerNorm outputs, merged
@@ -329,7 +352,8 @@ impl<'g> WgpuBackend<'g> {
 
     /// The rounding of a GEMM with weights `w` (see [`WgpuBackend::set_bf16_autocast`]).
     fn rounding(&self, w: &Tensor) -> LinearRounding {
-        self.rounding_for(w.dtype())
+        let frag_bf16 = self.frag_bf16 && w.k_order() == crate::gpu::KOrder::Frag32;
+        self.rounding_for(if frag_bf16 { DType::BF16 } else { w.dtype() })
     }
 
     /// The rounding of a GEMM with weights stored as `weights`.
@@ -470,6 +494,18 @@ impl<'g> Backend for WgpuBackend<'g> {
         Ok(())
     }
     fn upload_weight(&mut self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let frag = self.frag_weights
+            && !self.bf16_autocast
+            && matches!(dtype, DType::F16 | DType::BF16)
+            && matches!(shape, [_, k] if k % 32 == 0);
+        if frag {
+            return if dtype == DType::BF16 {
+                self.frag_bf16 = true;
+                self.gpu.upload_bf16_frag(data, shape)
+            } else {
+                self.gpu.upload_f16_frag(data, shape)
+            };
+        }
         match dtype {
             DType::F16 => self.gpu.upload_f16(data, shape),
             DType::BF16 => self.gpu.upload_bf16(data, shape),
