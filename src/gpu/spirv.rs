@@ -173,7 +173,7 @@ pub fn write(
     Ok((module, words, rewritten))
 }
 
-/// Compiles a kernel with element stubs for [`crate::gpu::Gpu::pipeline_spirv`]: SPIR-V 1.6,
+/// Compiles a kernel with element stubs for `Gpu::pipeline_spirv` (crate-internal): SPIR-V 1.6,
 /// runtime bounds checks (indices clamped into their arrays) only when `checked`, the stub calls
 /// rewritten. Workgroup memory is not zero-initialised and loops are not bounded: kernels built
 /// this way write what they read and their loops end by construction.
