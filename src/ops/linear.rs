@@ -856,15 +856,6 @@ pub fn frag_position(k: usize) -> usize {
     (p / 2) * 8 + half * 4 + hi8 * 2 + p % 2
 }
 
-/// Writes row `src` (K values, K a multiple of 32) into `dst` in [`KOrder::Frag32`] order.
-pub fn permute_row_frag<T: Copy>(src: &[T], dst: &mut [T]) {
-    for (s, d) in src.chunks_exact(32).zip(dst.chunks_exact_mut(32)) {
-        for (k, v) in s.iter().enumerate() {
-            d[frag_position(k)] = *v;
-        }
-    }
-}
-
 /// The element order the tensor-core kernel builds B fragments in from weights in fragment
 /// order: the layout probe's, where it also verified B matrices (subgroups of 32 only).
 fn frag_layout(gpu: &Gpu) -> std::result::Result<Layout, String> {

@@ -350,6 +350,15 @@ impl<'g> WgpuBackend<'g> {
         self.bf16_autocast = on;
     }
 
+    /// Whether a linear weight stored as `dtype` with in_features `k` is uploaded in fragment
+    /// order (see [`WgpuBackend::set_frag_weights`]).
+    fn stores_frag(&self, dtype: DType, k: usize) -> bool {
+        self.frag_weights
+            && !self.bf16_autocast
+            && matches!(dtype, DType::F16 | DType::BF16)
+            && k.is_multiple_of(32)
+    }
+
     /// The rounding of a GEMM with weights `w` (see [`WgpuBackend::set_bf16_autocast`]).
     fn rounding(&self, w: &Tensor) -> LinearRounding {
         let frag_bf16 = self.frag_bf16 && w.k_order() == crate::gpu::KOrder::Frag32;
@@ -463,7 +472,15 @@ impl<'g> Backend for WgpuBackend<'g> {
         // tuning only picks among equivalent kernels: where it cannot run (an allocation the
         // driver refuses on a backend without a memory query, a timing failure), the forward
         // goes on with the default configuration
-        let _ = crate::ops::linear::tune_linear(self.gpu, shapes, weights, x, false);
+        // weights stored in fragment order run a kernel the tuner does not time (it runs the
+        // default tiles, or those tuned for natural f16 weights): tune only the shapes whose
+        // weights stay staged
+        let staged: Vec<_> = shapes
+            .iter()
+            .copied()
+            .filter(|&(_, _, k)| !self.stores_frag(weights, k))
+            .collect();
+        let _ = crate::ops::linear::tune_linear(self.gpu, &staged, weights, x, false);
         Ok(())
     }
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor> {
@@ -494,11 +511,7 @@ impl<'g> Backend for WgpuBackend<'g> {
         Ok(())
     }
     fn upload_weight(&mut self, data: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let frag = self.frag_weights
-            && !self.bf16_autocast
-            && matches!(dtype, DType::F16 | DType::BF16)
-            && matches!(shape, [_, k] if k % 32 == 0);
-        if frag {
+        if matches!(shape, [_, k] if self.stores_frag(dtype, *k)) {
             return if dtype == DType::BF16 {
                 self.frag_bf16 = true;
                 self.gpu.upload_bf16_frag(data, shape)
